@@ -151,7 +151,9 @@ class PrometheusSource(_SourceBase):
         None, description="label whose value names the series; None = the whole label set"
     )
     lookback: Duration = Field(timedelta(hours=1), description="range read on the first query")
-    max_points: int = Field(10_000, gt=0, description="points per range query (Prometheus caps 11k)")
+    max_points: int = Field(
+        10_000, gt=0, description="points per range query (Prometheus caps 11k)"
+    )
     timeout: Duration = timedelta(seconds=30)
 
 

@@ -1,12 +1,12 @@
 """Domain errors. Each subclasses the matching builtin and says what to do about it.
 
-    ForecasterError
-     +-- ConfigError (ValueError)          a setting is wrong: names the key and the fix
-     +-- SourceError (RuntimeError)        a source could not be read (network, file, query)
-     +-- StoreError (RuntimeError)         the SQL store refused or is unreachable
-     |    +-- SchemaOutOfDateError         the database is not at the migrations' head
-     +-- UnknownSeriesError (LookupError)  a series name is not in the store
-     +-- UnknownSourceError (LookupError)  a source name is not in the config
+ForecasterError
+ +-- ConfigError (ValueError)          a setting is wrong: names the key and the fix
+ +-- SourceError (RuntimeError)        a source could not be read (network, file, query)
+ +-- StoreError (RuntimeError)         the SQL store refused or is unreachable
+ |    +-- SchemaOutOfDateError         the database is not at the migrations' head
+ +-- UnknownSeriesError (LookupError)  a series name is not in the store
+ +-- UnknownSourceError (LookupError)  a source name is not in the config
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class SchemaOutOfDateError(StoreError):
 class UnknownSeriesError(ForecasterError, LookupError):
     def __init__(self, name: str) -> None:
         self.name = name
-        super().__init__(f"no series named {name!r} in the store; `forecaster series list` shows them")
+        super().__init__(
+            f"no series named {name!r} in the store; `forecaster series list` shows them"
+        )
 
 
 class UnknownSourceError(ForecasterError, LookupError):

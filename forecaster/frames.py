@@ -11,7 +11,12 @@ import polars as pl
 
 TS_DTYPE = pl.Datetime("us", "UTC")
 
-_TZ_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%dT%H:%M%z", "%Y-%m-%d %H:%M%z")
+_TZ_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f%z",
+    "%Y-%m-%d %H:%M:%S%.f%z",
+    "%Y-%m-%dT%H:%M%z",
+    "%Y-%m-%d %H:%M%z",
+)
 _NAIVE_FORMATS = (
     "%Y-%m-%dT%H:%M:%S%.f",
     "%Y-%m-%d %H:%M:%S%.f",
@@ -34,8 +39,14 @@ def parse_ts_expr(col: str = "ts", dtype: pl.DataType | None = None) -> pl.Expr:
     if dtype is not None and dtype.is_numeric():
         return (c.cast(pl.Float64) * 1e6).round(0).cast(pl.Int64, strict=False).cast(TS_DTYPE)
     s = c.cast(pl.Utf8).str.strip_chars().str.replace(r"[zZ]$", "+00:00")
-    parsed = [s.str.to_datetime(f, strict=False, time_unit="us").dt.convert_time_zone("UTC") for f in _TZ_FORMATS]
-    parsed += [s.str.to_datetime(f, strict=False, time_unit="us").dt.replace_time_zone("UTC") for f in _NAIVE_FORMATS]
+    parsed = [
+        s.str.to_datetime(f, strict=False, time_unit="us").dt.convert_time_zone("UTC")
+        for f in _TZ_FORMATS
+    ]
+    parsed += [
+        s.str.to_datetime(f, strict=False, time_unit="us").dt.replace_time_zone("UTC")
+        for f in _NAIVE_FORMATS
+    ]
     epoch = (s.cast(pl.Float64, strict=False) * 1e6).round(0).cast(pl.Int64, strict=False)
     parsed.append(pl.when(s.str.contains(r"^-?\d+(\.\d+)?$")).then(epoch.cast(TS_DTYPE)))
     return pl.coalesce(parsed)
@@ -44,3 +55,237 @@ def parse_ts_expr(col: str = "ts", dtype: pl.DataType | None = None) -> pl.Expr:
 def parse_ts(values: pl.Series) -> pl.Series:
     """parse_ts_expr applied to one Series (handy for sources computing a cursor)."""
     return pl.DataFrame({"ts": values}).select(parse_ts_expr("ts", values.dtype)).to_series()
+
+
+# Reasons a raw row is quarantined instead of stored. Stable strings: they are a metric label.
+REASONS = {
+    "missing_series": "the row names no series",
+    "bad_ts": "the timestamp could not be read (ISO 8601 or epoch seconds expected)",
+    "bad_value": "the value is missing or not a number",
+    "non_finite": "the value is NaN or infinite",
+    "conflicting_duplicate": "another value for the same series and time arrived later in the batch",
+    "unknown_series": "the series does not exist and auto_create is off",
+    "too_late": "older than the series' watermark minus the allowed lateness",
+    "future": "the timestamp lies ahead of the clock",
+}
+
+RAW_REQUIRED = ("series", "ts", "value")
+
+
+def validate_raw(rows: pl.DataFrame) -> pl.DataFrame:
+    """Check the raw columns exist; add an empty `origin` if absent."""
+    for col in RAW_REQUIRED:
+        if col not in rows.columns:
+            raise ValueError(
+                f"raw rows lack the column {col!r} (they have {rows.columns}); a source must "
+                f"yield columns {list(RAW_REQUIRED)} plus optional 'origin'"
+            )
+    if "origin" not in rows.columns:
+        rows = rows.with_columns(pl.lit(None, pl.Utf8).alias("origin"))
+    return rows.select("series", "ts", "value", pl.col("origin").cast(pl.Utf8))
+
+
+def _as_text(col: str, dtype: pl.DataType) -> pl.Expr:
+    c = pl.col(col)
+    if isinstance(dtype, pl.Datetime):
+        return c.dt.to_string("%Y-%m-%dT%H:%M:%S%.f%z")
+    return c.cast(pl.Utf8)
+
+
+def parse(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Raw rows -> (good, bad).
+
+    good: series, ts (UTC, us), value (finite Float64), origin, seq (arrival order), and
+    ts_raw, value_raw (the text as read, so a row quarantined later keeps what arrived).
+    bad: series, ts_raw, value_raw, origin, reason, detail (all Utf8)."""
+    rows = validate_raw(rows)
+    ts_dtype, value_dtype = rows.schema["ts"], rows.schema["value"]
+    if value_dtype.is_numeric():
+        value = pl.col("value").cast(pl.Float64)
+    else:
+        value = pl.col("value").cast(pl.Utf8).str.strip_chars().cast(pl.Float64, strict=False)
+    df = rows.with_columns(
+        pl.col("series").cast(pl.Utf8).str.strip_chars().alias("series"),
+        parse_ts_expr("ts", ts_dtype).alias("_ts"),
+        value.alias("_value"),
+        _as_text("ts", ts_dtype).alias("ts_raw"),
+        _as_text("value", value_dtype).alias("value_raw"),
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
+    )
+    reason = (
+        pl.when(pl.col("series").is_null() | (pl.col("series") == ""))
+        .then(pl.lit("missing_series"))
+        .when(pl.col("_ts").is_null())
+        .then(pl.lit("bad_ts"))
+        .when(pl.col("_value").is_null())
+        .then(pl.lit("bad_value"))
+        .when(~pl.col("_value").is_finite())
+        .then(pl.lit("non_finite"))
+    )
+    df = df.with_columns(reason.alias("reason"))
+    good = df.filter(pl.col("reason").is_null()).select(
+        "series",
+        pl.col("_ts").alias("ts"),
+        pl.col("_value").alias("value"),
+        "origin",
+        "seq",
+        "ts_raw",
+        "value_raw",
+    )
+    bad = df.filter(pl.col("reason").is_not_null()).select(
+        "series", "ts_raw", "value_raw", "origin", "reason", pl.lit(None, pl.Utf8).alias("detail")
+    )
+    return good, bad
+
+
+def bad_rows(
+    good: pl.DataFrame, mask: pl.Expr, reason: str, detail: pl.Expr | str | None = None
+) -> pl.DataFrame:
+    """Rows of a parsed frame selected by `mask`, in the quarantine layout."""
+    if not isinstance(detail, pl.Expr):
+        detail = pl.lit(detail, pl.Utf8)
+    return good.filter(mask).select(
+        "series",
+        "ts_raw",
+        "value_raw",
+        "origin",
+        pl.lit(reason).alias("reason"),
+        detail.cast(pl.Utf8).alias("detail"),
+    )
+
+
+def empty_bad() -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={c: pl.Utf8 for c in ("series", "ts_raw", "value_raw", "origin", "reason", "detail")}
+    )
+
+
+def dedupe(good: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Collapse rows with the same (series, ts).
+
+    Same value: keep one, silently. Different values: the latest in arrival order wins and
+    each replaced value is returned as a `conflicting_duplicate` quarantine row."""
+    winner = good.group_by("series", "ts").agg(
+        pl.col("seq").max().alias("_win_seq"),
+        pl.col("value").sort_by("seq").last().alias("_win"),
+        pl.col("origin").sort_by("seq").last().alias("_win_origin"),
+    )
+    df = good.join(winner, on=["series", "ts"], how="left")
+    kept = df.filter(pl.col("seq") == pl.col("_win_seq")).drop("_win_seq", "_win", "_win_origin")
+    replaced = df.filter(
+        (pl.col("seq") != pl.col("_win_seq")) & (pl.col("value") != pl.col("_win"))
+    )
+    bad = bad_rows(
+        replaced,
+        pl.lit(True),
+        "conflicting_duplicate",
+        pl.format(
+            "replaced by {} from {}", pl.col("_win"), pl.col("_win_origin").fill_null("a later row")
+        ),
+    )
+    return kept.sort("series", "ts"), bad
+
+
+def truncate_to_freq(ts: pl.Expr, freq_us: int) -> pl.Expr:
+    """Floor a UTC timestamp to a multiple of freq since the epoch."""
+    epoch_us = ts.dt.epoch("us")
+    return ((epoch_us // freq_us) * freq_us).cast(TS_DTYPE)
+
+
+def resample(good: pl.DataFrame, freq_us: int, aggregate: str) -> pl.DataFrame:
+    """Put every point on the freq grid (aligned to the epoch), aggregating points that share
+    a bucket with `aggregate` (mean, sum, last, min, max). Keeps the first origin."""
+    agg = {
+        "mean": pl.col("value").mean(),
+        "sum": pl.col("value").sum(),
+        "last": pl.col("value").sort_by("seq").last(),
+        "min": pl.col("value").min(),
+        "max": pl.col("value").max(),
+    }[aggregate]
+    bucketed = good.with_columns(truncate_to_freq(pl.col("ts"), freq_us).alias("ts"))
+    return (
+        bucketed.group_by("series", "ts")
+        .agg(agg.alias("value"), pl.col("origin").sort_by("seq").first(), pl.col("seq").min())
+        .sort("series", "ts")
+    )
+
+
+def fill_gaps(
+    points: pl.DataFrame, previous: pl.DataFrame, freq_us: int, policy: str
+) -> pl.DataFrame:
+    """Make each series regular from just after its previous watermark to its newest point.
+
+    points: series, ts (on the grid), value. previous: series, prev_ts, prev_value (the
+    stored watermark; absent series start at their first point). Points at or before the
+    watermark are late corrections: passed through, no filling. Returns series, ts, value,
+    quality in ('observed', 'ffill', 'interpolated', 'missing')."""
+    if points.is_empty():
+        return points.select("series", "ts", "value").with_columns(quality=pl.lit("observed"))
+    pts = points.select("series", "ts", "value").join(previous, on="series", how="left")
+    late = pts.filter(pl.col("ts") <= pl.col("prev_ts")).select(
+        "series", "ts", "value", pl.lit("observed").alias("quality")
+    )
+    new = pts.filter(pl.col("prev_ts").is_null() | (pl.col("ts") > pl.col("prev_ts")))
+    if new.is_empty():
+        return late
+    bounds = new.group_by("series").agg(
+        pl.coalesce(
+            pl.col("prev_ts").first() + pl.duration(microseconds=freq_us), pl.col("ts").min()
+        ).alias("lo"),
+        pl.col("ts").max().alias("hi"),
+        pl.col("prev_ts").first(),
+        pl.col("prev_value").first(),
+    )
+    grid = bounds.select(
+        "series",
+        pl.datetime_ranges(
+            "lo", "hi", interval=f"{freq_us}us", time_unit="us", time_zone="UTC"
+        ).alias("ts"),
+    ).explode("ts")
+    df = grid.join(new.select("series", "ts", "value"), on=["series", "ts"], how="left")
+    observed = pl.col("value").is_not_null()
+    if policy == "null":
+        return pl.concat(
+            [
+                late,
+                df.with_columns(
+                    pl.when(observed)
+                    .then(pl.lit("observed"))
+                    .otherwise(pl.lit("missing"))
+                    .alias("quality")
+                ),
+            ]
+        )
+    # Seed each series with its stored last point so fills continue across batches.
+    seed = bounds.filter(pl.col("prev_ts").is_not_null()).select(
+        "series",
+        pl.col("prev_ts").alias("ts"),
+        pl.col("prev_value").alias("value"),
+        pl.lit(True).alias("_seed"),
+    )
+    df = pl.concat([seed, df.with_columns(pl.lit(False).alias("_seed"))], how="diagonal").sort(
+        "series", "ts"
+    )
+    if policy == "ffill":
+        filled = pl.col("value").forward_fill().over("series")
+        fill_quality = "ffill"
+    else:
+        filled = pl.col("value").interpolate_by("ts").over("series")
+        fill_quality = "interpolated"
+    df = df.with_columns(
+        filled.alias("value"),
+        pl.when(observed).then(pl.lit("observed")).otherwise(pl.lit(fill_quality)).alias("quality"),
+    ).filter(~pl.col("_seed"))
+    # What cannot be filled (a gap before the first value ever seen) stays missing.
+    df = df.with_columns(
+        pl.when(pl.col("value").is_null())
+        .then(pl.lit("missing"))
+        .otherwise(pl.col("quality"))
+        .alias("quality")
+    ).drop("_seed")
+    return pl.concat([late, df])
+
+
+def assign_windows(points: pl.DataFrame, window_us: int) -> pl.DataFrame:
+    """Add window_id = floor(epoch / window): epoch-aligned, so ids are stable across restarts."""
+    return points.with_columns((pl.col("ts").dt.epoch("us") // window_us).alias("window_id"))

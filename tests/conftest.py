@@ -62,6 +62,11 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
 
     dsn = pg_server_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # A connection a previous test left open would block the DROP: end them first.
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
     yield pg_server_url

@@ -1,0 +1,270 @@
+"""The `forecaster` command line. Settings are built here, once, and passed down."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from forecaster.clock import WallClock
+from forecaster.config import Settings, format_duration, load_settings, public_dict
+from forecaster.errors import ForecasterError, UnknownSourceError
+from forecaster.log import configure_logging
+from forecaster.store import Store
+
+app = typer.Typer(help="A streaming time-series forecasting service.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+series_app = typer.Typer(help="Series in the store.", no_args_is_help=True)
+quarantine_app = typer.Typer(
+    help="Rows refused at ingest, with their reasons.", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+app.add_typer(series_app, name="series")
+app.add_typer(quarantine_app, name="quarantine")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class _State:
+    config_file: Path | None = None
+    database_url: str | None = None
+
+
+_state = _State()
+
+
+@app.callback()
+def main(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="TOML config file (default: ./forecaster.toml if present)"
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="override database_url", show_default=False)
+    ] = None,
+) -> None:
+    _state.config_file = config
+    _state.database_url = database_url
+
+
+def _settings() -> Settings:
+    overrides: dict[str, Any] = {}
+    if _state.database_url:
+        overrides["database_url"] = _state.database_url
+    settings = load_settings(_state.config_file, **overrides)
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn our errors into one red line and an exit status, not a traceback."""
+    try:
+        yield
+    except ForecasterError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
+
+
+@contextmanager
+def _store(settings: Settings, *, check: bool = True) -> Iterator[Store]:
+    store = Store(settings.database_url)
+    try:
+        if check:
+            store.check_schema()
+        yield store
+    finally:
+        store.close()
+
+
+# -- db -----------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Create or migrate the schema to the newest revision."""
+    with _errors():
+        settings = _settings()
+        with _store(settings, check=False) as store:
+            before = store.current_revision()
+            store.upgrade(revision)
+            after = store.current_revision()
+        out.print(f"database schema: {before or 'empty'} -> {after}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the schema revision of the database and of the code."""
+    with _errors():
+        with _store(_settings(), check=False) as store:
+            out.print(
+                f"database: {store.current_revision() or 'empty'}  code: {store.head_revision()}"
+            )
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+def _humanise(data: Any, model: Any) -> Any:
+    if isinstance(model, timedelta):
+        return format_duration(model)
+    if isinstance(data, dict) and hasattr(model, "__dict__"):
+        return {k: _humanise(v, getattr(model, k, None)) for k, v in data.items()}
+    if isinstance(data, dict) and isinstance(model, dict):
+        return {k: _humanise(v, model.get(k)) for k, v in data.items()}
+    return data
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective configuration (file + environment), secrets masked."""
+    with _errors():
+        settings = _settings()
+        out.print_json(json.dumps(_humanise(public_dict(settings), settings)))
+
+
+# -- ingest -------------------------------------------------------------------------------
+
+
+@app.command()
+def ingest(
+    source: Annotated[str, typer.Option("--source", "-s", help="source name from the config")],
+    once: Annotated[
+        bool,
+        typer.Option("--once/--follow", help="one pass, or keep polling at the source's interval"),
+    ] = True,
+    speed: Annotated[
+        float | None, typer.Option(help="replay sources: simulated seconds per wall second")
+    ] = None,
+) -> None:
+    """Read a source from its stored cursor into the store."""
+    from pipelines.ingest import IngestSummary, run_ingest
+    from pipelines.sources import build_source
+
+    with _errors():
+        settings = _settings()
+        if source not in settings.sources:
+            raise UnknownSourceError(source, list(settings.sources))
+        cfg = settings.sources[source]
+        if speed is not None:
+            if cfg.kind != "replay":
+                raise ForecasterError(
+                    f"--speed applies to replay sources; {source!r} is {cfg.kind}"
+                )
+            cfg = cfg.model_copy(update={"speed": speed})
+        defaults = settings.series_defaults_for(source)
+        reader = build_source(source, cfg)
+        clock = WallClock()
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        total = IngestSummary(source=source)
+        with _store(settings) as store, _progress() as progress:
+            task = progress.add_task(f"ingest {source}", total=None)
+            seen = 0
+
+            def on_batch(batch: Any, result: Any) -> None:
+                nonlocal seen
+                seen += result.rows_read
+                if batch.total_hint is not None:
+                    progress.update(task, total=seen + batch.total_hint - result.rows_read)
+                progress.update(task, completed=seen, description=f"ingest {source} {batch.note}")
+
+            while True:
+                summary = run_ingest(store, reader, defaults, now=clock.now(), on_batch=on_batch)
+                total.merge(summary)
+                if once or summary.exhausted or stop.is_set():
+                    break
+                if stop.wait(cfg.interval.total_seconds() if cfg.kind != "replay" else 1.0):
+                    break
+        out.print(total.line(), highlight=False)
+
+
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+        yield progress
+
+
+# -- series and quarantine ---------------------------------------------------------------
+
+
+def _ts(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+@series_app.command("list")
+def series_list() -> None:
+    """Series with their point counts and watermarks."""
+    with _errors():
+        with _store(_settings()) as store:
+            rows = store.list_series()
+        table = Table("series", "source", "freq", "points", "observed", "first", "watermark")
+        for r in rows:
+            table.add_row(
+                r["name"],
+                r["source"] or "-",
+                format_duration(timedelta(seconds=r["freq_seconds"])),
+                str(r["points"]),
+                str(r["observed"]),
+                _ts(r["first_ts"]),
+                _ts(r["watermark"]),
+            )
+        out.print(table)
+        out.print(f"{len(rows)} series")
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    source: Annotated[str | None, typer.Option(help="only this source")] = None,
+    reason: Annotated[str | None, typer.Option(help="only this reason")] = None,
+    limit: Annotated[int, typer.Option(help="rows to show")] = 20,
+) -> None:
+    """The newest quarantined rows and the count per reason."""
+    from forecaster.frames import REASONS
+
+    with _errors():
+        with _store(_settings()) as store:
+            rows, counts = store.list_quarantine(source=source, reason=reason, limit=limit)
+        table = Table("id", "source", "origin", "series", "ts", "value", "reason", "detail")
+        for r in rows:
+            table.add_row(
+                str(r["id"]),
+                r["source"],
+                r["origin"] or "-",
+                r["series"] or "-",
+                r["ts_raw"] or "-",
+                r["value_raw"] or "-",
+                r["reason"],
+                r["detail"] or "",
+            )
+        out.print(table)
+        summary = Table("reason", "rows", "meaning")
+        for k, n in sorted(counts.items()):
+            summary.add_row(k, str(n), REASONS.get(k, ""))
+        out.print(summary)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,141 @@
+"""The one MetaData of the store. Alembic revisions are reviewed copies of what this declares.
+
+Names here are the SQL contract analysts type; keep them stable once released.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+# Quality of a stored point: observed, or filled by the gap policy (or left empty).
+QUALITIES = ("observed", "ffill", "interpolated", "missing")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """timestamptz on PostgreSQL; on SQLite a naive UTC string (SQLite has no time zones and
+    SQLAlchemy would silently drop tzinfo without converting). Always aware UTC in Python."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} reached the store; timestamps must be UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+series = sa.Table(
+    "series",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(512), nullable=False, unique=True),
+    sa.Column("source", sa.String(128), nullable=True),
+    sa.Column("freq_seconds", sa.Integer, nullable=False),
+    sa.Column("window_seconds", sa.Integer, nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False, default=dict),
+    sa.Column("created_at", UTCDateTime, nullable=False, default=_now),
+)
+
+observations = sa.Table(
+    "observations",
+    metadata,
+    sa.Column(
+        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("ts", UTCDateTime, primary_key=True),
+    sa.Column("value", sa.Float, nullable=True),
+    sa.Column("quality", sa.String(16), nullable=False),
+    # floor(epoch seconds / window seconds): stable across restarts, so windows can be
+    # recounted with an indexed range scan on the primary key.
+    sa.Column("window_id", sa.BigInteger, nullable=False),
+)
+
+windows = sa.Table(
+    "windows",
+    metadata,
+    sa.Column(
+        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("window_id", sa.BigInteger, primary_key=True),
+    sa.Column("start_ts", UTCDateTime, nullable=False),
+    sa.Column("end_ts", UTCDateTime, nullable=False),  # exclusive
+    sa.Column("n_expected", sa.Integer, nullable=False),
+    sa.Column("n_points", sa.Integer, nullable=False),
+    sa.Column("n_observed", sa.Integer, nullable=False),
+    sa.Column("complete", sa.Boolean, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+watermarks = sa.Table(
+    "watermarks",
+    metadata,
+    sa.Column(
+        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("ts", UTCDateTime, nullable=False),  # newest point stored
+    sa.Column("last_value", sa.Float, nullable=True),  # seeds ffill/interpolate of the next batch
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+source_cursors = sa.Table(
+    "source_cursors",
+    metadata,
+    sa.Column("source", sa.String(128), primary_key=True),
+    sa.Column("cursor", sa.JSON, nullable=False),
+    sa.Column("rows_total", sa.BigInteger, nullable=False, default=0),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+quarantine = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # sha256 of (source, origin, reason, series, ts, value): re-reading a row twice
+    # quarantines it once.
+    sa.Column("fingerprint", sa.String(64), nullable=False, unique=True),
+    sa.Column("source", sa.String(128), nullable=False),
+    sa.Column("origin", sa.Text, nullable=True),
+    sa.Column("series", sa.Text, nullable=True),
+    sa.Column("ts_raw", sa.Text, nullable=True),
+    sa.Column("value_raw", sa.Text, nullable=True),
+    sa.Column("reason", sa.String(32), nullable=False, index=True),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+job_runs = sa.Table(
+    "job_runs",
+    metadata,
+    sa.Column("job_id", sa.String(256), primary_key=True),
+    sa.Column("scheduled_at", UTCDateTime, primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),  # running / succeeded / failed
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+)

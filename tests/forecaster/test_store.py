@@ -1,0 +1,159 @@
+"""The store on a real SQLite file and a real PostgreSQL database: same tests, both dialects."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from forecaster import frames as F
+from forecaster import schema
+from forecaster.errors import SchemaOutOfDateError
+from forecaster.store import Store
+
+DAY = 86400
+
+
+@pytest.fixture
+def store(db_url):
+    st = Store(db_url)
+    st.upgrade()
+    yield st
+    st.close()
+
+
+def _sid(store, name="a"):
+    with store.begin() as conn:
+        return store.resolve_series(
+            conn, [name], create=True, source="t", freq_seconds=3600, window_seconds=DAY
+        )[name]
+
+
+def _obs(sid, hours, values, quality="observed"):
+    ts = [datetime(2013, 1, 1, tzinfo=UTC) + timedelta(hours=h) for h in hours]
+    df = pl.DataFrame(
+        {"series_id": [sid] * len(hours), "ts": ts, "value": values, "quality": [quality] * len(hours)},
+        schema_overrides={"ts": F.TS_DTYPE, "value": pl.Float64, "series_id": pl.Int64},
+    )
+    return F.assign_windows(df, DAY * 10**6)
+
+
+def test_check_schema_refuses_an_empty_database(db_url):
+    st = Store(db_url)
+    with pytest.raises(SchemaOutOfDateError, match="forecaster db upgrade"):
+        st.check_schema()
+    st.upgrade()
+    st.check_schema()
+    st.close()
+
+
+def test_resolve_series_creates_once(store):
+    with store.begin() as conn:
+        ids = store.resolve_series(conn, ["x", "y", "x"], create=True, source="s", freq_seconds=60, window_seconds=3600)
+        again = store.resolve_series(conn, ["y", "z"], create=False, source="s", freq_seconds=60, window_seconds=3600)
+    assert set(ids) == {"x", "y"} and again == {"y": ids["y"]}
+
+
+def test_observations_upsert_is_idempotent_and_utc(store):
+    sid = _sid(store)
+    pts = _obs(sid, range(48), [float(i) for i in range(48)])
+    for _ in range(2):
+        with store.begin() as conn:
+            store.upsert_observations(conn, pts)
+    got = store.read_observations("a")
+    assert got.height == 48
+    assert got["ts"].to_list() == pts["ts"].to_list()
+    assert got["ts"].dtype == F.TS_DTYPE
+
+
+def test_filled_point_never_overwrites_an_observed_one(store):
+    sid = _sid(store)
+    with store.begin() as conn:
+        store.upsert_observations(conn, _obs(sid, [0, 1], [5.0, 6.0]))
+        store.upsert_observations(conn, _obs(sid, [1], [None], quality="missing"))
+        store.upsert_observations(conn, _obs(sid, [2], [None], quality="missing"))
+        store.upsert_observations(conn, _obs(sid, [2], [7.0]))
+    got = store.read_observations("a")
+    assert got.select("value", "quality").rows() == [(5.0, "observed"), (6.0, "observed"), (7.0, "observed")]
+
+
+def test_non_utc_datetimes_are_converted_not_relabelled(store):
+    sid = _sid(store)
+    plus2 = timezone(timedelta(hours=2))
+    with store.begin() as conn:
+        conn.execute(
+            sa.insert(schema.watermarks),
+            {"series_id": sid, "ts": datetime(2013, 1, 1, 12, tzinfo=plus2), "last_value": 1.0,
+             "updated_at": datetime.now(UTC)},
+        )
+    with store.engine.connect() as conn:
+        marks = store.watermarks_frame(conn, [sid])
+    assert marks["prev_ts"].to_list() == [datetime(2013, 1, 1, 10, tzinfo=UTC)]
+
+
+def test_watermarks_only_move_forward(store):
+    sid = _sid(store)
+    t = datetime(2013, 1, 2, tzinfo=UTC)
+    for ts, v in [(t, 1.0), (t - timedelta(hours=5), 2.0), (t + timedelta(hours=1), 3.0)]:
+        with store.begin() as conn:
+            store.upsert_watermarks(
+                conn, pl.DataFrame({"series_id": [sid], "ts": [ts], "last_value": [v]})
+            )
+    with store.engine.connect() as conn:
+        marks = store.watermarks_frame(conn, [sid])
+    assert marks.select("prev_ts", "prev_value").rows() == [(t + timedelta(hours=1), 3.0)]
+
+
+def test_windows_count_points_and_completeness(store):
+    sid = _sid(store)
+    pts = _obs(sid, range(30), [1.0] * 20 + [None] * 10, quality="observed")
+    pts = pts.with_columns(
+        pl.when(pl.col("value").is_null()).then(pl.lit("missing")).otherwise(pl.col("quality")).alias("quality")
+    )
+    with store.begin() as conn:
+        store.upsert_observations(conn, pts)
+        store.upsert_watermarks(conn, pl.DataFrame({"series_id": [sid], "ts": [pts["ts"].max()], "last_value": [None]}))
+        n = store.refresh_windows(conn, pts, freq_seconds=3600, window_seconds=DAY)
+    assert n == 2
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(schema.windows.c.n_points, schema.windows.c.n_observed, schema.windows.c.complete)
+            .order_by(schema.windows.c.window_id)
+        ).all()
+    assert [tuple(r) for r in rows] == [(24, 20, True), (6, 0, False)]
+
+
+def test_quarantine_stores_each_row_once(store):
+    bad = pl.DataFrame(
+        {"series": ["a", None], "ts_raw": ["x", "2013"], "value_raw": ["1", "2"], "origin": ["f:2", "f:3"],
+         "reason": ["bad_ts", "missing_series"], "detail": [None, None]}
+    )
+    with store.begin() as conn:
+        assert store.insert_quarantine(conn, "src", bad) == 2
+    with store.begin() as conn:
+        assert store.insert_quarantine(conn, "src", bad) == 0
+    rows, counts = store.list_quarantine(source="src")
+    assert counts == {"bad_ts": 1, "missing_series": 1} and len(rows) == 2
+
+
+def test_cursor_round_trip_and_rows_total(store):
+    assert store.get_cursor("s") is None
+    with store.begin() as conn:
+        store.save_cursor(conn, "s", {"since": "2013-01-01T00:00:00+00:00"}, rows_added=5)
+    with store.begin() as conn:
+        store.save_cursor(conn, "s", {"since": "2013-01-02T00:00:00+00:00", "n": [1, 2]}, rows_added=7)
+    assert store.get_cursor("s") == {"since": "2013-01-02T00:00:00+00:00", "n": [1, 2]}
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(schema.source_cursors.c.rows_total)).scalar_one() == 12
+
+
+def test_a_failed_transaction_writes_nothing(store):
+    sid = _sid(store)
+    with pytest.raises(RuntimeError), store.begin() as conn:
+        store.upsert_observations(conn, _obs(sid, range(5), [1.0] * 5))
+        store.save_cursor(conn, "s", {"k": 1}, rows_added=5)
+        raise RuntimeError("crash inside the transaction")
+    assert store.read_observations().height == 0
+    assert store.get_cursor("s") is None
