@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(series_app, name="series")
 app.add_typer(quarantine_app, name="quarantine")
 
-out = Console()
+# Piped output (logs, CI, `| grep`) gets wide lines instead of rich's 80-column default.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 

@@ -10,6 +10,7 @@ Every statement binds its values; no value is ever formatted into SQL text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -250,22 +251,10 @@ class Store:
             self._copy_upsert_observations(conn, points)
         else:
             rows = points.with_columns(pl.col("ts").dt.to_string(_SQLITE_TS_FORMAT)).rows()
-            conn.execute(
-                self._sqlite_obs_upsert(), [dict(zip(_OBS_KEYS, r, strict=True)) for r in rows]
-            )
+            # The Core statement, compiled once, goes straight to the driver's executemany:
+            # SQLAlchemy's per-row parameter handling would cost more than SQLite's insert.
+            conn.exec_driver_sql(_sqlite_obs_upsert_sql(), rows)
         return points.height
-
-    def _sqlite_obs_upsert(self) -> Any:
-        stmt = sqlite_dialect.insert(_obs_raw)
-        return stmt.on_conflict_do_update(
-            index_elements=["series_id", "ts"],
-            set_={
-                "value": stmt.excluded.value,
-                "quality": stmt.excluded.quality,
-                "window_id": stmt.excluded.window_id,
-            },
-            where=(stmt.excluded.quality == "observed") | (_obs_raw.c.quality != "observed"),
-        )
 
     def _copy_upsert_observations(self, conn: Connection, points: pl.DataFrame) -> None:
         buf = io.BytesIO()
@@ -508,3 +497,19 @@ class Store:
 
 
 _OBS_KEYS = ("series_id", "ts", "value", "quality", "window_id")
+
+
+@functools.cache
+def _sqlite_obs_upsert_sql() -> str:
+    """INSERT ... ON CONFLICT DO UPDATE for observations, as SQLite text with ? parameters in
+    _OBS_KEYS order. An observed value replaces a filled one, never the reverse."""
+    stmt = sqlite_dialect.insert(_obs_raw).values({k: sa.bindparam(k) for k in _OBS_KEYS})
+    observed = sa.literal_column("'observed'")
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["series_id", "ts"],
+        set_={k: stmt.excluded[k] for k in ("value", "quality", "window_id")},
+        where=(stmt.excluded.quality == observed) | (_obs_raw.c.quality != observed),
+    )
+    compiled = stmt.compile(dialect=sqlite_dialect.dialect(paramstyle="qmark"))
+    assert tuple(compiled.positiontup or ()) == _OBS_KEYS, compiled.positiontup
+    return str(compiled)
