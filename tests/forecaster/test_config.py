@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 from typer.testing import CliRunner
 
-from forecaster.cli import app
 from forecaster.config import load_settings, mask_url
 from forecaster.errors import ConfigError
+from pipelines.cli import app
 
 TOML = """
 database_url = "postgresql://forecaster:s3cret-pw@db.internal:5432/fc"

@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from forecaster import schema
-from forecaster.cli import app
 from forecaster.clock import FixedClock
 from forecaster.config import ReplaySource, SeriesDefaults
 from forecaster.store import Store
+from pipelines.cli import app
 from pipelines.ingest import ingest_batch, run_ingest
 from pipelines.sources import build_source
 from pipelines.sources.base import Batch, raw_frame
@@ -87,7 +87,7 @@ def test_malformed_rows_are_quarantined_with_reasons_and_the_rest_ingested(tmp_p
 
     # "now" comes from the wall clock in the CLI: the data is in 2024, NOW-relative future
     # rows are in 2024-06 and later, so pin the check to the data rather than the date.
-    import forecaster.cli as cli
+    import pipelines.cli as cli
 
     monkeypatch.setattr(cli, "WallClock", lambda: FixedClock(NOW))
     runner = CliRunner()

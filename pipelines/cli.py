@@ -1,4 +1,5 @@
-"""The `forecaster` command line. Settings are built here, once, and passed down."""
+"""The `forecaster` command line (it lives in pipelines/ because it drives the jobs). Settings
+are built here, once, and passed down."""
 
 from __future__ import annotations
 

@@ -1,0 +1,87 @@
+"""Import rules that keep the house easy to live in (DESIGN.md), and the public API."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import forecaster
+import pipelines.sources
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def _top(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+@pytest.mark.parametrize("path", _modules("forecaster"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_never_imports_pipelines(path):
+    assert "pipelines" not in _top(_imports(path))
+
+
+@pytest.mark.parametrize(
+    "path", _modules("forecaster") + _modules("pipelines"), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_only_the_store_and_schema_use_sqlalchemy(path):
+    # The SQL source reads a user's database its own way; that is not our store.
+    allowed = {ROOT / "forecaster" / "store.py", ROOT / "forecaster" / "schema.py", ROOT / "pipelines" / "sources" / "sql.py"}
+    if path not in allowed:
+        assert "sqlalchemy" not in _top(_imports(path)), f"{path} imports sqlalchemy"
+
+
+@pytest.mark.parametrize(
+    ("library", "allowed"),
+    [
+        ("apscheduler", {"pipelines/scheduler.py"}),
+        ("prometheus_client", {"forecaster/metrics.py"}),
+        ("ray", {"pipelines/backends/ray.py"}),
+    ],
+)
+def test_single_owner_imports(library, allowed):
+    owners = {
+        str(p.relative_to(ROOT))
+        for p in _modules("forecaster") + _modules("pipelines")
+        if library in _top(_imports(p))
+    }
+    assert owners <= allowed
+
+
+def test_public_api():
+    assert sorted(forecaster.__all__) == [
+        "ConfigError", "ForecasterError", "SchemaOutOfDateError", "Settings", "SourceError",
+        "Store", "StoreError", "UnknownSeriesError", "UnknownSourceError", "load_settings",
+    ]
+    assert sorted(pipelines.sources.__all__) == ["Batch", "RAW_COLUMNS", "Source", "build_source"]
+    for name in forecaster.__all__:
+        assert getattr(forecaster, name) is not None
+
+
+def test_store_formats_no_values_into_sql():
+    """Every value is bound: no f-string, % or .format() builds SQL text in the store."""
+    tree = ast.parse((ROOT / "forecaster" / "store.py").read_text())
+    sql_calls = {"execute", "exec_driver_sql", "text"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in sql_calls:
+            for arg in node.args[:1]:
+                assert not isinstance(arg, ast.JoinedStr), f"f-string SQL at line {node.lineno}"
+                assert not (isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Mod)), f"% SQL at line {node.lineno}"
+                assert not (
+                    isinstance(arg, ast.Call) and getattr(arg.func, "attr", None) == "format"
+                ), f".format SQL at line {node.lineno}"
