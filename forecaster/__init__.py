@@ -2,11 +2,13 @@
 
 from forecaster.config import Settings, load_settings
 from forecaster.errors import (
+    CheckpointError,
     ConfigError,
     ForecasterError,
     SchemaOutOfDateError,
     SourceError,
     StoreError,
+    UnknownModelVersionError,
     UnknownSeriesError,
     UnknownSourceError,
 )
@@ -15,6 +17,7 @@ from forecaster.store import Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "ForecasterError",
     "SchemaOutOfDateError",
@@ -22,6 +25,7 @@ __all__ = [
     "SourceError",
     "Store",
     "StoreError",
+    "UnknownModelVersionError",
     "UnknownSeriesError",
     "UnknownSourceError",
     "load_settings",

@@ -178,6 +178,31 @@ def _default_sources() -> dict[str, Any]:
     return {"nycflights": ReplaySource(speed=0.0)}
 
 
+class TrainingSettings(_Model):
+    """Defaults of `forecaster train` (its options override them)."""
+
+    kind: Literal["lstm", "gru", "rnn", "seq2seq"] = "lstm"
+    hidden: int = Field(64, gt=0)
+    layers: int = Field(1, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    horizon: int = Field(24, gt=0, description="forecast steps")
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    window: int | None = Field(None, gt=0, description="TBPTT window in steps; default one week")
+    epochs: int = Field(30, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    patience: int = Field(4, gt=0, description="epochs without validation gain before stopping")
+    val_steps: int | None = Field(None, gt=0, description="held-out tail; default four weeks")
+    bidirectional: bool = Field(False, description="seq2seq: within-window backward encoder")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _quantiles_make_a_band(self) -> TrainingSettings:
+        q = list(self.quantiles)
+        if q != sorted(q) or len(q) < 3 or not all(0 < x < 1 for x in q) or 0.5 not in q:
+            raise ValueError("quantiles must be increasing, inside (0, 1), at least 3, and include 0.5")
+        return self
+
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "forecaster_config_file", default=None
 )
@@ -194,7 +219,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
+    checkpoint_dir: str = Field("checkpoints", description="where model checkpoints are written")
     series: SeriesDefaults = Field(default_factory=SeriesDefaults)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
     sources: dict[str, SourceConfig] = Field(default_factory=_default_sources)
 
     @classmethod

@@ -2,11 +2,13 @@
 
 ForecasterError
  +-- ConfigError (ValueError)          a setting is wrong: names the key and the fix
+ +-- CheckpointError (ValueError)      a checkpoint file is missing, altered or unreadable
  +-- SourceError (RuntimeError)        a source could not be read (network, file, query)
  +-- StoreError (RuntimeError)         the SQL store refused or is unreachable
  |    +-- SchemaOutOfDateError         the database is not at the migrations' head
  +-- UnknownSeriesError (LookupError)  a series name is not in the store
  +-- UnknownSourceError (LookupError)  a source name is not in the config
+ +-- UnknownModelVersionError (LookupError)  a model version id is not in the registry
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ class ConfigError(ForecasterError, ValueError):
     def __init__(self, key: str, problem: str, fix: str) -> None:
         self.key = key
         super().__init__(f"config key {key!r}: {problem}. {fix}")
+
+
+class CheckpointError(ForecasterError, ValueError):
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where
+        super().__init__(f"checkpoint {where}: {problem}")
 
 
 class SourceError(ForecasterError, RuntimeError):
@@ -54,3 +62,11 @@ class UnknownSourceError(ForecasterError, LookupError):
         self.name = name
         listed = ", ".join(sorted(known)) or "none configured"
         super().__init__(f"no source named {name!r} in the config (known: {listed})")
+
+
+class UnknownModelVersionError(ForecasterError, LookupError):
+    def __init__(self, version_id: int) -> None:
+        self.version_id = version_id
+        super().__init__(
+            f"no model version {version_id} in the registry; `forecaster models list` shows them"
+        )

@@ -139,3 +139,34 @@ job_runs = sa.Table(
     sa.Column("finished_at", UTCDateTime, nullable=True),
     sa.Column("detail", sa.Text, nullable=True),
 )
+
+# A version's place in the registry. One champion for the whole service: it serves forecasts.
+STAGES = ("candidate", "champion", "retired")
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(32), nullable=False),  # lstm / gru / rnn / seq2seq
+    sa.Column("config", sa.JSON, nullable=False),
+    # The checkpoint file (forecaster.checkpoints), written before this row. Not unique on
+    # sha256: the same weights may be registered twice on purpose (e.g. scored on a new span).
+    sa.Column("uri", sa.Text, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("trained_from", UTCDateTime, nullable=True),
+    sa.Column("trained_to", UTCDateTime, nullable=True),
+    sa.Column("metrics", sa.JSON, nullable=False, default=dict),
+    sa.Column("stage", sa.String(16), nullable=False, index=True),
+    # Fine-tuned from this version; NULL when trained from scratch.
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("model_versions.id"), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False, default=_now),
+    sa.CheckConstraint("stage IN ('candidate', 'champion', 'retired')", name="stage"),
+    # At most one champion, enforced by the database whatever code or person writes the row.
+    sa.Index(
+        "uq_model_versions_one_champion",
+        "stage",
+        unique=True,
+        sqlite_where=sa.text("stage = 'champion'"),
+        postgresql_where=sa.text("stage = 'champion'"),
+    ),
+)

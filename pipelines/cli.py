@@ -20,7 +20,7 @@ from rich.table import Table
 
 from forecaster.clock import WallClock
 from forecaster.config import Settings, format_duration, load_settings, public_dict
-from forecaster.errors import ForecasterError, UnknownSourceError
+from forecaster.errors import ConfigError, ForecasterError, UnknownSourceError
 from forecaster.log import configure_logging
 from forecaster.store import Store
 
@@ -271,3 +271,101 @@ def quarantine_list(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+# -- training and the model registry ------------------------------------------------------
+
+models_app = typer.Typer(help="Trained model versions.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@app.command("train")
+def train_cmd(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="lstm, gru, rnn or seq2seq")] = None,
+    series: Annotated[list[str] | None, typer.Option("--series", help="only these series (repeatable)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="most epochs (early stopping may end sooner)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    hidden: Annotated[int | None, typer.Option(help="hidden units")] = None,
+    window: Annotated[int | None, typer.Option(help="TBPTT window in steps")] = None,
+    val_steps: Annotated[int | None, typer.Option(help="held-out tail in steps")] = None,
+    bidirectional: Annotated[bool | None, typer.Option(help="seq2seq: within-window backward encoder")] = None,
+) -> None:
+    """Train one global model over the stored series and register it."""
+    from forecaster.training import TrainConfig
+    from pipelines.train import run_training
+
+    with _errors():
+        settings = _settings()
+        t = settings.training
+        chosen = {
+            "kind": model or t.kind,
+            "hidden": hidden or t.hidden,
+            "layers": t.layers,
+            "dropout": t.dropout,
+            "horizon": t.horizon,
+            "quantiles": tuple(t.quantiles),
+            "window": window or t.window,
+            "epochs": epochs or t.epochs,
+            "lr": t.lr,
+            "patience": t.patience,
+            "val_steps": val_steps or t.val_steps,
+            "bidirectional": t.bidirectional if bidirectional is None else bidirectional,
+            "seed": t.seed,
+            "device": device or settings.device,
+        }
+        if chosen["kind"] not in ("lstm", "gru", "rnn", "seq2seq"):
+            raise ConfigError("--model", f"unknown model {chosen['kind']!r}", "Use lstm, gru, rnn or seq2seq.")
+        config = TrainConfig(**chosen)
+        with _store(settings) as store, _progress() as progress:
+            task = progress.add_task("train", total=config.epochs)
+
+            def on_progress(p: Any) -> None:
+                val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
+                progress.update(
+                    task,
+                    completed=p.epoch - 1 + p.window / p.windows,
+                    description=f"train {config.kind} epoch {p.epoch}/{p.epochs} window {p.window}/{p.windows} "
+                    f"loss {p.loss:.4f}{val} {p.points_per_s:,.0f} points/s",
+                )
+
+            version = run_training(
+                store, config, checkpoint_dir=settings.checkpoint_dir, series=series, on_progress=on_progress
+            )
+        r = version.result
+        out.print(
+            f"trained {config.kind} in {r.seconds:.0f} s ({r.points_per_s:,.0f} points/s), best epoch "
+            f"{r.best_epoch}; validation on the last {r.spec.season_week * 4 if config.val_steps is None else config.val_steps} "
+            f"steps of {len(r.names)} series, base = {r.spec.base} seasonal naive",
+            highlight=False,
+        )
+        out.print(_accuracy_table(r.metrics, config.kind))
+        out.print(f"registered model version {version.version_id} as {version.stage}: {version.uri}", highlight=False)
+
+
+def _accuracy_table(metrics: dict[str, dict[str, float | None]], kind: str) -> Table:
+    table = Table("model", "MASE", "sMAPE %", "80% band coverage", "MASE vs best naive")
+    best_naive = min(v["mase"] for k, v in metrics.items() if k.startswith("seasonal_naive"))
+    for name, m in metrics.items():
+        label = kind if name == "model" else name.replace("_", " ")
+        cov = "-" if m["coverage"] is None else f"{m['coverage']:.1%}"
+        table.add_row(label, f"{m['mase']:.3f}", f"{m['smape']:.1f}", cov, f"{m['mase'] / best_naive - 1:+.1%}")
+    return table
+
+
+@models_app.command("list")
+def models_list(kind: Annotated[str | None, typer.Option(help="only this kind")] = None) -> None:
+    """Registered model versions, newest first."""
+    with _errors():
+        with _store(_settings()) as store:
+            rows = store.list_model_versions(kind)
+        table = Table("version", "kind", "stage", "trained to", "val MASE", "naive MASE", "created", "sha256")
+        for r in rows:
+            m = r["metrics"] or {}
+            naive = [v["mase"] for k, v in m.items() if k.startswith("seasonal_naive")]
+            table.add_row(
+                str(r["id"]), r["kind"], r["stage"], _ts(r["trained_to"]),
+                f"{m['model']['mase']:.3f}" if "model" in m else "-",
+                f"{min(naive):.3f}" if naive else "-",
+                _ts(r["created_at"]), r["sha256"][:12],
+            )
+        out.print(table)

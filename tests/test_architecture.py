@@ -65,8 +65,8 @@ def test_single_owner_imports(library, allowed):
 
 def test_public_api():
     assert sorted(forecaster.__all__) == [
-        "ConfigError", "ForecasterError", "SchemaOutOfDateError", "Settings", "SourceError",
-        "Store", "StoreError", "UnknownSeriesError", "UnknownSourceError", "load_settings",
+        "CheckpointError", "ConfigError", "ForecasterError", "SchemaOutOfDateError", "Settings", "SourceError",
+        "Store", "StoreError", "UnknownModelVersionError", "UnknownSeriesError", "UnknownSourceError", "load_settings",
     ]
     assert sorted(pipelines.sources.__all__) == ["Batch", "RAW_COLUMNS", "Source", "build_source"]
     for name in forecaster.__all__:

@@ -1,0 +1,132 @@
+"""What the networks read, built from a panel of series on one regular grid.
+
+Shared by training and inference so both compute the very same inputs. Arrays are torch
+tensors; index 0 of the grid is at `start` (epoch seconds) and step i at start + i * freq.
+
+Per time step t (the model's input x):
+    value (scaled, 0 where missing), observed flag, [sin/cos hour of day, sin/cos day of
+    week], [exogenous columns]
+Per origin t and horizon step h = 1..H (the head's input head_x), all known at t:
+    daily seasonal naive  y[t + h - m * ceil(h / m)],
+    weekly seasonal naive y[t + h - w * ceil(h / w)],
+    [calendar of the target time t + h]
+with m steps per day and w per week (DESIGN.md decision 16). Unknown lags read 0, the
+scaled series' median.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+DAY, WEEK = 86400, 7 * 86400
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureSpec:
+    freq_seconds: int
+    horizon: int = 24
+    base: Literal["daily", "weekly"] = "weekly"  # the seasonal naive the head is a residual on
+    calendar: bool = True
+    n_exog: int = 0
+
+    @property
+    def season_day(self) -> int:
+        return max(1, DAY // self.freq_seconds)
+
+    @property
+    def season_week(self) -> int:
+        return max(1, WEEK // self.freq_seconds)
+
+    @property
+    def n_inputs(self) -> int:
+        return 2 + (4 if self.calendar else 0) + self.n_exog
+
+    @property
+    def n_head_features(self) -> int:
+        return 2 + (4 if self.calendar else 0)
+
+    @property
+    def base_feature(self) -> int:
+        return 0 if self.base == "daily" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calendar(epoch_seconds: Tensor) -> Tensor:
+    """(...,) epoch seconds -> (..., 4): sin/cos of the hour of day and of the day of week."""
+    day_phase = (epoch_seconds % DAY).double() / DAY
+    week_phase = ((epoch_seconds + 3 * DAY) % WEEK).double() / WEEK  # 0 = Monday 00:00 UTC
+    angles = torch.stack([day_phase, week_phase], dim=-1) * (2 * math.pi)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
+
+
+def _gather(values: Tensor, idx: Tensor) -> Tensor:
+    """values (S, N); idx (...) of ints, out of range -> NaN. Returns (S, ...)."""
+    n = values.shape[1]
+    valid = (idx >= 0) & (idx < n)
+    out = values[:, idx.clamp(0, n - 1)]
+    return torch.where(valid, out, torch.full_like(out, float("nan")))
+
+
+def step_inputs(
+    spec: FeatureSpec, values: Tensor, start: int, lo: int, hi: int, exog: Tensor | None = None
+) -> Tensor:
+    """x for steps lo..hi-1 of the grid. values (S, N) scaled, NaN = missing. -> (S, T, F)."""
+    v = values[:, lo:hi]
+    parts = [torch.nan_to_num(v, nan=0.0).unsqueeze(-1), (~torch.isnan(v)).float().unsqueeze(-1)]
+    if spec.calendar:
+        epoch = start + torch.arange(lo, hi, dtype=torch.int64) * spec.freq_seconds
+        parts.append(calendar(epoch).expand(v.shape[0], -1, -1))
+    if spec.n_exog:
+        assert exog is not None and exog.shape[-1] == spec.n_exog, (
+            f"expected {spec.n_exog} exogenous columns"
+        )
+        parts.append(torch.nan_to_num(exog[:, lo:hi], nan=0.0))
+    return torch.cat(parts, dim=-1)
+
+
+def origins(lo: int, hi: int) -> Tensor:
+    return torch.arange(lo, hi)
+
+
+def _lag(h: Tensor, season: int) -> Tensor:
+    """For horizon steps h, the lag of the latest same-phase point known at the origin."""
+    return season * torch.ceil(h / season).long()
+
+
+def head_inputs(spec: FeatureSpec, values: Tensor, start: int, at: Tensor) -> Tensor:
+    """head_x for the origins `at` (T,): (S, T, H, K). Reads only values at or before each origin."""
+    h = torch.arange(1, spec.horizon + 1)
+    lag_d, lag_w = _lag(h, spec.season_day), _lag(h, spec.season_week)
+    t = at.unsqueeze(1)  # (T, 1)
+    daily = torch.nan_to_num(_gather(values, t + h - lag_d), nan=0.0)  # (S, T, H)
+    weekly = torch.nan_to_num(_gather(values, t + h - lag_w), nan=0.0)
+    parts = [daily.unsqueeze(-1), weekly.unsqueeze(-1)]
+    if spec.calendar:
+        epoch = start + (t + h) * spec.freq_seconds  # (T, H)
+        parts.append(calendar(epoch).expand(values.shape[0], -1, -1, -1))
+    return torch.cat(parts, dim=-1)
+
+
+def targets(spec: FeatureSpec, values: Tensor, at: Tensor, limit: int | None = None) -> Tensor:
+    """y[t + h] for the origins `at` (T,): (S, T, H), NaN where missing or at/after `limit`."""
+    h = torch.arange(1, spec.horizon + 1)
+    idx = at.unsqueeze(1) + h
+    if limit is not None:
+        idx = torch.where(idx < limit, idx, torch.full_like(idx, -1))
+    return _gather(values, idx)
+
+
+def seasonal_naive(
+    spec: FeatureSpec, values: Tensor, at: Tensor, season: Literal["daily", "weekly"]
+) -> Tensor:
+    """The seasonal-naive forecast from the origins `at` (T,): (S, T, H), NaN where unknown."""
+    h = torch.arange(1, spec.horizon + 1)
+    lag = _lag(h, spec.season_day if season == "daily" else spec.season_week)
+    return _gather(values, at.unsqueeze(1) + h - lag)

@@ -1,0 +1,63 @@
+"""A trained model with everything needed to use it: network, feature spec, scalers, series.
+
+The unit that goes into a checkpoint and comes back out of one; inference builds on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from forecaster.checkpoints import Checkpoint
+from forecaster.features import FeatureSpec
+from forecaster.models import ModelConfig, build_model
+from forecaster.panel import Scalers
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module
+    model_config: ModelConfig
+    spec: FeatureSpec
+    scalers: Scalers
+    names: list[str]  # the series the scalers were fitted on, in scaler order
+    nonnegative: bool = False
+    window: int = 168  # TBPTT window the model was trained with (steps)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_checkpoint(self) -> Checkpoint:
+        meta = {
+            **self.meta,
+            "spec": self.spec.to_dict(),
+            "names": list(self.names),
+            "nonnegative": self.nonnegative,
+            "window": self.window,
+        }
+        return Checkpoint(
+            kind=self.model_config.kind,
+            config=self.model_config.to_dict(),
+            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            scalers=self.scalers.to_dict(self.names),
+            meta=meta,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint) -> TrainedModel:
+        config = ModelConfig.from_dict(ckpt.config)
+        model = build_model(config)
+        model.load_state_dict(ckpt.state_dict)
+        meta = dict(ckpt.meta)
+        spec = FeatureSpec(**meta.pop("spec"))
+        names = list(meta.pop("names"))
+        return cls(
+            model=model.eval(),
+            model_config=config,
+            spec=spec,
+            scalers=Scalers.from_dict({k: tuple(v) for k, v in ckpt.scalers.items()}, names),
+            names=names,
+            nonnegative=bool(meta.pop("nonnegative", False)),
+            window=int(meta.pop("window", 168)),
+            meta=meta,
+        )

@@ -1,0 +1,81 @@
+"""The training job: observations from the store -> a trained model -> checkpoint -> registry.
+
+The checkpoint file is written before the registry row that points at it. The first model
+of a store becomes the champion; later ones are registered as candidates (the retraining
+policy that promotes a challenger only when it beats the champion builds on this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import polars as pl
+
+from forecaster.checkpoints import save_checkpoint
+from forecaster.errors import ConfigError, UnknownSeriesError
+from forecaster.panel import Panel
+from forecaster.store import Store
+from forecaster.training import Progress, TrainConfig, TrainResult, train, trained_model
+
+
+@dataclass
+class TrainedVersion:
+    version_id: int
+    stage: str
+    uri: str
+    sha256: str
+    result: TrainResult
+
+
+def load_panel(store: Store, series: list[str] | None = None) -> Panel:
+    """Every stored series (or the named ones) as one panel; they must share a frequency."""
+    known = {r["name"]: r for r in store.list_series()}
+    names = series or sorted(known)
+    for name in names:
+        if name not in known:
+            raise UnknownSeriesError(name)
+    freqs = {known[n]["freq_seconds"] for n in names}
+    if len(freqs) > 1:
+        raise ConfigError(
+            "training",
+            f"the series have different frequencies ({sorted(freqs)} s)",
+            "Train one model per frequency with --series.",
+        )
+    frame = store.read_observations()
+    frame = frame.filter(pl.col("series").is_in(names))
+    return Panel.from_frame(frame, freqs.pop())
+
+
+def run_training(
+    store: Store,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str,
+    series: list[str] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> TrainedVersion:
+    panel = load_panel(store, series)
+    result = train(panel, config, on_progress=on_progress)
+    trained = trained_model(result)
+    uri, sha = save_checkpoint(trained.to_checkpoint(), checkpoint_dir)
+    step = panel.freq_seconds
+    with store.begin() as conn:
+        stage = "champion" if store.champion() is None else "candidate"
+        version_id = store.register_model_version(
+            conn,
+            kind=config.kind,
+            config={"model": result.model_config.to_dict(), "training": _jsonable(asdict(config))},
+            uri=uri,
+            sha256=sha,
+            trained_from=datetime.fromtimestamp(panel.start, UTC),
+            trained_to=datetime.fromtimestamp(panel.start + (result.train_end - 1) * step, UTC),
+            metrics=result.metrics,
+            stage=stage,
+        )
+    return TrainedVersion(version_id=version_id, stage=stage, uri=uri, sha256=sha, result=result)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
