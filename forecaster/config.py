@@ -191,7 +191,12 @@ class TrainingSettings(_Model):
     epochs: int = Field(30, gt=0)
     lr: float = Field(2e-3, gt=0)
     patience: int = Field(4, gt=0, description="epochs without validation gain before stopping")
-    val_steps: int | None = Field(None, gt=0, description="held-out tail; default four weeks")
+    val_steps: int | None = Field(
+        None, gt=0, description="held-out test tail, scored once; default four weeks"
+    )
+    stop_steps: int | None = Field(
+        None, gt=0, description="early-stopping tail before the test tail; default two weeks"
+    )
     bidirectional: bool = Field(False, description="seq2seq: within-window backward encoder")
     seed: int = 0
 

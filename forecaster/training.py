@@ -45,9 +45,11 @@ class TrainConfig:
     weight_decay: float = 1e-2
     clip: float = 1.0
     patience: int = 4
-    val_steps: int | None = None  # held-out tail; None = four weeks
+    val_steps: int | None = None  # held-out test tail, never used for a choice; None = four weeks
+    stop_steps: int | None = None  # early-stopping tail just before it; None = two weeks
     burn_in_windows: int = 1
     teacher_forcing: tuple[float, float] = (1.0, 0.0)  # seq2seq ratio, first -> last epoch
+    seq2seq_origin_stride: int = 4  # seq2seq trains from every k-th origin (decoding is costly)
     bidirectional: bool = False
     calendar: bool = True
     base: Literal["auto", "daily", "weekly"] = "auto"
@@ -78,7 +80,9 @@ class TrainResult:
     metrics: dict[str, dict[str, float | None]]  # model and baselines -> mase, smape, coverage
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
-    train_end: int = 0  # grid index where validation starts
+    train_end: int = 0  # grid index where the early-stopping tail starts
+    test_start: int = 0  # grid index where the held-out test tail starts
+    test_steps: int = 0
     window: int = 168
     seconds: float = 0.0
     points_per_s: float = 0.0
@@ -93,7 +97,11 @@ def trained_model(result: TrainResult) -> TrainedModel:
         names=result.names,
         nonnegative=result.nonnegative,
         window=result.window,
-        meta={"metrics": result.metrics, "best_epoch": result.best_epoch, "history": result.history},
+        meta={
+            "metrics": result.metrics,
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+        },
     )
 
 
@@ -145,17 +153,33 @@ def forward_window(
     *,
     targets: Tensor | None = None,
     teacher_ratio: float = 0.0,
+    origin_stride: int = 1,
 ) -> tuple[Tensor, Any, Tensor]:
     """Run the model over grid steps lo..hi-1 from `state`. Returns (predictions (S, T', H, Q),
-    state after hi-1, origin indices (T',)). All inputs are on the model's device."""
+    state after hi-1, origin indices (T',)). All inputs are on the model's device.
+
+    origin_stride > 1 decodes seq2seq from every k-th step only (ending at the last)."""
     device = scaled.device
     x = F.step_inputs(spec, scaled, start, lo, hi).to(device)
     hx = F.head_inputs(spec, scaled, start, F.origins(lo, hi)).to(device)
+    origins = torch.arange(lo, hi)
     if isinstance(model, Seq2SeqForecaster):
-        pred, state = model(x, hx, state, targets=targets, teacher_ratio=teacher_ratio)
+        at = None
+        if origin_stride > 1 and not model.last_origin_only:
+            at = torch.arange(hi - lo - 1, -1, -origin_stride).flip(0)
+            origins = origins[at]
+        pred, state = model(
+            x,
+            hx,
+            state,
+            targets=targets,
+            teacher_ratio=teacher_ratio,
+            at=None if at is None else at.to(x.device),
+        )
+        if model.last_origin_only:
+            origins = torch.tensor([hi - 1])
     else:
         pred, state = model(x, hx, state)
-    origins = torch.arange(lo, hi) if pred.shape[1] == hi - lo else torch.tensor([hi - 1])
     return pred, state, origins
 
 
@@ -237,12 +261,17 @@ def train(
     )
     window = config.window or spec0.season_week
     val_steps = config.val_steps if config.val_steps is not None else 4 * spec0.season_week
+    stop_steps = config.stop_steps if config.stop_steps is not None else 2 * spec0.season_week
     n = panel.n_steps
-    train_end = n - val_steps
+    # [0, train_end) trains; [train_end, test_start) picks the epoch (early stopping);
+    # [test_start, n) is scored once at the end, so the reported accuracy is honest.
+    test_start = n - val_steps
+    train_end = test_start - stop_steps
     if train_end < 2 * window:
         raise ValueError(
-            f"{n} steps leave {train_end} for training after a {val_steps}-step validation tail; "
-            f"need at least two windows of {window}. Ingest more history or lower val_steps/window."
+            f"{n} steps leave {train_end} for training after a {stop_steps}-step early-stopping "
+            f"tail and a {val_steps}-step test tail; need at least two windows of {window}. "
+            "Ingest more history or lower val_steps/stop_steps/window."
         )
     scalers = Scalers.fit(panel.values[:, :train_end])
     scaled_cpu = scalers.transform(panel.values)
@@ -277,7 +306,7 @@ def train(
 
     best = (math.inf, 0, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     history: list[dict[str, float]] = []
-    stale, points, t0 = 0, 0, time.perf_counter()
+    stale, points, train_seconds, t0 = 0, 0, 0.0, time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
         ratio = _teacher_ratio(config, epoch)
@@ -292,7 +321,16 @@ def train(
                 continue
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 pred, state, origins = forward_window(
-                    model, spec, scaled, panel.start, a, b, state, targets=y, teacher_ratio=ratio
+                    model,
+                    spec,
+                    scaled,
+                    panel.start,
+                    a,
+                    b,
+                    state,
+                    targets=y,
+                    teacher_ratio=ratio,
+                    origin_stride=config.seq2seq_origin_stride,
                 )
             state = detach(state)  # truncated BPTT: the graph ends at the window edge
             y = y[:, origins - a]
@@ -309,7 +347,8 @@ def train(
                     Progress(epoch + 1, config.epochs, k + 1, len(windows), losses[-1], rate)
                 )
         points += points_epoch
-        val = _val_loss(model, spec, scaled, panel.start, window, train_end, q)
+        train_seconds += time.perf_counter() - t_epoch
+        val = _val_loss(model, spec, scaled, panel.start, window, train_end, test_start, q)
         history.append(
             {
                 "epoch": epoch + 1,
@@ -345,7 +384,9 @@ def train(
     model.load_state_dict(best[2])
     model = model.cpu().eval()
     nonnegative = bool(torch.nan_to_num(panel.values[:, :train_end], nan=0.0).min() >= 0)
-    metrics = evaluate(model, spec, panel, scalers, config.quantiles, window, train_end, nonnegative)
+    metrics = evaluate(
+        model, spec, panel, scalers, config.quantiles, window, test_start, nonnegative
+    )
     return TrainResult(
         model=model,
         model_config=model_config,
@@ -357,9 +398,11 @@ def train(
         history=history,
         best_epoch=best[1],
         train_end=train_end,
+        test_start=test_start,
+        test_steps=n - test_start,
         window=window,
         seconds=seconds,
-        points_per_s=points / max(seconds, 1e-9),
+        points_per_s=points / max(train_seconds, 1e-9),  # training windows only
     )
 
 
@@ -377,9 +420,12 @@ def _val_loss(
     scaled: Tensor,
     start: int,
     window: int,
-    val_start: int,
+    lo: int,
+    hi: int,
     q: Tensor,
 ) -> float:
-    origins, pred = replay(model, spec, scaled, start, window, val_start - 1)
-    actual = F.targets(spec, scaled.cpu(), origins)
-    return float(ev.pinball_loss(pred, actual, q.cpu()))
+    """Pinball loss of the forecasts from origins lo-1.. whose targets lie in [lo, hi)."""
+    origins, pred = replay(model, spec, scaled, start, window, lo - 1)
+    keep = origins < hi - 1
+    actual = F.targets(spec, scaled.cpu(), origins[keep], limit=hi)
+    return float(ev.pinball_loss(pred[:, keep], actual, q.cpu()))

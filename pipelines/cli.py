@@ -287,7 +287,7 @@ def train_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     hidden: Annotated[int | None, typer.Option(help="hidden units")] = None,
     window: Annotated[int | None, typer.Option(help="TBPTT window in steps")] = None,
-    val_steps: Annotated[int | None, typer.Option(help="held-out tail in steps")] = None,
+    val_steps: Annotated[int | None, typer.Option(help="held-out test tail in steps")] = None,
     bidirectional: Annotated[bool | None, typer.Option(help="seq2seq: within-window backward encoder")] = None,
 ) -> None:
     """Train one global model over the stored series and register it."""
@@ -309,6 +309,7 @@ def train_cmd(
             "lr": t.lr,
             "patience": t.patience,
             "val_steps": val_steps or t.val_steps,
+            "stop_steps": t.stop_steps,
             "bidirectional": t.bidirectional if bidirectional is None else bidirectional,
             "seed": t.seed,
             "device": device or settings.device,
@@ -334,8 +335,9 @@ def train_cmd(
         r = version.result
         out.print(
             f"trained {config.kind} in {r.seconds:.0f} s ({r.points_per_s:,.0f} points/s), best epoch "
-            f"{r.best_epoch}; validation on the last {r.spec.season_week * 4 if config.val_steps is None else config.val_steps} "
-            f"steps of {len(r.names)} series, base = {r.spec.base} seasonal naive",
+            f"{r.best_epoch} (chosen on the {r.test_start - r.train_end} steps before the test tail); "
+            f"tested on the last {r.test_steps} steps of {len(r.names)} series, which no choice saw; "
+            f"residual on the {r.spec.base} seasonal naive",
             highlight=False,
         )
         out.print(_accuracy_table(r.metrics, config.kind))
@@ -348,7 +350,8 @@ def _accuracy_table(metrics: dict[str, dict[str, float | None]], kind: str) -> T
     for name, m in metrics.items():
         label = kind if name == "model" else name.replace("_", " ")
         cov = "-" if m["coverage"] is None else f"{m['coverage']:.1%}"
-        table.add_row(label, f"{m['mase']:.3f}", f"{m['smape']:.1f}", cov, f"{m['mase'] / best_naive - 1:+.1%}")
+        gain = f"{m['mase'] / best_naive - 1:+.1%}" if best_naive > 0 else "-"
+        table.add_row(label, f"{m['mase']:.3f}", f"{m['smape']:.1f}", cov, gain)
     return table
 
 

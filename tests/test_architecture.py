@@ -85,3 +85,13 @@ def test_store_formats_no_values_into_sql():
                 assert not (
                     isinstance(arg, ast.Call) and getattr(arg.func, "attr", None) == "format"
                 ), f".format SQL at line {node.lineno}"
+
+
+@pytest.mark.parametrize("path", _modules("forecaster/models"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_models_import_only_torch_and_their_own_config(path):
+    allowed = {"__future__", "torch", "dataclasses", "typing", "math", "forecaster"}
+    names = _imports(path)
+    assert _top(names) <= allowed, names
+    assert {n for n in names if n.startswith("forecaster")} <= {
+        "forecaster.models", "forecaster.models.config", "forecaster.models.recurrent", "forecaster.models.seq2seq"
+    }

@@ -21,31 +21,38 @@ _CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn
 
 
 class QuantileHead(nn.Module):
-    """(hidden per origin, features per origin and step) -> quantiles per origin and step."""
+    """(hidden per origin, features per origin and step) -> quantiles per origin and step.
+
+    A one-hidden-layer MLP on [context, step features, step embedding], with its first layer
+    split by input: the context part is computed once per origin, not once per horizon step,
+    which makes the head H times cheaper than concatenating first (same function)."""
 
     def __init__(self, config: ModelConfig, n_context: int) -> None:
         super().__init__()
         self.config = config
-        self.step_embedding = nn.Embedding(config.horizon, 8)
-        self.mlp = nn.Sequential(
-            nn.Linear(n_context + config.n_head_features + 8, config.head_hidden),
-            nn.GELU(),
-            nn.Linear(config.head_hidden, len(config.quantiles)),
-        )
+        self.context_proj = nn.Linear(n_context, config.head_hidden)
+        self.feature_proj = nn.Linear(config.n_head_features, config.head_hidden, bias=False)
+        self.step_embedding = nn.Embedding(config.horizon, config.head_hidden)
+        self.act = nn.GELU()
+        self.out = nn.Linear(config.head_hidden, len(config.quantiles))
         # Zero output at the start: the forecast begins as the seasonal naive base.
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, context: Tensor, head_x: Tensor) -> Tensor:
         """context (B, T, C), head_x (B, T, H, K) -> (B, T, H, Q), quantiles sorted."""
-        b, t, h, _ = head_x.shape
-        steps = self.step_embedding.weight[:h].expand(b, t, h, -1)  # (B, T, H, 8)
-        z = torch.cat([context.unsqueeze(2).expand(b, t, h, -1), head_x, steps], dim=-1)
-        out = self.mlp(z)  # (B, T, H, Q)
+        h = head_x.shape[2]
+        z = (
+            self.context_proj(context).unsqueeze(2)  # (B, T, 1, D)
+            + self.feature_proj(head_x)  # (B, T, H, D)
+            + self.step_embedding.weight[:h]  # (H, D)
+        )
+        out = self.out(self.act(z))  # (B, T, H, Q)
         if self.config.base_feature is not None:
             out = out + head_x[..., self.config.base_feature].unsqueeze(-1)
-        # Sorting keeps the quantiles from crossing; it is differentiable almost everywhere.
-        return out.sort(dim=-1).values
+        # Served quantiles never cross. Training leaves them unsorted: the pinball loss
+        # needs no sort, and the sort's backward costs as much as the rest of the head.
+        return out if self.training else out.sort(dim=-1).values
 
 
 class RecurrentForecaster(nn.Module):

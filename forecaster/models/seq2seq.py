@@ -65,11 +65,13 @@ class Seq2SeqForecaster(nn.Module):
         *,
         targets: Tensor | None = None,
         teacher_ratio: float = 0.0,
+        at: Tensor | None = None,
     ) -> tuple[Tensor, State]:
-        """x (B, T, F); head_x (B, T, H, K); targets (B, T, H) scaled, NaN where unknown.
+        """x (B, T, F); head_x (B, T, H, K); targets (B, T, H) scaled, NaN where unknown;
+        at (T',) the steps of the window to decode from (default: all).
 
-        Returns (B, T', H, Q) with T' = T (every step an origin) or 1 (bidirectional: the
-        last step), and the encoder state after the window."""
+        Returns (B, T', H, Q) with T' = len(at), or 1 when bidirectional (the last step),
+        and the encoder state after the window."""
         cfg = self.config
         assert x.dim() == 3 and x.shape[-1] == cfg.n_inputs, (
             f"x must be (B, T, {cfg.n_inputs}), got {tuple(x.shape)}"
@@ -86,6 +88,9 @@ class Seq2SeqForecaster(nn.Module):
             targets = targets[:, -1:] if targets is not None else None
         else:
             context = out
+            if at is not None:  # decoding is the costly part: training may sample origins
+                context, head_x, prev = context[:, at], head_x[:, at], prev[:, at]
+                targets = targets[:, at] if targets is not None else None
         return self._decode(context, head_x, prev, targets, teacher_ratio), state
 
     def _decode(
@@ -110,7 +115,7 @@ class Seq2SeqForecaster(nn.Module):
             q = self.out(torch.cat([h, hx[:, step]], dim=-1))  # (N, Q)
             if self.config.base_feature is not None:
                 q = q + hx[:, step, self.config.base_feature : self.config.base_feature + 1]
-            q = q.sort(dim=-1).values
+            q = q if self.training else q.sort(dim=-1).values  # as in QuantileHead
             outs.append(q)
             y_prev = q[:, mid : mid + 1].detach()
             if targets is not None and teacher_ratio > 0:
