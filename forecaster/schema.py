@@ -170,3 +170,50 @@ model_versions = sa.Table(
         postgresql_where=sa.text("stage = 'champion'"),
     ),
 )
+
+# -- rolling prediction -----------------------------------------------------------------------
+
+# A model's hidden state per series after absorbing every point up to state_ts: raw float32
+# bytes of `shape` (C order). Committed with the forecasts made from it, so a replay can
+# never advance a state twice and a restart resumes exactly.
+series_states = sa.Table(
+    "series_states",
+    metadata,
+    sa.Column("model_version_id", sa.Integer, sa.ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("state", sa.LargeBinary, nullable=False),
+    sa.Column("shape", sa.JSON, nullable=False),
+    sa.Column("state_ts", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The state at each window edge for the last K windows (late data restores one of these).
+state_snapshots = sa.Table(
+    "state_snapshots",
+    metadata,
+    sa.Column("model_version_id", sa.Integer, sa.ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("window_id", sa.BigInteger, primary_key=True),  # the state after this window's last point
+    sa.Column("state", sa.LargeBinary, nullable=False),
+    sa.Column("shape", sa.JSON, nullable=False),
+    sa.Column("state_ts", UTCDateTime, nullable=False),
+)
+
+forecasts = sa.Table(
+    "forecasts",
+    metadata,
+    sa.Column("series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
+    # "v<id>" for a registered model, "seasonal_naive_daily" / "_weekly" for the baselines
+    # forecast beside it, so MASE is always at hand.
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("origin_ts", UTCDateTime, primary_key=True),  # the last observed point used
+    sa.Column("horizon_step", sa.Integer, primary_key=True),
+    sa.Column("model_version_id", sa.Integer, sa.ForeignKey("model_versions.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("target_ts", UTCDateTime, nullable=False, index=True),
+    sa.Column("yhat", sa.Float, nullable=False),
+    sa.Column("yhat_lower", sa.Float, nullable=True),
+    sa.Column("yhat_upper", sa.Float, nullable=True),
+    sa.Column("interval_level", sa.Float, nullable=True),  # 0.8 for the 10-90% band
+    sa.Column("superseded", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)

@@ -497,7 +497,6 @@ class Store:
             orient="row",
         )
 
-
     # -- model registry ------------------------------------------------------------------
 
     def register_model_version(
@@ -604,6 +603,145 @@ class Store:
         mv = s.model_versions
         if conn.execute(sa.select(mv.c.id).where(mv.c.id == version_id)).first() is None:
             raise UnknownModelVersionError(version_id)
+
+    # -- rolling prediction --------------------------------------------------------------
+
+    def prediction_targets(self) -> list[dict[str, Any]]:
+        """Every series with its id, name, frequency, window and watermark (None if empty)."""
+        se, w = s.series, s.watermarks
+        q = (
+            sa.select(
+                se.c.id,
+                se.c.name,
+                se.c.freq_seconds,
+                se.c.window_seconds,
+                w.c.ts.label("watermark"),
+            )
+            .select_from(se.outerjoin(w, w.c.series_id == se.c.id))
+            .order_by(se.c.name)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def load_states(
+        self, version_id: int, series_ids: Sequence[int]
+    ) -> dict[int, tuple[bytes, list[int], datetime]]:
+        """series_id -> (state bytes, shape, state_ts) for the given model version."""
+        st = s.series_states
+        out: dict[int, tuple[bytes, list[int], datetime]] = {}
+        ids = sorted(set(series_ids))
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 500):
+                q = sa.select(st.c.series_id, st.c.state, st.c.shape, st.c.state_ts).where(
+                    st.c.model_version_id == version_id, st.c.series_id.in_(ids[i : i + 500])
+                )
+                for sid, state, shape, ts in conn.execute(q):
+                    out[sid] = (bytes(state), list(shape), ts)
+        return out
+
+    def recent_values(self, series_ids: Sequence[int], since: datetime) -> pl.DataFrame:
+        """series_id, ts, value (NULL unless observed or filled) of points at or after `since`."""
+        o = s.observations
+        rows: list[Any] = []
+        ids = sorted(set(series_ids))
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 500):
+                q = sa.select(o.c.series_id, o.c.ts, o.c.value).where(
+                    o.c.series_id.in_(ids[i : i + 500]), o.c.ts >= since
+                )
+                rows.extend(conn.execute(q))
+        return pl.DataFrame(
+            rows, schema={"series_id": pl.Int64, "ts": TS_DTYPE, "value": pl.Float64}, orient="row"
+        )
+
+    def save_prediction(
+        self,
+        conn: Connection,
+        *,
+        version_id: int,
+        states: Sequence[Mapping[str, Any]],
+        snapshots: Sequence[Mapping[str, Any]],
+        forecasts: Sequence[Mapping[str, Any]],
+        keep_snapshots: int,
+    ) -> int:
+        """Forecasts, the states they came from and window-edge snapshots, in the caller's
+        transaction. A forecast already stored (same series, model, origin, step) is kept as
+        it is. Returns the number of forecast rows written."""
+        now = datetime.now(UTC)
+        if states:
+            stmt = self._insert(s.series_states)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["model_version_id", "series_id"],
+                set_={k: stmt.excluded[k] for k in ("state", "shape", "state_ts", "updated_at")},
+            )
+            conn.execute(
+                stmt, [{**r, "model_version_id": version_id, "updated_at": now} for r in states]
+            )
+        if snapshots:
+            stmt = self._insert(s.state_snapshots)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["model_version_id", "series_id", "window_id"],
+                set_={k: stmt.excluded[k] for k in ("state", "shape", "state_ts")},
+            )
+            conn.execute(stmt, [{**r, "model_version_id": version_id} for r in snapshots])
+            newest = max(r["window_id"] for r in snapshots)
+            sn = s.state_snapshots
+            conn.execute(
+                sa.delete(sn).where(
+                    sn.c.model_version_id == version_id,
+                    sn.c.series_id.in_(sorted({r["series_id"] for r in snapshots})),
+                    sn.c.window_id <= newest - keep_snapshots,
+                )
+            )
+        if not forecasts:
+            return 0
+        stmt = (
+            self._insert(s.forecasts)
+            .on_conflict_do_nothing(
+                index_elements=["series_id", "model", "origin_ts", "horizon_step"]
+            )
+            .returning(s.forecasts.c.series_id)
+        )
+        rows = [{**r, "superseded": False, "created_at": now} for r in forecasts]
+        return len(conn.execute(stmt, rows).all())
+
+    def latest_forecasts(self, series_name: str) -> list[dict[str, Any]]:
+        """Rows of the latest_forecasts view for one series, by model and target time."""
+        view = sa.table(
+            "latest_forecasts",
+            *(
+                sa.column(c)
+                for c in (
+                    "series",
+                    "model",
+                    "origin_ts",
+                    "target_ts",
+                    "horizon_step",
+                    "yhat",
+                    "yhat_lower",
+                    "yhat_upper",
+                    "interval_level",
+                )
+            ),
+        )
+        q = (
+            sa.select(view)
+            .where(view.c.series == series_name)
+            .order_by(view.c.model, view.c.target_ts)
+        )
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        for r in rows:  # untyped view columns: SQLite hands back text
+            for k in ("origin_ts", "target_ts"):
+                if isinstance(r[k], str):
+                    r[k] = _utc(datetime.fromisoformat(r[k]))
+                elif isinstance(r[k], datetime):
+                    r[k] = _utc(r[k])
+        return rows
+
+    def count_forecasts(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(s.forecasts)).scalar_one()
 
 
 _OBS_KEYS = ("series_id", "ts", "value", "quality", "window_id")

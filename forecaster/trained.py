@@ -11,9 +11,14 @@ from typing import Any
 from torch import nn
 
 from forecaster.checkpoints import Checkpoint
+from forecaster.errors import CheckpointError
 from forecaster.features import FeatureSpec
 from forecaster.models import ModelConfig, build_model
 from forecaster.panel import Scalers
+
+# Bumped whenever the networks' parameters or the features change meaning: a checkpoint
+# from another architecture is refused with a message, not loaded into the wrong shapes.
+ARCHITECTURE = 2
 
 
 @dataclass
@@ -34,6 +39,7 @@ class TrainedModel:
             "names": list(self.names),
             "nonnegative": self.nonnegative,
             "window": self.window,
+            "architecture": ARCHITECTURE,
         }
         return Checkpoint(
             kind=self.model_config.kind,
@@ -45,10 +51,17 @@ class TrainedModel:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> TrainedModel:
+        meta = dict(ckpt.meta)
+        arch = meta.pop("architecture", 1)
+        if arch != ARCHITECTURE:
+            raise CheckpointError(
+                f"of a {ckpt.kind} model",
+                f"it holds architecture {arch}, this code runs architecture {ARCHITECTURE}; "
+                "retrain with `forecaster train`",
+            )
         config = ModelConfig.from_dict(ckpt.config)
         model = build_model(config)
         model.load_state_dict(ckpt.state_dict)
-        meta = dict(ckpt.meta)
         spec = FeatureSpec(**meta.pop("spec"))
         names = list(meta.pop("names"))
         return cls(

@@ -281,14 +281,22 @@ app.add_typer(models_app, name="models")
 
 @app.command("train")
 def train_cmd(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="lstm, gru, rnn or seq2seq")] = None,
-    series: Annotated[list[str] | None, typer.Option("--series", help="only these series (repeatable)")] = None,
-    epochs: Annotated[int | None, typer.Option(help="most epochs (early stopping may end sooner)")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="lstm, gru, rnn or seq2seq")
+    ] = None,
+    series: Annotated[
+        list[str] | None, typer.Option("--series", help="only these series (repeatable)")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="most epochs (early stopping may end sooner)")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     hidden: Annotated[int | None, typer.Option(help="hidden units")] = None,
     window: Annotated[int | None, typer.Option(help="TBPTT window in steps")] = None,
     val_steps: Annotated[int | None, typer.Option(help="held-out test tail in steps")] = None,
-    bidirectional: Annotated[bool | None, typer.Option(help="seq2seq: within-window backward encoder")] = None,
+    bidirectional: Annotated[
+        bool | None, typer.Option(help="seq2seq: within-window backward encoder")
+    ] = None,
 ) -> None:
     """Train one global model over the stored series and register it."""
     from forecaster.training import TrainConfig
@@ -315,7 +323,9 @@ def train_cmd(
             "device": device or settings.device,
         }
         if chosen["kind"] not in ("lstm", "gru", "rnn", "seq2seq"):
-            raise ConfigError("--model", f"unknown model {chosen['kind']!r}", "Use lstm, gru, rnn or seq2seq.")
+            raise ConfigError(
+                "--model", f"unknown model {chosen['kind']!r}", "Use lstm, gru, rnn or seq2seq."
+            )
         config = TrainConfig(**chosen)
         with _store(settings) as store, _progress() as progress:
             task = progress.add_task("train", total=config.epochs)
@@ -330,7 +340,11 @@ def train_cmd(
                 )
 
             version = run_training(
-                store, config, checkpoint_dir=settings.checkpoint_dir, series=series, on_progress=on_progress
+                store,
+                config,
+                checkpoint_dir=settings.checkpoint_dir,
+                series=series,
+                on_progress=on_progress,
             )
         r = version.result
         out.print(
@@ -341,7 +355,10 @@ def train_cmd(
             highlight=False,
         )
         out.print(_accuracy_table(r.metrics, config.kind))
-        out.print(f"registered model version {version.version_id} as {version.stage}: {version.uri}", highlight=False)
+        out.print(
+            f"registered model version {version.version_id} as {version.stage}: {version.uri}",
+            highlight=False,
+        )
 
 
 def _accuracy_table(metrics: dict[str, dict[str, float | None]], kind: str) -> Table:
@@ -361,14 +378,78 @@ def models_list(kind: Annotated[str | None, typer.Option(help="only this kind")]
     with _errors():
         with _store(_settings()) as store:
             rows = store.list_model_versions(kind)
-        table = Table("version", "kind", "stage", "trained to", "val MASE", "naive MASE", "created", "sha256")
+        table = Table(
+            "version", "kind", "stage", "trained to", "val MASE", "naive MASE", "created", "sha256"
+        )
         for r in rows:
             m = r["metrics"] or {}
             naive = [v["mase"] for k, v in m.items() if k.startswith("seasonal_naive")]
             table.add_row(
-                str(r["id"]), r["kind"], r["stage"], _ts(r["trained_to"]),
+                str(r["id"]),
+                r["kind"],
+                r["stage"],
+                _ts(r["trained_to"]),
                 f"{m['model']['mase']:.3f}" if "model" in m else "-",
                 f"{min(naive):.3f}" if naive else "-",
-                _ts(r["created_at"]), r["sha256"][:12],
+                _ts(r["created_at"]),
+                r["sha256"][:12],
             )
         out.print(table)
+
+
+# -- rolling prediction -------------------------------------------------------------------
+
+forecasts_app = typer.Typer(help="Stored forecasts.", no_args_is_help=True)
+app.add_typer(forecasts_app, name="forecasts")
+
+
+@app.command("predict")
+def predict_cmd(
+    once: Annotated[
+        bool, typer.Option("--once", help="one pass over the series with new points")
+    ] = True,
+) -> None:
+    """Advance each series' saved state over its new points and forecast (champion model)."""
+    from pipelines.predict import run_predict
+
+    with _errors():
+        settings = _settings()
+        with _store(settings) as store:
+            summary = run_predict(store)
+        out.print(summary.line(), highlight=False)
+
+
+@forecasts_app.command("show")
+def forecasts_show(series: Annotated[str, typer.Argument(help="series name")]) -> None:
+    """The latest forecast of a series for each model, from the latest_forecasts view."""
+    from forecaster.errors import UnknownSeriesError
+
+    with _errors():
+        with _store(_settings()) as store:
+            if series not in {r["name"] for r in store.list_series()}:
+                raise UnknownSeriesError(series)
+            rows = store.latest_forecasts(series)
+        table = Table("model", "origin", "target", "step", "yhat", "lower", "upper")
+        for r in rows:
+            table.add_row(
+                r["model"],
+                _ts(r["origin_ts"]),
+                _ts(r["target_ts"]),
+                str(r["horizon_step"]),
+                f"{r['yhat']:.2f}",
+                "-" if r["yhat_lower"] is None else f"{r['yhat_lower']:.2f}",
+                "-" if r["yhat_upper"] is None else f"{r['yhat_upper']:.2f}",
+            )
+        out.print(table)
+        if not rows:
+            out.print("no forecasts yet: run `forecaster predict`")
+
+
+@models_app.command("promote")
+def models_promote(version: Annotated[int, typer.Argument(help="model version id")]) -> None:
+    """Make a version the champion (the current one is retired), atomically."""
+    with _errors():
+        with _store(_settings()) as store:
+            with store.begin() as conn:
+                store.promote(conn, version)
+        out.print(f"model version {version} is the champion")

@@ -1,0 +1,104 @@
+"""Rolling prediction from saved state: advance over the new points only, then forecast.
+
+A series' state after absorbing every point up to state_ts is stored as raw float32 bytes.
+When points arrive, the state is loaded, advanced over just those points (O(new points), not
+O(lookback): the network never re-reads history; the head looks up a few seasonal values
+per horizon step), and the forecast is read from the last step. A series with no state yet,
+or a new model version, is warmed up from a bounded stretch of history instead (the model's
+memory is about a week, DESIGN.md decision 16, so a few weeks rebuild the state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from forecaster import features as F
+from forecaster.trained import TrainedModel
+from forecaster.training import forward_window
+
+
+def state_to_rows(state: Any) -> tuple[list[bytes], list[int]]:
+    """A batched state ((layers, B, hidden) or a tuple of them) -> per-series bytes and the
+    shape of one series' array (parts, layers, hidden)."""
+    parts = state if isinstance(state, tuple) else (state,)
+    stacked = torch.stack([p.detach().float().cpu() for p in parts])  # (P, L, B, H)
+    per_series = stacked.permute(2, 0, 1, 3).contiguous().numpy()  # (B, P, L, H)
+    return [row.tobytes() for row in per_series], list(per_series.shape[1:])
+
+
+def state_from_rows(rows: list[bytes], shape: list[int], kind: str) -> Any:
+    """Inverse of state_to_rows for a batch of series (same shape)."""
+    arr = np.stack(
+        [np.frombuffer(r, dtype=np.float32).reshape(shape) for r in rows]
+    )  # (B, P, L, H)
+    stacked = torch.from_numpy(arr.copy()).permute(1, 2, 0, 3).contiguous()  # (P, L, B, H)
+    if kind in ("lstm", "seq2seq"):
+        assert stacked.shape[0] == 2, f"an {kind} state has h and c, got {stacked.shape[0]} parts"
+        return (stacked[0], stacked[1])
+    return stacked[0]
+
+
+@dataclass
+class Advanced:
+    quantiles: Tensor  # (S, H, Q) forecast from the last step, in the series' units
+    state: Any  # batched state after the last step
+    edge_states: list[tuple[int, Any]]  # (grid index of a window's last step, state there)
+
+
+@torch.no_grad()
+def advance(
+    trained: TrainedModel,
+    values: Tensor,
+    start: int,
+    lo: int,
+    hi: int,
+    state: Any,
+    *,
+    window_steps: int,
+    scaler_rows: Tensor,
+) -> Advanced:
+    """Advance `state` over grid steps lo..hi-1 of `values` (S, N), raw units, NaN = missing,
+    grid index 0 at epoch `start`. scaler_rows (S,) picks each row's scaler. Splits at window
+    edges (epoch-aligned, window_steps long) to return the state at each edge crossed."""
+    assert hi > lo, "nothing to advance over"
+    assert not getattr(trained.model, "last_origin_only", False), (
+        "a bidirectional seq2seq re-reads its window at each forecast; rolling prediction "
+        "from saved state supports the other kinds"
+    )
+    center, scale = trained.scalers.center[scaler_rows], trained.scalers.scale[scaler_rows]
+    scaled = (values - center.unsqueeze(1)) / scale.unsqueeze(1)
+    step_s = trained.spec.freq_seconds
+    edges = []
+    a = lo
+    while a < hi:
+        # The next window edge after step a: steps whose epoch+1 step is a multiple of the window.
+        epoch_a = start + a * step_s
+        to_edge = window_steps - ((epoch_a // step_s) % window_steps)
+        b = min(hi, a + to_edge)
+        pred, state, _ = forward_window(trained.model, trained.spec, scaled, start, a, b, state)
+        if b == a + to_edge:
+            edges.append((b - 1, _clone(state)))
+        a = b
+    q = pred[:, -1].float() * scale.view(-1, 1, 1) + center.view(-1, 1, 1)  # (S, H, Q)
+    if trained.nonnegative:
+        q = q.clamp_min(0.0)
+    return Advanced(quantiles=q, state=state, edge_states=edges)
+
+
+def _clone(state: Any) -> Any:
+    return tuple(s.clone() for s in state) if isinstance(state, tuple) else state.clone()
+
+
+def seasonal_naive_at(spec: F.FeatureSpec, values: Tensor, origin: int, season: str) -> Tensor:
+    """The seasonal-naive forecast (S, H) from grid index `origin`, raw units."""
+    return F.seasonal_naive(spec, values, torch.tensor([origin]), season)[:, 0]  # type: ignore[arg-type]
+
+
+def history_steps(spec: F.FeatureSpec) -> int:
+    """How far before the first new step the head's seasonal lags reach (in steps)."""
+    return 3 * spec.season_week + spec.horizon

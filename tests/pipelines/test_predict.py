@@ -1,0 +1,264 @@
+"""Rolling prediction from saved state, against the store on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+import torch
+
+from forecaster import schema
+from forecaster.checkpoints import save_checkpoint
+from forecaster.config import SeriesDefaults
+from forecaster.panel import Panel
+from forecaster.store import Store
+from forecaster.training import TrainConfig, forward_window, train, trained_model
+from pipelines import predict as predict_job
+from pipelines.ingest import ingest_batch
+from pipelines.predict import run_predict
+from pipelines.sources.base import Batch, raw_frame
+
+START = datetime(2024, 1, 1, tzinfo=UTC)
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
+DAYS = 40
+WARMUP = 72
+
+
+def _values() -> dict[str, list[float]]:
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for s in range(2):
+        t = torch.arange(DAYS * 24, dtype=torch.float32)
+        v = 20 + 8 * torch.sin(2 * math.pi * t / 24 + s) + torch.randn(t.numel(), generator=g)
+        out[f"sine.{s}"] = v.tolist()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model trained on the first 5 weeks (a module-wide fixture: training is the slow part)."""
+    vals = _values()
+    names = sorted(vals)
+    panel = Panel(
+        names=names,
+        start=int(START.timestamp()),
+        freq_seconds=3600,
+        values=torch.tensor([vals[n][: 35 * 24] for n in names]),
+    )
+    result = train(
+        panel, TrainConfig(kind="gru", hidden=8, epochs=2, val_steps=168, stop_steps=168)
+    )
+    uri, sha = save_checkpoint(
+        trained_model(result).to_checkpoint(), tmp_path_factory.mktemp("ckpt")
+    )
+    return result, uri, sha
+
+
+def _ingest_days(store: Store, first: int, last: int) -> None:
+    vals = _values()
+    series, ts, value = [], [], []
+    for name, v in vals.items():
+        for h in range(first * 24, last * 24):
+            series.append(name)
+            ts.append((START + timedelta(hours=h)).isoformat())
+            value.append(str(v[h]))
+    ingest_batch(
+        store, "t", Batch(raw_frame(series, ts, value, "t"), {"day": last}), SeriesDefaults(), NOW
+    )
+
+
+def _setup(db_url, trained) -> Store:
+    _, uri, sha = trained
+    store = Store(db_url)
+    store.upgrade()
+    with store.begin() as conn:
+        store.register_model_version(
+            conn,
+            kind="gru",
+            config={},
+            uri=uri,
+            sha256=sha,
+            trained_from=None,
+            trained_to=None,
+            metrics={},
+            stage="champion",
+        )
+    return store
+
+
+def _forecasts(store: Store) -> list[tuple]:
+    f = schema.forecasts
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                f.c.series_id,
+                f.c.model,
+                f.c.origin_ts,
+                f.c.horizon_step,
+                f.c.target_ts,
+                f.c.yhat,
+                f.c.yhat_lower,
+                f.c.yhat_upper,
+                f.c.interval_level,
+                f.c.superseded,
+            ).order_by(f.c.series_id, f.c.model, f.c.origin_ts, f.c.horizon_step)
+        ).all()
+    return [tuple(r) for r in rows]
+
+
+def _states(store: Store) -> list[tuple]:
+    st, sn = schema.series_states, schema.state_snapshots
+    with store.engine.connect() as conn:
+        a = conn.execute(
+            sa.select(st.c.model_version_id, st.c.series_id, st.c.state, st.c.state_ts).order_by(
+                st.c.series_id
+            )
+        ).all()
+        b = conn.execute(
+            sa.select(sn.c.series_id, sn.c.window_id, sn.c.state).order_by(
+                sn.c.series_id, sn.c.window_id
+            )
+        ).all()
+    return [tuple(r) for r in a] + [tuple(r) for r in b]
+
+
+def test_window_by_window_through_the_store_equals_one_pass(db_url, trained):
+    result, _, _ = trained
+    store = _setup(db_url, trained)
+    _ingest_days(store, 0, 30)
+    first = run_predict(store, warmup_steps=WARMUP)
+    assert first.series_advanced == 2 and first.points_absorbed == 2 * WARMUP
+    for day in range(30, DAYS):
+        _ingest_days(store, day, day + 1)  # one window (a day) arrives
+        s = run_predict(store, warmup_steps=WARMUP)
+        assert s.points_absorbed == 2 * 24  # O(new points): only the day's 24 per series
+    again = run_predict(store, warmup_steps=WARMUP)
+    assert again.forecasts_written == 0 and again.points_absorbed == 0
+
+    # One pass over the whole history from the same warm-up start, carried state.
+    vals = _values()
+    names = sorted(vals)
+    values = torch.tensor([vals[n] for n in names])
+    start = int(START.timestamp())
+    lo = 30 * 24 - WARMUP
+    scaled = result.scalers.transform(values)
+    model = trained_model(result).model
+    with torch.no_grad():
+        pred, _, origins = forward_window(model, result.spec, scaled, start, lo, DAYS * 24, None)
+    pred = result.scalers.inverse(pred)
+    stored = pl.DataFrame(
+        [(r[0], r[2], r[3], r[5]) for r in _forecasts(store) if r[1] == "v1"],
+        schema={"series_id": pl.Int64, "origin": F_TS, "step": pl.Int64, "yhat": pl.Float64},
+        orient="row",
+    )
+    assert stored.height == 2 * 11 * 24  # 11 origins: day 30's end, then one per new day
+    ids = {r["name"]: r["id"] for r in store.prediction_targets()}
+    for row in stored.iter_rows(named=True):
+        s = names.index(next(n for n, i in ids.items() if i == row["series_id"]))
+        t = (int(row["origin"].timestamp()) - start) // 3600
+        want = float(
+            pred[s, t - lo, row["step"] - 1, 1].clamp_min(0)
+            if result.nonnegative
+            else pred[s, t - lo, row["step"] - 1, 1]
+        )
+        assert row["yhat"] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    store.close()
+
+
+F_TS = pl.Datetime("us", "UTC")
+
+
+def test_a_crash_between_any_two_chunks_then_a_restart_equals_an_uninterrupted_run(
+    db_url, trained, monkeypatch, tmp_path
+):
+    reference = _setup(f"sqlite:///{tmp_path / 'ref.db'}", trained)
+    _ingest_days(reference, 0, 31)
+    run_predict(reference, warmup_steps=WARMUP, chunk=1)
+
+    store = _setup(db_url, trained)
+    _ingest_days(store, 0, 31)
+    real = Store.save_prediction
+    calls = {"n": 0}
+
+    def crash_second(self, conn, **kw):
+        calls["n"] += 1
+        written = real(self, conn, **kw)
+        if calls["n"] == 2:
+            raise RuntimeError("killed inside the second chunk's transaction")
+        return written
+
+    monkeypatch.setattr(Store, "save_prediction", crash_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_predict(store, warmup_steps=WARMUP, chunk=1)
+    assert len({r[0] for r in _forecasts(store)}) == 1  # the first chunk committed, the second not
+    monkeypatch.setattr(Store, "save_prediction", real)
+    run_predict(store, warmup_steps=WARMUP, chunk=1)
+    run_predict(store, warmup_steps=WARMUP, chunk=1)  # a double fire changes nothing
+    assert _forecasts(store) == _forecasts(reference)
+    assert _states(store) == _states(reference)
+    store.close()
+    reference.close()
+
+
+def test_views_have_the_same_columns_and_rows_on_both_dialects(db_url, trained, tmp_path):
+    store = _setup(db_url, trained)
+    _ingest_days(store, 0, 31)
+    run_predict(store, warmup_steps=WARMUP)
+    _ingest_days(store, 31, 32)  # actuals for the first forecasts
+    with store.engine.connect() as conn:
+        latest = conn.execute(
+            sa.text("SELECT * FROM latest_forecasts ORDER BY series, model, target_ts")
+        )
+        cols_latest, n_latest = list(latest.keys()), len(latest.all())
+        acc = conn.execute(
+            sa.text(
+                "SELECT series, model, horizon_step, actual, error, abs_error, inside_interval, pinball_loss "
+                "FROM forecast_accuracy ORDER BY series, model, horizon_step"
+            )
+        ).all()
+    assert cols_latest == [
+        "series",
+        "model",
+        "model_version_id",
+        "origin_ts",
+        "target_ts",
+        "horizon_step",
+        "yhat",
+        "yhat_lower",
+        "yhat_upper",
+        "interval_level",
+        "created_at",
+    ]
+    assert n_latest == 2 * 3 * 24
+    assert len(acc) == 2 * 3 * 24
+    for _series, model, _step, _actual, err, abs_err, inside, pinball in acc:
+        assert abs_err == pytest.approx(abs(err))
+        if model == "v1":
+            assert inside in (0, 1) and pinball >= 0
+    # the same numbers on the other dialect: compare against a SQLite twin
+    twin = _setup(f"sqlite:///{tmp_path / 'twin.db'}", trained)
+    _ingest_days(twin, 0, 31)
+    run_predict(twin, warmup_steps=WARMUP)
+    _ingest_days(twin, 31, 32)
+    with twin.engine.connect() as conn:
+        acc_twin = conn.execute(
+            sa.text(
+                "SELECT series, model, horizon_step, actual, error, abs_error, inside_interval, pinball_loss "
+                "FROM forecast_accuracy ORDER BY series, model, horizon_step"
+            )
+        ).all()
+    for a, b in zip(acc, acc_twin, strict=True):
+        assert a[:3] == b[:3] and a[6] == b[6]
+        assert list(a[3:6]) == pytest.approx(list(b[3:6])) and (a[7] is None) == (b[7] is None)
+    store.close()
+    twin.close()
+
+
+def test_no_champion_is_a_clear_error(sqlite_url):
+    store = Store(sqlite_url)
+    store.upgrade()
+    with pytest.raises(predict_job.NoChampionError, match="forecaster train"):
+        run_predict(store)
