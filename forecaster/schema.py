@@ -214,6 +214,41 @@ forecasts = sa.Table(
     sa.Column("yhat_lower", sa.Float, nullable=True),
     sa.Column("yhat_upper", sa.Float, nullable=True),
     sa.Column("interval_level", sa.Float, nullable=True),  # 0.8 for the 10-90% band
+    # The model's own quantiles before the conformal correction (yhat_lower/upper are
+    # calibrated); evaluation scores these to update the correction.
+    sa.Column("raw_lower", sa.Float, nullable=True),
+    sa.Column("raw_upper", sa.Float, nullable=True),
     sa.Column("superseded", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+# Conformal corrections per model and horizon step, from recently scored forecasts: the
+# band served is [raw_lower - q, raw_upper + q], q the (1 - alpha) quantile of how far actuals
+# fell outside the raw band (negative when the raw band is too wide).
+calibration = sa.Table(
+    "calibration",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("horizon_step", sa.Integer, primary_key=True),
+    sa.Column("correction", sa.Float, nullable=False),
+    sa.Column("n_scored", sa.Integer, nullable=False),
+    sa.Column("coverage_raw", sa.Float, nullable=True),  # of the raw band on the same forecasts
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# An actual outside the calibrated band of the newest forecast for its time.
+anomalies = sa.Table(
+    "anomalies",
+    metadata,
+    sa.Column("series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("ts", UTCDateTime, primary_key=True),
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("actual", sa.Float, nullable=False),
+    sa.Column("yhat", sa.Float, nullable=False),
+    sa.Column("yhat_lower", sa.Float, nullable=False),
+    sa.Column("yhat_upper", sa.Float, nullable=False),
+    sa.Column("origin_ts", UTCDateTime, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )

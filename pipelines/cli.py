@@ -453,3 +453,67 @@ def models_promote(version: Annotated[int, typer.Argument(help="model version id
             with store.begin() as conn:
                 store.promote(conn, version)
         out.print(f"model version {version} is the champion")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    once: Annotated[
+        bool, typer.Option("--once", help="one pass over the forecasts with new actuals")
+    ] = True,
+) -> None:
+    """Score forecasts whose actuals arrived, recalibrate the bands, record anomalies."""
+    from pipelines.evaluate import run_evaluate
+
+    with _errors():
+        with _store(_settings()) as store:
+            summary = run_evaluate(store)
+        out.print(summary.line(), highlight=False)
+
+
+@app.command("accuracy")
+def accuracy_cmd(
+    days: Annotated[
+        int, typer.Option(help="score the forecasts of the last N days with actuals")
+    ] = 28,
+) -> None:
+    """Accuracy per model against the seasonal-naive baselines, from forecast_accuracy."""
+    with _errors():
+        with _store(_settings()) as store:
+            rows = store.accuracy_by_model(timedelta(days=days))
+        table = Table(
+            "model", "forecasts scored", "MAE", "MAE vs best naive", "80% band coverage", "pinball"
+        )
+        naive = [r["mae"] for r in rows if r["model"].startswith("seasonal_naive")]
+        best = min(naive) if naive else None
+        for r in rows:
+            rel = f"{r['mae'] / best - 1:+.1%}" if best else "-"
+            cov = "-" if r["coverage"] is None else f"{r['coverage']:.1%}"
+            pin = "-" if r["pinball"] is None else f"{r['pinball']:.3f}"
+            table.add_row(r["model"], str(r["n"]), f"{r['mae']:.3f}", rel, cov, pin)
+        out.print(table)
+        if not rows:
+            out.print(
+                "nothing scored yet: forecasts need their actuals (`forecaster predict`, then ingest)"
+            )
+
+
+@app.command("anomalies")
+def anomalies_cmd(
+    series: Annotated[str | None, typer.Option(help="only this series")] = None,
+    limit: Annotated[int, typer.Option(help="rows to show")] = 20,
+) -> None:
+    """Actuals that left the calibrated forecast band, newest first."""
+    with _errors():
+        with _store(_settings()) as store:
+            rows = store.list_anomalies(series, limit)
+        table = Table("series", "time", "actual", "forecast", "band", "model")
+        for r in rows:
+            table.add_row(
+                r["series"],
+                _ts(r["ts"]),
+                f"{r['actual']:.2f}",
+                f"{r['yhat']:.2f}",
+                f"{r['yhat_lower']:.2f} .. {r['yhat_upper']:.2f}",
+                r["model"],
+            )
+        out.print(table)

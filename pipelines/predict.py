@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import polars as pl
 import structlog
 import torch
@@ -166,7 +167,10 @@ def _predict_chunk(
             {"series_id": sid, "window_id": wid, "state": b, "shape": shape, "state_ts": edge_ts}
             for sid, b in zip(ids, edge_rows, strict=True)
         ]
-    forecasts = _forecast_rows(trained, vid, ids, out.quantiles, values, n - 1, watermark)
+    corrections = store.calibration_for(f"v{vid}")
+    forecasts = _forecast_rows(
+        trained, vid, ids, out.quantiles, values, n - 1, watermark, corrections
+    )
     with store.begin() as conn:
         written = store.save_prediction(
             conn,
@@ -187,48 +191,65 @@ def _forecast_rows(
     values: torch.Tensor,
     origin: int,
     origin_ts: datetime,
+    corrections: dict[int, float],
 ) -> list[dict]:
+    """Rows for the forecasts table. The band served is the raw one widened (or narrowed) by
+    the conformal correction of its horizon step, never past the median."""
     spec = trained.spec
     quantiles = trained.model_config.quantiles
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1
     level = round(quantiles[hi_i] - quantiles[lo_i], 6)
     step = timedelta(seconds=spec.freq_seconds)
-    rows = []
-    for r, sid in enumerate(ids):
-        for h in range(spec.horizon):
-            rows.append(
-                {
-                    "series_id": sid,
-                    "model": f"v{vid}",
-                    "model_version_id": vid,
-                    "origin_ts": origin_ts,
-                    "horizon_step": h + 1,
-                    "target_ts": origin_ts + (h + 1) * step,
-                    "yhat": float(q[r, h, mid]),
-                    "yhat_lower": float(q[r, h, lo_i]),
-                    "yhat_upper": float(q[r, h, hi_i]),
-                    "interval_level": level,
-                }
-            )
+    n_series, horizon = len(ids), spec.horizon
+    sid = np.repeat(np.asarray(ids), horizon)
+    steps = np.tile(np.arange(1, horizon + 1), n_series)
+    targets = [origin_ts + int(h) * step for h in range(1, horizon + 1)] * n_series
+    yhat = q[..., mid].reshape(-1).double().numpy()
+    raw_lo, raw_hi = (
+        q[..., lo_i].reshape(-1).double().numpy(),
+        q[..., hi_i].reshape(-1).double().numpy(),
+    )
+    corr = np.tile(np.array([corrections.get(h, 0.0) for h in range(1, horizon + 1)]), n_series)
+    floor = 0.0 if trained.nonnegative else -np.inf
+    lower = np.maximum(floor, np.minimum(yhat, raw_lo - corr))
+    upper = np.maximum(yhat, raw_hi + corr)
+    model = f"v{vid}"
+    rows = [
+        {
+            "series_id": int(sid[i]),
+            "model": model,
+            "model_version_id": vid,
+            "origin_ts": origin_ts,
+            "horizon_step": int(steps[i]),
+            "target_ts": targets[i],
+            "yhat": float(yhat[i]),
+            "yhat_lower": float(lower[i]),
+            "yhat_upper": float(upper[i]),
+            "raw_lower": float(raw_lo[i]),
+            "raw_upper": float(raw_hi[i]),
+            "interval_level": level,
+        }
+        for i in range(n_series * horizon)
+    ]
     for season in BASELINES:
-        naive = seasonal_naive_at(spec, values, origin, season)  # (S, H)
-        for r, sid in enumerate(ids):
-            for h in range(spec.horizon):
-                v = float(naive[r, h])
-                if v != v:  # NaN: no value a season back
-                    continue
-                rows.append(
-                    {
-                        "series_id": sid,
-                        "model": f"seasonal_naive_{season}",
-                        "model_version_id": None,
-                        "origin_ts": origin_ts,
-                        "horizon_step": h + 1,
-                        "target_ts": origin_ts + (h + 1) * step,
-                        "yhat": v,
-                        "yhat_lower": None,
-                        "yhat_upper": None,
-                        "interval_level": None,
-                    }
-                )
+        naive = (
+            seasonal_naive_at(spec, values, origin, season).reshape(-1).double().numpy()
+        )  # (S * H,)
+        rows += [
+            {
+                "series_id": int(sid[i]),
+                "model": f"seasonal_naive_{season}",
+                "model_version_id": None,
+                "origin_ts": origin_ts,
+                "horizon_step": int(steps[i]),
+                "target_ts": targets[i],
+                "yhat": float(naive[i]),
+                "yhat_lower": None,
+                "yhat_upper": None,
+                "interval_level": None,
+                "raw_lower": None,
+                "raw_upper": None,
+            }
+            for i in np.flatnonzero(~np.isnan(naive))  # no value a season back: no forecast
+        ]
     return rows

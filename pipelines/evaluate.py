@@ -1,0 +1,117 @@
+"""The evaluate job: score forecasts whose actuals have arrived, recalibrate the bands, flag
+anomalies.
+
+Calibration is split conformal per horizon step (DESIGN.md decision 11): over the recent
+scored forecasts of the champion, the conformity score of each is how far the actual fell
+outside the model's raw band (negative inside it); the correction is that score's
+ceil((n + 1) * level) / n quantile, so the band [raw_lower - q, raw_upper + q] covers about
+`level` of actuals whatever the raw quantiles did. The next predict run serves it.
+
+An anomaly is an actual outside the band served by the newest forecast for its time. Both
+writes are idempotent: running twice stores the same rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+import polars as pl
+import structlog
+
+from forecaster.store import Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class EvaluateSummary:
+    model: str = ""
+    scored: int = 0
+    coverage: float | None = None  # of the served (calibrated) band over the scored window
+    coverage_raw: float | None = None
+    steps_calibrated: int = 0
+    new_anomalies: int = 0
+
+    def line(self) -> str:
+        if not self.scored:
+            return f"model {self.model or '-'}: no forecast has its actuals yet"
+        cov = f"{self.coverage:.1%}" if self.coverage is not None else "-"
+        raw = f"{self.coverage_raw:.1%}" if self.coverage_raw is not None else "-"
+        return (
+            f"model {self.model}: {self.scored} forecasts scored, band coverage {cov} (raw {raw}), "
+            f"{self.steps_calibrated} horizon steps recalibrated, {self.new_anomalies} new anomalies"
+        )
+
+
+def conformal_correction(scores: list[float], level: float) -> float:
+    """The finite-sample conformal quantile of the scores for coverage `level`."""
+    n = len(scores)
+    rank = min(n, math.ceil((n + 1) * level))
+    return sorted(scores)[rank - 1]
+
+
+def run_evaluate(
+    store: Store, *, window: timedelta = timedelta(days=28), min_scored: int = 30
+) -> EvaluateSummary:
+    champion = store.champion()
+    if champion is None:
+        return EvaluateSummary()
+    model = f"v{champion['id']}"
+    summary = EvaluateSummary(model=model)
+    newest = store.newest_scored_target(model)
+    if newest is None:
+        return summary
+    scored = store.scored_forecasts(model, newest - window)
+    summary.scored = scored.height
+    if scored.is_empty():
+        return summary
+    inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
+    inside_raw = (pl.col("actual") >= pl.col("raw_lower")) & (
+        pl.col("actual") <= pl.col("raw_upper")
+    )
+    summary.coverage = float(scored.select(inside.mean()).item())
+    summary.coverage_raw = float(scored.select(inside_raw.mean()).item())
+
+    scores = scored.with_columns(
+        pl.max_horizontal(
+            pl.col("raw_lower") - pl.col("actual"), pl.col("actual") - pl.col("raw_upper")
+        ).alias("score")
+    )
+    rows = []
+    for (step,), group in scores.group_by("horizon_step"):
+        if group.height < min_scored:
+            continue
+        level = float(group["interval_level"].max())
+        rows.append(
+            {
+                "horizon_step": int(step),
+                "correction": conformal_correction(group["score"].to_list(), level),
+                "n_scored": group.height,
+                "coverage_raw": float(group.select(inside_raw.mean()).item()),
+            }
+        )
+    summary.steps_calibrated = len(rows)
+
+    # Anomalies: judged against the newest forecast for each (series, time), as served.
+    newest_rows = scored.sort("origin_ts").group_by("series_id", "target_ts").last()
+    outside = newest_rows.filter(~inside)
+    anomalies = [
+        {
+            "series_id": r["series_id"],
+            "ts": r["target_ts"],
+            "model": model,
+            "actual": r["actual"],
+            "yhat": r["yhat"],
+            "yhat_lower": r["yhat_lower"],
+            "yhat_upper": r["yhat_upper"],
+            "origin_ts": r["origin_ts"],
+        }
+        for r in outside.iter_rows(named=True)
+    ]
+    with store.begin() as conn:
+        store.save_calibration(conn, model, sorted(rows, key=lambda r: r["horizon_step"]))
+        summary.new_anomalies = store.insert_anomalies(conn, anomalies)
+    log.info("evaluate done", **summary.__dict__)
+    return summary

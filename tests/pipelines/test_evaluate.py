@@ -1,0 +1,105 @@
+"""Evaluation: conformal calibration of the bands, anomalies, idempotence."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from forecaster import schema
+from pipelines.evaluate import conformal_correction, run_evaluate
+from pipelines.predict import run_predict
+from tests.pipelines.test_predict import START, WARMUP, _ingest_days, _setup, trained  # noqa: F401
+
+
+@pytest.mark.parametrize("level", [0.5, 0.8, 0.9])
+def test_conformal_correction_is_the_finite_sample_quantile(level):
+    rng = random.Random(1)
+    scores = [rng.gauss(0, 1) for _ in range(199)]
+    q = conformal_correction(scores, level)
+    # Definition: the smallest score with at least ceil((n+1) level) scores <= it.
+    need = -(-(len(scores) + 1) * level // 1)
+    assert sum(s <= q for s in scores) >= need
+    assert sum(s < q for s in scores) < need
+
+
+def _coverage(store, model, since):
+    f, o = schema.forecasts, schema.observations
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(o.c.value, f.c.yhat_lower, f.c.yhat_upper)
+            .join(o, sa.and_(o.c.series_id == f.c.series_id, o.c.ts == f.c.target_ts))
+            .where(f.c.model == model, f.c.origin_ts >= since)
+        ).all()
+    return sum(lo <= v <= hi for v, lo, hi in rows) / len(rows), len(rows)
+
+
+def test_calibrated_band_covers_about_its_level_and_flags_a_spike(sqlite_url, trained):  # noqa: F811
+    store = _setup(sqlite_url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    for day in range(20, 38):
+        _ingest_days(store, day, day + 1)
+        run_predict(store, warmup_steps=WARMUP)
+        summary = run_evaluate(store, min_scored=10)
+        assert summary.scored > 0
+    assert summary.steps_calibrated == 24
+    # Bands served after a week of calibration: close to the nominal 80%.
+    coverage, n = _coverage(store, "v1", START + timedelta(days=27))
+    assert n >= 2 * 24 * 9
+    assert 0.7 <= coverage <= 0.92, (coverage, summary)
+    assert summary.new_anomalies >= 0
+
+    # A spike far outside any band is flagged once, however often evaluate runs.
+    _ingest_days(store, 38, 39)
+    with store.begin() as conn:
+        conn.execute(
+            sa.update(schema.observations)
+            .where(schema.observations.c.ts == START + timedelta(days=38, hours=12))
+            .values(value=schema.observations.c.value + 100)
+        )
+    first = run_evaluate(store, min_scored=10)
+    again = run_evaluate(store, min_scored=10)
+    assert first.new_anomalies >= 2 and again.new_anomalies == 0
+    with store.engine.connect() as conn:
+        flagged = conn.execute(
+            sa.select(schema.anomalies.c.series_id).where(schema.anomalies.c.ts == START + timedelta(days=38, hours=12))
+        ).all()
+    assert len(flagged) == 2
+    store.close()
+
+
+def test_evaluate_without_a_champion_or_actuals_does_nothing(sqlite_url, trained):  # noqa: F811
+    store = _setup(sqlite_url, trained)
+    assert run_evaluate(store).scored == 0
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    assert run_evaluate(store).scored == 0  # no actuals for the forecasts yet
+    store.close()
+
+
+def test_accuracy_by_model_and_the_cli_on_both_dialects(db_url, trained, tmp_path, monkeypatch):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    store = _setup(db_url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    for day in range(20, 24):
+        _ingest_days(store, day, day + 1)
+        run_predict(store, warmup_steps=WARMUP)
+    rows = {r["model"]: r for r in store.accuracy_by_model(timedelta(days=28))}
+    assert set(rows) == {"v1", "seasonal_naive_daily", "seasonal_naive_weekly"}
+    assert rows["v1"]["n"] == 2 * 24 * 4 and 0 <= rows["v1"]["coverage"] <= 1
+    assert rows["seasonal_naive_daily"]["coverage"] is None and rows["seasonal_naive_daily"]["mae"] > 0
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FORECASTER_DATABASE_URL", db_url)
+    runner = CliRunner()
+    for args, expect in ((["evaluate"], "forecasts scored"), (["accuracy"], "seasonal_naive_weekly"),
+                         (["anomalies"], "series"), (["forecasts", "show", "sine.0"], "v1")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and expect in result.output, (args, result.output)
+    store.close()
