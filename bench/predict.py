@@ -209,8 +209,10 @@ def phase_timers(store: Store):
         setattr(owner, name, timed)
         wrapped.append((owner, name, None if instance else fn))
 
-    for name in ("champion", "prediction_targets", "load_states", "recent_values"):
-        wrap(store, name, "reads", instance=True)
+    for name in ("champion", "prediction_targets", "load_states", "calibration_for"):
+        if hasattr(store, name):
+            wrap(store, name, "small reads", instance=True)
+    wrap(store, "recent_values", "recent points", instance=True)
     wrap(job, "advance", "model")
     wrap(job, "state_from_rows", "state bytes")
     wrap(job, "state_to_rows", "state bytes")
@@ -310,7 +312,7 @@ def main() -> None:
     print("\n| model compute (no SQL) | series | seconds | series/s | vs stateless |")
     print("|---|--:|--:|--:|--:|")
     for path, s, secs in comp:
-        print(f"| {path} | {s:,} | {secs:.3f} | {s / secs:,.0f} | {s / secs / ref:.1f}x |")
+        print(f"| {path} | {s:,} | {secs:.3f} | {s / secs:,.0f} | {s / secs / ref:.3g}x |")
 
     results = {}
     with tempfile.TemporaryDirectory() as d:
@@ -324,10 +326,10 @@ def main() -> None:
                     results["PostgreSQL"] = bench_e2e(url, names, e2e_start, e2e_values, ckpt, args)
             except ConnectionError as exc:  # no server: the bench still reports SQLite
                 print(f"# PostgreSQL skipped: {exc}")
-    cols = ("reads", "model", "state bytes", "forecast rows", "writes")
+    cols = ("small reads", "recent points", "model", "state bytes", "forecast rows", "writes")
     rows = next(iter(results.values()))["rows"]
     print(f"\n(run_predict writes {rows:.0f} forecast rows, a state and a window-edge snapshot "
-          "per series; phases: reads = targets, states, recent points; writes = save_prediction "
+          "per series; phases in seconds: small reads = champion, targets, states, calibration; writes = save_prediction "
           "+ commit)")
     print(f"\n| run_predict, {args.series:,} series | full cycle s | series/s | "
           + " | ".join(cols) + " | other | cold start s | ingest window s | ingest history s |")

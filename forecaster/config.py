@@ -204,7 +204,9 @@ class TrainingSettings(_Model):
     def _quantiles_make_a_band(self) -> TrainingSettings:
         q = list(self.quantiles)
         if q != sorted(q) or len(q) < 3 or not all(0 < x < 1 for x in q) or 0.5 not in q:
-            raise ValueError("quantiles must be increasing, inside (0, 1), at least 3, and include 0.5")
+            raise ValueError(
+                "quantiles must be increasing, inside (0, 1), at least 3, and include 0.5"
+            )
         return self
 
 

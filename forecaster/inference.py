@@ -19,7 +19,6 @@ from torch import Tensor
 
 from forecaster import features as F
 from forecaster.trained import TrainedModel
-from forecaster.training import forward_window
 
 
 def state_to_rows(state: Any) -> tuple[list[bytes], list[int]]:
@@ -72,18 +71,22 @@ def advance(
     )
     center, scale = trained.scalers.center[scaler_rows], trained.scalers.scale[scaler_rows]
     scaled = (values - center.unsqueeze(1)) / scale.unsqueeze(1)
-    step_s = trained.spec.freq_seconds
+    spec, model = trained.spec, trained.model
+    step_s = spec.freq_seconds
     edges = []
     a = lo
     while a < hi:
-        # The next window edge after step a: steps whose epoch+1 step is a multiple of the window.
-        epoch_a = start + a * step_s
-        to_edge = window_steps - ((epoch_a // step_s) % window_steps)
+        # Steps to the end of the epoch-aligned window that step a falls in.
+        to_edge = window_steps - (((start + a * step_s) // step_s) % window_steps)
         b = min(hi, a + to_edge)
-        pred, state, _ = forward_window(trained.model, trained.spec, scaled, start, a, b, state)
+        x = F.step_inputs(spec, scaled, start, a, b)
+        context, state = model.advance(x, state)  # the recurrence only: O(new points)
         if b == a + to_edge:
             edges.append((b - 1, _clone(state)))
         a = b
+    # The head runs once, at the last step: the forecast origin.
+    head_x = F.head_inputs(spec, scaled, start, torch.tensor([hi - 1]))
+    pred = model.forecast(context[:, -1:], head_x, x[:, -1:])  # (S, 1, H, Q)
     q = pred[:, -1].float() * scale.view(-1, 1, 1) + center.view(-1, 1, 1)  # (S, H, Q)
     if trained.nonnegative:
         q = q.clamp_min(0.0)
@@ -97,6 +100,22 @@ def _clone(state: Any) -> Any:
 def seasonal_naive_at(spec: F.FeatureSpec, values: Tensor, origin: int, season: str) -> Tensor:
     """The seasonal-naive forecast (S, H) from grid index `origin`, raw units."""
     return F.seasonal_naive(spec, values, torch.tensor([origin]), season)[:, 0]  # type: ignore[arg-type]
+
+
+def lag_offsets(spec: F.FeatureSpec) -> list[tuple[int, int]]:
+    """The grid offsets (inclusive ranges, <= 0) relative to the origin that the head's
+    seasonal lags read: a handful of spans of H points, not the whole lookback."""
+    h = torch.arange(1, spec.horizon + 1)
+    offsets: set[int] = set()
+    for row in F.head_lag_table(spec, h):
+        offsets.update(int(o) for o in (h - row))
+    ranges: list[tuple[int, int]] = []
+    for o in sorted(offsets):
+        if ranges and o == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], o)
+        else:
+            ranges.append((o, o))
+    return ranges
 
 
 def history_steps(spec: F.FeatureSpec) -> int:

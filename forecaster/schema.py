@@ -179,8 +179,15 @@ model_versions = sa.Table(
 series_states = sa.Table(
     "series_states",
     metadata,
-    sa.Column("model_version_id", sa.Integer, sa.ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column(
+        "model_version_id",
+        sa.Integer,
+        sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    ),
     sa.Column("state", sa.LargeBinary, nullable=False),
     sa.Column("shape", sa.JSON, nullable=False),
     sa.Column("state_ts", UTCDateTime, nullable=False),
@@ -191,9 +198,18 @@ series_states = sa.Table(
 state_snapshots = sa.Table(
     "state_snapshots",
     metadata,
-    sa.Column("model_version_id", sa.Integer, sa.ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("window_id", sa.BigInteger, primary_key=True),  # the state after this window's last point
+    sa.Column(
+        "model_version_id",
+        sa.Integer,
+        sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column(
+        "window_id", sa.BigInteger, primary_key=True
+    ),  # the state after this window's last point
     sa.Column("state", sa.LargeBinary, nullable=False),
     sa.Column("shape", sa.JSON, nullable=False),
     sa.Column("state_ts", UTCDateTime, nullable=False),
@@ -202,13 +218,20 @@ state_snapshots = sa.Table(
 forecasts = sa.Table(
     "forecasts",
     metadata,
-    sa.Column("series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column(
+        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    ),
     # "v<id>" for a registered model, "seasonal_naive_daily" / "_weekly" for the baselines
     # forecast beside it, so MASE is always at hand.
     sa.Column("model", sa.String(64), primary_key=True),
     sa.Column("origin_ts", UTCDateTime, primary_key=True),  # the last observed point used
     sa.Column("horizon_step", sa.Integer, primary_key=True),
-    sa.Column("model_version_id", sa.Integer, sa.ForeignKey("model_versions.id", ondelete="CASCADE"), nullable=True),
+    sa.Column(
+        "model_version_id",
+        sa.Integer,
+        sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
+        nullable=True,
+    ),
     sa.Column("target_ts", UTCDateTime, nullable=False, index=True),
     sa.Column("yhat", sa.Float, nullable=False),
     sa.Column("yhat_lower", sa.Float, nullable=True),
@@ -242,7 +265,9 @@ calibration = sa.Table(
 anomalies = sa.Table(
     "anomalies",
     metadata,
-    sa.Column("series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column(
+        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    ),
     sa.Column("ts", UTCDateTime, primary_key=True),
     sa.Column("model", sa.String(64), primary_key=True),
     sa.Column("actual", sa.Float, nullable=False),

@@ -640,15 +640,19 @@ class Store:
                     out[sid] = (bytes(state), list(shape), ts)
         return out
 
-    def recent_values(self, series_ids: Sequence[int], since: datetime) -> pl.DataFrame:
-        """series_id, ts, value (NULL unless observed or filled) of points at or after `since`."""
+    def recent_values(
+        self, series_ids: Sequence[int], spans: Sequence[tuple[datetime, datetime]]
+    ) -> pl.DataFrame:
+        """series_id, ts, value (NULL when missing) of the points inside any of the inclusive
+        time spans: the new points and the few seasonal lags a forecast reads."""
         o = s.observations
         rows: list[Any] = []
         ids = sorted(set(series_ids))
+        in_spans = sa.or_(*(o.c.ts.between(lo, hi) for lo, hi in spans))
         with self.engine.connect() as conn:
             for i in range(0, len(ids), 500):
                 q = sa.select(o.c.series_id, o.c.ts, o.c.value).where(
-                    o.c.series_id.in_(ids[i : i + 500]), o.c.ts >= since
+                    o.c.series_id.in_(ids[i : i + 500]), in_spans
                 )
                 rows.extend(conn.execute(q))
         return pl.DataFrame(

@@ -24,6 +24,7 @@ from forecaster.errors import ForecasterError
 from forecaster.inference import (
     advance,
     history_steps,
+    lag_offsets,
     seasonal_naive_at,
     state_from_rows,
     state_to_rows,
@@ -126,7 +127,11 @@ def _predict_chunk(
     n = int((watermark - grid_start).total_seconds()) // step_s + 1
     lo = n - (int((watermark - first_new).total_seconds()) // step_s + 1)
     ids = [m["id"] for m in members]
-    frame = store.recent_values(ids, grid_start)
+    step = timedelta(seconds=step_s)
+    spans = [(first_new, watermark)] + [
+        (watermark + a * step, watermark + b * step) for a, b in lag_offsets(spec)
+    ]
+    frame = store.recent_values(ids, spans)
     values = torch.full((len(ids), n), float("nan"))
     if frame.height:
         pos = {sid: r for r, sid in enumerate(ids)}

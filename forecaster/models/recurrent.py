@@ -91,6 +91,16 @@ class RecurrentForecaster(nn.Module):
         out, state = self.rnn(x, state)  # (B, T, hidden)
         return self.head(out, head_x), state
 
+    def advance(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """The recurrence alone: x (B, T, F) -> (context (B, T, hidden), state). Rolling
+        prediction advances over new points with this and runs the head once, at the end."""
+        return self.rnn(x, state)
+
+    def forecast(self, context: Tensor, head_x: Tensor, x: Tensor) -> Tensor:
+        """Quantiles (B, T', H, Q) from contexts (B, T', hidden) and their head inputs
+        (B, T', H, K); x (B, T', F) are the inputs at those steps (unused here)."""
+        return self.head(context, head_x)
+
     def zero_state(self, batch: int, device: torch.device | str = "cpu") -> State:
         h = torch.zeros(self.config.layers, batch, self.config.hidden, device=device)
         return (h, torch.zeros_like(h)) if self.config.kind == "lstm" else h

@@ -124,6 +124,16 @@ class Seq2SeqForecaster(nn.Module):
                 y_prev = torch.where(use, torch.nan_to_num(true), y_prev)
         return torch.stack(outs, dim=1).reshape(b, t, h_steps, -1)
 
+    def advance(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """The encoder alone: x (B, T, F) -> (context (B, T, hidden), state)."""
+        assert not self.config.bidirectional, "a bidirectional encoder reads whole windows"
+        return self.encoder(x, state)
+
+    def forecast(self, context: Tensor, head_x: Tensor, x: Tensor) -> Tensor:
+        """Decode (B, T', H, Q) from contexts (B, T', hidden), their head inputs and the
+        inputs x (B, T', F) at those steps (the value there starts the decoder)."""
+        return self._decode(context, head_x, x[..., :1], None, 0.0)
+
     def zero_state(self, batch: int, device: torch.device | str = "cpu") -> State:
         h = torch.zeros(self.config.layers, batch, self.config.hidden, device=device)
         return (h, torch.zeros_like(h))

@@ -54,6 +54,6 @@ def raw_frame(
     n = len(series)
     if isinstance(origin, str):
         origin = [origin] * n
-    return pl.DataFrame({"series": series, "ts": ts, "value": value, "origin": origin}).with_columns(
-        pl.col("series").cast(pl.Utf8), pl.col("origin").cast(pl.Utf8)
-    )
+    return pl.DataFrame(
+        {"series": series, "ts": ts, "value": value, "origin": origin}
+    ).with_columns(pl.col("series").cast(pl.Utf8), pl.col("origin").cast(pl.Utf8))
