@@ -700,6 +700,19 @@ class Store:
             )
         if not forecasts:
             return 0
+        if self.dialect == "sqlite":
+            # As for observations: the compiled Core statement straight to the driver's
+            # executemany, timestamps pre-formatted; rowcount counts only new rows.
+            fmt = "%Y-%m-%d %H:%M:%S.%f"
+            tuples = [
+                tuple(
+                    r[k].astimezone(UTC).strftime(fmt) if k in ("origin_ts", "target_ts") else r[k]
+                    for k in _FORECAST_KEYS[:-2]
+                )
+                + (False, now.strftime(fmt))
+                for r in forecasts
+            ]
+            return conn.exec_driver_sql(_sqlite_forecast_insert_sql(), tuples).rowcount
         stmt = (
             self._insert(s.forecasts)
             .on_conflict_do_nothing(
@@ -923,4 +936,37 @@ def _sqlite_obs_upsert_sql() -> str:
     )
     compiled = stmt.compile(dialect=sqlite_dialect.dialect(paramstyle="qmark"))
     assert tuple(compiled.positiontup or ()) == _OBS_KEYS, compiled.positiontup
+    return str(compiled)
+
+
+_FORECAST_KEYS = (
+    "series_id",
+    "model",
+    "origin_ts",
+    "horizon_step",
+    "model_version_id",
+    "target_ts",
+    "yhat",
+    "yhat_lower",
+    "yhat_upper",
+    "interval_level",
+    "raw_lower",
+    "raw_upper",
+    "superseded",
+    "created_at",
+)
+_forecasts_raw = sa.table("forecasts", *(sa.column(c) for c in _FORECAST_KEYS))
+
+
+@functools.cache
+def _sqlite_forecast_insert_sql() -> str:
+    """INSERT ... ON CONFLICT DO NOTHING for forecasts, SQLite text with ? in _FORECAST_KEYS order."""
+    stmt = sqlite_dialect.insert(_forecasts_raw).values(
+        {k: sa.bindparam(k) for k in _FORECAST_KEYS}
+    )
+    stmt = stmt.on_conflict_do_nothing(
+        index_elements=["series_id", "model", "origin_ts", "horizon_step"]
+    )
+    compiled = stmt.compile(dialect=sqlite_dialect.dialect(paramstyle="qmark"))
+    assert tuple(compiled.positiontup or ()) == _FORECAST_KEYS, compiled.positiontup
     return str(compiled)
