@@ -82,7 +82,7 @@ def step_inputs(
     v = values[:, lo:hi]
     parts = [torch.nan_to_num(v, nan=0.0).unsqueeze(-1), (~torch.isnan(v)).float().unsqueeze(-1)]
     if spec.calendar:
-        epoch = start + torch.arange(lo, hi, dtype=torch.int64) * spec.freq_seconds
+        epoch = start + torch.arange(lo, hi, dtype=torch.int64, device=v.device) * spec.freq_seconds
         parts.append(calendar(epoch).expand(v.shape[0], -1, -1))
     if spec.n_exog:
         assert exog is not None and exog.shape[-1] == spec.n_exog, (
@@ -103,8 +103,8 @@ def _lag(h: Tensor, season: int) -> Tensor:
 
 def head_inputs(spec: FeatureSpec, values: Tensor, start: int, at: Tensor) -> Tensor:
     """head_x for the origins `at` (T,): (S, T, H, K). Reads only values at or before each origin."""
-    h = torch.arange(1, spec.horizon + 1)
-    t = at.unsqueeze(1)  # (T, 1)
+    h = torch.arange(1, spec.horizon + 1, device=values.device)
+    t = at.to(values.device).unsqueeze(1)  # (T, 1)
     parts = [
         torch.nan_to_num(_gather(values, t + h - lag), nan=0.0).unsqueeze(-1)
         for lag in head_lag_table(spec, h)
@@ -133,8 +133,8 @@ def head_lag_table(spec: FeatureSpec, h: Tensor) -> list[Tensor]:
 
 def targets(spec: FeatureSpec, values: Tensor, at: Tensor, limit: int | None = None) -> Tensor:
     """y[t + h] for the origins `at` (T,): (S, T, H), NaN where missing or at/after `limit`."""
-    h = torch.arange(1, spec.horizon + 1)
-    idx = at.unsqueeze(1) + h
+    h = torch.arange(1, spec.horizon + 1, device=values.device)
+    idx = at.to(values.device).unsqueeze(1) + h
     if limit is not None:
         idx = torch.where(idx < limit, idx, torch.full_like(idx, -1))
     return _gather(values, idx)
@@ -144,6 +144,6 @@ def seasonal_naive(
     spec: FeatureSpec, values: Tensor, at: Tensor, season: Literal["daily", "weekly"]
 ) -> Tensor:
     """The seasonal-naive forecast from the origins `at` (T,): (S, T, H), NaN where unknown."""
-    h = torch.arange(1, spec.horizon + 1)
+    h = torch.arange(1, spec.horizon + 1, device=values.device)
     lag = _lag(h, spec.season_day if season == "daily" else spec.season_week)
-    return _gather(values, at.unsqueeze(1) + h - lag)
+    return _gather(values, at.to(values.device).unsqueeze(1) + h - lag)

@@ -110,3 +110,13 @@ def test_lstm_beats_seasonal_naive_on_the_bundled_dataset():
     m = result.metrics
     best_naive = min(m["seasonal_naive_daily"]["mase"], m["seasonal_naive_weekly"]["mase"])
     assert m["model"]["mase"] < best_naive, m
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["lstm", "seq2seq"])
+def test_trains_on_cuda_with_amp_and_matches_cpu_shapes(kind):
+    panel = noisy_sine(n_series=2, weeks=5)
+    result = train(panel, TrainConfig(kind=kind, hidden=8, epochs=1, val_steps=WEEK, device="cuda"))
+    assert math.isfinite(result.metrics["model"]["mase"])
+    assert next(result.model.parameters()).device.type == "cpu"  # handed back on CPU
