@@ -50,6 +50,16 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _series_id(primary_key: bool = False) -> sa.Column:
+    """A series_id column: rows go when their series goes."""
+    return sa.Column(
+        "series_id",
+        sa.Integer,
+        sa.ForeignKey("series.id", ondelete="CASCADE"),
+        primary_key=primary_key,
+    )
+
+
 series = sa.Table(
     "series",
     metadata,
@@ -65,9 +75,7 @@ series = sa.Table(
 observations = sa.Table(
     "observations",
     metadata,
-    sa.Column(
-        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
-    ),
+    _series_id(primary_key=True),
     sa.Column("ts", UTCDateTime, primary_key=True),
     sa.Column("value", sa.Float, nullable=True),
     sa.Column("quality", sa.String(16), nullable=False),
@@ -79,9 +87,7 @@ observations = sa.Table(
 windows = sa.Table(
     "windows",
     metadata,
-    sa.Column(
-        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
-    ),
+    _series_id(primary_key=True),
     sa.Column("window_id", sa.BigInteger, primary_key=True),
     sa.Column("start_ts", UTCDateTime, nullable=False),
     sa.Column("end_ts", UTCDateTime, nullable=False),  # exclusive
@@ -95,9 +101,7 @@ windows = sa.Table(
 watermarks = sa.Table(
     "watermarks",
     metadata,
-    sa.Column(
-        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
-    ),
+    _series_id(primary_key=True),
     sa.Column("ts", UTCDateTime, nullable=False),  # newest point stored
     sa.Column("last_value", sa.Float, nullable=True),  # seeds ffill/interpolate of the next batch
     sa.Column("updated_at", UTCDateTime, nullable=False),
@@ -185,9 +189,7 @@ series_states = sa.Table(
         sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
         primary_key=True,
     ),
-    sa.Column(
-        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
-    ),
+    _series_id(primary_key=True),
     sa.Column("state", sa.LargeBinary, nullable=False),
     sa.Column("shape", sa.JSON, nullable=False),
     sa.Column("state_ts", UTCDateTime, nullable=False),
@@ -204,9 +206,7 @@ state_snapshots = sa.Table(
         sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
         primary_key=True,
     ),
-    sa.Column(
-        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
-    ),
+    _series_id(primary_key=True),
     sa.Column(
         "window_id", sa.BigInteger, primary_key=True
     ),  # the state after this window's last point
@@ -218,9 +218,7 @@ state_snapshots = sa.Table(
 forecasts = sa.Table(
     "forecasts",
     metadata,
-    sa.Column(
-        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
-    ),
+    _series_id(primary_key=True),
     # "v<id>" for a registered model, "seasonal_naive_daily" / "_weekly" for the baselines
     # forecast beside it, so MASE is always at hand.
     sa.Column("model", sa.String(64), primary_key=True),
@@ -265,9 +263,7 @@ calibration = sa.Table(
 anomalies = sa.Table(
     "anomalies",
     metadata,
-    sa.Column(
-        "series_id", sa.Integer, sa.ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
-    ),
+    _series_id(primary_key=True),
     sa.Column("ts", UTCDateTime, primary_key=True),
     sa.Column("model", sa.String(64), primary_key=True),
     sa.Column("actual", sa.Float, nullable=False),

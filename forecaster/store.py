@@ -109,6 +109,14 @@ class Store:
     def _insert(self, table: sa.TableClause) -> Any:
         return (pg.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)
 
+    def _upsert(self, table: sa.Table, update: Sequence[str]) -> Any:
+        """INSERT that, on a primary-key conflict, takes the new row's `update` columns."""
+        stmt = self._insert(table)
+        return stmt.on_conflict_do_update(
+            index_elements=[c.name for c in table.primary_key.columns],
+            set_={k: stmt.excluded[k] for k in update},
+        )
+
     # -- migrations ---------------------------------------------------------------------
 
     def _alembic_config(self, conn: Connection | None = None) -> Any:
@@ -341,14 +349,7 @@ class Store:
                 }
             )
         if rows:
-            stmt = self._insert(s.windows)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["series_id", "window_id"],
-                set_={
-                    k: stmt.excluded[k]
-                    for k in ("n_points", "n_observed", "complete", "updated_at")
-                },
-            )
+            stmt = self._upsert(s.windows, ("n_points", "n_observed", "complete", "updated_at"))
             conn.execute(stmt, rows)
         return len(rows)
 
@@ -674,20 +675,12 @@ class Store:
         it is. Returns the number of forecast rows written."""
         now = datetime.now(UTC)
         if states:
-            stmt = self._insert(s.series_states)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["model_version_id", "series_id"],
-                set_={k: stmt.excluded[k] for k in ("state", "shape", "state_ts", "updated_at")},
-            )
+            stmt = self._upsert(s.series_states, ("state", "shape", "state_ts", "updated_at"))
             conn.execute(
                 stmt, [{**r, "model_version_id": version_id, "updated_at": now} for r in states]
             )
         if snapshots:
-            stmt = self._insert(s.state_snapshots)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["model_version_id", "series_id", "window_id"],
-                set_={k: stmt.excluded[k] for k in ("state", "shape", "state_ts")},
-            )
+            stmt = self._upsert(s.state_snapshots, ("state", "shape", "state_ts"))
             conn.execute(stmt, [{**r, "model_version_id": version_id} for r in snapshots])
             newest = max(r["window_id"] for r in snapshots)
             sn = s.state_snapshots
@@ -835,14 +828,7 @@ class Store:
     ) -> None:
         if not rows:
             return
-        stmt = self._insert(s.calibration)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["model", "horizon_step"],
-            set_={
-                k: stmt.excluded[k]
-                for k in ("correction", "n_scored", "coverage_raw", "updated_at")
-            },
-        )
+        stmt = self._upsert(s.calibration, ("correction", "n_scored", "coverage_raw", "updated_at"))
         now = datetime.now(UTC)
         conn.execute(stmt, [{**r, "model": model, "updated_at": now} for r in rows])
 
