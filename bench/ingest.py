@@ -38,8 +38,13 @@ def make_rows(n: int) -> pl.DataFrame:
     n_series = 20
     per = n // n_series
     start = datetime(2013, 1, 1, tzinfo=UTC)
-    ts = pl.datetime_range(start, start + (per - 1) * (datetime(2013, 1, 1, 1) - datetime(2013, 1, 1)),
-                           "1h", eager=True, time_zone="UTC").cast(TS_DTYPE)
+    ts = pl.datetime_range(
+        start,
+        start + (per - 1) * (datetime(2013, 1, 1, 1) - datetime(2013, 1, 1)),
+        "1h",
+        eager=True,
+        time_zone="UTC",
+    ).cast(TS_DTYPE)
     df = pl.DataFrame(
         {
             "series_id": pl.Series(range(1, n_series + 1)).repeat_by(per).explode().cast(pl.Int64),
@@ -61,8 +66,30 @@ def fresh_store(url: str) -> Store:
     st = Store(url)
     st.upgrade()
     with st.begin() as conn:
-        st.resolve_series(conn, [f"s{i}" for i in range(1, 21)], create=True, source="b", freq_seconds=3600, window_seconds=86400)
+        st.resolve_series(
+            conn,
+            [f"s{i}" for i in range(1, 21)],
+            create=True,
+            source="b",
+            freq_seconds=3600,
+            window_seconds=86400,
+        )
     return st
+
+
+def time_store_upsert(url: str, rows: pl.DataFrame, twice: bool) -> float:
+    """Seconds for one Store.upsert_observations of `rows` into a fresh store; with `twice`,
+    the rows are stored once beforehand, so every row is a conflict."""
+    st = fresh_store(url)
+    if twice:
+        with st.begin() as conn:
+            st.upsert_observations(conn, rows)
+    t = time.perf_counter()
+    with st.begin() as conn:
+        st.upsert_observations(conn, rows)
+    dt = time.perf_counter() - t
+    st.close()
+    return dt
 
 
 def bench_sqlite(rows: pl.DataFrame, repeat: int) -> dict[str, float]:
@@ -77,7 +104,10 @@ def bench_sqlite(rows: pl.DataFrame, repeat: int) -> dict[str, float]:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")
             t = time.perf_counter()
-            con.executemany("INSERT INTO observations (series_id, ts, value, quality, window_id) VALUES (?,?,?,?,?)", tuples)
+            con.executemany(
+                "INSERT INTO observations (series_id, ts, value, quality, window_id) VALUES (?,?,?,?,?)",
+                tuples,
+            )
             con.commit()
             dt = time.perf_counter() - t
             con.close()
@@ -85,16 +115,7 @@ def bench_sqlite(rows: pl.DataFrame, repeat: int) -> dict[str, float]:
 
     def store(twice: bool) -> float:
         with tempfile.TemporaryDirectory() as d:
-            st = fresh_store(f"sqlite:///{d}/b.db")
-            if twice:
-                with st.begin() as conn:
-                    st.upsert_observations(conn, rows)
-            t = time.perf_counter()
-            with st.begin() as conn:
-                st.upsert_observations(conn, rows)
-            dt = time.perf_counter() - t
-            st.close()
-            return dt
+            return time_store_upsert(f"sqlite:///{d}/b.db", rows, twice)
 
     out["raw"] = timed(raw, repeat)
     out["store"] = timed(lambda: store(False), repeat)
@@ -141,41 +162,45 @@ def bench_pg(rows: pl.DataFrame, repeat: int, admin: str) -> dict[str, float]:
         fresh_store(url).close()
         with psycopg.connect(url) as con:
             t = time.perf_counter()
-            with con.cursor() as cur, cur.copy("COPY observations (series_id, ts, value, quality, window_id) FROM STDIN") as cp:
+            with (
+                con.cursor() as cur,
+                cur.copy(
+                    "COPY observations (series_id, ts, value, quality, window_id) FROM STDIN"
+                ) as cp,
+            ):
                 for r in tuples:
                     cp.write_row(r)
             con.commit()
             return time.perf_counter() - t
 
-    def store(url: str, twice: bool) -> float:
-        st = fresh_store(url)
-        if twice:
-            with st.begin() as conn:
-                st.upsert_observations(conn, rows)
-        t = time.perf_counter()
-        with st.begin() as conn:
-            st.upsert_observations(conn, rows)
-        dt = time.perf_counter() - t
-        st.close()
-        return dt
-
     out["raw"] = timed(lambda: with_db(raw), repeat)
-    out["store"] = timed(lambda: with_db(lambda u: store(u, False)), repeat)
-    out["store (re-upsert)"] = timed(lambda: with_db(lambda u: store(u, True)), repeat)
+    out["store"] = timed(lambda: with_db(lambda u: time_store_upsert(u, rows, False)), repeat)
+    out["store (re-upsert)"] = timed(
+        lambda: with_db(lambda u: time_store_upsert(u, rows, True)), repeat
+    )
     out["ingest_batch"] = timed(lambda: with_db(lambda u: job(u, rows)), repeat)
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--pg", default=os.environ.get("FORECASTER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument(
+        "--pg",
+        default=os.environ.get(
+            "FORECASTER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
     ap.add_argument("--no-pg", action="store_true")
     args = ap.parse_args()
     rows = make_rows(args.rows)
-    print(f"# {rows.height} rows, best of {args.repeat}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}, polars {pl.__version__}")
+    print(
+        f"# {rows.height} rows, best of {args.repeat}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, polars {pl.__version__}"
+    )
     results = {"SQLite": bench_sqlite(rows, args.repeat)}
     if not args.no_pg:
         try:
@@ -186,7 +211,9 @@ def main() -> None:
     print(f"|{'-' * 12}|{'-' * 20}|{'-' * 12}|{'-' * 8}|")
     for db, res in results.items():
         for path, secs in res.items():
-            print(f"| {db:<10} | {path:<18} | {rows.height / secs:>10,.0f} | {res['raw'] / secs:>5.2f}x |")
+            print(
+                f"| {db:<10} | {path:<18} | {rows.height / secs:>10,.0f} | {res['raw'] / secs:>5.2f}x |"
+            )
 
 
 if __name__ == "__main__":

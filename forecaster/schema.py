@@ -207,9 +207,8 @@ state_snapshots = sa.Table(
         primary_key=True,
     ),
     _series_id(primary_key=True),
-    sa.Column(
-        "window_id", sa.BigInteger, primary_key=True
-    ),  # the state after this window's last point
+    # The state after this window's last point.
+    sa.Column("window_id", sa.BigInteger, primary_key=True),
     sa.Column("state", sa.LargeBinary, nullable=False),
     sa.Column("shape", sa.JSON, nullable=False),
     sa.Column("state_ts", UTCDateTime, nullable=False),

@@ -750,10 +750,6 @@ class Store:
                     r[k] = _utc(r[k])
         return rows
 
-    def count_forecasts(self) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(s.forecasts)).scalar_one()
-
     # -- evaluation ----------------------------------------------------------------------
 
     def calibration_for(self, model: str) -> dict[int, float]:
