@@ -1,0 +1,158 @@
+"""The base of the store: the engine, transactions, per-dialect insert helpers, migrations.
+
+One write path per dialect for the bulk tables (DESIGN.md decisions 5 and 6):
+- SQLite: Core `insert().on_conflict_do_update` executemany, timestamps normalised to naive
+  UTC text before binding (SQLite has no time zones).
+- PostgreSQL: psycopg 3 COPY into a temp table, then INSERT ... SELECT ... ON CONFLICT in
+  the same transaction. Keys are de-duplicated before they get here (forecaster.frames).
+Every statement binds its values; no value is ever formatted into SQL text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Engine
+
+from forecaster.errors import SchemaOutOfDateError, StoreError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+_SQLITE_TS_FORMAT = "%Y-%m-%d %H:%M:%S%.6f"  # what SQLAlchemy's SQLite DateTime stores
+# Transaction-scoped PostgreSQL advisory lock that serialises promotions (any fixed bigint).
+_PROMOTE_LOCK_KEY = 0x666F7265_63617374  # "forecast"
+
+# Untyped twins of the bulk tables: the SQLite fast path binds pre-formatted values, so
+# SQLAlchemy must not run its per-value processors on them.
+_obs_raw = sa.table(
+    "observations", *(sa.column(c) for c in ("series_id", "ts", "value", "quality", "window_id"))
+)
+
+
+def normalise_url(url: str) -> str:
+    """postgresql:// and postgres:// mean psycopg 3 here (psycopg2 is not a dependency)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets readers (a dashboard, `series list`) run while an ingest writes.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def create_engine(url: str) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url)
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if url.startswith("postgresql"):
+        return sa.create_engine(url, pool_pre_ping=True)
+    raise StoreError(
+        f"unsupported database URL {url.split(':', 1)[0]!r}: use sqlite:///PATH or "
+        "postgresql://USER@HOST/DB"
+    )
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _fingerprint(source: str, row: Mapping[str, Any]) -> str:
+    key = json.dumps(
+        [source, row["origin"], row["reason"], row["series"], row["ts_raw"], row["value_raw"]]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class StoreBase:
+    """Owns the engine. Reads open their own connection; writes take the connection of the
+    caller's transaction (`with store.begin() as conn:`) so a job commits all or nothing."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalise_url(url)
+        self.engine = create_engine(self.url)
+        self.dialect = self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"database error: {exc.orig}") from exc
+
+    def _insert(self, table: sa.TableClause) -> Any:
+        return (pg.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)
+
+    def _upsert(self, table: sa.Table, update: Sequence[str]) -> Any:
+        """INSERT that, on a primary-key conflict, takes the new row's `update` columns."""
+        stmt = self._insert(table)
+        return stmt.on_conflict_do_update(
+            index_elements=[c.name for c in table.primary_key.columns],
+            set_={k: stmt.excluded[k] for k in update},
+        )
+
+    # -- migrations ---------------------------------------------------------------------
+
+    def _alembic_config(self, conn: Connection | None = None) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        cfg.attributes["connection"] = conn
+        return cfg
+
+    def head_revision(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+        assert head is not None, "the migrations folder has no revision"
+        return head
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def upgrade(self, revision: str = "head") -> None:
+        from alembic import command
+
+        with self.engine.begin() as conn:
+            command.upgrade(self._alembic_config(conn), revision)
+
+    def downgrade(self, revision: str) -> None:
+        from alembic import command
+
+        with self.engine.begin() as conn:
+            command.downgrade(self._alembic_config(conn), revision)
+
+    def check_schema(self) -> None:
+        """Raise SchemaOutOfDateError unless the database is at the migrations' head."""
+        try:
+            current = self.current_revision()
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"cannot reach the database: {exc.orig}") from exc
+        head = self.head_revision()
+        if current != head:
+            raise SchemaOutOfDateError(current, head)

@@ -1,0 +1,172 @@
+"""Evaluation: scored forecasts, calibration, anomalies and accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from forecaster import schema as s
+from forecaster.frames import TS_DTYPE
+from forecaster.store.base import (
+    StoreBase,
+    _utc,
+)
+
+
+class EvaluationStore(StoreBase):
+    # -- evaluation ----------------------------------------------------------------------
+
+    def calibration_for(self, model: str) -> dict[int, float]:
+        """horizon_step -> conformal correction for a model key ("v3"); empty when none yet."""
+        c = s.calibration
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(c.c.horizon_step, c.c.correction).where(c.c.model == model)
+            )
+            return {step: corr for step, corr in rows}
+
+    def scored_forecasts(self, model: str, since: datetime) -> pl.DataFrame:
+        """Forecasts of `model` with targets at or after `since` whose actuals have arrived:
+        series_id, origin_ts, target_ts, horizon_step, yhat, yhat_lower, yhat_upper,
+        raw_lower, raw_upper, interval_level, actual."""
+        f, o = s.forecasts, s.observations
+        q = (
+            sa.select(
+                f.c.series_id,
+                f.c.origin_ts,
+                f.c.target_ts,
+                f.c.horizon_step,
+                f.c.yhat,
+                f.c.yhat_lower,
+                f.c.yhat_upper,
+                f.c.raw_lower,
+                f.c.raw_upper,
+                f.c.interval_level,
+                o.c.value.label("actual"),
+            )
+            .join(o, sa.and_(o.c.series_id == f.c.series_id, o.c.ts == f.c.target_ts))
+            .where(
+                f.c.model == model,
+                f.c.superseded.is_(False),
+                f.c.target_ts >= since,
+                o.c.quality == "observed",
+                o.c.value.is_not(None),
+            )
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        schema_ = {
+            "series_id": pl.Int64,
+            "origin_ts": TS_DTYPE,
+            "target_ts": TS_DTYPE,
+            "horizon_step": pl.Int64,
+            "yhat": pl.Float64,
+            "yhat_lower": pl.Float64,
+            "yhat_upper": pl.Float64,
+            "raw_lower": pl.Float64,
+            "raw_upper": pl.Float64,
+            "interval_level": pl.Float64,
+            "actual": pl.Float64,
+        }
+        return pl.DataFrame(rows, schema=schema_, orient="row")
+
+    def newest_scored_target(self, model: str) -> datetime | None:
+        f, o = s.forecasts, s.observations
+        q = (
+            sa.select(sa.func.max(f.c.target_ts))
+            .join(o, sa.and_(o.c.series_id == f.c.series_id, o.c.ts == f.c.target_ts))
+            .where(f.c.model == model, o.c.quality == "observed")
+        )
+        with self.engine.connect() as conn:
+            value = conn.execute(q).scalar_one_or_none()
+        if isinstance(value, str):  # max() over SQLite text
+            value = datetime.fromisoformat(value)
+        return None if value is None else _utc(value)
+
+    def save_calibration(
+        self, conn: Connection, model: str, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        if not rows:
+            return
+        stmt = self._upsert(s.calibration, ("correction", "n_scored", "coverage_raw", "updated_at"))
+        now = datetime.now(UTC)
+        conn.execute(stmt, [{**r, "model": model, "updated_at": now} for r in rows])
+
+    def insert_anomalies(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Store anomalies once (keyed by series, time and model); returns how many are new."""
+        if not rows:
+            return 0
+        now = datetime.now(UTC)
+        stmt = (
+            self._insert(s.anomalies)
+            .on_conflict_do_nothing(index_elements=["series_id", "ts", "model"])
+            .returning(s.anomalies.c.series_id)
+        )
+        return len(conn.execute(stmt, [{**r, "created_at": now} for r in rows]).all())
+
+    def list_anomalies(
+        self, series_name: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        a, se = s.anomalies, s.series
+        q = sa.select(se.c.name.label("series"), a).join(se, se.c.id == a.c.series_id)
+        if series_name is not None:
+            q = q.where(se.c.name == series_name)
+        q = q.order_by(a.c.ts.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def accuracy_by_model(self, window: timedelta) -> list[dict[str, Any]]:
+        """Per model over the forecast_accuracy view's last `window` of targets: n, MAE,
+        band coverage and mean pinball loss (None for models without a band)."""
+        view = sa.table(
+            "forecast_accuracy",
+            *(
+                sa.column(c)
+                for c in (
+                    "model",
+                    "target_ts",
+                    "abs_error",
+                    "inside_interval",
+                    "pinball_loss",
+                    "yhat_lower",
+                )
+            ),
+        )
+        newest = sa.select(sa.func.max(view.c.target_ts)).scalar_subquery()
+        with self.engine.connect() as conn:
+            newest_ts = conn.execute(sa.select(newest)).scalar_one_or_none()
+            if newest_ts is None:
+                return []
+            if isinstance(newest_ts, str):
+                newest_ts = datetime.fromisoformat(newest_ts)
+            since = _utc(newest_ts) - window
+            since_bind = (
+                since.replace(tzinfo=None).isoformat(" ") if self.dialect == "sqlite" else since
+            )
+            has_band = view.c.yhat_lower.is_not(None)
+            q = (
+                sa.select(
+                    view.c.model,
+                    sa.func.count().label("n"),
+                    sa.func.avg(view.c.abs_error).label("mae"),
+                    sa.func.avg(sa.case((has_band, view.c.inside_interval), else_=None)).label(
+                        "coverage"
+                    ),
+                    sa.func.avg(sa.case((has_band, view.c.pinball_loss), else_=None)).label(
+                        "pinball"
+                    ),
+                )
+                .where(view.c.target_ts >= since_bind)
+                .group_by(view.c.model)
+                .order_by(view.c.model)
+            )
+            return [
+                {k: (float(v) if isinstance(v, Decimal) else v) for k, v in r._mapping.items()}
+                for r in conn.execute(q)
+            ]
