@@ -105,6 +105,11 @@ watermarks = sa.Table(
     sa.Column("ts", UTCDateTime, nullable=False),  # newest point stored
     sa.Column("last_value", sa.Float, nullable=True),  # seeds ffill/interpolate of the next batch
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # Late data: the oldest point at or before the watermark whose stored value a batch
+    # changed since predict last looked (NULL when none), and a counter bumped with every
+    # such batch, so predict clears only the mark it handled, never one that landed since.
+    sa.Column("late_from", UTCDateTime, nullable=True),
+    sa.Column("late_seq", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 source_cursors = sa.Table(
@@ -223,6 +228,9 @@ forecasts = sa.Table(
     sa.Column("model", sa.String(64), primary_key=True),
     sa.Column("origin_ts", UTCDateTime, primary_key=True),  # the last observed point used
     sa.Column("horizon_step", sa.Integer, primary_key=True),
+    # 0 when first issued; a late point re-issues the forecast as revision + 1 and marks the
+    # old row superseded, so the history stays and one row per key is current.
+    sa.Column("revision", sa.Integer, primary_key=True, server_default="0"),
     sa.Column(
         "model_version_id",
         sa.Integer,
@@ -240,6 +248,17 @@ forecasts = sa.Table(
     sa.Column("raw_upper", sa.Float, nullable=True),
     sa.Column("superseded", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # One current (not superseded) forecast per series, model, origin and step.
+    sa.Index(
+        "uq_forecasts_current",
+        "series_id",
+        "model",
+        "origin_ts",
+        "horizon_step",
+        unique=True,
+        sqlite_where=sa.text("superseded = 0"),
+        postgresql_where=sa.text("NOT superseded"),
+    ),
 )
 
 # -- evaluation ---------------------------------------------------------------------------------

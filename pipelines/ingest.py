@@ -133,7 +133,14 @@ def ingest_batch(
         points = frames.resample(good, freq_us, defaults.aggregate)
         points = frames.fill_gaps(points, previous.drop("series_id"), freq_us, defaults.gap_policy)
         points = frames.assign_windows(points, window_us).join(id_frame, on="series")
+        # Late data: points at or before the stored watermark that change what is stored
+        # mark their series, so predict rewinds its state to before them (pipelines.predict).
+        late = points.join(previous.select("series_id", "prev_ts"), on="series_id").filter(
+            pl.col("ts") <= pl.col("prev_ts")
+        )
+        late = store.late_changes(conn, late)
         store.upsert_observations(conn, points)
+        store.mark_late(conn, late.group_by("series_id").agg(pl.col("ts").min().alias("late_from")))
 
         newest = (
             points.sort("ts")

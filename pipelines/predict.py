@@ -47,6 +47,7 @@ class PredictSummary:
     series_advanced: int = 0
     points_absorbed: int = 0
     forecasts_written: int = 0
+    series_rewound: int = 0  # late data: restored from a snapshot and re-advanced
     skipped_unknown: list[str] = field(default_factory=list)  # series the model has no scaler for
 
     def line(self) -> str:
@@ -55,6 +56,8 @@ class PredictSummary:
             if self.skipped_unknown
             else ""
         )
+        if self.series_rewound:
+            extra += f"; {self.series_rewound} series re-forecast after late points"
         return (
             f"model v{self.version_id}: {self.series_advanced} series advanced over "
             f"{self.points_absorbed} new points, {self.forecasts_written} forecast rows written{extra}"
@@ -83,8 +86,21 @@ def run_predict(
     targets = [t for t in targets if t["name"] in row_of and t["freq_seconds"] == spec.freq_seconds]
     states = store.load_states(vid, [t["id"] for t in targets])
 
+    # Late data: a point changed at or before the time a state has absorbed. Such a series
+    # is rewound to the snapshot before that point and re-advanced (below); a late mark
+    # past the state is just cleared by the ordinary pass, which reads that point anyway.
+    late = [
+        t
+        for t in targets
+        if t["late_from"] is not None and t["id"] in states and t["late_from"] <= states[t["id"]][2]
+    ]
+    late_ids = {t["id"] for t in late}
+    rewinds = _plan_rewinds(store, vid, late, states, step, warmup_steps)
+
     groups: dict[tuple[datetime | None, datetime, int], list[dict]] = defaultdict(list)
     for t in targets:
+        if t["id"] in late_ids:
+            continue
         saved = states.get(t["id"])
         state_ts = saved[2] if saved else None
         if state_ts is not None and state_ts >= t["watermark"]:
@@ -92,15 +108,44 @@ def run_predict(
         groups[(state_ts, t["watermark"], t["window_seconds"])].append(t)
 
     for (state_ts, watermark, window_s), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
+        first_new = (
+            state_ts + step if state_ts is not None else watermark - (warmup_steps - 1) * step
+        )
         for i in range(0, len(members), chunk):
             part = members[i : i + chunk]
-            first_new = (
-                state_ts + step if state_ts is not None else watermark - (warmup_steps - 1) * step
-            )
-            written, n_new = _predict_chunk(
-                store, trained, vid, part, states, first_new, watermark, window_s, keep_snapshots
+            saved = [states.get(m["id"]) for m in part]
+            written, n_new = _advance_chunk(
+                store,
+                trained,
+                vid,
+                part,
+                saved if saved[0] is not None else None,
+                first_new,
+                [watermark],
+                window_s,
+                keep_snapshots,
             )
             summary.series_advanced += len(part)
+            summary.points_absorbed += n_new * len(part)
+            summary.forecasts_written += written
+
+    for (first_new, origins, window_s, _), plans in rewinds.items():
+        for i in range(0, len(plans), chunk):
+            part = plans[i : i + chunk]
+            saved = [p.snapshot for p in part]
+            written, n_new = _advance_chunk(
+                store,
+                trained,
+                vid,
+                [p.target for p in part],
+                saved if saved[0] is not None else None,
+                first_new,
+                list(origins),
+                window_s,
+                keep_snapshots,
+                reissued=[(p.target["id"], o) for p in part for o in p.stale_origins],
+            )
+            summary.series_rewound += len(part)
             summary.points_absorbed += n_new * len(part)
             summary.forecasts_written += written
     log.info(
@@ -109,28 +154,152 @@ def run_predict(
     return summary
 
 
-def _predict_chunk(
+@dataclass
+class _Rewind:
+    target: dict  # the series' prediction_targets row
+    snapshot: tuple[bytes, list[int], datetime] | None  # restored state; None: warm up again
+    stale_origins: list[datetime]  # origins whose forecasts read the late point
+
+
+def _plan_rewinds(
+    store: Store,
+    vid: int,
+    late: list[dict],
+    states: dict,
+    step: timedelta,
+    warmup_steps: int,
+) -> dict[tuple[datetime, tuple[datetime, ...], int, bool], list[_Rewind]]:
+    """Group the late series by where their re-advance starts and which origins it re-issues.
+
+    Each restarts from the newest window-edge snapshot before its late point and forecasts
+    again from every origin at or after that point, then from its watermark if new points
+    came too: the forecasts and state come out as if the point had been on time. With no
+    snapshot that old (pruned, or the point predates the state's warm-up), the state is
+    warmed up again before the first stale origin, as a new state would have been."""
+    if not late:
+        return {}
+    since = {t["id"]: t["late_from"] for t in late}
+    snaps = store.snapshots_before(vid, since)
+    stale = store.issued_origins(f"v{vid}", since)
+    out: dict[tuple[datetime, tuple[datetime, ...], int, bool], list[_Rewind]] = defaultdict(list)
+    for t in late:
+        sid, watermark = t["id"], t["watermark"]
+        origins = list(stale[sid])
+        if watermark > states[sid][2]:
+            origins.append(watermark)
+        elif not origins or origins[-1] != watermark:
+            origins.append(watermark)  # the state must end at the watermark
+        snap = snaps.get(sid)
+        if snap is not None:
+            first_new = snap[2] + step
+        else:
+            first_new = origins[0] - (warmup_steps - 1) * step
+            log.warning(
+                "late point older than the kept snapshots: warming the state up again",
+                series=t["name"],
+                late_from=t["late_from"].isoformat(),
+            )
+        # Restored snapshots and fresh warm-ups cannot share a batched state.
+        key = (first_new, tuple(origins), t["window_seconds"], snap is not None)
+        out[key].append(_Rewind(target=t, snapshot=snap, stale_origins=stale[sid]))
+    return out
+
+
+def _advance_chunk(
     store: Store,
     trained: TrainedModel,
     vid: int,
     members: list[dict],
-    states: dict,
+    saved: list | None,
     first_new: datetime,
-    watermark: datetime,
+    origins: list[datetime],
     window_s: int,
     keep_snapshots: int,
+    reissued: list[tuple[int, datetime]] | None = None,
 ) -> tuple[int, int]:
+    """Advance the chunk's states (saved: one (bytes, shape, ts) per member, or None for a
+    warm-up from zero) from first_new over the points to the last origin, forecasting from
+    each origin, and commit forecasts, states, snapshots and cleared late marks together.
+    Returns (forecast rows written, points absorbed per series)."""
     spec = trained.spec
     step_s = spec.freq_seconds
+    step = timedelta(seconds=step_s)
+    watermark = origins[-1]
     grid_start = first_new - timedelta(seconds=history_steps(spec) * step_s)
     start = int(grid_start.timestamp())
     n = int((watermark - grid_start).total_seconds()) // step_s + 1
     lo = n - (int((watermark - first_new).total_seconds()) // step_s + 1)
     ids = [m["id"] for m in members]
-    step = timedelta(seconds=step_s)
     spans = [(first_new, watermark)] + [
-        (watermark + a * step, watermark + b * step) for a, b in lag_offsets(spec)
+        (o + a * step, o + b * step) for o in origins for a, b in lag_offsets(spec)
     ]
+    values = _read_grid(store, ids, spans, start, step_s, n)
+    row_of = {name: i for i, name in enumerate(trained.names)}
+    scaler_rows = torch.tensor([row_of[m["name"]] for m in members])
+    state = None
+    if saved is not None:
+        state = state_from_rows([s[0] for s in saved], saved[0][1], trained.model_config.kind)
+    corrections = store.calibration_for(f"v{vid}")
+    forecasts: list[dict] = []
+    edge_states: list[tuple[int, object]] = []
+    a = lo
+    for origin in origins:
+        hi = int((origin - grid_start).total_seconds()) // step_s + 1
+        out = advance(
+            trained,
+            values,
+            start,
+            a,
+            hi,
+            state,
+            window_steps=window_s // step_s,
+            scaler_rows=scaler_rows,
+        )
+        forecasts += _forecast_rows(
+            trained, vid, ids, out.quantiles, values, hi - 1, origin, corrections
+        )
+        edge_states += out.edge_states
+        state, a = out.state, hi
+
+    state_rows, shape = state_to_rows(state)
+    new_states = [
+        {"series_id": sid, "state": b, "shape": shape, "state_ts": watermark}
+        for sid, b in zip(ids, state_rows, strict=True)
+    ]
+    snapshots = []
+    for idx, edge_state in edge_states:
+        edge_rows, _ = state_to_rows(edge_state)
+        edge_ts = datetime.fromtimestamp(start + idx * step_s, UTC)
+        wid = (start + idx * step_s) // window_s
+        snapshots += [
+            {"series_id": sid, "window_id": wid, "state": b, "shape": shape, "state_ts": edge_ts}
+            for sid, b in zip(ids, edge_rows, strict=True)
+        ]
+    late_handled = [(m["id"], m["late_seq"]) for m in members if m.get("late_from") is not None]
+    with store.begin() as conn:
+        written = store.save_prediction(
+            conn,
+            version_id=vid,
+            states=new_states,
+            snapshots=snapshots,
+            forecasts=forecasts,
+            keep_snapshots=keep_snapshots,
+            reissued=reissued or (),
+            late_handled=late_handled,
+        )
+    return written, n - lo
+
+
+def _read_grid(
+    store: Store,
+    ids: list[int],
+    spans: list[tuple[datetime, datetime]],
+    start: int,
+    step_s: int,
+    n: int,
+) -> torch.Tensor:
+    """The stored values inside `spans` on a (series, n-step) grid from epoch `start`; NaN
+    where nothing is stored or read."""
     frame = store.recent_values(ids, spans)
     values = torch.full((len(ids), n), float("nan"))
     if frame.height:
@@ -141,51 +310,7 @@ def _predict_chunk(
         values[rows[keep], cols[keep]] = (
             frame["value"].fill_null(float("nan")).to_torch().float()[keep]
         )
-    row_of = {name: i for i, name in enumerate(trained.names)}
-    scaler_rows = torch.tensor([row_of[m["name"]] for m in members])
-    saved = [states.get(sid) for sid in ids]
-    state = None
-    if saved[0] is not None:
-        state = state_from_rows([s[0] for s in saved], saved[0][1], trained.model_config.kind)
-    out = advance(
-        trained,
-        values,
-        start,
-        lo,
-        n,
-        state,
-        window_steps=window_s // step_s,
-        scaler_rows=scaler_rows,
-    )
-
-    state_rows, shape = state_to_rows(out.state)
-    new_states = [
-        {"series_id": sid, "state": b, "shape": shape, "state_ts": watermark}
-        for sid, b in zip(ids, state_rows, strict=True)
-    ]
-    snapshots = []
-    for idx, edge_state in out.edge_states:
-        edge_rows, _ = state_to_rows(edge_state)
-        edge_ts = datetime.fromtimestamp(start + idx * step_s, UTC)
-        wid = (start + idx * step_s) // window_s
-        snapshots += [
-            {"series_id": sid, "window_id": wid, "state": b, "shape": shape, "state_ts": edge_ts}
-            for sid, b in zip(ids, edge_rows, strict=True)
-        ]
-    corrections = store.calibration_for(f"v{vid}")
-    forecasts = _forecast_rows(
-        trained, vid, ids, out.quantiles, values, n - 1, watermark, corrections
-    )
-    with store.begin() as conn:
-        written = store.save_prediction(
-            conn,
-            version_id=vid,
-            states=new_states,
-            snapshots=snapshots,
-            forecasts=forecasts,
-            keep_snapshots=keep_snapshots,
-        )
-    return written, n - lo
+    return values
 
 
 def _forecast_rows(

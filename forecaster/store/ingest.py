@@ -111,6 +111,68 @@ class IngestStore(StoreBase):
             ],
         )
 
+    def late_changes(self, conn: Connection, points: pl.DataFrame) -> pl.DataFrame:
+        """Of `points` (series_id, ts, value, quality; at or before their series' watermark),
+        the ones whose upsert will change what is stored: a new point, an observed value
+        over a filled one, or a different observed value. A source that re-sends what it
+        sent before changes nothing and marks nothing late."""
+        empty = pl.DataFrame(schema={"series_id": pl.Int64, "ts": TS_DTYPE})
+        if points.is_empty():
+            return empty
+        o = s.observations
+        stored: list[tuple[Any, ...]] = []
+        spans = points.group_by("series_id").agg(
+            pl.col("ts").min().alias("lo"), pl.col("ts").max().alias("hi")
+        )
+        for sid, lo, hi in spans.rows():
+            q = sa.select(o.c.series_id, o.c.ts, o.c.value, o.c.quality).where(
+                o.c.series_id == sid, o.c.ts.between(lo, hi)
+            )
+            stored.extend(conn.execute(q))
+        before = pl.DataFrame(
+            stored,
+            schema={
+                "series_id": pl.Int64,
+                "ts": TS_DTYPE,
+                "old_value": pl.Float64,
+                "old_quality": pl.Utf8,
+            },
+            orient="row",
+        )
+        joined = points.select("series_id", "ts", "value", "quality").join(
+            before, on=["series_id", "ts"], how="left"
+        )
+        observed = pl.col("quality") == "observed"
+        changed = (
+            pl.col("old_quality").is_null()
+            | (observed & (pl.col("old_quality") != "observed"))
+            | (observed & pl.col("value").ne_missing(pl.col("old_value")))
+        )
+        return joined.filter(changed).select("series_id", "ts")
+
+    def mark_late(self, conn: Connection, marks: pl.DataFrame) -> None:
+        """marks: series_id, late_from. Moves each series' late mark back to late_from (never
+        forward) and bumps its late_seq, in the batch's transaction."""
+        if marks.is_empty():
+            return
+        w = s.watermarks
+        ts = sa.bindparam("late_ts", type_=s.UTCDateTime)
+        conn.execute(
+            sa.update(w)
+            .where(w.c.series_id == sa.bindparam("sid"))
+            .values(
+                late_from=sa.case(
+                    (sa.or_(w.c.late_from.is_(None), w.c.late_from > ts), ts),
+                    else_=w.c.late_from,
+                ),
+                late_seq=w.c.late_seq + 1,
+            ),
+            [
+                {"sid": sid, "late_ts": ts_}
+                for sid, ts_ in marks.select("series_id", "late_from").rows()
+            ],
+        )
+
     # -- observations and windows --------------------------------------------------------
 
     def upsert_observations(self, conn: Connection, points: pl.DataFrame) -> int:

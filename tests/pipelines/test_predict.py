@@ -57,11 +57,14 @@ def trained(tmp_path_factory):
     return result, uri, sha
 
 
-def _ingest_days(store: Store, first: int, last: int) -> None:
+def _ingest_days(store: Store, first: int, last: int, skip: tuple = ()) -> None:
+    """Hours first*24 .. last*24 - 1 of every series, but the (series, hour) pairs in skip."""
     vals = _values()
     series, ts, value = [], [], []
     for name, v in vals.items():
         for h in range(first * 24, last * 24):
+            if (name, h) in skip:
+                continue
             series.append(name)
             ts.append((START + timedelta(hours=h)).isoformat())
             value.append(str(v[h]))
@@ -104,7 +107,7 @@ def _forecasts(store: Store) -> list[tuple]:
                 f.c.yhat_upper,
                 f.c.interval_level,
                 f.c.superseded,
-            ).order_by(f.c.series_id, f.c.model, f.c.origin_ts, f.c.horizon_step)
+            ).order_by(f.c.series_id, f.c.model, f.c.origin_ts, f.c.horizon_step, f.c.revision)
         ).all()
     return [tuple(r) for r in rows]
 
@@ -262,3 +265,98 @@ def test_no_champion_is_a_clear_error(sqlite_url):
     store.upgrade()
     with pytest.raises(predict_job.NoChampionError, match="forecaster train"):
         run_predict(store)
+
+
+LATE = ("sine.0", 33 * 24 + 5)  # 05:00 on day 33; it arrives two days late, after day 35
+
+
+def _late_point(store: Store, hour: int = LATE[1]):
+    ts = (START + timedelta(hours=hour)).isoformat()
+    value = str(_values()[LATE[0]][hour])
+    return ingest_batch(
+        store,
+        "t",
+        Batch(raw_frame([LATE[0]], [ts], [value], "t"), {"late": hour}),
+        SeriesDefaults(),
+        NOW,
+    )
+
+
+def test_a_late_point_rewinds_the_state_as_if_it_had_arrived_on_time(db_url, trained, tmp_path):
+    on_time = _setup(f"sqlite:///{tmp_path / 'on_time.db'}", trained)
+    late = _setup(db_url, trained)
+    for store, skip in ((on_time, ()), (late, (LATE,))):
+        _ingest_days(store, 0, 30)
+        run_predict(store, warmup_steps=WARMUP)
+        for day in range(30, 36):
+            _ingest_days(store, day, day + 1, skip=skip)
+            assert run_predict(store, warmup_steps=WARMUP).series_rewound == 0
+    assert _forecasts(late) != _forecasts(on_time)  # the missing point made a difference
+
+    _late_point(late)
+    summary = run_predict(late, warmup_steps=WARMUP)
+    assert summary.series_rewound == 1 and summary.series_advanced == 0
+    # Origins at or after the late point: the ends of days 33, 34 and 35, x 3 models x 24.
+    assert summary.forecasts_written == 3 * 3 * 24
+
+    current = [r for r in _forecasts(late) if not r[9]]
+    want = _forecasts(on_time)
+    assert [r[:5] for r in current] == [r[:5] for r in want]
+    for got, ref in zip(current, want, strict=True):
+        assert [x is None for x in got[5:8]] == [x is None for x in ref[5:8]]
+        nums = [(a, b) for a, b in zip(got[5:8], ref[5:8], strict=True) if a is not None]
+        assert [a for a, _ in nums] == pytest.approx([b for _, b in nums], rel=1e-5, abs=1e-5)
+    stale = [r for r in _forecasts(late) if r[9]]
+    ids = {r["name"]: r["id"] for r in late.prediction_targets()}
+    # All but one: the daily naive of day 33's end could not copy the missing point.
+    assert len(stale) == 3 * 3 * 24 - 1 and {r[0] for r in stale} == {ids[LATE[0]]}
+    assert min(r[2] for r in stale) == START + timedelta(hours=34 * 24 - 1)  # end of day 33
+
+    (got_states, want_states) = (_states(late), _states(on_time))
+    assert [r[:2] for r in got_states] == [r[:2] for r in want_states]
+    for got, ref in zip(got_states, want_states, strict=True):
+        a = torch.frombuffer(bytearray(got[2]), dtype=torch.float32)
+        b = torch.frombuffer(bytearray(ref[2]), dtype=torch.float32)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    # Handled once: the mark is cleared with the commit, so a re-run does nothing...
+    again = run_predict(late, warmup_steps=WARMUP)
+    assert again.series_rewound == 0 and again.forecasts_written == 0
+    # ...a source re-sending the same point changes nothing and marks nothing...
+    _late_point(late)
+    assert run_predict(late, warmup_steps=WARMUP).series_rewound == 0
+    # ...and a point older than the lateness bound (7 days) is quarantined, not absorbed.
+    result = _late_point(late, hour=20 * 24)
+    assert result.quarantined == {"too_late": 1}
+    assert run_predict(late, warmup_steps=WARMUP).series_rewound == 0
+    on_time.close()
+    late.close()
+
+
+def test_a_crash_while_re_forecasting_a_late_point_then_a_restart_loses_nothing(
+    db_url, trained, monkeypatch, tmp_path
+):
+    reference = _setup(f"sqlite:///{tmp_path / 'ref.db'}", trained)
+    store = _setup(db_url, trained)
+    for s in (reference, store):
+        _ingest_days(s, 0, 34, skip=(LATE,))
+        run_predict(s, warmup_steps=WARMUP)
+        _late_point(s)
+    run_predict(reference, warmup_steps=WARMUP)
+
+    real = Store.save_prediction
+
+    def crash(self, conn, **kw):
+        real(self, conn, **kw)
+        raise RuntimeError("killed inside the re-forecast's transaction")
+
+    monkeypatch.setattr(Store, "save_prediction", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_predict(store, warmup_steps=WARMUP)
+    monkeypatch.setattr(Store, "save_prediction", real)
+    assert run_predict(store, warmup_steps=WARMUP).series_rewound == 1
+    assert run_predict(store, warmup_steps=WARMUP).series_rewound == 0
+    strip = lambda rows: [r[:5] + (round(r[5], 4), r[9]) for r in rows]  # noqa: E731
+    assert strip(_forecasts(store)) == strip(_forecasts(reference))
+    store.close()
+    reference.close()
