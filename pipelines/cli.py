@@ -269,10 +269,6 @@ def quarantine_list(
         out.print(summary)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
 # -- training and the model registry ------------------------------------------------------
 
 models_app = typer.Typer(help="Trained model versions.", no_args_is_help=True)
@@ -445,6 +441,27 @@ def forecasts_show(series: Annotated[str, typer.Argument(help="series name")]) -
             out.print("no forecasts yet: run `forecaster predict`")
 
 
+@app.command("plot")
+def plot_cmd(
+    series: Annotated[str, typer.Argument(help="series name")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", dir_okay=False, help="PNG file to write")
+    ],
+    days: Annotated[int, typer.Option(min=1, help="days of actuals before the newest point")] = 14,
+    model: Annotated[
+        str | None,
+        typer.Option(help="v<id> or a seasonal_naive_* baseline (default: the champion)"),
+    ] = None,
+) -> None:
+    """Draw a series' actuals, latest forecast median and band, and anomalies to a PNG."""
+    from pipelines.plot import plot_series
+
+    with _errors():
+        with _store(_settings()) as store:
+            summary = plot_series(store, series, output, days=days, model=model)
+        out.print(summary.line(), highlight=False)
+
+
 @models_app.command("promote")
 def models_promote(version: Annotated[int, typer.Argument(help="model version id")]) -> None:
     """Make a version the champion (the current one is retired), atomically."""
@@ -517,3 +534,7 @@ def anomalies_cmd(
                 r["model"],
             )
         out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
