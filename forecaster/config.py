@@ -12,7 +12,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -210,6 +218,101 @@ class TrainingSettings(_Model):
         return self
 
 
+class HttpSettings(_Model):
+    """The daemon's HTTP app: /metrics, /healthz, /readyz."""
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes it to the network")
+    port: int = Field(9464, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    token: SecretStr | None = Field(
+        None,
+        description="bearer token every endpoint but /healthz then requires; set it through "
+        "FORECASTER_HTTP__TOKEN rather than the file",
+    )
+
+
+class MetricsSettings(_Model):
+    """What /metrics exposes from SQL at scrape time (bounded: series x steps x quantiles)."""
+
+    series: list[str] = Field(["*"], description="glob patterns of the series exposed")
+    max_series: int = Field(500, gt=0, description="at most this many series (by name)")
+    horizon_steps: list[int] = Field(
+        [1, 6, 12, 24], description="horizon steps of forecaster_forecast exposed"
+    )
+
+
+class ScheduleSettings(_Model):
+    """When the daemon's jobs fire (UTC). Ingest runs at each source's own interval."""
+
+    predict_interval: Duration = Field(
+        timedelta(hours=1),
+        description="safety net: predict also runs right after an ingest completes a window",
+    )
+    evaluate_interval: Duration = Field(timedelta(hours=1), description="scoring and calibration")
+    retrain_cron: str | None = Field(
+        "0 3 * * 0", description="crontab (UTC) of scheduled retraining; None = only on trigger"
+    )
+    retrain_interval: Duration | None = Field(
+        None,
+        description="retrain every this long instead of the cron (used by replays and backtests, "
+        "whose simulated time has no wall-clock cron)",
+    )
+    housekeeping_interval: Duration = Field(timedelta(days=1), description="retention clean-up")
+    misfire_grace_time: Duration = Field(
+        timedelta(minutes=10),
+        description="a fire later than this is counted missed and skipped (APScheduler's default "
+        "of 1 s would silently skip runs)",
+    )
+    workers: int = Field(2, gt=0, description="threads running jobs in the daemon")
+
+
+class RetrainSettings(_Model):
+    """The retraining policy: scheduled, and triggered when accuracy degrades."""
+
+    enabled: bool = True
+    fine_tune: bool = Field(
+        True, description="start from the champion's weights (else from scratch)"
+    )
+    kind: Literal["lstm", "gru", "rnn", "seq2seq"] | None = Field(
+        None, description="model kind of a first model; default [training].kind"
+    )
+    epochs: int = Field(6, gt=0, description="most epochs of a retrain")
+    history: Duration = Field(timedelta(weeks=12), description="how far back a retrain reads")
+    min_history: Duration = Field(
+        timedelta(weeks=5), description="no model is trained before this much history is stored"
+    )
+    holdout: Duration = Field(
+        timedelta(days=7), description="recent tail scoring challenger against champion"
+    )
+    min_gain: float = Field(
+        0.0, ge=0, lt=1, description="the challenger's MASE must be this share below the champion's"
+    )
+    degrade_ratio: float = Field(
+        1.0,
+        gt=0,
+        description="retrain when the champion's MAE over degrade_window exceeds the best "
+        "seasonal naive's times this",
+    )
+    degrade_window: Duration = Field(timedelta(days=7), description="window of that comparison")
+    cooldown: Duration = Field(
+        timedelta(days=2), description="least time between two triggered retrains"
+    )
+    warmup: Duration = Field(
+        timedelta(weeks=2), description="history a new model's states are built from"
+    )
+
+
+class RetentionSettings(_Model):
+    """What housekeeping deletes. None keeps everything."""
+
+    observations: Duration | None = Field(None, description="observations older than this")
+    forecasts: Duration | None = Field(
+        timedelta(days=90), description="forecasts whose target is older than this"
+    )
+    job_runs: Duration | None = Field(
+        timedelta(days=30), description="job_runs rows older than this"
+    )
+
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "forecaster_config_file", default=None
 )
@@ -230,6 +333,11 @@ class Settings(BaseSettings):
     series: SeriesDefaults = Field(default_factory=SeriesDefaults)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     sources: dict[str, SourceConfig] = Field(default_factory=_default_sources)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -293,6 +401,8 @@ def public_dict(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data with every secret masked, for `config show`."""
     data = settings.model_dump(mode="json")
     data["database_url"] = mask_url(settings.database_url)
+    if settings.http.token is not None:
+        data["http"]["token"] = "*** (set)"
     for name, src in data["sources"].items():
         if "url" in src:
             src["url"] = mask_url(src["url"])

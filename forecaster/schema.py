@@ -291,3 +291,21 @@ anomalies = sa.Table(
     sa.Column("origin_ts", UTCDateTime, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
+
+# Rolling accuracy per series and model over the evaluate job's recent window: what the
+# retraining trigger, /metrics (forecaster_mase) and dashboards read. MASE is scaled by the
+# daily seasonal naive's in-sample MAE over the same window (1.0 = as good as copying
+# yesterday).
+series_accuracy = sa.Table(
+    "series_accuracy",
+    metadata,
+    _series_id(primary_key=True),
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("n_scored", sa.Integer, nullable=False),
+    sa.Column("mae", sa.Float, nullable=False),
+    sa.Column("mase", sa.Float, nullable=True),  # NULL when the series has no scale yet
+    sa.Column("coverage", sa.Float, nullable=True),  # of the served band; NULL for baselines
+    sa.Column("window_start", UTCDateTime, nullable=False),
+    sa.Column("window_end", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)

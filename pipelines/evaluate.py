@@ -33,6 +33,10 @@ class EvaluateSummary:
     coverage_raw: float | None = None
     steps_calibrated: int = 0
     new_anomalies: int = 0
+    # The champion's MAE over the last accuracy_window relative to the daily seasonal naive's
+    # on the same forecasts (pooled over series); None until both have been scored.
+    mase: float | None = None
+    accuracy_window: timedelta | None = None
 
     def line(self) -> str:
         if not self.scored:
@@ -53,7 +57,11 @@ def conformal_correction(scores: list[float], level: float) -> float:
 
 
 def run_evaluate(
-    store: Store, *, window: timedelta = timedelta(days=28), min_scored: int = 30
+    store: Store,
+    *,
+    window: timedelta = timedelta(days=28),
+    min_scored: int = 30,
+    accuracy_window: timedelta = timedelta(days=7),
 ) -> EvaluateSummary:
     champion = store.champion()
     if champion is None:
@@ -110,8 +118,70 @@ def run_evaluate(
         }
         for r in outside.iter_rows(named=True)
     ]
+    accuracy = _series_accuracy(store, model, scored, newest, accuracy_window)
+    summary.accuracy_window = accuracy_window
+    summary.mase = _pooled_mase(accuracy, model)
     with store.begin() as conn:
         store.save_calibration(conn, model, sorted(rows, key=lambda r: r["horizon_step"]))
         summary.new_anomalies = store.insert_anomalies(conn, anomalies)
+        store.save_series_accuracy(conn, accuracy)
     log.info("evaluate done", **summary.__dict__)
     return summary
+
+
+BASELINE_MODELS = ("seasonal_naive_daily", "seasonal_naive_weekly")
+
+
+def _series_accuracy(
+    store: Store, model: str, scored: pl.DataFrame, newest, window: timedelta
+) -> list[dict]:
+    """Per series, for the champion and the baselines over the last `window` of targets: n,
+    MAE, MASE (MAE over the daily naive's MAE on the same targets: with daily origins and a
+    horizon of at most a day, that is the textbook in-sample scale) and band coverage."""
+    since = newest - window
+    frames = {model: scored.filter(pl.col("target_ts") > since)}
+    for name in BASELINE_MODELS:
+        frames[name] = store.scored_forecasts(name, since + timedelta(microseconds=1))
+    stats = {}
+    for name, f in frames.items():
+        if f.is_empty():
+            continue
+        inside = (pl.col("actual") >= pl.col("yhat_lower")) & (
+            pl.col("actual") <= pl.col("yhat_upper")
+        )
+        stats[name] = f.group_by("series_id").agg(
+            pl.len().alias("n_scored"),
+            (pl.col("yhat") - pl.col("actual")).abs().mean().alias("mae"),
+            inside.cast(pl.Float64).mean().alias("coverage") if name == model else pl.lit(None),
+        )
+    if "seasonal_naive_daily" not in stats:
+        return []
+    scale = stats["seasonal_naive_daily"].select("series_id", pl.col("mae").alias("scale"))
+    rows = []
+    for name, st in stats.items():
+        joined = st.join(scale, on="series_id", how="left")
+        for r in joined.iter_rows(named=True):
+            mase = r["mae"] / r["scale"] if r["scale"] else None
+            rows.append(
+                {
+                    "series_id": r["series_id"],
+                    "model": name,
+                    "n_scored": r["n_scored"],
+                    "mae": r["mae"],
+                    "mase": mase,
+                    "coverage": r.get("coverage") if name == model else None,
+                    "window_start": since,
+                    "window_end": newest,
+                }
+            )
+    return rows
+
+
+def _pooled_mase(rows: list[dict], model: str) -> float | None:
+    """sum(MAE x n) of the model over sum(MAE x n) of the daily naive, across series."""
+
+    def total(name: str) -> float:
+        return sum(r["mae"] * r["n_scored"] for r in rows if r["model"] == name)
+
+    naive = total("seasonal_naive_daily")
+    return total(model) / naive if naive > 0 and any(r["model"] == model for r in rows) else None

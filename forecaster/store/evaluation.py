@@ -98,6 +98,27 @@ class EvaluationStore(StoreBase):
         now = datetime.now(UTC)
         conn.execute(stmt, [{**r, "model": model, "updated_at": now} for r in rows])
 
+    def save_series_accuracy(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Upsert rolling accuracy rows (series_id, model, n_scored, mae, mase, coverage,
+        window_start, window_end); a series scored no more keeps its last row."""
+        if not rows:
+            return
+        stmt = self._upsert(
+            s.series_accuracy,
+            ("n_scored", "mae", "mase", "coverage", "window_start", "window_end", "updated_at"),
+        )
+        now = datetime.now(UTC)
+        conn.execute(stmt, [{**r, "updated_at": now} for r in rows])
+
+    def series_accuracy(self, model: str | None = None) -> list[dict[str, Any]]:
+        """Rows of series_accuracy with the series' name, optionally of one model."""
+        a, se = s.series_accuracy, s.series
+        q = sa.select(se.c.name.label("series"), a).join(se, se.c.id == a.c.series_id)
+        if model is not None:
+            q = q.where(a.c.model == model)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q.order_by(se.c.name, a.c.model))]
+
     def insert_anomalies(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
         """Store anomalies once (keyed by series, time and model); returns how many are new."""
         if not rows:
