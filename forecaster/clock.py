@@ -33,3 +33,12 @@ class FixedClock:
     def advance(self, delta: timedelta) -> datetime:
         self._now += delta
         return self._now
+
+    def set(self, when: datetime) -> None:
+        """Move to `when` (a simulated scheduler steps from fire to fire); never back."""
+        if when.tzinfo is None:
+            raise ValueError("FixedClock.set needs a tz-aware time")
+        when = when.astimezone(UTC)
+        if when < self._now:
+            raise ValueError(f"a clock does not run backwards: {when} < {self._now}")
+        self._now = when

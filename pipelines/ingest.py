@@ -36,6 +36,7 @@ class BatchResult:
     quarantined: Counter[str]
     windows: int  # windows recounted
     series: int  # distinct series in the batch
+    windows_completed: int = 0  # windows whose last slot this batch stored
 
 
 @dataclass
@@ -46,6 +47,7 @@ class IngestSummary:
     observed: int = 0
     filled: int = 0
     windows: int = 0
+    windows_completed: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     exhausted: bool = False
 
@@ -55,6 +57,7 @@ class IngestSummary:
         self.observed += r.observed
         self.filled += r.filled
         self.windows += r.windows
+        self.windows_completed += r.windows_completed
         self.quarantined.update(r.quarantined)
 
     def merge(self, other: IngestSummary) -> None:
@@ -63,6 +66,7 @@ class IngestSummary:
         self.observed += other.observed
         self.filled += other.filled
         self.windows += other.windows
+        self.windows_completed += other.windows_completed
         self.quarantined.update(other.quarantined)
         self.exhausted = other.exhausted
 
@@ -166,6 +170,9 @@ def ingest_batch(
         quarantined=Counter(quarantined["reason"].to_list()),
         windows=n_windows,
         series=int(points["series_id"].n_unique()) if points.height else 0,
+        windows_completed=int(
+            ((points["ts"].dt.epoch("us") + freq_us) % window_us == 0).sum() if points.height else 0
+        ),
     )
 
 

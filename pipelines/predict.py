@@ -21,6 +21,7 @@ import torch
 
 from forecaster.checkpoints import load_checkpoint
 from forecaster.errors import ForecasterError
+from forecaster.frames import TS_DTYPE
 from forecaster.inference import (
     advance,
     history_steps,
@@ -34,6 +35,7 @@ from forecaster.trained import TrainedModel
 
 log = structlog.get_logger(__name__)
 BASELINES = ("daily", "weekly")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class NoChampionError(ForecasterError, LookupError):
@@ -70,9 +72,16 @@ def _load(uri: str, sha256: str) -> TrainedModel:
 
 
 def run_predict(
-    store: Store, *, warmup_steps: int = 336, keep_snapshots: int = 7, chunk: int = 2048
+    store: Store,
+    *,
+    warmup_steps: int = 336,
+    keep_snapshots: int = 7,
+    chunk: int = 2048,
+    version_id: int | None = None,
 ) -> PredictSummary:
-    champion = store.champion()
+    """One pass for the champion (or, to build a challenger's states before it is promoted,
+    the model version `version_id`)."""
+    champion = store.champion() if version_id is None else store.model_version(version_id)
     if champion is None:
         raise NoChampionError()
     vid = champion["id"]
@@ -240,7 +249,7 @@ def _advance_chunk(
     if saved is not None:
         state = state_from_rows([s[0] for s in saved], saved[0][1], trained.model_config.kind)
     corrections = store.calibration_for(f"v{vid}")
-    forecasts: list[dict] = []
+    forecasts: list[pl.DataFrame] = []
     edge_states: list[tuple[int, object]] = []
     a = lo
     for origin in origins:
@@ -255,8 +264,8 @@ def _advance_chunk(
             window_steps=window_s // step_s,
             scaler_rows=scaler_rows,
         )
-        forecasts += _forecast_rows(
-            trained, vid, ids, out.quantiles, values, hi - 1, origin, corrections
+        forecasts.append(
+            _forecast_rows(trained, vid, ids, out.quantiles, values, hi - 1, origin, corrections)
         )
         edge_states += out.edge_states
         state, a = out.state, hi
@@ -282,7 +291,7 @@ def _advance_chunk(
             version_id=vid,
             states=new_states,
             snapshots=snapshots,
-            forecasts=forecasts,
+            forecasts=pl.concat(forecasts),
             keep_snapshots=keep_snapshots,
             reissued=reissued or (),
             late_handled=late_handled,
@@ -322,64 +331,71 @@ def _forecast_rows(
     origin: int,
     origin_ts: datetime,
     corrections: dict[int, float],
-) -> list[dict]:
-    """Rows for the forecasts table. The band served is the raw one widened (or narrowed) by
-    the conformal correction of its horizon step, never past the median."""
+) -> pl.DataFrame:
+    """Rows for the forecasts table, as a frame built from columns: the model's S x H, then
+    each baseline's where a value one season back is known. The band served is the raw one
+    widened (or narrowed) by the conformal correction of its horizon step, never past the
+    median."""
     spec = trained.spec
     quantiles = trained.model_config.quantiles
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1
     level = round(quantiles[hi_i] - quantiles[lo_i], 6)
-    step = timedelta(seconds=spec.freq_seconds)
     n_series, horizon = len(ids), spec.horizon
-    sid = np.repeat(np.asarray(ids), horizon)
-    steps = np.tile(np.arange(1, horizon + 1), n_series)
-    targets = [origin_ts + int(h) * step for h in range(1, horizon + 1)] * n_series
-    yhat = q[..., mid].reshape(-1).double().numpy()
-    raw_lo, raw_hi = (
-        q[..., lo_i].reshape(-1).double().numpy(),
-        q[..., hi_i].reshape(-1).double().numpy(),
-    )
+    sid = np.repeat(np.asarray(ids, dtype=np.int64), horizon)  # (S * H,)
+    steps = np.tile(np.arange(1, horizon + 1, dtype=np.int64), n_series)
+    origin_us = (origin_ts - _EPOCH) // timedelta(microseconds=1)
+    target_us = origin_us + steps * spec.freq_seconds * 1_000_000
+    yhat = q[..., mid].reshape(-1).double().numpy()  # (S * H,)
+    raw_lo = q[..., lo_i].reshape(-1).double().numpy()
+    raw_hi = q[..., hi_i].reshape(-1).double().numpy()
     corr = np.tile(np.array([corrections.get(h, 0.0) for h in range(1, horizon + 1)]), n_series)
     floor = 0.0 if trained.nonnegative else -np.inf
     lower = np.maximum(floor, np.minimum(yhat, raw_lo - corr))
     upper = np.maximum(yhat, raw_hi + corr)
-    model = f"v{vid}"
-    rows = [
-        {
-            "series_id": int(sid[i]),
-            "model": model,
-            "model_version_id": vid,
-            "origin_ts": origin_ts,
-            "horizon_step": int(steps[i]),
-            "target_ts": targets[i],
-            "yhat": float(yhat[i]),
-            "yhat_lower": float(lower[i]),
-            "yhat_upper": float(upper[i]),
-            "raw_lower": float(raw_lo[i]),
-            "raw_upper": float(raw_hi[i]),
-            "interval_level": level,
-        }
-        for i in range(n_series * horizon)
-    ]
+    band = (lower, upper, raw_lo, raw_hi, level)
+    frames = [_model_rows(sid, steps, target_us, yhat, f"v{vid}", vid, origin_us, band)]
     for season in BASELINES:
         naive = (
             seasonal_naive_at(spec, values, origin, season).reshape(-1).double().numpy()
         )  # (S * H,)
-        rows += [
-            {
-                "series_id": int(sid[i]),
-                "model": f"seasonal_naive_{season}",
-                "model_version_id": None,
-                "origin_ts": origin_ts,
-                "horizon_step": int(steps[i]),
-                "target_ts": targets[i],
-                "yhat": float(naive[i]),
-                "yhat_lower": None,
-                "yhat_upper": None,
-                "interval_level": None,
-                "raw_lower": None,
-                "raw_upper": None,
-            }
-            for i in np.flatnonzero(~np.isnan(naive))  # no value a season back: no forecast
-        ]
-    return rows
+        keep = ~np.isnan(naive)  # no value a season back: no forecast
+        model = f"seasonal_naive_{season}"
+        frames.append(
+            _model_rows(
+                sid[keep], steps[keep], target_us[keep], naive[keep], model, None, origin_us, None
+            )
+        )
+    return pl.concat(frames)
+
+
+def _model_rows(
+    sid: np.ndarray,
+    steps: np.ndarray,
+    target_us: np.ndarray,
+    yhat: np.ndarray,
+    model: str,
+    vid: int | None,
+    origin_us: int,
+    band: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float] | None,
+) -> pl.DataFrame:
+    """One model's rows (N,) as a frame of the forecasts table's columns; band is
+    (lower, upper, raw_lower, raw_upper, interval level), None for a baseline."""
+    n = len(sid)
+    none = pl.repeat(None, n, dtype=pl.Float64, eager=True)
+    lower, upper, raw_lo, raw_hi, level = band if band is not None else (none,) * 4 + (None,)
+    return pl.DataFrame(
+        {
+            "series_id": sid,
+            "model": pl.repeat(model, n, dtype=pl.String, eager=True),
+            "origin_ts": pl.repeat(origin_us, n, dtype=pl.Int64, eager=True).cast(TS_DTYPE),
+            "horizon_step": steps,
+            "model_version_id": pl.repeat(vid, n, dtype=pl.Int64, eager=True),
+            "target_ts": pl.Series(target_us, dtype=pl.Int64).cast(TS_DTYPE),
+            "yhat": yhat,
+            "yhat_lower": lower,
+            "yhat_upper": upper,
+            "interval_level": pl.repeat(level, n, dtype=pl.Float64, eager=True),
+            "raw_lower": raw_lo,
+            "raw_upper": raw_hi,
+        }
+    )

@@ -29,8 +29,15 @@ class TrainedVersion:
     result: TrainResult
 
 
-def load_panel(store: Store, series: list[str] | None = None) -> Panel:
-    """Every stored series (or the named ones) as one panel; they must share a frequency."""
+def load_panel(
+    store: Store,
+    series: list[str] | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Panel:
+    """Every stored series (or the named ones) as one panel, optionally only the points
+    between since and until; they must share a frequency."""
     known = {r["name"]: r for r in store.list_series()}
     names = series or sorted(known)
     for name in names:
@@ -43,8 +50,14 @@ def load_panel(store: Store, series: list[str] | None = None) -> Panel:
             f"the series have different frequencies ({sorted(freqs)} s)",
             "Train one model per frequency with --series.",
         )
-    frame = store.read_observations()
+    frame = store.read_observations(since=since, until=until)
     frame = frame.filter(pl.col("series").is_in(names))
+    if frame.is_empty():
+        raise ConfigError(
+            "training",
+            "no stored points to train on",
+            "Ingest a source first (`forecaster ingest`).",
+        )
     return Panel.from_frame(frame, freqs.pop())
 
 

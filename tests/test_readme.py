@@ -19,7 +19,7 @@ def test_quickstart_has_exactly_two_commands():
     assert len(cmds) == 2, cmds
     assert all("\n" not in c for c in cmds)
     assert cmds[0].startswith("python3 -m venv .venv && .venv/bin/pip install torch==2.13.0")
-    assert "forecaster ingest --source nycflights" in cmds[0]
+    assert cmds[0].endswith("forecaster run --demo --until-end")
 
 
 def test_ci_runs_the_readme_test_command():

@@ -36,11 +36,12 @@ class EvaluationStore(StoreBase):
         series_id, origin_ts, target_ts, horizon_step, yhat, yhat_lower, yhat_upper,
         raw_lower, raw_upper, interval_level, actual."""
         f, o = s.forecasts, s.observations
+        raw = sa.types.NullType()  # no per-value result processing: the frame converts columns
         q = (
             sa.select(
                 f.c.series_id,
-                f.c.origin_ts,
-                f.c.target_ts,
+                sa.type_coerce(f.c.origin_ts, raw).label("origin_ts"),
+                sa.type_coerce(f.c.target_ts, raw).label("target_ts"),
                 f.c.horizon_step,
                 f.c.yhat,
                 f.c.yhat_lower,
@@ -59,8 +60,6 @@ class EvaluationStore(StoreBase):
                 o.c.value.is_not(None),
             )
         )
-        with self.engine.connect() as conn:
-            rows = conn.execute(q).all()
         schema_ = {
             "series_id": pl.Int64,
             "origin_ts": TS_DTYPE,
@@ -74,7 +73,7 @@ class EvaluationStore(StoreBase):
             "interval_level": pl.Float64,
             "actual": pl.Float64,
         }
-        return pl.DataFrame(rows, schema=schema_, orient="row")
+        return self._frame(q, schema_)
 
     def newest_scored_target(self, model: str) -> datetime | None:
         f, o = s.forecasts, s.observations

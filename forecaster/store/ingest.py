@@ -400,14 +400,25 @@ class IngestStore(StoreBase):
                 out[t.name] = conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
         return out
 
-    def read_observations(self, series_name: str | None = None) -> pl.DataFrame:
-        """series, ts, value, quality, window_id, sorted; all series when no name is given."""
+    def read_observations(
+        self,
+        series_name: str | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> pl.DataFrame:
+        """series, ts, value, quality, window_id, sorted; all series when no name is given;
+        only points with since <= ts <= until when those are given."""
         o, se = s.observations, s.series
         q = sa.select(
             se.c.name.label("series"), o.c.ts, o.c.value, o.c.quality, o.c.window_id
         ).join(se, se.c.id == o.c.series_id)
         if series_name is not None:
             q = q.where(se.c.name == series_name)
+        if since is not None:
+            q = q.where(o.c.ts >= since)
+        if until is not None:
+            q = q.where(o.c.ts <= until)
         q = q.order_by(se.c.name, o.c.ts)
         with self.engine.connect() as conn:
             rows = conn.execute(q).all()

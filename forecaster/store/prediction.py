@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+import io
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any
 
 import polars as pl
@@ -15,6 +18,7 @@ from sqlalchemy.engine import Connection
 from forecaster import schema as s
 from forecaster.frames import TS_DTYPE
 from forecaster.store.base import (
+    _SQLITE_TS_FORMAT,
     StoreBase,
     _utc,
 )
@@ -63,19 +67,51 @@ class PredictionStore(StoreBase):
         self, series_ids: Sequence[int], spans: Sequence[tuple[datetime, datetime]]
     ) -> pl.DataFrame:
         """series_id, ts, value (NULL when missing) of the points inside any of the inclusive
-        time spans: the new points and the few seasonal lags a forecast reads."""
-        o = s.observations
-        rows: list[Any] = []
+        time spans: the new points and the few seasonal lags a forecast reads.
+
+        One query through the raw driver: the ids and the spans are bound as one parameter
+        each (a JSON array on SQLite, arrays on PostgreSQL) and joined to `observations`, so
+        each (series, span) is one range scan of its primary key (series_id, ts) and no
+        per-row SQLAlchemy processing runs; the frame is built from columns."""
         ids = sorted(set(series_ids))
-        in_spans = sa.or_(*(o.c.ts.between(lo, hi) for lo, hi in spans))
+        merged = _merge_spans(spans)
+        if not ids or not merged:
+            return pl.DataFrame(schema=_RECENT_SCHEMA)
         with self.engine.connect() as conn:
-            for i in range(0, len(ids), 500):
-                q = sa.select(o.c.series_id, o.c.ts, o.c.value).where(
-                    o.c.series_id.in_(ids[i : i + 500]), in_spans
-                )
-                rows.extend(conn.execute(q))
+            cur = conn.connection.driver_connection.cursor()
+            try:
+                if self.dialect == "sqlite":
+                    bounds = [[_sqlite_ts(lo), _sqlite_ts(hi)] for lo, hi in merged]
+                    cur.execute(_SQLITE_RECENT_SQL, (json.dumps(ids), json.dumps(bounds)))
+                else:
+                    # The same over-estimate would JIT-compile the query (seconds) for a
+                    # read of milliseconds per series; for this transaction only.
+                    cur.execute("SET LOCAL jit = off")
+                    los, his = zip(*merged, strict=True)
+                    cur.execute(_PG_RECENT_SQL, (ids, list(los), list(his)))
+                # Columns from batches of rows: zip(*rows) would walk every row per column,
+                # and 10^5 live tuples keep the garbage collector busy.
+                sid: list[int] = []
+                ts: list[Any] = []
+                value: list[float | None] = []
+                while batch := cur.fetchmany(8192):
+                    sid += [r[0] for r in batch]
+                    ts += [r[1] for r in batch]
+                    value += [r[2] for r in batch]
+            finally:
+                cur.close()
+        if self.dialect == "sqlite":  # naive UTC text, as SQLAlchemy stores DateTime there
+            when = pl.Series(ts, dtype=pl.String).str.to_datetime(
+                "%Y-%m-%d %H:%M:%S%.f", time_unit="us", time_zone="UTC"
+            )
+        else:  # epoch microseconds: cheaper to fetch than a datetime per row
+            when = pl.Series(ts, dtype=pl.Int64).cast(TS_DTYPE)
         return pl.DataFrame(
-            rows, schema={"series_id": pl.Int64, "ts": TS_DTYPE, "value": pl.Float64}, orient="row"
+            {
+                "series_id": pl.Series(sid, dtype=pl.Int64),
+                "ts": when,
+                "value": pl.Series(value, dtype=pl.Float64),
+            }
         )
 
     def save_prediction(
@@ -85,19 +121,21 @@ class PredictionStore(StoreBase):
         version_id: int,
         states: Sequence[Mapping[str, Any]],
         snapshots: Sequence[Mapping[str, Any]],
-        forecasts: Sequence[Mapping[str, Any]],
+        forecasts: pl.DataFrame | Sequence[Mapping[str, Any]],
         keep_snapshots: int,
         reissued: Sequence[tuple[int, datetime]] = (),
         late_handled: Sequence[tuple[int, int]] = (),
     ) -> int:
         """Forecasts, the states they came from and window-edge snapshots, in the caller's
-        transaction. A forecast already stored (same series, model, origin, step) is kept as
-        it is, except at the (series_id, origin_ts) pairs in `reissued` (late data): there
-        the current rows of the models in `forecasts` are marked superseded and the new ones
-        stored as the next revision. `late_handled` (series_id, late_seq) clears the late
-        marks this run handled, unless a newer batch has marked the series again. Returns
-        the number of forecast rows written."""
+        transaction. `forecasts` is a frame (or rows) with the forecasts table's columns
+        (_FORECAST_SCHEMA; `revision` optional, 0). A forecast already stored (same
+        series, model, origin, step) is kept as it is, except at the (series_id, origin_ts)
+        pairs in `reissued` (late data): there the current rows of the models in `forecasts`
+        are marked superseded and the new ones stored as the next revision. `late_handled`
+        (series_id, late_seq) clears the late marks this run handled, unless a newer batch
+        has marked the series again. Returns the number of forecast rows written."""
         now = datetime.now(UTC)
+        frame = _forecast_frame(forecasts)
         if late_handled:
             w = s.watermarks
             conn.execute(
@@ -107,7 +145,7 @@ class PredictionStore(StoreBase):
                 [{"sid": sid, "seq": seq} for sid, seq in late_handled],
             )
         if reissued:
-            forecasts = self._supersede(conn, forecasts, set(reissued))
+            frame = self._supersede(conn, frame, set(reissued))
         if states:
             stmt = self._upsert(s.series_states, ("state", "shape", "state_ts", "updated_at"))
             conn.execute(
@@ -125,68 +163,64 @@ class PredictionStore(StoreBase):
                     sn.c.window_id <= newest - keep_snapshots,
                 )
             )
-        if not forecasts:
+        if frame.is_empty():
             return 0
+        # Grouped by series (a stable sort keeps each model's rows together): each series'
+        # pages of the primary key are visited once per chunk, not once per model.
+        frame = frame.sort("series_id", maintain_order=True)
         if self.dialect == "sqlite":
-            # As for observations: the compiled Core statement straight to the driver's
-            # executemany, timestamps pre-formatted; rowcount counts only new rows.
-            fmt = "%Y-%m-%d %H:%M:%S.%f"
-            tuples = [
-                tuple(
-                    r[k].astimezone(UTC).strftime(fmt) if k in ("origin_ts", "target_ts") else r[k]
-                    for k in _FORECAST_KEYS[:-3]
-                )
-                + (r.get("revision", 0), False, now.strftime(fmt))
-                for r in forecasts
-            ]
-            return conn.exec_driver_sql(_sqlite_forecast_insert_sql(), tuples).rowcount
-        stmt = (
-            self._insert(s.forecasts)
-            .on_conflict_do_nothing(index_elements=_FORECAST_PK)
-            .returning(s.forecasts.c.series_id)
-        )
-        rows = [{"revision": 0, **r, "superseded": False, "created_at": now} for r in forecasts]
-        return len(conn.execute(stmt, rows).all())
+            # The compiled Core statement straight to the driver's executemany, rows made
+            # lazily from columns (no dict per row; a list of 10^5 tuples would also keep the
+            # garbage collector busy); rowcount counts only new rows.
+            cur = conn.connection.driver_connection.cursor()
+            try:
+                cur.executemany(_sqlite_forecast_insert_sql(), _sqlite_forecast_rows(frame, now))
+                return cur.rowcount
+            finally:
+                cur.close()
+        return _copy_insert_forecasts(conn, frame, now)
 
     def _supersede(
         self,
         conn: Connection,
-        forecasts: Sequence[Mapping[str, Any]],
+        forecasts: pl.DataFrame,
         reissued: set[tuple[int, datetime]],
-    ) -> list[dict[str, Any]]:
+    ) -> pl.DataFrame:
         """Mark the current rows that `forecasts` re-issue superseded; return the forecasts
         numbered as the next revision of each (series, model, origin)."""
         f = s.forecasts
-        keys = sorted(
-            {
-                (r["series_id"], r["model"], r["origin_ts"])
-                for r in forecasts
-                if (r["series_id"], r["origin_ts"]) in reissued
-            }
+        pairs = pl.DataFrame(
+            sorted(reissued), schema={"series_id": pl.Int64, "origin_ts": TS_DTYPE}, orient="row"
         )
-        if not keys:
-            return list(forecasts)
+        key_cols = ["series_id", "model", "origin_ts"]
+        keys = (
+            forecasts.join(pairs, on=["series_id", "origin_ts"], how="semi")
+            .select(key_cols)
+            .unique()
+            .sort(key_cols)
+        )
+        if keys.is_empty():
+            return forecasts
         key_match = sa.and_(
             f.c.series_id == sa.bindparam("sid"),
             f.c.model == sa.bindparam("m"),
             f.c.origin_ts == sa.bindparam("o", type_=s.UTCDateTime),
         )
-        revision_of: dict[tuple[int, str, datetime], int] = {}
-        for sid, model, origin in keys:
-            top = conn.execute(
-                sa.select(sa.func.max(f.c.revision)).where(key_match),
-                {"sid": sid, "m": model, "o": origin},
-            ).scalar_one_or_none()
-            revision_of[(sid, model, origin)] = -1 if top is None else int(top)
+        params = [{"sid": sid, "m": m, "o": o} for sid, m, o in keys.iter_rows()]
+        revisions = []
+        for p in params:
+            top = conn.execute(sa.select(sa.func.max(f.c.revision)).where(key_match), p).scalar()
+            revisions.append(0 if top is None else int(top) + 1)
         conn.execute(
             sa.update(f).where(key_match, f.c.superseded.is_(False)).values(superseded=True),
-            [{"sid": sid, "m": m, "o": o} for sid, m, o in keys],
+            params,
         )
-        out = []
-        for r in forecasts:
-            key = (r["series_id"], r["model"], r["origin_ts"])
-            out.append({**r, "revision": revision_of[key] + 1} if key in revision_of else dict(r))
-        return out
+        nxt = keys.with_columns(pl.Series("next_revision", revisions, dtype=pl.Int64))
+        return (
+            forecasts.join(nxt, on=key_cols, how="left")
+            .with_columns(pl.coalesce("next_revision", "revision").alias("revision"))
+            .drop("next_revision")
+        )
 
     def issued_origins(
         self, model: str, since: Mapping[int, datetime]
@@ -292,6 +326,141 @@ _FORECAST_KEYS = (
 )
 _FORECAST_PK = ["series_id", "model", "origin_ts", "horizon_step", "revision"]
 _forecasts_raw = sa.table("forecasts", *(sa.column(c) for c in _FORECAST_KEYS))
+# What save_prediction takes, in _FORECAST_KEYS order (superseded and created_at are its own).
+_FORECAST_SCHEMA: dict[str, pl.DataType] = {
+    "series_id": pl.Int64(),
+    "model": pl.String(),
+    "origin_ts": TS_DTYPE,
+    "horizon_step": pl.Int64(),
+    "model_version_id": pl.Int64(),
+    "target_ts": TS_DTYPE,
+    "yhat": pl.Float64(),
+    "yhat_lower": pl.Float64(),
+    "yhat_upper": pl.Float64(),
+    "interval_level": pl.Float64(),
+    "raw_lower": pl.Float64(),
+    "raw_upper": pl.Float64(),
+    "revision": pl.Int64(),
+}
+_RECENT_SCHEMA = {"series_id": pl.Int64, "ts": TS_DTYPE, "value": pl.Float64}
+
+# recent_values: ids x spans joined to observations, each pair one primary-key range scan.
+# SQLite: CROSS JOIN fixes the loop order (ids, then spans, then the index); the spans are
+# [lo, hi] pairs of naive UTC text, which compares like the stored text.
+_SQLITE_RECENT_SQL = (
+    "SELECT o.series_id, o.ts, o.value FROM json_each(?) AS i CROSS JOIN json_each(?) AS sp "
+    "CROSS JOIN observations AS o WHERE o.series_id = i.value "
+    "AND o.ts BETWEEN json_extract(sp.value, '$[0]') AND json_extract(sp.value, '$[1]')"
+)
+# PostgreSQL: as a plain join the planner guesses thousands of rows per (series, span) and
+# merge-joins the whole primary key; a LATERAL subquery kept apart by OFFSET 0 forces one
+# index range scan per pair. Timestamps come back as epoch microseconds.
+_PG_RECENT_SQL = (
+    "SELECT i.id, (extract(epoch FROM o.ts) * 1000000)::bigint, o.value "
+    "FROM unnest(%s::integer[]) AS i (id) "
+    "CROSS JOIN unnest(%s::timestamptz[], %s::timestamptz[]) AS sp (lo, hi) "
+    "CROSS JOIN LATERAL (SELECT ts, value FROM observations "
+    "WHERE series_id = i.id AND ts BETWEEN sp.lo AND sp.hi OFFSET 0) AS o"
+)
+
+# PostgreSQL forecasts: COPY into a temp table, then one INSERT ... SELECT ... ON CONFLICT DO
+# NOTHING whose row count is the number of new rows (DESIGN.md decision 6).
+_PG_FORECASTS_TEMP_SQL = (
+    "CREATE TEMP TABLE IF NOT EXISTS _forecasts_in (series_id integer, model text, "
+    "origin_ts timestamptz, horizon_step integer, model_version_id integer, "
+    "target_ts timestamptz, yhat double precision, yhat_lower double precision, "
+    "yhat_upper double precision, interval_level double precision, "
+    "raw_lower double precision, raw_upper double precision, revision integer) ON COMMIT DROP"
+)
+_PG_FORECASTS_COPY_SQL = (  # the columns in _FORECAST_KEYS[:13] order, as the CSV has them
+    "COPY _forecasts_in (series_id, model, origin_ts, horizon_step, model_version_id, "
+    "target_ts, yhat, yhat_lower, yhat_upper, interval_level, raw_lower, raw_upper, revision) "
+    "FROM STDIN (FORMAT csv)"
+)
+_PG_FORECASTS_INSERT_SQL = (
+    "INSERT INTO forecasts (series_id, model, origin_ts, horizon_step, model_version_id, "
+    "target_ts, yhat, yhat_lower, yhat_upper, interval_level, raw_lower, raw_upper, revision, "
+    "superseded, created_at) "
+    "SELECT series_id, model, origin_ts, horizon_step, model_version_id, target_ts, yhat, "
+    "yhat_lower, yhat_upper, interval_level, raw_lower, raw_upper, revision, false, %(now)s "
+    "FROM _forecasts_in "
+    "ON CONFLICT (series_id, model, origin_ts, horizon_step, revision) DO NOTHING"
+)
+
+
+def _sqlite_ts(ts: datetime) -> str:
+    """A UTC time as SQLAlchemy stores DateTime on SQLite (naive text, microseconds)."""
+    return _utc(ts).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _merge_spans(spans: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    """The inclusive spans sorted, overlapping ones merged, so no point is read twice."""
+    out: list[tuple[datetime, datetime]] = []
+    for lo, hi in sorted(spans):
+        if lo > hi:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _forecast_frame(forecasts: pl.DataFrame | Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    """The forecasts as a frame of _FORECAST_SCHEMA (revision 0 where not given)."""
+    if not isinstance(forecasts, pl.DataFrame):
+        forecasts = pl.DataFrame(list(forecasts), schema=_FORECAST_SCHEMA)
+    missing = [c for c in _FORECAST_SCHEMA if c != "revision" and c not in forecasts.columns]
+    if missing:
+        raise ValueError(
+            f"forecasts lack the column(s) {', '.join(missing)}: give every column of the "
+            "forecasts table but revision (optional), superseded and created_at"
+        )
+    if "revision" not in forecasts.columns:
+        forecasts = forecasts.with_columns(pl.lit(0, pl.Int64).alias("revision"))
+    return forecasts.select(
+        pl.col(c).cast(t).fill_null(0) if c == "revision" else pl.col(c).cast(t)
+        for c, t in _FORECAST_SCHEMA.items()
+    )
+
+
+def _sqlite_forecast_rows(frame: pl.DataFrame, now: datetime) -> Iterator[tuple[Any, ...]]:
+    """Rows in _FORECAST_KEYS order for the SQLite executemany, zipped from columns, the
+    timestamps as the naive UTC text SQLAlchemy would bind (formatted once per distinct time:
+    a chunk has one origin and H targets)."""
+    n = frame.height
+    columns: list[Any] = []
+    for k in _FORECAST_KEYS[:13]:
+        col = frame[k]
+        if k in ("origin_ts", "target_ts"):
+            distinct = col.unique()
+            text = dict(
+                zip(
+                    distinct.to_physical().to_list(),
+                    distinct.dt.to_string(_SQLITE_TS_FORMAT).to_list(),
+                    strict=True,
+                )
+            )
+            columns.append([text[v] for v in col.to_physical().to_list()])
+        else:
+            columns.append(col.to_list())
+    return zip(*columns, repeat(False, n), repeat(_sqlite_ts(now), n), strict=True)
+
+
+def _copy_insert_forecasts(conn: Connection, frame: pl.DataFrame, now: datetime) -> int:
+    """PostgreSQL: the frame COPYed into a temp table, then inserted where its key is new.
+    Returns the number of rows inserted."""
+    buf = io.BytesIO()
+    frame.select(_FORECAST_KEYS[:13]).write_csv(
+        buf, include_header=False, datetime_format="%Y-%m-%d %H:%M:%S%.6f+00:00", null_value=""
+    )
+    conn.exec_driver_sql(_PG_FORECASTS_TEMP_SQL)
+    with conn.connection.driver_connection.cursor() as cur:
+        with cur.copy(_PG_FORECASTS_COPY_SQL) as cp:
+            cp.write(buf.getvalue())
+    written = conn.exec_driver_sql(_PG_FORECASTS_INSERT_SQL, {"now": now}).rowcount
+    conn.exec_driver_sql("TRUNCATE _forecasts_in")
+    return written
 
 
 @functools.cache

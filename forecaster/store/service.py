@@ -1,9 +1,299 @@
-"""Reads for the daemon's HTTP app: what /metrics and /readyz show, straight from SQL."""
+"""Reads for the daemon's HTTP app: what /metrics and /readyz show, straight from SQL.
+
+A scrape runs these every 15 s or so, so each is bounded: per-series reads take an explicit
+list of series ids (the ones /metrics exposes) and find "the newest" with correlated
+`max()` / `ORDER BY ... LIMIT 1` subqueries that the forecasts' partial index
+`uq_forecasts_current (series_id, model, origin_ts, horizon_step) WHERE NOT superseded`
+answers with a few index probes per series, however long the history. That is why the
+filters below say `superseded == false()`: the planners (SQLite in particular) only use a
+partial index when the query repeats its condition literally.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from forecaster import schema as s
 from forecaster.store.base import StoreBase
+
+_CHUNK = 500  # series ids per statement: well inside every driver's bound-parameter limit
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    ids = sorted(set(ids))
+    for i in range(0, len(ids), _CHUNK):
+        yield ids[i : i + _CHUNK]
+
+
+def _current(f: sa.Table | sa.Alias, model: str) -> sa.ColumnElement[bool]:
+    """The model's current (not superseded) forecast rows, phrased so the partial index fits."""
+    return sa.and_(f.c.model == model, f.c.superseded == sa.false())
 
 
 class ServiceStore(StoreBase):
-    pass
+    # -- what /metrics reads at scrape time ----------------------------------------------
+
+    def series_catalogue(self) -> list[tuple[int, str]]:
+        """(id, name) of every series: the metrics filter, sort and bound them."""
+        se = s.series
+        with self.engine.connect() as conn:
+            return [(sid, name) for sid, name in conn.execute(sa.select(se.c.id, se.c.name))]
+
+    def latest_actuals(
+        self, series_ids: Sequence[int], model: str | None
+    ) -> dict[int, dict[str, Any]]:
+        """series_id -> {ts, value, yhat_lower, yhat_upper}: the newest observed actual (quality
+        'observed', value not NULL) and the band of `model`'s newest current forecast for that
+        time (None when there is none, or when model is None). Series without an observed
+        actual are absent.
+
+        The newest forecast for time t comes from the newest origin before t: every origin of
+        one model forecasts the same number of steps, so an older origin cannot reach t when
+        the newest one does not."""
+        se, o, f = s.series, s.observations, s.forecasts
+        out: dict[int, dict[str, Any]] = {}
+        for ids in _chunks(series_ids):
+            newest_ts = (
+                sa.select(o.c.ts)
+                .where(o.c.series_id == se.c.id, o.c.quality == "observed", o.c.value.is_not(None))
+                .order_by(o.c.ts.desc())
+                .limit(1)
+                .scalar_subquery()
+            )
+            latest = (
+                sa.select(se.c.id.label("series_id"), newest_ts.label("ts"))
+                .where(se.c.id.in_(ids))
+                .subquery("latest")
+            )
+            cols: list[Any] = [latest.c.series_id, latest.c.ts, o.c.value]
+            joined = latest.join(
+                o, sa.and_(o.c.series_id == latest.c.series_id, o.c.ts == latest.c.ts)
+            )
+            if model is not None:
+                origin = (
+                    sa.select(sa.func.max(f.c.origin_ts))
+                    .where(
+                        f.c.series_id == latest.c.series_id,
+                        _current(f, model),
+                        f.c.origin_ts < latest.c.ts,
+                    )
+                    .scalar_subquery()
+                )
+                with_origin = sa.select(
+                    latest.c.series_id, latest.c.ts, origin.label("origin_ts")
+                ).subquery("with_origin")
+                cols = [with_origin.c.series_id, with_origin.c.ts, o.c.value]
+                joined = with_origin.join(
+                    o, sa.and_(o.c.series_id == with_origin.c.series_id, o.c.ts == with_origin.c.ts)
+                ).outerjoin(
+                    f,
+                    sa.and_(
+                        f.c.series_id == with_origin.c.series_id,
+                        _current(f, model),
+                        f.c.origin_ts == with_origin.c.origin_ts,
+                        f.c.target_ts == with_origin.c.ts,
+                    ),
+                )
+                cols += [f.c.yhat_lower, f.c.yhat_upper]
+            with self.engine.connect() as conn:
+                for r in conn.execute(sa.select(*cols).select_from(joined)):
+                    m = r._mapping
+                    out[m["series_id"]] = {
+                        "ts": m["ts"],
+                        "value": m["value"],
+                        "yhat_lower": m.get("yhat_lower"),
+                        "yhat_upper": m.get("yhat_upper"),
+                    }
+        return out
+
+    def newest_origin_forecasts(
+        self, model: str, series_ids: Sequence[int], horizon_steps: Sequence[int]
+    ) -> list[dict[str, Any]]:
+        """The current forecast rows of `model` at its newest origin per series, only at the
+        given horizon steps: series_id, origin_ts, target_ts, horizon_step, yhat, yhat_lower,
+        yhat_upper, interval_level."""
+        se, f = s.series, s.forecasts
+        steps = sorted(set(horizon_steps))
+        rows: list[dict[str, Any]] = []
+        if not steps:
+            return rows
+        for ids in _chunks(series_ids):
+            newest = (
+                sa.select(sa.func.max(f.c.origin_ts))
+                .where(f.c.series_id == se.c.id, _current(f, model))
+                .scalar_subquery()
+            )
+            origins = (
+                sa.select(se.c.id.label("series_id"), newest.label("origin_ts"))
+                .where(se.c.id.in_(ids))
+                .subquery("origins")
+            )
+            q = (
+                sa.select(
+                    f.c.series_id,
+                    f.c.origin_ts,
+                    f.c.target_ts,
+                    f.c.horizon_step,
+                    f.c.yhat,
+                    f.c.yhat_lower,
+                    f.c.yhat_upper,
+                    f.c.interval_level,
+                )
+                .join(
+                    origins,
+                    sa.and_(
+                        f.c.series_id == origins.c.series_id, f.c.origin_ts == origins.c.origin_ts
+                    ),
+                )
+                .where(_current(f, model), f.c.horizon_step.in_(steps))
+                .order_by(f.c.series_id, f.c.horizon_step)
+            )
+            with self.engine.connect() as conn:
+                rows.extend(dict(r._mapping) for r in conn.execute(q))
+        return rows
+
+    def forecasts_at(
+        self, model: str, series_ids: Sequence[int], now: datetime
+    ) -> dict[int, dict[str, Any]]:
+        """series_id -> {origin_ts, target_ts, yhat, yhat_lower, yhat_upper}: among `model`'s
+        current forecasts of the series, the one with the newest target_ts <= now, from the
+        newest origin that covers that target.
+
+        That origin is the newest one with any target <= now (searched newest first, so the
+        search stops within an origin or two): its targets run contiguously from step 1, and
+        every origin of one model forecasts the same number of steps, so no older origin
+        reaches a later target <= now."""
+        se, f = s.series, s.forecasts
+        g = s.forecasts.alias("g")
+        out: dict[int, dict[str, Any]] = {}
+        for ids in _chunks(series_ids):
+            origin = (
+                sa.select(f.c.origin_ts)
+                .where(
+                    f.c.series_id == se.c.id,
+                    _current(f, model),
+                    f.c.origin_ts < now,
+                    f.c.target_ts <= now,
+                )
+                .order_by(f.c.origin_ts.desc())
+                .limit(1)
+                .scalar_subquery()
+            )
+            origins = (
+                sa.select(se.c.id.label("series_id"), origin.label("origin_ts"))
+                .where(se.c.id.in_(ids))
+                .subquery("origins")
+            )
+            # Within one origin a later target is a larger step; joining on the step hits the
+            # key directly (a correlated max(target_ts) in the join would be re-run per row).
+            step = (
+                sa.select(sa.func.max(g.c.horizon_step))
+                .where(
+                    g.c.series_id == origins.c.series_id,
+                    _current(g, model),
+                    g.c.origin_ts == origins.c.origin_ts,
+                    g.c.target_ts <= now,
+                )
+                .scalar_subquery()
+            )
+            steps = sa.select(
+                origins.c.series_id, origins.c.origin_ts, step.label("horizon_step")
+            ).subquery("steps")
+            q = sa.select(
+                f.c.series_id,
+                f.c.origin_ts,
+                f.c.target_ts,
+                f.c.yhat,
+                f.c.yhat_lower,
+                f.c.yhat_upper,
+            ).join(
+                steps,
+                sa.and_(
+                    f.c.series_id == steps.c.series_id,
+                    _current(f, model),
+                    f.c.origin_ts == steps.c.origin_ts,
+                    f.c.horizon_step == steps.c.horizon_step,
+                ),
+            )
+            with self.engine.connect() as conn:
+                for r in conn.execute(q):
+                    m = dict(r._mapping)
+                    out[m.pop("series_id")] = m
+        return out
+
+    def anomaly_counts(self, series_ids: Sequence[int]) -> dict[int, int]:
+        """series_id -> rows in `anomalies` (every model), for the series that have any."""
+        a = s.anomalies
+        out: dict[int, int] = {}
+        for ids in _chunks(series_ids):
+            q = (
+                sa.select(a.c.series_id, sa.func.count())
+                .where(a.c.series_id.in_(ids))
+                .group_by(a.c.series_id)
+            )
+            with self.engine.connect() as conn:
+                out.update({sid: int(n) for sid, n in conn.execute(q)})
+        return out
+
+    def mase_by_series(self, series_ids: Sequence[int]) -> list[tuple[int, str, float]]:
+        """(series_id, model, mase) rows of series_accuracy; rows without a MASE are left out."""
+        a = s.series_accuracy
+        rows: list[tuple[int, str, float]] = []
+        for ids in _chunks(series_ids):
+            q = (
+                sa.select(a.c.series_id, a.c.model, a.c.mase)
+                .where(a.c.series_id.in_(ids), a.c.mase.is_not(None))
+                .order_by(a.c.series_id, a.c.model)
+            )
+            with self.engine.connect() as conn:
+                rows.extend((sid, model, float(mase)) for sid, model, mase in conn.execute(q))
+        return rows
+
+    def pooled_coverage(self, model: str) -> float | None:
+        """`model`'s band coverage over every series in series_accuracy, weighted by n_scored;
+        None when nothing is scored."""
+        a = s.series_accuracy
+        q = sa.select(sa.func.sum(a.c.coverage * a.c.n_scored), sa.func.sum(a.c.n_scored)).where(
+            a.c.model == model, a.c.coverage.is_not(None), a.c.n_scored > 0
+        )
+        with self.engine.connect() as conn:
+            hits, n = conn.execute(q).one()
+        return float(hits) / float(n) if n else None
+
+    def serving_models(self, limit: int = 100) -> list[dict[str, Any]]:
+        """id, kind, stage of the champion and the newest candidates (not retired ones)."""
+        mv = s.model_versions
+        q = (
+            sa.select(mv.c.id, mv.c.kind, mv.c.stage)
+            .where(mv.c.stage.in_(("champion", "candidate")))
+            .order_by(sa.case((mv.c.stage == "champion", 0), else_=1), mv.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def source_rows(self) -> dict[str, int]:
+        """source -> rows_total of its cursor: observed points ingested, ever."""
+        c = s.source_cursors
+        with self.engine.connect() as conn:
+            return {
+                src: int(n)
+                for src, n in conn.execute(
+                    sa.select(c.c.source, c.c.rows_total).order_by(c.c.source)
+                )
+            }
+
+    def quarantine_counts(self) -> list[tuple[str, str, int]]:
+        """(source, reason, rows) of the quarantine table."""
+        q = s.quarantine
+        stmt = (
+            sa.select(q.c.source, q.c.reason, sa.func.count())
+            .group_by(q.c.source, q.c.reason)
+            .order_by(q.c.source, q.c.reason)
+        )
+        with self.engine.connect() as conn:
+            return [(src, reason, int(n)) for src, reason, n in conn.execute(stmt)]

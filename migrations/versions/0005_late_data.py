@@ -24,16 +24,6 @@ depends_on: str | Sequence[str] | None = None
 _views = importlib.import_module("migrations.versions.0003_rolling_prediction")
 
 
-def _current_index(batch_op) -> None:
-    batch_op.create_index(
-        "uq_forecasts_current",
-        ["series_id", "model", "origin_ts", "horizon_step"],
-        unique=True,
-        sqlite_where=sa.text("superseded = 0"),
-        postgresql_where=sa.text("NOT superseded"),
-    )
-
-
 def upgrade() -> None:
     with op.batch_alter_table("watermarks", schema=None) as batch_op:
         batch_op.add_column(sa.Column("late_from", sa.DateTime(timezone=True), nullable=True))
@@ -51,7 +41,6 @@ def upgrade() -> None:
         batch_op.create_primary_key(
             "pk_forecasts", ["series_id", "model", "origin_ts", "horizon_step", "revision"]
         )
-        _current_index(batch_op)
     op.execute(_views.LATEST_FORECASTS)
     op.execute(_views.FORECAST_ACCURACY)
 
@@ -62,7 +51,6 @@ def downgrade() -> None:
     # The old key has room for one row per series, model, origin and step: the current one.
     op.execute("DELETE FROM forecasts WHERE superseded")
     with op.batch_alter_table("forecasts", schema=None, recreate="always") as batch_op:
-        batch_op.drop_index("uq_forecasts_current")
         batch_op.drop_constraint("pk_forecasts", type_="primary")
         batch_op.create_primary_key(
             "pk_forecasts", ["series_id", "model", "origin_ts", "horizon_step"]

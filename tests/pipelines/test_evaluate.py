@@ -65,7 +65,9 @@ def test_calibrated_band_covers_about_its_level_and_flags_a_spike(sqlite_url, tr
     assert first.new_anomalies >= 2 and again.new_anomalies == 0
     with store.engine.connect() as conn:
         flagged = conn.execute(
-            sa.select(schema.anomalies.c.series_id).where(schema.anomalies.c.ts == START + timedelta(days=38, hours=12))
+            sa.select(schema.anomalies.c.series_id).where(
+                schema.anomalies.c.ts == START + timedelta(days=38, hours=12)
+            )
         ).all()
     assert len(flagged) == 2
     store.close()
@@ -94,12 +96,85 @@ def test_accuracy_by_model_and_the_cli_on_both_dialects(db_url, trained, tmp_pat
     rows = {r["model"]: r for r in store.accuracy_by_model(timedelta(days=28))}
     assert set(rows) == {"v1", "seasonal_naive_daily", "seasonal_naive_weekly"}
     assert rows["v1"]["n"] == 2 * 24 * 4 and 0 <= rows["v1"]["coverage"] <= 1
-    assert rows["seasonal_naive_daily"]["coverage"] is None and rows["seasonal_naive_daily"]["mae"] > 0
+    assert (
+        rows["seasonal_naive_daily"]["coverage"] is None and rows["seasonal_naive_daily"]["mae"] > 0
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FORECASTER_DATABASE_URL", db_url)
     runner = CliRunner()
-    for args, expect in ((["evaluate"], "forecasts scored"), (["accuracy"], "seasonal_naive_weekly"),
-                         (["anomalies"], "series"), (["forecasts", "show", "sine.0"], "v1")):
+    for args, expect in (
+        (["evaluate"], "forecasts scored"),
+        (["accuracy"], "seasonal_naive_weekly"),
+        (["anomalies"], "series"),
+        (["forecasts", "show", "sine.0"], "v1"),
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and expect in result.output, (args, result.output)
+    store.close()
+
+
+def test_series_accuracy_scales_each_model_by_the_daily_naive_on_the_same_forecasts(
+    db_url,
+    trained,  # noqa: F811
+):
+    _, uri, sha = trained
+    store = _setup(db_url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    for day in range(20, 26):
+        _ingest_days(store, day, day + 1)
+        run_predict(store, warmup_steps=WARMUP)
+    # A second version serves only the last two days of the week evaluated.
+    with store.begin() as conn:
+        v2 = store.register_model_version(
+            conn,
+            kind="gru",
+            config={},
+            uri=uri,
+            sha256=sha,
+            trained_from=None,
+            trained_to=None,
+            metrics={},
+            stage="candidate",
+        )
+    run_predict(store, warmup_steps=WARMUP, version_id=v2)
+    with store.begin() as conn:
+        store.promote(conn, v2)
+    for day in range(26, 28):
+        _ingest_days(store, day, day + 1)
+        run_predict(store, warmup_steps=WARMUP)
+    summary = run_evaluate(store, accuracy_window=timedelta(days=7))
+    rows = {(r["series"], r["model"]): r for r in store.series_accuracy()}
+    with store.engine.connect() as conn:
+        acc = conn.execute(
+            sa.text(
+                "SELECT series, model, origin_ts, horizon_step, abs_error FROM forecast_accuracy "
+                "WHERE model IN (:m, 'seasonal_naive_daily')"
+            ),
+            {"m": f"v{v2}"},
+        ).all()
+    err = {(s, m, str(o), h): e for s, m, o, h, e in acc}
+    for series in ("sine.0", "sine.1"):
+        naive = rows[(series, "seasonal_naive_daily")]
+        assert naive["mase"] == pytest.approx(1.0)
+        mine = rows[(series, f"v{v2}")]
+        keys = [k for k in err if k[0] == series and k[1] == f"v{v2}"]
+        assert mine["n_scored"] == len(keys) == 24 + 24  # two origins with their actuals...
+        model_mae = sum(err[k] for k in keys) / len(keys)
+        naive_mae = sum(err[(series, "seasonal_naive_daily", k[2], k[3])] for k in keys) / len(keys)
+        assert mine["mae"] == pytest.approx(model_mae)
+        assert mine["mase"] == pytest.approx(model_mae / naive_mae)
+        assert 0 <= mine["coverage"] <= 1
+    assert summary.mase == pytest.approx(
+        sum(
+            rows[(s, f"v{v2}")]["mae"] * rows[(s, f"v{v2}")]["n_scored"]
+            for s in ("sine.0", "sine.1")
+        )
+        / sum(
+            rows[(s, f"v{v2}")]["mae"]
+            / rows[(s, f"v{v2}")]["mase"]
+            * rows[(s, f"v{v2}")]["n_scored"]
+            for s in ("sine.0", "sine.1")
+        )
+    )
     store.close()

@@ -1,0 +1,286 @@
+"""Prometheus metrics of the service: job health, and forecasts read from SQL at scrape time.
+
+The only module that imports prometheus_client (DESIGN.md decision 7). Two halves:
+- `ServiceMetrics` declares the job metrics once, every job's labels initialised up front,
+  in a registry of its own (never the process-wide default one, so tests and two apps in
+  one process never share state);
+- `SqlCollector` reads the latest forecasts, actuals, accuracy and ingest counts through
+  `forecaster.store.service` at each scrape. Nothing is cached, so a series that vanished
+  from SQL vanishes from /metrics. What it exposes is bounded by `MetricsSettings` (series
+  by glob pattern and count, horizon steps), and no sample carries a timestamp: a forecast
+  for 6 hours ahead is `forecaster_forecast{horizon_step="6"}` now, because Prometheus
+  rejects samples stamped in the future.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from forecaster.clock import Clock
+from forecaster.config import MetricsSettings
+
+if TYPE_CHECKING:
+    from forecaster.store import Store
+
+__all__ = ["JOB_KINDS", "ServiceMetrics", "SqlCollector", "render"]
+
+JOB_KINDS = ("ingest", "predict", "evaluate", "retrain", "housekeeping")
+
+# From a 10 ms no-op predict to a 30 min retrain.
+JOB_DURATION_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1200.0, 1800.0,
+)  # fmt: skip
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The registry in the Prometheus text format, and the content type to serve it with."""
+    return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantile_label(q: float) -> str:
+    """0.09999999999999998 -> '0.1': the label a dashboard types."""
+    return f"{round(q, 6):g}"
+
+
+class ServiceMetrics:
+    """The metrics of one running service, in `self.registry`.
+
+    job_ids are the scheduler's job ids ("ingest:nycflights", "predict", ...); each gets its
+    series at zero from the start, so `rate()` and "absent" alerts work before the first run."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: MetricsSettings,
+        clock: Clock,
+        *,
+        job_ids: Sequence[str],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._duration = Histogram(
+            "forecaster_job_duration_seconds",
+            "Wall time of a job run, successful or not.",
+            ["job"],
+            buckets=JOB_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._failures = Counter(
+            "forecaster_job_failures_total",
+            "Job runs that raised.",
+            ["job"],
+            registry=self.registry,
+        )
+        self._missed = Counter(
+            "forecaster_job_missed_total",
+            "Scheduled job runs skipped because they fired later than the misfire grace time.",
+            ["job"],
+            registry=self.registry,
+        )
+        self._last_success = Gauge(
+            "forecaster_job_last_success_timestamp_seconds",
+            "Unix wall time at which the job last finished without error (0 = never).",
+            ["job"],
+            registry=self.registry,
+        )
+        for job in job_ids:
+            self._duration.labels(job)
+            self._failures.labels(job)
+            self._missed.labels(job)
+            self._last_success.labels(job)
+        self.collector = SqlCollector(store, settings, clock)
+        self.registry.register(self.collector)
+
+    def job_finished(self, job: str, seconds: float, ok: bool, finished_at_unix: float) -> None:
+        self._duration.labels(job).observe(seconds)
+        if ok:
+            self._last_success.labels(job).set(finished_at_unix)
+        else:
+            self._failures.labels(job).inc()
+
+    def job_missed(self, job: str) -> None:
+        self._missed.labels(job).inc()
+
+
+PREDECESSORS = 2  # retired versions whose forecasts may still be the ones served
+
+
+class SqlCollector:
+    """Yields the SQL-backed metric families at scrape time (a prometheus_client Collector)."""
+
+    def __init__(self, store: Store, settings: MetricsSettings, clock: Clock) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+
+    def describe(self) -> Iterable[Metric]:
+        # Names without values: registering must not run SQL.
+        return list(self._families().values())
+
+    def _served_at(self, champion: str, ids: list[int], now: Any) -> dict[int, dict[str, Any]]:
+        """The forecast served for `now`: the champion's, or, until a just-promoted champion
+        has a target that old, its predecessors' (the last PREDECESSORS retired versions),
+        whichever has the newest target <= now, then the newest origin."""
+        best: dict[int, dict[str, Any]] = {}
+        for model in [champion, *self._predecessors()]:
+            for sid, r in self.store.forecasts_at(model, ids, now).items():
+                key = (r["target_ts"], r["origin_ts"])
+                if sid not in best or key > (best[sid]["target_ts"], best[sid]["origin_ts"]):
+                    best[sid] = r
+        return best
+
+    def _predecessors(self) -> list[str]:
+        """The newest retired versions, newest first (their forecasts were served last)."""
+        versions = self.store.list_model_versions()
+        return [f"v{v['id']}" for v in versions if v["stage"] == "retired"][:PREDECESSORS]
+
+    def collect(self) -> Iterator[Metric]:
+        fam = self._families()
+        store, settings = self.store, self.settings
+        catalogue = store.series_catalogue()
+        fam["series"].add_metric([], len(catalogue))
+        # Sorted here, not by the database: PostgreSQL's collation would order names
+        # differently from SQLite, and then pick a different max_series.
+        chosen = sorted(
+            ((sid, name) for sid, name in catalogue if _matches(name, settings.series)),
+            key=lambda r: r[1],
+        )[: settings.max_series]
+        names = dict(chosen)
+        ids = list(names)
+
+        champion = store.champion()
+        model = f"v{champion['id']}" if champion is not None else None
+        if model is not None and ids:
+            for r in store.newest_origin_forecasts(model, ids, settings.horizon_steps):
+                labels = [names[r["series_id"]], str(r["horizon_step"])]
+                level = r["interval_level"]
+                edges = level is not None
+                if edges and r["yhat_lower"] is not None:
+                    q = quantile_label((1 - level) / 2)
+                    fam["forecast"].add_metric([*labels, q], r["yhat_lower"])
+                fam["forecast"].add_metric([*labels, "0.5"], r["yhat"])
+                if edges and r["yhat_upper"] is not None:
+                    q = quantile_label((1 + level) / 2)
+                    fam["forecast"].add_metric([*labels, q], r["yhat_upper"])
+            now = self.clock.now()
+            for sid, r in self._served_at(model, ids, now).items():
+                fam["median"].add_metric([names[sid]], r["yhat"])
+                if r["yhat_lower"] is not None:
+                    fam["lower"].add_metric([names[sid]], r["yhat_lower"])
+                if r["yhat_upper"] is not None:
+                    fam["upper"].add_metric([names[sid]], r["yhat_upper"])
+
+        actuals = store.latest_actuals(ids, model)
+        if model is not None:  # judged by the forecast served then, as for the band
+            for older in self._predecessors():
+                missing = [sid for sid, r in actuals.items() if r["yhat_lower"] is None]
+                if not missing:
+                    break
+                actuals.update(
+                    {
+                        sid: r
+                        for sid, r in store.latest_actuals(missing, older).items()
+                        if r["yhat_lower"] is not None
+                    }
+                )
+        for sid, r in actuals.items():
+            fam["observation"].add_metric([names[sid]], r["value"])
+            lo, hi = r["yhat_lower"], r["yhat_upper"]
+            if lo is not None and hi is not None:
+                fam["outside"].add_metric([names[sid]], float(not lo <= r["value"] <= hi))
+        for sid, n in store.anomaly_counts(ids).items():
+            fam["anomalies"].add_metric([names[sid]], n)
+        for sid, scored_model, mase in store.mase_by_series(ids):
+            fam["mase"].add_metric([names[sid], scored_model], mase)
+        if model is not None:
+            coverage = store.pooled_coverage(model)
+            if coverage is not None:
+                fam["coverage"].add_metric([model], coverage)
+        for mv in store.serving_models():
+            fam["model_info"].add_metric([f"v{mv['id']}", mv["kind"], mv["stage"]], 1)
+        for source, n in store.source_rows().items():
+            fam["ingested"].add_metric([source], n)
+        for source, reason, n in store.quarantine_counts():
+            fam["quarantined"].add_metric([source, reason], n)
+        yield from fam.values()
+
+    @staticmethod
+    def _families() -> dict[str, Metric]:
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        return {
+            "forecast": g(
+                "forecaster_forecast",
+                "The champion's forecast from its newest origin, horizon_step steps ahead, at "
+                "the given quantile (0.5 = median, the others the calibrated band's edges).",
+                labels=["series", "horizon_step", "q"],
+            ),
+            "lower": g(
+                "forecaster_forecast_band_lower",
+                "Lower edge of the champion's calibrated band for the current time.",
+                labels=["series"],
+            ),
+            "upper": g(
+                "forecaster_forecast_band_upper",
+                "Upper edge of the champion's calibrated band for the current time.",
+                labels=["series"],
+            ),
+            "median": g(
+                "forecaster_forecast_median",
+                "The champion's median forecast for the current time.",
+                labels=["series"],
+            ),
+            "observation": g(
+                "forecaster_observation",
+                "The latest observed value of the series.",
+                labels=["series"],
+            ),
+            "outside": g(
+                "forecaster_outside_band",
+                "1 if the latest observed value lies outside the band of the champion's newest "
+                "forecast for its time, else 0.",
+                labels=["series"],
+            ),
+            "anomalies": c(
+                "forecaster_anomalies",
+                "Actuals recorded as anomalies (outside the served band).",
+                labels=["series"],
+            ),
+            "mase": g(
+                "forecaster_mase",
+                "Mean absolute scaled error over the evaluate job's recent window (1 = as good "
+                "as the daily seasonal naive).",
+                labels=["series", "model"],
+            ),
+            "coverage": g(
+                "forecaster_band_coverage_ratio",
+                "Share of scored actuals inside the champion's served band, pooled over series.",
+                labels=["model"],
+            ),
+            "series": g("forecaster_series", "Series in the store."),
+            "model_info": g(
+                "forecaster_model_info",
+                "1 for each model version serving (champion) or waiting (candidate).",
+                labels=["version", "kind", "stage"],
+            ),
+            "ingested": c(
+                "forecaster_ingested_rows",
+                "Observed points ingested from the source.",
+                labels=["source"],
+            ),
+            "quarantined": c(
+                "forecaster_quarantined_rows",
+                "Rows quarantined by the ingest, by source and reason.",
+                labels=["source", "reason"],
+            ),
+        }

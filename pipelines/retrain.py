@@ -1,0 +1,275 @@
+"""The retrain job: train a challenger, score it against the champion on a recent holdout,
+and promote it only if it is better, after its states are built.
+
+1. Read the last `retrain.history` of every stored series (nothing before `min_history` is
+   stored: skipped).
+2. Train a challenger with the same loop as `forecaster train`: fine-tuned from the
+   champion's weights by default (`retrain.fine_tune`, or full=True for a fresh start); its
+   last `holdout` of steps is a test tail that no choice sees, the week before it picks the
+   epoch.
+3. Score champion and challenger on that same holdout (same series, same origins, same
+   MASE scale). The challenger is registered either way (a candidate, for the record).
+4. If it beats the champion by `min_gain` (or there is no champion yet), build its states
+   from recent history through the predict job (forecasts included, so it serves at once),
+   then promote it in one transaction: the old champion serves until that commit.
+
+Training runs wherever the dispatcher puts it (a separate process in the daemon), never on
+the scheduler's thread, so predictions keep using the champion meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+import torch
+
+from forecaster.checkpoints import load_checkpoint, save_checkpoint
+from forecaster.config import Settings
+from forecaster.errors import ConfigError
+from forecaster.panel import Panel, Scalers
+from forecaster.store import Store
+from forecaster.trained import TrainedModel
+from forecaster.training import Progress, TrainConfig, evaluate, train, trained_model
+from pipelines.predict import run_predict
+from pipelines.train import _jsonable, load_panel
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RetrainOutcome:
+    decision: str  # promoted | kept | skipped
+    reason: str
+    challenger_id: int | None = None
+    champion_id: int | None = None  # the champion when the job started
+    challenger_mase: float | None = None
+    champion_mase: float | None = None
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        def fmt(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        scores = (
+            f" (holdout MASE challenger {fmt(self.challenger_mase)}, "
+            f"champion {fmt(self.champion_mase)})"
+            if self.challenger_id is not None
+            else ""
+        )
+        who = f"v{self.challenger_id} " if self.challenger_id is not None else ""
+        return f"retrain: {who}{self.decision}: {self.reason}{scores} in {self.seconds:.0f} s"
+
+
+def retrain_config(settings: Settings, champion: dict | None, holdout_steps: int) -> TrainConfig:
+    """The challenger's training config: the champion's architecture (or [retrain].kind /
+    [training] for a first model), retrain.epochs, the holdout as the test tail."""
+    t = settings.training
+    base: dict[str, Any] = {
+        "kind": settings.retrain.kind or t.kind,
+        "hidden": t.hidden,
+        "layers": t.layers,
+        "dropout": t.dropout,
+        "horizon": t.horizon,
+        "quantiles": tuple(t.quantiles),
+        "window": t.window,
+        "lr": t.lr,
+        "patience": t.patience,
+        "bidirectional": t.bidirectional,
+        "seed": t.seed,
+    }
+    if champion is not None:
+        trained_with = (champion.get("config") or {}).get("training") or {}
+        for key in ("kind", "hidden", "layers", "dropout", "horizon", "window", "bidirectional"):
+            if key in trained_with:
+                base[key] = trained_with[key]
+        if "quantiles" in trained_with:
+            base["quantiles"] = tuple(trained_with["quantiles"])
+    return TrainConfig(
+        **base,
+        epochs=settings.retrain.epochs,
+        val_steps=holdout_steps,
+        stop_steps=holdout_steps,
+        device=settings.device,
+    )
+
+
+def run_retrain(
+    store: Store,
+    settings: Settings,
+    *,
+    now: datetime,
+    full: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    config_override: dict[str, Any] | None = None,
+    run_key: str | None = None,
+) -> RetrainOutcome:
+    """See the module docstring. config_override replaces TrainConfig fields (tests use it
+    to cripple a challenger on purpose). run_key names the job run: a run killed after it
+    registered its challenger is finished from that version when done again, not trained
+    twice."""
+    t0 = time.perf_counter()
+    r = settings.retrain
+    champion = store.champion()
+    champion_id = champion["id"] if champion else None
+    done = _version_of_run(store, run_key)
+    if done is not None:
+        h = done["metrics"]["holdout"]
+        outcome = RetrainOutcome(
+            "kept",
+            "",
+            challenger_id=done["id"],
+            champion_id=h.get("champion_id"),
+            challenger_mase=h.get("challenger"),
+            champion_mase=h.get("champion"),
+        )
+        return _decide(store, settings, outcome, t0)
+    freq_s = settings.series.freq.total_seconds()
+    holdout_steps = int(r.holdout.total_seconds() // freq_s)
+    try:
+        panel = load_panel(store, since=now - r.history, until=now)
+    except ConfigError as exc:
+        return RetrainOutcome("skipped", str(exc), champion_id=champion_id)
+    have = timedelta(seconds=panel.n_steps * panel.freq_seconds)
+    if have < r.min_history:
+        return RetrainOutcome(
+            "skipped",
+            f"{have} of history stored, retraining needs {r.min_history}",
+            champion_id=champion_id,
+            seconds=time.perf_counter() - t0,
+        )
+
+    config = retrain_config(settings, champion, holdout_steps)
+    if config_override:
+        config = replace(config, **config_override)
+    champ_model = _load(champion) if champion else None
+    init = None
+    if champ_model is not None and r.fine_tune and not full:
+        if champ_model.model_config.kind == config.kind:
+            init = {k: v.clone() for k, v in champ_model.model.state_dict().items()}
+    result = train(panel, config, on_progress=on_progress, init_state_dict=init)
+    result.metrics = _finite(result.metrics)  # a diverged run scores NaN: JSON has no NaN
+    result.history = _finite(result.history)
+    challenger = trained_model(result)
+    test_start = result.test_start
+
+    # Both on the same holdout: the series the champion knows, the same origins and scale.
+    known = [n for n in panel.names if champ_model is None or n in champ_model.names]
+    sub = _subpanel(panel, known)
+    challenger_mase = _holdout_mase(challenger, sub, test_start)
+    champion_mase = _holdout_mase(champ_model, sub, test_start) if champ_model else None
+
+    uri, sha = save_checkpoint(challenger.to_checkpoint(), settings.checkpoint_dir)
+    with store.begin() as conn:
+        challenger_id = store.register_model_version(
+            conn,
+            kind=config.kind,
+            config={"model": result.model_config.to_dict(), "training": _jsonable(asdict(config))},
+            uri=uri,
+            sha256=sha,
+            trained_from=datetime.fromtimestamp(panel.start, now.tzinfo),
+            trained_to=datetime.fromtimestamp(
+                panel.start + (result.train_end - 1) * panel.freq_seconds, now.tzinfo
+            ),
+            metrics=_finite(
+                {
+                    **result.metrics,
+                    "holdout": {
+                        "challenger": challenger_mase,
+                        "champion": champion_mase,
+                        "champion_id": champion_id,
+                    },
+                    "run": run_key,
+                }
+            ),
+            stage="candidate",
+            parent_id=champion_id if init is not None else None,
+        )
+    outcome = RetrainOutcome(
+        "kept",
+        "",
+        challenger_id=challenger_id,
+        champion_id=champion_id,
+        challenger_mase=challenger_mase,
+        champion_mase=champion_mase,
+    )
+    return _decide(store, settings, outcome, t0)
+
+
+def _decide(store: Store, settings: Settings, outcome: RetrainOutcome, t0: float) -> RetrainOutcome:
+    """Promote the registered challenger if it won: its states first, then the promotion
+    (the new champion serves from its first scrape). Safe to run again for the same one."""
+    r = settings.retrain
+    cid, champion_id = outcome.challenger_id, outcome.champion_id
+    assert cid is not None
+    mase, champ = outcome.challenger_mase, outcome.champion_mase
+    current = store.champion()
+    if current is not None and current["id"] == cid:
+        outcome.decision, outcome.reason = "promoted", "promoted before the restart"
+    elif mase is None or not math.isfinite(mase):
+        outcome.reason = "the challenger diverged (its holdout error is not finite)"
+    elif champ is not None and not mase < champ * (1 - r.min_gain):
+        outcome.reason = f"not better than the champion v{champion_id}"
+    else:
+        warmup = int(r.warmup.total_seconds() // settings.series.freq.total_seconds())
+        run_predict(store, version_id=cid, warmup_steps=warmup)
+        with store.begin() as conn:
+            store.promote(conn, cid)
+        outcome.decision = "promoted"
+        outcome.reason = (
+            f"better than the champion v{champion_id}" if champion_id else "the first model"
+        )
+    outcome.seconds = time.perf_counter() - t0
+    log.info("retrain done", **asdict(outcome))
+    return outcome
+
+
+def _version_of_run(store: Store, run_key: str | None) -> dict | None:
+    if run_key is None:
+        return None
+    for v in store.list_model_versions():
+        if (v["metrics"] or {}).get("run") == run_key:
+            return v
+    return None
+
+
+def _load(version: dict) -> TrainedModel:
+    return TrainedModel.from_checkpoint(load_checkpoint(version["uri"], version["sha256"]))
+
+
+def _subpanel(panel: Panel, names: list[str]) -> Panel:
+    idx = torch.tensor([panel.names.index(n) for n in names], dtype=torch.long)
+    return Panel(
+        names=names, start=panel.start, freq_seconds=panel.freq_seconds, values=panel.values[idx]
+    )
+
+
+def _holdout_mase(model: TrainedModel, panel: Panel, test_start: int) -> float:
+    scalers = Scalers.from_dict(model.scalers.to_dict(model.names), panel.names)
+    metrics = evaluate(
+        model.model,
+        model.spec,
+        panel,
+        scalers,
+        model.model_config.quantiles,
+        model.window,
+        test_start,
+        model.nonnegative,
+    )
+    return float(metrics["model"]["mase"])
+
+
+def _finite(value: Any) -> Any:
+    """The same structure with NaN and infinities replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
