@@ -40,5 +40,5 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Alembic and SQLAlchemy are chatty at INFO; their warnings still come through.
-    for noisy in ("alembic", "sqlalchemy", "httpx", "httpcore"):
+    for noisy in ("alembic", "sqlalchemy", "httpx", "httpcore", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -536,10 +536,6 @@ def anomalies_cmd(
         out.print(table)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
 # -- the daemon ---------------------------------------------------------------------------
 
 
@@ -708,3 +704,27 @@ def backtest_cmd(
             for table in summary_tables(daemon, store):
                 out.print(table)
             daemon.shutdown()
+
+
+@app.command("retrain")
+def retrain_cmd(
+    full: Annotated[
+        bool, typer.Option("--full", help="train from scratch instead of fine-tuning the champion")
+    ] = False,
+) -> None:
+    """Run the retraining policy now: train a challenger on recent history, promote it only if
+    it beats the champion on the holdout (its states are built first)."""
+    from forecaster.clock import WallClock as _Wall
+    from pipelines.retrain import run_retrain
+
+    with _errors():
+        settings = _settings()
+        with _store(settings) as store, _train_progress() as on_progress:
+            outcome = run_retrain(
+                store, settings, now=_Wall().now(), full=full, on_progress=on_progress
+            )
+        out.print(outcome.line(), highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

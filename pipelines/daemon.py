@@ -174,7 +174,10 @@ class Daemon:
             self._soon("retrain", None, outcome.scheduled_at, "degraded")
 
     def _no_champion_and_idle(self) -> bool:
-        return self.store.champion() is None and not self._retrain_running()
+        """No model yet, none training, and enough history stored to train one."""
+        if self.store.champion() is not None or self._retrain_running():
+            return False
+        return self._history_stored() >= self.settings.retrain.min_history
 
     def _retrain_running(self) -> bool:
         with self._lock:

@@ -131,8 +131,14 @@ def run_retrain(
         return _decide(store, settings, outcome, t0)
     freq_s = settings.series.freq.total_seconds()
     holdout_steps = int(r.holdout.total_seconds() // freq_s)
+    # History ends at the newest stored point (not the clock: a replayed source's data may
+    # be years old), and never after now.
+    newest = max(
+        (t["watermark"] for t in store.prediction_targets() if t["watermark"]), default=now
+    )
+    until = min(now, newest)
     try:
-        panel = load_panel(store, since=now - r.history, until=now)
+        panel = load_panel(store, since=until - r.history, until=until)
     except ConfigError as exc:
         return RetrainOutcome("skipped", str(exc), champion_id=champion_id)
     have = timedelta(seconds=panel.n_steps * panel.freq_seconds)

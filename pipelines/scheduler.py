@@ -115,8 +115,14 @@ class LiveScheduler:
                 "misfire_grace_time": int(settings.schedule.misfire_grace_time.total_seconds()),
             },
         )
+        start = clock.now()
         for job_id, sched in self._schedules.items():
-            self._sched.add_job(self._fire, sched.trigger, args=(job_id,), id=job_id, name=job_id)
+            # Interval jobs also run once at start-up (their current slot), so a restarted
+            # daemon catches up at once instead of waiting for the next multiple.
+            first = {"next_run_time": start} if sched.every is not None else {}
+            self._sched.add_job(
+                self._fire, sched.trigger, args=(job_id,), id=job_id, name=job_id, **first
+            )
 
         def missed(event: JobExecutionEvent) -> None:
             on_missed(str(event.job_id).split("@", 1)[0])
