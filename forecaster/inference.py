@@ -63,14 +63,21 @@ def advance(
 ) -> Advanced:
     """Advance `state` over grid steps lo..hi-1 of `values` (S, N), raw units, NaN = missing,
     grid index 0 at epoch `start`. scaler_rows (S,) picks each row's scaler. Splits at window
-    edges (epoch-aligned, window_steps long) to return the state at each edge crossed."""
+    edges (epoch-aligned, window_steps long) to return the state at each edge crossed.
+
+    Runs on the model's device (inputs and state are moved there); the quantiles come back
+    on the CPU, the states stay on the device until state_to_rows copies them out."""
     assert hi > lo, "nothing to advance over"
     assert not getattr(trained.model, "last_origin_only", False), (
         "a bidirectional seq2seq re-reads its window at each forecast; rolling prediction "
         "from saved state supports the other kinds"
     )
-    center, scale = trained.scalers.center[scaler_rows], trained.scalers.scale[scaler_rows]
-    scaled = (values - center.unsqueeze(1)) / scale.unsqueeze(1)
+    device = next(trained.model.parameters()).device
+    rows = scaler_rows.cpu()
+    center = trained.scalers.center[rows].to(device)
+    scale = trained.scalers.scale[rows].to(device)
+    scaled = (values.to(device) - center.unsqueeze(1)) / scale.unsqueeze(1)  # (S, N)
+    state = _to(state, device)
     spec, model = trained.spec, trained.model
     step_s = spec.freq_seconds
     edges = []
@@ -90,7 +97,13 @@ def advance(
     q = pred[:, -1].float() * scale.view(-1, 1, 1) + center.view(-1, 1, 1)  # (S, H, Q)
     if trained.nonnegative:
         q = q.clamp_min(0.0)
-    return Advanced(quantiles=q, state=state, edge_states=edges)
+    return Advanced(quantiles=q.cpu(), state=state, edge_states=edges)
+
+
+def _to(state: Any, device: torch.device) -> Any:
+    if state is None:
+        return None
+    return tuple(s.to(device) for s in state) if isinstance(state, tuple) else state.to(device)
 
 
 def _clone(state: Any) -> Any:

@@ -411,7 +411,7 @@ def predict_cmd(
     with _errors():
         settings = _settings()
         with _store(settings) as store:
-            summary = run_predict(store)
+            summary = run_predict(store, device=settings.device)
         out.print(summary.line(), highlight=False)
 
 

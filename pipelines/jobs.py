@@ -143,7 +143,11 @@ def _predict(job: Job, ctx: JobContext, outcome: JobOutcome) -> None:
 
     freq = ctx.settings.series.freq
     try:
-        summary = run_predict(ctx.store, warmup_steps=int(ctx.settings.retrain.warmup / freq))
+        summary = run_predict(
+            ctx.store,
+            warmup_steps=int(ctx.settings.retrain.warmup / freq),
+            device=ctx.settings.device,
+        )
     except NoChampionError as exc:
         outcome.summary = str(exc)
         outcome.detail = {"nothing_to_do": True}

@@ -32,6 +32,7 @@ from forecaster.inference import (
 )
 from forecaster.store import Store
 from forecaster.trained import TrainedModel
+from forecaster.training import resolve_device
 
 log = structlog.get_logger(__name__)
 BASELINES = ("daily", "weekly")
@@ -78,14 +79,16 @@ def run_predict(
     keep_snapshots: int = 7,
     chunk: int = 2048,
     version_id: int | None = None,
+    device: str = "cpu",
 ) -> PredictSummary:
     """One pass for the champion (or, to build a challenger's states before it is promoted,
-    the model version `version_id`)."""
+    the model version `version_id`), on `device` ("auto" picks CUDA when there is one)."""
     champion = store.champion() if version_id is None else store.model_version(version_id)
     if champion is None:
         raise NoChampionError()
     vid = champion["id"]
     trained = _load(champion["uri"], champion["sha256"])
+    trained.model.to(resolve_device(device))
     spec = trained.spec
     step = timedelta(seconds=spec.freq_seconds)
     summary = PredictSummary(version_id=vid)

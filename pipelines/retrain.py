@@ -223,7 +223,7 @@ def _decide(store: Store, settings: Settings, outcome: RetrainOutcome, t0: float
         outcome.reason = f"not better than the champion v{champion_id}"
     else:
         warmup = int(r.warmup.total_seconds() // settings.series.freq.total_seconds())
-        run_predict(store, version_id=cid, warmup_steps=warmup)
+        run_predict(store, version_id=cid, warmup_steps=warmup, device=settings.device)
         with store.begin() as conn:
             store.promote(conn, cid)
         outcome.decision = "promoted"

@@ -360,3 +360,22 @@ def test_a_crash_while_re_forecasting_a_late_point_then_a_restart_loses_nothing(
     assert strip(_forecasts(store)) == strip(_forecasts(reference))
     store.close()
     reference.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predict_on_cuda_equals_predict_on_cpu(tmp_path, trained):
+    stores = {}
+    for device in ("cpu", "cuda"):
+        store = _setup(f"sqlite:///{tmp_path / device}.db", trained)
+        _ingest_days(store, 0, 30)
+        run_predict(store, warmup_steps=WARMUP, device=device)
+        _ingest_days(store, 30, 32)
+        run_predict(store, warmup_steps=WARMUP, device=device)
+        stores[device] = store
+    cpu, gpu = (_forecasts(stores[d]) for d in ("cpu", "cuda"))
+    assert [r[:5] for r in cpu] == [r[:5] for r in gpu]
+    for a, b in zip(cpu, gpu, strict=True):
+        nums = [(x, y) for x, y in zip(a[5:8], b[5:8], strict=True) if x is not None]
+        assert [x for x, _ in nums] == pytest.approx([y for _, y in nums], rel=1e-4, abs=1e-4)
+    predict_job._load.cache_clear()  # the cached model was moved to the GPU
