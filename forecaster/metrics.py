@@ -4,12 +4,13 @@ The only module that imports prometheus_client (DESIGN.md decision 7). Two halve
 - `ServiceMetrics` declares the job metrics once, every job's labels initialised up front,
   in a registry of its own (never the process-wide default one, so tests and two apps in
   one process never share state);
-- `SqlCollector` reads the latest forecasts, actuals, accuracy and ingest counts through
-  `forecaster.store.service` at each scrape. Nothing is cached, so a series that vanished
-  from SQL vanishes from /metrics. What it exposes is bounded by `MetricsSettings` (series
-  by glob pattern and count, horizon steps), and no sample carries a timestamp: a forecast
-  for 6 hours ahead is `forecaster_forecast{horizon_step="6"}` now, because Prometheus
-  rejects samples stamped in the future.
+- `SqlCollector` reads the latest forecasts, actuals, accuracy and ingest counts (and, for
+  staleness alerts, their times as values) through `forecaster.store.service` at each
+  scrape. Nothing is cached, so a series that vanished from SQL vanishes from /metrics.
+  What it exposes is bounded by `MetricsSettings` (series by glob pattern and count,
+  horizon steps), and no sample carries a timestamp: a forecast for 6 hours ahead is
+  `forecaster_forecast{horizon_step="6"}` now, because Prometheus rejects samples stamped
+  in the future.
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ class SqlCollector:
                 if edges and r["yhat_upper"] is not None:
                     q = quantile_label((1 + level) / 2)
                     fam["forecast"].add_metric([*labels, q], r["yhat_upper"])
+            for sid, origin in store.newest_origins(model, ids).items():
+                fam["origin_ts"].add_metric([names[sid]], origin.timestamp())
             now = self.clock.now()
             for sid, r in self._served_at(model, ids, now).items():
                 fam["median"].add_metric([names[sid]], r["yhat"])
@@ -196,6 +199,7 @@ class SqlCollector:
                 )
         for sid, r in actuals.items():
             fam["observation"].add_metric([names[sid]], r["value"])
+            fam["observation_ts"].add_metric([names[sid]], r["ts"].timestamp())
             lo, hi = r["yhat_lower"], r["yhat_upper"]
             if lo is not None and hi is not None:
                 fam["outside"].add_metric([names[sid]], float(not lo <= r["value"] <= hi))
@@ -211,6 +215,8 @@ class SqlCollector:
             fam["model_info"].add_metric([f"v{mv['id']}", mv["kind"], mv["stage"]], 1)
         for source, n in store.source_rows().items():
             fam["ingested"].add_metric([source], n)
+        for source, at in store.source_ingest_times().items():
+            fam["last_ingest"].add_metric([source], at.timestamp())
         for source, reason, n in store.quarantine_counts():
             fam["quarantined"].add_metric([source, reason], n)
         yield from fam.values()
@@ -245,6 +251,17 @@ class SqlCollector:
                 "The latest observed value of the series.",
                 labels=["series"],
             ),
+            "observation_ts": g(
+                "forecaster_observation_timestamp_seconds",
+                "Unix time of the latest observed value of the series (its data time).",
+                labels=["series"],
+            ),
+            "origin_ts": g(
+                "forecaster_forecast_origin_timestamp_seconds",
+                "Unix time of the champion's newest forecast origin for the series (the last "
+                "point its forecasts have absorbed).",
+                labels=["series"],
+            ),
             "outside": g(
                 "forecaster_outside_band",
                 "1 if the latest observed value lies outside the band of the champion's newest "
@@ -276,6 +293,11 @@ class SqlCollector:
             "ingested": c(
                 "forecaster_ingested_rows",
                 "Observed points ingested from the source.",
+                labels=["source"],
+            ),
+            "last_ingest": g(
+                "forecaster_source_last_ingest_timestamp_seconds",
+                "Unix wall-clock time at which the source's last batch was committed.",
                 labels=["source"],
             ),
             "quarantined": c(

@@ -38,7 +38,7 @@ from pipelines.scheduler import LiveScheduler, SimulatedScheduler, schedules
 
 log = structlog.get_logger(__name__)
 
-TRIGGERED = ("predict:window", "retrain:degraded", "retrain:start")
+TRIGGERED = ("predict:window", "retrain:degraded", "retrain:start", "evaluate:end")
 
 
 @dataclass

@@ -10,8 +10,11 @@ run by `pipelines.jobs.run_job`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
+import signal
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime
 from typing import Protocol
@@ -60,7 +63,10 @@ class InlineBackend:
         if job.kind == "retrain" and self._retrain_in_process:
             if self._procs is None:
                 self._procs = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_die_with_parent,
+                    initargs=(os.getpid(),),
                 )
             return self._procs.submit(_run_in_child, job, self._settings, self._simulated)
         return self._threads.submit(run_job, job, self._ctx)
@@ -85,6 +91,19 @@ class InlineBackend:
                 self.stop_retrain()
             else:
                 self._procs.shutdown(wait=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A retrain process must not outlive a daemon killed with SIGKILL: an orphan would go
+    on training and promoting beside the restarted daemon's own retrains. Linux delivers
+    SIGKILL to it when its parent dies (elsewhere the worker exits at its next job)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _run_in_child(job: Job, settings: Settings, simulated: bool) -> JobOutcome:

@@ -156,6 +156,22 @@ class ServiceStore(StoreBase):
                 rows.extend(dict(r._mapping) for r in conn.execute(q))
         return rows
 
+    def newest_origins(self, model: str, series_ids: Sequence[int]) -> dict[int, datetime]:
+        """series_id -> the newest origin_ts of `model`'s current forecasts, for the series
+        that have any (what "forecasts stale" alerts compare with the newest actual)."""
+        se, f = s.series, s.forecasts
+        out: dict[int, datetime] = {}
+        for ids in _chunks(series_ids):
+            newest = (
+                sa.select(sa.func.max(f.c.origin_ts))
+                .where(f.c.series_id == se.c.id, _current(f, model))
+                .scalar_subquery()
+            )
+            q = sa.select(se.c.id, newest.label("origin_ts")).where(se.c.id.in_(ids))
+            with self.engine.connect() as conn:
+                out.update({sid: ts for sid, ts in conn.execute(q) if ts is not None})
+        return out
+
     def forecasts_at(
         self, model: str, series_ids: Sequence[int], now: datetime
     ) -> dict[int, dict[str, Any]]:
@@ -286,6 +302,15 @@ class ServiceStore(StoreBase):
                     sa.select(c.c.source, c.c.rows_total).order_by(c.c.source)
                 )
             }
+
+    def source_ingest_times(self) -> dict[str, datetime]:
+        """source -> updated_at of its cursor: the wall-clock time of its last committed batch
+        (an empty batch that moves the cursor counts)."""
+        c = s.source_cursors
+        with self.engine.connect() as conn:
+            return dict(
+                conn.execute(sa.select(c.c.source, c.c.updated_at).order_by(c.c.source)).all()
+            )
 
     def quarantine_counts(self) -> list[tuple[str, str, int]]:
         """(source, reason, rows) of the quarantine table."""

@@ -304,3 +304,62 @@ def test_a_signal_during_predict_then_a_restart_equals_an_uninterrupted_run(
     for table, rows in uninterrupted.items():
         assert final[table] == rows, f"{table} differs after the {sig.name} and restart"
     assert os.path.exists(tmp_path / "store.db")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc (Linux)")
+def test_a_retrain_process_dies_with_a_killed_daemon(tmp_path):
+    cfg = _config_backtest(tmp_path)
+    _upgrade(tmp_path)
+    proc = subprocess.Popen(
+        _backtest_cmd(cfg), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline, workers = time.monotonic() + 120, []
+    while time.monotonic() < deadline and proc.poll() is None and not workers:
+        workers = [
+            c
+            for c in _children(proc.pid)
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        time.sleep(0.05)
+    assert workers, "the backtest never started a retrain process"
+    running = False  # wait until the worker has claimed its job: it is training now
+    while time.monotonic() < deadline and not running:
+        try:
+            with sqlite3.connect(f"file:{tmp_path / 'store.db'}?mode=ro", uri=True) as conn:
+                running = (
+                    conn.execute(
+                        "SELECT count(*) FROM job_runs WHERE job_id = 'retrain' AND status = 'running'"
+                    ).fetchone()[0]
+                    > 0
+                )
+        except sqlite3.Error:
+            pass
+        time.sleep(0.01)
+    assert running, "the retrain process never started its job"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 1.0  # an orphan would live on until its job ended
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "an orphaned retrain process kept running"
