@@ -26,7 +26,7 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -42,3 +42,19 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     # Alembic and SQLAlchemy are chatty at INFO; their warnings still come through.
     for noisy in ("alembic", "sqlalchemy", "httpx", "httpcore", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record, not the stream it was built with:
+    a replaced stderr (a test runner's capture, a daemoniser) is never written after close."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
