@@ -65,34 +65,56 @@ def test_single_owner_imports(library, allowed):
 
 def test_public_api():
     assert sorted(forecaster.__all__) == [
-        "CheckpointError", "ConfigError", "ForecasterError", "SchemaOutOfDateError", "Settings", "SourceError",
-        "Store", "StoreError", "UnknownModelVersionError", "UnknownSeriesError", "UnknownSourceError", "load_settings",
+        "CheckpointError",
+        "ConfigError",
+        "ForecasterError",
+        "SchemaOutOfDateError",
+        "Settings",
+        "SourceError",
+        "Store",
+        "StoreError",
+        "UnknownModelVersionError",
+        "UnknownSeriesError",
+        "UnknownSourceError",
+        "load_settings",
     ]
     assert sorted(pipelines.sources.__all__) == ["Batch", "RAW_COLUMNS", "Source", "build_source"]
     for name in forecaster.__all__:
         assert getattr(forecaster, name) is not None
 
 
-@pytest.mark.parametrize("path", _modules("forecaster/store"), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", _modules("forecaster/store"), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_store_formats_no_values_into_sql(path):
     """Every value is bound: no f-string, % or .format() builds SQL text in the store."""
     tree = ast.parse(path.read_text())
     sql_calls = {"execute", "exec_driver_sql", "text"}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in sql_calls:
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in sql_calls
+        ):
             for arg in node.args[:1]:
                 assert not isinstance(arg, ast.JoinedStr), f"f-string SQL at line {node.lineno}"
-                assert not (isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Mod)), f"% SQL at line {node.lineno}"
+                assert not (isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Mod)), (
+                    f"% SQL at line {node.lineno}"
+                )
                 assert not (
                     isinstance(arg, ast.Call) and getattr(arg.func, "attr", None) == "format"
                 ), f".format SQL at line {node.lineno}"
 
 
-@pytest.mark.parametrize("path", _modules("forecaster/models"), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", _modules("forecaster/models"), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_models_import_only_torch_and_their_own_config(path):
     allowed = {"__future__", "torch", "dataclasses", "typing", "math", "forecaster"}
     names = _imports(path)
     assert _top(names) <= allowed, names
     assert {n for n in names if n.startswith("forecaster")} <= {
-        "forecaster.models", "forecaster.models.config", "forecaster.models.recurrent", "forecaster.models.seq2seq"
+        "forecaster.models",
+        "forecaster.models.config",
+        "forecaster.models.recurrent",
+        "forecaster.models.seq2seq",
     }

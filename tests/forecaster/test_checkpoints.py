@@ -105,7 +105,9 @@ def test_same_checkpoint_twice_same_address(tmp_path):
     other = Checkpoint(
         kind=other.kind,
         config=dict(reversed(list(other.config.items()))),
-        state_dict={k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in other.state_dict.items()},
+        state_dict={
+            k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in other.state_dict.items()
+        },
         scalers=other.scalers,
         meta=other.meta,
     )
@@ -123,7 +125,9 @@ def test_tied_weights_and_empty_state_dict_are_saved(tmp_path):
     w = torch.randn(3, 3, requires_grad=True)
     ckpt = Checkpoint("rnn", {}, {"a": w, "b": w, "c": w[0]}, {})
     got = load_checkpoint(*save_checkpoint(ckpt, tmp_path))
-    assert torch.equal(got.state_dict["b"], w.detach()) and torch.equal(got.state_dict["c"], w[0].detach())
+    assert torch.equal(got.state_dict["b"], w.detach()) and torch.equal(
+        got.state_dict["c"], w[0].detach()
+    )
     empty = load_checkpoint(*save_checkpoint(Checkpoint("gru", {}, {}, {}), tmp_path))
     assert empty.state_dict == {} and empty.meta == {}
 
@@ -213,4 +217,6 @@ def test_the_module_cannot_unpickle():
             names = {a.name for a in node.names} | {getattr(node, "module", None) or ""}
             assert not names & {"pickle", "dill", "cloudpickle", "joblib"}, ast.dump(node)
         if isinstance(node, ast.Attribute):
-            assert node.attr != "load" or ast.unparse(node) == "safetensors.torch.load", ast.unparse(node)
+            assert node.attr != "load" or ast.unparse(node) == "safetensors.torch.load", (
+                ast.unparse(node)
+            )

@@ -92,7 +92,10 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     ("url", "masked"),
     [
         ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
-        ("postgresql+psycopg://u:p%40ss@h:5432/db?sslmode=require", "postgresql+psycopg://u:***@h:5432/db?sslmode=require"),
+        (
+            "postgresql+psycopg://u:p%40ss@h:5432/db?sslmode=require",
+            "postgresql+psycopg://u:***@h:5432/db?sslmode=require",
+        ),
         ("sqlite:///x.db", "sqlite:///x.db"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
     ],

@@ -18,7 +18,12 @@ def utc(*args: int) -> datetime:
 
 def raw(series, ts, value):
     return pl.DataFrame(
-        {"series": series, "ts": ts, "value": value, "origin": [f"r{i}" for i in range(len(series))]}
+        {
+            "series": series,
+            "ts": ts,
+            "value": value,
+            "origin": [f"r{i}" for i in range(len(series))],
+        }
     )
 
 
@@ -48,22 +53,38 @@ def test_parse_ts_typed_columns():
     eastern = naive.dt.replace_time_zone("America/New_York")
     assert F.parse_ts(naive).to_list() == [utc(2013, 1, 1, 5)]
     assert F.parse_ts(eastern).to_list() == [utc(2013, 1, 1, 10)]
-    assert F.parse_ts(pl.Series([1356998400.5])).to_list() == [utc(2013, 1, 1) + timedelta(seconds=0.5)]
+    assert F.parse_ts(pl.Series([1356998400.5])).to_list() == [
+        utc(2013, 1, 1) + timedelta(seconds=0.5)
+    ]
 
 
 def test_parse_sorts_rows_into_good_and_bad_with_reasons():
     rows = raw(
         ["a", "a", None, " ", "a", "a", "a", "a", "a"],
-        ["2013-01-01T00:00Z", "nope", "2013-01-01T00:00Z", "2013-01-01T00:00Z",
-         "2013-01-01T01:00Z", "2013-01-01T02:00Z", "2013-01-01T03:00Z", "2013-01-01T04:00Z", "2013-01-01T05:00Z"],
+        [
+            "2013-01-01T00:00Z",
+            "nope",
+            "2013-01-01T00:00Z",
+            "2013-01-01T00:00Z",
+            "2013-01-01T01:00Z",
+            "2013-01-01T02:00Z",
+            "2013-01-01T03:00Z",
+            "2013-01-01T04:00Z",
+            "2013-01-01T05:00Z",
+        ],
         ["1.5", "2", "3", "4", "abc", None, "NaN", "-inf", " 7 "],
     )
     good, bad = F.parse(rows)
     assert good["value"].to_list() == [1.5, 7.0]
     assert good["ts_raw"].to_list() == ["2013-01-01T00:00Z", "2013-01-01T05:00Z"]
     assert dict(zip(bad["origin"], bad["reason"], strict=True)) == {
-        "r1": "bad_ts", "r2": "missing_series", "r3": "missing_series",
-        "r4": "bad_value", "r5": "bad_value", "r6": "non_finite", "r7": "non_finite",
+        "r1": "bad_ts",
+        "r2": "missing_series",
+        "r3": "missing_series",
+        "r4": "bad_value",
+        "r5": "bad_value",
+        "r6": "non_finite",
+        "r7": "non_finite",
     }
     assert bad.filter(pl.col("origin") == "r4")["value_raw"].to_list() == ["abc"]
 
@@ -75,9 +96,11 @@ def test_parse_names_the_missing_column():
 
 def test_dedupe_keeps_one_of_equal_and_latest_of_conflicting():
     good, _ = F.parse(
-        raw(["a", "a", "a", "a", "a"],
+        raw(
+            ["a", "a", "a", "a", "a"],
             ["2013-01-01T00:00Z"] * 2 + ["2013-01-01T01:00Z"] * 3,
-            ["1", "1", "5", "6", "7"])
+            ["1", "1", "5", "6", "7"],
+        )
     )
     kept, replaced = F.dedupe(good)
     assert kept["value"].to_list() == [1.0, 7.0]
@@ -88,14 +111,23 @@ def test_dedupe_keeps_one_of_equal_and_latest_of_conflicting():
 
 @pytest.mark.parametrize("how", ["mean", "sum", "last", "min", "max"])
 def test_resample_matches_python_reference(how):
-    ts = [utc(2013, 1, 1, 0, 10), utc(2013, 1, 1, 0, 50), utc(2013, 1, 1, 1, 5), utc(2013, 1, 1, 0, 30)]
+    ts = [
+        utc(2013, 1, 1, 0, 10),
+        utc(2013, 1, 1, 0, 50),
+        utc(2013, 1, 1, 1, 5),
+        utc(2013, 1, 1, 0, 30),
+    ]
     values = [1.0, 4.0, 10.0, 2.0]
-    good = pl.DataFrame({"series": ["a"] * 4, "ts": ts, "value": values, "origin": list("wxyz")}).with_columns(
-        pl.col("ts").dt.cast_time_unit("us"), seq=pl.int_range(4)
-    )
+    good = pl.DataFrame(
+        {"series": ["a"] * 4, "ts": ts, "value": values, "origin": list("wxyz")}
+    ).with_columns(pl.col("ts").dt.cast_time_unit("us"), seq=pl.int_range(4))
     out = F.resample(good, H, how)
     ref = {
-        "mean": [7 / 3, 10.0], "sum": [7.0, 10.0], "last": [2.0, 10.0], "min": [1.0, 10.0], "max": [4.0, 10.0]
+        "mean": [7 / 3, 10.0],
+        "sum": [7.0, 10.0],
+        "last": [2.0, 10.0],
+        "min": [1.0, 10.0],
+        "max": [4.0, 10.0],
     }[how]
     assert out["ts"].to_list() == [utc(2013, 1, 1, 0), utc(2013, 1, 1, 1)]
     assert out["value"].to_list() == pytest.approx(ref)
@@ -109,7 +141,9 @@ def _points(series, hours, values):
 
 def _previous(rows):
     return pl.DataFrame(
-        rows, schema={"series": pl.Utf8, "prev_ts": F.TS_DTYPE, "prev_value": pl.Float64}, orient="row"
+        rows,
+        schema={"series": pl.Utf8, "prev_ts": F.TS_DTYPE, "prev_value": pl.Float64},
+        orient="row",
     )
 
 
@@ -145,7 +179,10 @@ def test_fill_gaps_matches_reference(policy, prev):
     got = [(t.hour, v, q) for t, v, q in out.select("ts", "value", "quality").rows()]
     ref = _reference_fill(*(prev or (None, None)), hours, values, policy)
     if policy == "null":
-        ref = [(h, v if q == "observed" else None, q if q == "observed" else "missing") for h, v, q in ref]
+        ref = [
+            (h, v if q == "observed" else None, q if q == "observed" else "missing")
+            for h, v, q in ref
+        ]
     assert [(h, q) for h, _, q in got] == [(h, q) for h, _, q in ref]
     assert [v for _, v, _ in got] == pytest.approx([v for _, v, _ in ref], nan_ok=True)
 
@@ -154,7 +191,9 @@ def test_fill_gaps_passes_late_points_through_unfilled():
     previous = _previous([("a", utc(2013, 1, 1, 10), 1.0)])
     out = F.fill_gaps(_points(["a", "a"], [2, 12], [5.0, 6.0]), previous, H, "ffill").sort("ts")
     assert [(t.hour, v, q) for t, v, q in out.select("ts", "value", "quality").rows()] == [
-        (2, 5.0, "observed"), (11, 1.0, "ffill"), (12, 6.0, "observed")
+        (2, 5.0, "observed"),
+        (11, 1.0, "ffill"),
+        (12, 6.0, "observed"),
     ]
 
 

@@ -31,6 +31,7 @@ from tests.pipelines.test_predict import (  # noqa: F401
     START,
     WARMUP,
     _ingest_days,
+    _promote_with_states,
     _setup,
     trained,
 )
@@ -648,27 +649,12 @@ def test_after_a_promotion_the_band_served_is_the_predecessors_until_the_champio
     sqlite_url,
     trained,  # noqa: F811
 ):
-    _, uri, sha = trained
     store = _setup(sqlite_url, trained)  # v1, the champion
     _ingest_days(store, 0, 30)
     run_predict(store, warmup_steps=WARMUP)
     _ingest_days(store, 30, 31)
     run_predict(store, warmup_steps=WARMUP)  # v1 forecasts day 31 from the end of day 30
-    with store.begin() as conn:  # a challenger: its states and forecasts, then promoted
-        v2 = store.register_model_version(
-            conn,
-            kind="gru",
-            config={},
-            uri=uri,
-            sha256=sha,
-            trained_from=None,
-            trained_to=None,
-            metrics={},
-            stage="candidate",
-        )
-    run_predict(store, warmup_steps=WARMUP, version_id=v2)
-    with store.begin() as conn:
-        store.promote(conn, v2)
+    v2 = _promote_with_states(store, trained)  # states and forecasts, then promoted
     origin = START + timedelta(days=31) - timedelta(hours=1)  # v2's first and only origin
     f = schema.forecasts
     with store.engine.connect() as conn:

@@ -34,7 +34,12 @@ def _sid(store, name="a"):
 def _obs(sid, hours, values, quality="observed"):
     ts = [datetime(2013, 1, 1, tzinfo=UTC) + timedelta(hours=h) for h in hours]
     df = pl.DataFrame(
-        {"series_id": [sid] * len(hours), "ts": ts, "value": values, "quality": [quality] * len(hours)},
+        {
+            "series_id": [sid] * len(hours),
+            "ts": ts,
+            "value": values,
+            "quality": [quality] * len(hours),
+        },
         schema_overrides={"ts": F.TS_DTYPE, "value": pl.Float64, "series_id": pl.Int64},
     )
     return F.assign_windows(df, DAY * 10**6)
@@ -51,8 +56,12 @@ def test_check_schema_refuses_an_empty_database(db_url):
 
 def test_resolve_series_creates_once(store):
     with store.begin() as conn:
-        ids = store.resolve_series(conn, ["x", "y", "x"], create=True, source="s", freq_seconds=60, window_seconds=3600)
-        again = store.resolve_series(conn, ["y", "z"], create=False, source="s", freq_seconds=60, window_seconds=3600)
+        ids = store.resolve_series(
+            conn, ["x", "y", "x"], create=True, source="s", freq_seconds=60, window_seconds=3600
+        )
+        again = store.resolve_series(
+            conn, ["y", "z"], create=False, source="s", freq_seconds=60, window_seconds=3600
+        )
     assert set(ids) == {"x", "y"} and again == {"y": ids["y"]}
 
 
@@ -76,7 +85,11 @@ def test_filled_point_never_overwrites_an_observed_one(store):
         store.upsert_observations(conn, _obs(sid, [2], [None], quality="missing"))
         store.upsert_observations(conn, _obs(sid, [2], [7.0]))
     got = store.read_observations("a")
-    assert got.select("value", "quality").rows() == [(5.0, "observed"), (6.0, "observed"), (7.0, "observed")]
+    assert got.select("value", "quality").rows() == [
+        (5.0, "observed"),
+        (6.0, "observed"),
+        (7.0, "observed"),
+    ]
 
 
 def test_non_utc_datetimes_are_converted_not_relabelled(store):
@@ -85,8 +98,12 @@ def test_non_utc_datetimes_are_converted_not_relabelled(store):
     with store.begin() as conn:
         conn.execute(
             sa.insert(schema.watermarks),
-            {"series_id": sid, "ts": datetime(2013, 1, 1, 12, tzinfo=plus2), "last_value": 1.0,
-             "updated_at": datetime.now(UTC)},
+            {
+                "series_id": sid,
+                "ts": datetime(2013, 1, 1, 12, tzinfo=plus2),
+                "last_value": 1.0,
+                "updated_at": datetime.now(UTC),
+            },
         )
     with store.engine.connect() as conn:
         marks = store.watermarks_frame(conn, [sid])
@@ -110,25 +127,37 @@ def test_windows_count_points_and_completeness(store):
     sid = _sid(store)
     pts = _obs(sid, range(30), [1.0] * 20 + [None] * 10, quality="observed")
     pts = pts.with_columns(
-        pl.when(pl.col("value").is_null()).then(pl.lit("missing")).otherwise(pl.col("quality")).alias("quality")
+        pl.when(pl.col("value").is_null())
+        .then(pl.lit("missing"))
+        .otherwise(pl.col("quality"))
+        .alias("quality")
     )
     with store.begin() as conn:
         store.upsert_observations(conn, pts)
-        store.upsert_watermarks(conn, pl.DataFrame({"series_id": [sid], "ts": [pts["ts"].max()], "last_value": [None]}))
+        store.upsert_watermarks(
+            conn, pl.DataFrame({"series_id": [sid], "ts": [pts["ts"].max()], "last_value": [None]})
+        )
         n = store.refresh_windows(conn, pts, freq_seconds=3600, window_seconds=DAY)
     assert n == 2
     with store.engine.connect() as conn:
         rows = conn.execute(
-            sa.select(schema.windows.c.n_points, schema.windows.c.n_observed, schema.windows.c.complete)
-            .order_by(schema.windows.c.window_id)
+            sa.select(
+                schema.windows.c.n_points, schema.windows.c.n_observed, schema.windows.c.complete
+            ).order_by(schema.windows.c.window_id)
         ).all()
     assert [tuple(r) for r in rows] == [(24, 20, True), (6, 0, False)]
 
 
 def test_quarantine_stores_each_row_once(store):
     bad = pl.DataFrame(
-        {"series": ["a", None], "ts_raw": ["x", "2013"], "value_raw": ["1", "2"], "origin": ["f:2", "f:3"],
-         "reason": ["bad_ts", "missing_series"], "detail": [None, None]}
+        {
+            "series": ["a", None],
+            "ts_raw": ["x", "2013"],
+            "value_raw": ["1", "2"],
+            "origin": ["f:2", "f:3"],
+            "reason": ["bad_ts", "missing_series"],
+            "detail": [None, None],
+        }
     )
     with store.begin() as conn:
         assert store.insert_quarantine(conn, "src", bad) == 2
@@ -143,7 +172,9 @@ def test_cursor_round_trip_and_rows_total(store):
     with store.begin() as conn:
         store.save_cursor(conn, "s", {"since": "2013-01-01T00:00:00+00:00"}, rows_added=5)
     with store.begin() as conn:
-        store.save_cursor(conn, "s", {"since": "2013-01-02T00:00:00+00:00", "n": [1, 2]}, rows_added=7)
+        store.save_cursor(
+            conn, "s", {"since": "2013-01-02T00:00:00+00:00", "n": [1, 2]}, rows_added=7
+        )
     assert store.get_cursor("s") == {"since": "2013-01-02T00:00:00+00:00", "n": [1, 2]}
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(schema.source_cursors.c.rows_total)).scalar_one() == 12

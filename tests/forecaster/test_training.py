@@ -21,15 +21,23 @@ def noisy_sine(n_series=4, weeks=8, noise=1.0, seed=0) -> Panel:
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(weeks * WEEK, dtype=torch.float32)
     phase = torch.arange(n_series).unsqueeze(1) * 0.7
-    values = 10 + 5 * torch.sin(2 * math.pi * t / 24 + phase) + noise * torch.randn(n_series, t.numel(), generator=g)
+    values = (
+        10
+        + 5 * torch.sin(2 * math.pi * t / 24 + phase)
+        + noise * torch.randn(n_series, t.numel(), generator=g)
+    )
     start = 1356998400  # 2013-01-01 00:00 UTC, on the hourly grid
-    return Panel(names=[f"s{i}" for i in range(n_series)], start=start, freq_seconds=3600, values=values)
+    return Panel(
+        names=[f"s{i}" for i in range(n_series)], start=start, freq_seconds=3600, values=values
+    )
 
 
 @pytest.fixture(scope="module")
 def sine_result():
     # Short windows give many optimiser steps from little data.
-    cfg = TrainConfig(kind="lstm", hidden=16, epochs=10, window=24, lr=5e-3, val_steps=2 * WEEK, patience=3)
+    cfg = TrainConfig(
+        kind="lstm", hidden=16, epochs=10, window=24, lr=5e-3, val_steps=2 * WEEK, patience=3
+    )
     return train(noisy_sine(), cfg)
 
 
@@ -51,7 +59,15 @@ def test_checkpoint_round_trip_gives_identical_forecasts(sine_result, tmp_path):
     scaled = trained.scalers.transform(panel.values)
     with torch.no_grad():
         a, sa, _ = forward_window(trained.model, trained.spec, scaled, panel.start, 0, 200, None)
-        b, sb, _ = forward_window(again.model, again.spec, again.scalers.transform(panel.values), panel.start, 0, 200, None)
+        b, sb, _ = forward_window(
+            again.model,
+            again.spec,
+            again.scalers.transform(panel.values),
+            panel.start,
+            0,
+            200,
+            None,
+        )
     assert torch.equal(a, b) and torch.equal(sa[0], sb[0])
 
 

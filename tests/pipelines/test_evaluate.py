@@ -11,7 +11,14 @@ import sqlalchemy as sa
 from forecaster import schema
 from pipelines.evaluate import conformal_correction, run_evaluate
 from pipelines.predict import run_predict
-from tests.pipelines.test_predict import START, WARMUP, _ingest_days, _setup, trained  # noqa: F401
+from tests.pipelines.test_predict import (  # noqa: F401
+    START,
+    WARMUP,
+    _ingest_days,
+    _promote_with_states,
+    _setup,
+    trained,
+)
 
 
 @pytest.mark.parametrize("level", [0.5, 0.8, 0.9])
@@ -117,7 +124,6 @@ def test_series_accuracy_scales_each_model_by_the_daily_naive_on_the_same_foreca
     db_url,
     trained,  # noqa: F811
 ):
-    _, uri, sha = trained
     store = _setup(db_url, trained)
     _ingest_days(store, 0, 20)
     run_predict(store, warmup_steps=WARMUP)
@@ -125,21 +131,7 @@ def test_series_accuracy_scales_each_model_by_the_daily_naive_on_the_same_foreca
         _ingest_days(store, day, day + 1)
         run_predict(store, warmup_steps=WARMUP)
     # A second version serves only the last two days of the week evaluated.
-    with store.begin() as conn:
-        v2 = store.register_model_version(
-            conn,
-            kind="gru",
-            config={},
-            uri=uri,
-            sha256=sha,
-            trained_from=None,
-            trained_to=None,
-            metrics={},
-            stage="candidate",
-        )
-    run_predict(store, warmup_steps=WARMUP, version_id=v2)
-    with store.begin() as conn:
-        store.promote(conn, v2)
+    v2 = _promote_with_states(store, trained)  # states and forecasts, then promoted
     for day in range(26, 28):
         _ingest_days(store, day, day + 1)
         run_predict(store, warmup_steps=WARMUP)

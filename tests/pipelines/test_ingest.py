@@ -48,14 +48,32 @@ def test_malformed_rows_are_quarantined_with_reasons_and_the_rest_ingested(tmp_p
     series = [f"meter.{i}" for i in range(5)]
     hours = 2000
     # file 1: the first half, clean; it sets the watermarks.
-    first = [(s, _iso(T0 + timedelta(hours=h)), str(h % 24)) for h in range(hours // 2) for s in series]
+    first = [
+        (s, _iso(T0 + timedelta(hours=h)), str(h % 24)) for h in range(hours // 2) for s in series
+    ]
     (tmp_path / "in").mkdir()
-    good = [(s, _iso(T0 + timedelta(hours=h)), f"{(h * 7) % 50}.5") for h in range(hours // 2, hours) for s in series]
+    good = [
+        (s, _iso(T0 + timedelta(hours=h)), f"{(h * 7) % 50}.5")
+        for h in range(hours // 2, hours)
+        for s in series
+    ]
     n_bad = len(good) // 100  # 1% of each kind
     bad_kinds = {
-        "bad_ts": lambda i: ("meter.0", rng.choice(["2024-13-01T00:00Z", "yesterday", "", "12:00"]), "1"),
-        "bad_value": lambda i: ("meter.1", _iso(T0 + timedelta(hours=hours + i)), rng.choice(["abc", "", "1;5", "0x1g"])),
-        "non_finite": lambda i: ("meter.2", _iso(T0 + timedelta(hours=hours + i)), rng.choice(["NaN", "inf", "-Infinity"])),
+        "bad_ts": lambda i: (
+            "meter.0",
+            rng.choice(["2024-13-01T00:00Z", "yesterday", "", "12:00"]),
+            "1",
+        ),
+        "bad_value": lambda i: (
+            "meter.1",
+            _iso(T0 + timedelta(hours=hours + i)),
+            rng.choice(["abc", "", "1;5", "0x1g"]),
+        ),
+        "non_finite": lambda i: (
+            "meter.2",
+            _iso(T0 + timedelta(hours=hours + i)),
+            rng.choice(["NaN", "inf", "-Infinity"]),
+        ),
         "missing_series": lambda i: ("", _iso(T0 + timedelta(hours=i)), "1"),
         "unknown_series": lambda i: (f"intruder.{i}", _iso(T0 + timedelta(hours=hours - 1)), "1"),
         "too_late": lambda i: ("meter.3", _iso(T0 - timedelta(days=30, hours=i)), "1"),
@@ -83,7 +101,9 @@ def test_malformed_rows_are_quarantined_with_reasons_and_the_rest_ingested(tmp_p
     st = Store(f"sqlite:///{tmp_path / 's.db'}")
     st.upgrade()
     with st.begin() as conn:
-        st.resolve_series(conn, series, create=True, source="meters", freq_seconds=3600, window_seconds=86400)
+        st.resolve_series(
+            conn, series, create=True, source="meters", freq_seconds=3600, window_seconds=86400
+        )
 
     # "now" comes from the wall clock in the CLI: the data is in 2024, NOW-relative future
     # rows are in 2024-06 and later, so pin the check to the data rather than the date.
@@ -118,7 +138,9 @@ def test_malformed_rows_are_quarantined_with_reasons_and_the_rest_ingested(tmp_p
 
 
 def _replay(batch_rows=5_000, **kw):
-    cfg = ReplaySource(batch_rows=batch_rows, series_filter=["flights.EWR", "flights.JFK", "flights.LGA.DL"], **kw)
+    cfg = ReplaySource(
+        batch_rows=batch_rows, series_filter=["flights.EWR", "flights.JFK", "flights.LGA.DL"], **kw
+    )
     return build_source("replay", cfg)
 
 
@@ -132,7 +154,9 @@ def _snapshot(store: Store) -> dict[str, list]:
     return out
 
 
-def test_crash_inside_a_batch_then_restart_ingests_exactly_the_missing_rows(store, db_url, monkeypatch, tmp_path):
+def test_crash_inside_a_batch_then_restart_ingests_exactly_the_missing_rows(
+    store, db_url, monkeypatch, tmp_path
+):
     defaults = SeriesDefaults()
     reference = Store(f"sqlite:///{tmp_path / 'ref.db'}")
     reference.upgrade()
@@ -194,7 +218,9 @@ def test_paced_replay_emits_only_what_the_clock_allows(store):
 
 def _batch(points, cursor):
     series, ts, values = zip(*points, strict=True)
-    return Batch(raw_frame(list(series), [_iso(t) for t in ts], [str(v) for v in values], "t"), cursor)
+    return Batch(
+        raw_frame(list(series), [_iso(t) for t in ts], [str(v) for v in values], "t"), cursor
+    )
 
 
 def test_gap_policy_continues_across_batches(store):
@@ -203,13 +229,23 @@ def test_gap_policy_continues_across_batches(store):
     ingest_batch(store, "s", _batch([("a", T0 + timedelta(hours=4), 8.0)], {"n": 2}), defaults, NOW)
     obs = store.read_observations("a")
     assert obs.select("value", "quality").rows() == [
-        (0.0, "observed"), (2.0, "interpolated"), (4.0, "interpolated"), (6.0, "interpolated"), (8.0, "observed")
+        (0.0, "observed"),
+        (2.0, "interpolated"),
+        (4.0, "interpolated"),
+        (6.0, "interpolated"),
+        (8.0, "observed"),
     ]
 
 
 def test_a_late_point_within_the_bound_replaces_the_filled_one_and_recounts_its_window(store):
     defaults = SeriesDefaults(gap_policy="null", allowed_lateness=timedelta(days=2))
-    ingest_batch(store, "s", _batch([("a", T0, 1.0), ("a", T0 + timedelta(hours=30), 2.0)], {"n": 1}), defaults, NOW)
+    ingest_batch(
+        store,
+        "s",
+        _batch([("a", T0, 1.0), ("a", T0 + timedelta(hours=30), 2.0)], {"n": 1}),
+        defaults,
+        NOW,
+    )
     late = T0 + timedelta(hours=5)
     result = ingest_batch(store, "s", _batch([("a", late, 9.0)], {"n": 2}), defaults, NOW)
     assert result.observed == 1 and not result.quarantined
@@ -217,8 +253,12 @@ def test_a_late_point_within_the_bound_replaces_the_filled_one_and_recounts_its_
     assert obs.filter(pl.col("ts") == late).select("value", "quality").rows() == [(9.0, "observed")]
     with store.engine.connect() as conn:
         w = conn.execute(
-            sa.select(schema.windows.c.n_observed, schema.windows.c.complete).order_by(schema.windows.c.window_id)
+            sa.select(schema.windows.c.n_observed, schema.windows.c.complete).order_by(
+                schema.windows.c.window_id
+            )
         ).all()
     assert [tuple(r) for r in w] == [(2, True), (1, False)]
-    too_late = ingest_batch(store, "s", _batch([("a", T0 - timedelta(days=3), 5.0)], {"n": 3}), defaults, NOW)
+    too_late = ingest_batch(
+        store, "s", _batch([("a", T0 - timedelta(days=3), 5.0)], {"n": 3}), defaults, NOW
+    )
     assert too_late.quarantined == Counter({"too_late": 1})

@@ -73,12 +73,11 @@ def _ingest_days(store: Store, first: int, last: int, skip: tuple = ()) -> None:
     )
 
 
-def _setup(db_url, trained) -> Store:
+def _register(store: Store, trained, stage: str) -> int:
+    """The trained checkpoint registered as a (new) model version."""
     _, uri, sha = trained
-    store = Store(db_url)
-    store.upgrade()
     with store.begin() as conn:
-        store.register_model_version(
+        return store.register_model_version(
             conn,
             kind="gru",
             config={},
@@ -87,8 +86,24 @@ def _setup(db_url, trained) -> Store:
             trained_from=None,
             trained_to=None,
             metrics={},
-            stage="champion",
+            stage=stage,
         )
+
+
+def _promote_with_states(store: Store, trained) -> int:
+    """A second version whose states and first forecasts are built, then promoted: what the
+    retraining policy does with a winning challenger."""
+    version = _register(store, trained, "candidate")
+    run_predict(store, warmup_steps=WARMUP, version_id=version)
+    with store.begin() as conn:
+        store.promote(conn, version)
+    return version
+
+
+def _setup(db_url, trained) -> Store:
+    store = Store(db_url)
+    store.upgrade()
+    _register(store, trained, "champion")
     return store
 
 

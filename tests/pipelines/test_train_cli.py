@@ -26,7 +26,7 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "sine.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "forecaster.toml").write_text(
         f'database_url = "sqlite:///{tmp_path / "s.db"}"\ncheckpoint_dir = "{tmp_path / "ckpt"}"\n'
-        f'[training]\nhidden = 8\nval_steps = 168\n'
+        f"[training]\nhidden = 8\nval_steps = 168\n"
         f'[sources.sine]\nkind = "file"\npath = "{tmp_path / "sine.csv"}"\n'
     )
     runner = CliRunner()
@@ -48,7 +48,9 @@ def test_train_registers_a_champion_then_candidates(workdir):
 
     listed = runner.invoke(app, ["models", "list"])
     assert listed.exit_code == 0
-    assert "champion" in listed.output and "candidate" in listed.output and "seq2seq" in listed.output
+    assert (
+        "champion" in listed.output and "candidate" in listed.output and "seq2seq" in listed.output
+    )
 
     store = Store(f"sqlite:///{workdir / 's.db'}")
     v1 = store.model_version(1)

@@ -17,8 +17,14 @@ KINDS = ["rnn", "lstm", "gru", "seq2seq"]
 def _model(kind: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        kind=kind, n_inputs=SPEC.n_inputs, n_head_features=SPEC.n_head_features,
-        horizon=SPEC.horizon, hidden=16, head_hidden=16, layers=kw.pop("layers", 2), **kw,
+        kind=kind,
+        n_inputs=SPEC.n_inputs,
+        n_head_features=SPEC.n_head_features,
+        horizon=SPEC.horizon,
+        hidden=16,
+        head_hidden=16,
+        layers=kw.pop("layers", 2),
+        **kw,
     )
     model = build_model(cfg).double().eval()
     # The zero-initialised output layer would hide the network behind the naive base.
@@ -51,8 +57,11 @@ def test_windows_with_carried_state_equal_one_pass(kind):
             out, state = model(*_inputs(values, a, min(a + 17, 60)), state)
             parts.append(out)
     torch.testing.assert_close(torch.cat(parts, dim=1), whole)
-    for s_a, s_b in zip(state if isinstance(state, tuple) else (state,),
-                        state_whole if isinstance(state_whole, tuple) else (state_whole,), strict=True):
+    for s_a, s_b in zip(
+        state if isinstance(state, tuple) else (state,),
+        state_whole if isinstance(state_whole, tuple) else (state_whole,),
+        strict=True,
+    ):
         torch.testing.assert_close(s_a, s_b)
 
 
