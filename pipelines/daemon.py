@@ -30,6 +30,7 @@ import structlog
 
 from forecaster.clock import Clock, FixedClock
 from forecaster.config import Settings
+from forecaster.errors import SchemaOutOfDateError
 from forecaster.metrics import ServiceMetrics
 from forecaster.store import Store
 from pipelines.dispatch import InlineBackend
@@ -106,8 +107,10 @@ class Daemon:
         try:
             self.store.check_schema()
             checks["database"] = checks["migrations"] = True
-        except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
-            checks["database"] = "migrat" in str(exc).lower()  # reachable, wrong revision
+        except SchemaOutOfDateError:
+            checks["database"] = True  # reachable, but not at the code's revision
+        except Exception:  # noqa: BLE001 - readiness reports, it does not raise
+            pass
         checks["scheduler"] = self.scheduler is not None and self.scheduler.running
         if checks["database"]:
             try:

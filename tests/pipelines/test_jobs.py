@@ -134,3 +134,25 @@ def test_a_bad_cron_is_a_config_error():
     settings = load_settings(None, schedule={"retrain_cron": "every sunday"})
     with pytest.raises(ConfigError, match="schedule.retrain_cron"):
         schedules(settings)
+
+
+def test_readiness_names_what_is_not_ready(tmp_path):
+    from forecaster.clock import WallClock
+    from pipelines.daemon import Daemon
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    store = Store(url)
+    store.upgrade("0005")
+    daemon = Daemon(load_settings(None, database_url=url), store, WallClock(), serve_http=False)
+    assert daemon.readiness() == {
+        "database": True,
+        "migrations": False,
+        "scheduler": False,
+        "champion": False,
+    }
+    store.upgrade()
+    assert daemon.readiness()["migrations"] is True
+    gone = Store(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
+    away = Daemon(load_settings(None, database_url=gone.url), gone, WallClock(), serve_http=False)
+    assert away.readiness()["database"] is False
+    store.close()
