@@ -223,6 +223,9 @@ def _decide(store: Store, settings: Settings, outcome: RetrainOutcome, t0: float
         outcome.reason = f"not better than the champion v{champion_id}"
     else:
         warmup = int(r.warmup.total_seconds() // settings.series.freq.total_seconds())
+        if current is not None:  # its first bands calibrated like the champion's
+            with store.begin() as conn:
+                store.copy_calibration(conn, f"v{current['id']}", f"v{cid}")
         run_predict(store, version_id=cid, warmup_steps=warmup, device=settings.device)
         with store.begin() as conn:
             store.promote(conn, cid)

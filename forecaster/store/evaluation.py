@@ -97,6 +97,23 @@ class EvaluationStore(StoreBase):
         now = datetime.now(UTC)
         conn.execute(stmt, [{**r, "model": model, "updated_at": now} for r in rows])
 
+    def copy_calibration(self, conn: Connection, source: str, target: str) -> int:
+        """Give model `target` the conformal corrections of `source` where it has none yet:
+        a new champion serves calibrated bands from its first forecast, until evaluate has
+        scored enough of its own (the corrections then become its own). Returns rows added."""
+        c = s.calibration
+        have = {
+            step for (step,) in conn.execute(sa.select(c.c.horizon_step).where(c.c.model == target))
+        }
+        rows = [
+            {**dict(r._mapping), "model": target}
+            for r in conn.execute(sa.select(c).where(c.c.model == source))
+            if r.horizon_step not in have
+        ]
+        if rows:
+            conn.execute(sa.insert(c), rows)
+        return len(rows)
+
     def save_series_accuracy(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Upsert rolling accuracy rows (series_id, model, n_scored, mae, mase, coverage,
         window_start, window_end); a series scored no more keeps its last row."""

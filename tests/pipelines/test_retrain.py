@@ -14,6 +14,7 @@ from forecaster.clock import FixedClock
 from forecaster.config import load_settings
 from forecaster.store import Store
 from pipelines import retrain as retrain_module
+from pipelines.evaluate import run_evaluate
 from pipelines.jobs import Job, JobContext, run_job
 from pipelines.retrain import run_retrain
 
@@ -113,9 +114,16 @@ def test_a_better_challenger_is_promoted_after_its_states_are_built(ctx):
     _ingest_until(ctx, 30)
     weak = _retrain(ctx, full=True, config_override=CRIPPLED)  # a wrecked first champion
     assert weak.decision == "promoted"
-    _ingest_until(ctx, 37)
+    for day in range(31, 38):  # a week of forecasts scored: the champion's bands calibrated
+        _ingest_until(ctx, day)
+        run_job(Job(kind="predict", scheduled_at=ctx.clock.now()), ctx)
+        run_evaluate(ctx.store, min_scored=5)
+    weak_calibration = ctx.store.calibration_for(f"v{weak.challenger_id}")
+    assert len(weak_calibration) == 24
     outcome = _retrain(ctx, full=True)
     assert outcome.decision == "promoted", outcome.line()
+    # The new champion's first bands use the old champion's corrections.
+    assert ctx.store.calibration_for(f"v{outcome.challenger_id}") == weak_calibration
     assert outcome.challenger_mase < outcome.champion_mase
     assert ctx.store.champion()["id"] == outcome.challenger_id
     assert ctx.store.model_version(weak.challenger_id)["stage"] == "retired"
