@@ -129,12 +129,12 @@ class SqlCollector:
         # Names without values: registering must not run SQL.
         return list(self._families().values())
 
-    def _served_at(self, champion: str, ids: list[int], now: Any) -> dict[int, dict[str, Any]]:
-        """The forecast served for `now`: the champion's, or, until a just-promoted champion
-        has a target that old, its predecessors' (the last PREDECESSORS retired versions),
-        whichever has the newest target <= now, then the newest origin."""
+    def _served_at(self, served: list[str], ids: list[int], now: Any) -> dict[int, dict[str, Any]]:
+        """The forecast served for `now` among the models in `served` (the champion, then its
+        predecessors: until a just-promoted champion has a target that old, theirs is the
+        one served): whichever has the newest target <= now, then the newest origin."""
         best: dict[int, dict[str, Any]] = {}
-        for model in [champion, *self._predecessors()]:
+        for model in served:
             for sid, r in self.store.forecasts_at(model, ids, now).items():
                 key = (r["target_ts"], r["origin_ts"])
                 if sid not in best or key > (best[sid]["target_ts"], best[sid]["origin_ts"]):
@@ -162,6 +162,7 @@ class SqlCollector:
 
         champion = store.champion()
         model = f"v{champion['id']}" if champion is not None else None
+        served = [model, *self._predecessors()] if model is not None else []
         if model is not None and ids:
             for r in store.newest_origin_forecasts(model, ids, settings.horizon_steps):
                 labels = [names[r["series_id"]], str(r["horizon_step"])]
@@ -177,7 +178,7 @@ class SqlCollector:
             for sid, origin in store.newest_origins(model, ids).items():
                 fam["origin_ts"].add_metric([names[sid]], origin.timestamp())
             now = self.clock.now()
-            for sid, r in self._served_at(model, ids, now).items():
+            for sid, r in self._served_at(served, ids, now).items():
                 fam["median"].add_metric([names[sid]], r["yhat"])
                 if r["yhat_lower"] is not None:
                     fam["lower"].add_metric([names[sid]], r["yhat_lower"])
@@ -185,18 +186,17 @@ class SqlCollector:
                     fam["upper"].add_metric([names[sid]], r["yhat_upper"])
 
         actuals = store.latest_actuals(ids, model)
-        if model is not None:  # judged by the forecast served then, as for the band
-            for older in self._predecessors():
-                missing = [sid for sid, r in actuals.items() if r["yhat_lower"] is None]
-                if not missing:
-                    break
-                actuals.update(
-                    {
-                        sid: r
-                        for sid, r in store.latest_actuals(missing, older).items()
-                        if r["yhat_lower"] is not None
-                    }
-                )
+        for older in served[1:]:  # judged by the forecast served then, as for the band
+            missing = [sid for sid, r in actuals.items() if r["yhat_lower"] is None]
+            if not missing:
+                break
+            actuals.update(
+                {
+                    sid: r
+                    for sid, r in store.latest_actuals(missing, older).items()
+                    if r["yhat_lower"] is not None
+                }
+            )
         for sid, r in actuals.items():
             fam["observation"].add_metric([names[sid]], r["value"])
             fam["observation_ts"].add_metric([names[sid]], r["ts"].timestamp())
@@ -233,17 +233,20 @@ class SqlCollector:
             ),
             "lower": g(
                 "forecaster_forecast_band_lower",
-                "Lower edge of the champion's calibrated band for the current time.",
+                "Lower edge of the calibrated band served for the current time (the champion's, or "
+                "its predecessor's until a just-promoted champion has a target that old).",
                 labels=["series"],
             ),
             "upper": g(
                 "forecaster_forecast_band_upper",
-                "Upper edge of the champion's calibrated band for the current time.",
+                "Upper edge of the calibrated band served for the current time (the champion's, or "
+                "its predecessor's until a just-promoted champion has a target that old).",
                 labels=["series"],
             ),
             "median": g(
                 "forecaster_forecast_median",
-                "The champion's median forecast for the current time.",
+                "The median forecast served for the current time (the champion's, or its "
+                "predecessor's until a just-promoted champion has a target that old).",
                 labels=["series"],
             ),
             "observation": g(
@@ -264,8 +267,8 @@ class SqlCollector:
             ),
             "outside": g(
                 "forecaster_outside_band",
-                "1 if the latest observed value lies outside the band of the champion's newest "
-                "forecast for its time, else 0.",
+                "1 if the latest observed value lies outside the band served for its time (the "
+                "champion's newest forecast for it, else its predecessor's), else 0.",
                 labels=["series"],
             ),
             "anomalies": c(
