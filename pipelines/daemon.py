@@ -74,7 +74,6 @@ class Daemon:
         self.settings = settings
         self.store = store
         self.clock = clock
-        self.simulated = simulated
         self.record = RunRecord()
         self._on_outcome = on_outcome
         self._lock = threading.Lock()

@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from datetime import datetime
 from typing import Protocol
 
 from forecaster.clock import Clock, FixedClock, WallClock
@@ -126,8 +125,3 @@ def _kill_children(pool: Executor) -> None:
     # A retrain killed half way leaves at most a checkpoint file no row points at.
     for proc in list(getattr(pool, "_processes", {}).values()):
         proc.kill()
-
-
-def fire_time(now: datetime) -> datetime:
-    """A fire time as stored in job_runs: whole seconds, UTC."""
-    return now.replace(microsecond=0)

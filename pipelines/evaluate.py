@@ -21,6 +21,7 @@ import polars as pl
 import structlog
 
 from forecaster.store import Store
+from pipelines.predict import BASELINES
 
 log = structlog.get_logger(__name__)
 
@@ -131,7 +132,7 @@ def run_evaluate(
     return summary
 
 
-BASELINE_MODELS = ("seasonal_naive_daily", "seasonal_naive_weekly")
+BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
 
 
 def _series_accuracy(

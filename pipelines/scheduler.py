@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -156,9 +155,6 @@ class LiveScheduler:
         if self._sched.running:
             self._sched.shutdown(wait=wait)
 
-    def next_fires(self) -> dict[str, datetime | None]:
-        return {j.id: j.next_run_time for j in self._sched.get_jobs()}
-
 
 class SimulatedScheduler:
     """Steps a simulated clock from fire to fire of the same triggers."""
@@ -193,15 +189,3 @@ class SimulatedScheduler:
 
 
 _TICK = timedelta(microseconds=1)  # "now" just after a fire, so the next one is later
-
-
-def describe(settings: Settings) -> list[dict[str, Any]]:
-    """Each scheduled job and when it fires, for the daemon's start-up banner."""
-    return [
-        {
-            "job": s.job_id,
-            "every": s.every,
-            "cron": None if s.every else settings.schedule.retrain_cron,
-        }
-        for s in schedules(settings)
-    ]
