@@ -37,7 +37,7 @@ from forecaster.store import Store
 from forecaster.trained import TrainedModel
 from forecaster.training import Progress, TrainConfig, evaluate, train, trained_model
 from pipelines.predict import run_predict
-from pipelines.train import _jsonable, load_panel
+from pipelines.train import load_panel, register_trained
 
 log = structlog.get_logger(__name__)
 
@@ -172,16 +172,14 @@ def run_retrain(
 
     uri, sha = save_checkpoint(challenger.to_checkpoint(), settings.checkpoint_dir)
     with store.begin() as conn:
-        challenger_id = store.register_model_version(
+        challenger_id = register_trained(
+            store,
             conn,
-            kind=config.kind,
-            config={"model": result.model_config.to_dict(), "training": _jsonable(asdict(config))},
+            config,
+            result,
+            panel,
             uri=uri,
             sha256=sha,
-            trained_from=datetime.fromtimestamp(panel.start, now.tzinfo),
-            trained_to=datetime.fromtimestamp(
-                panel.start + (result.train_end - 1) * panel.freq_seconds, now.tzinfo
-            ),
             metrics=_finite(
                 {
                     **result.metrics,

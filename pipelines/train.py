@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import polars as pl
 
@@ -73,21 +74,50 @@ def run_training(
     result = train(panel, config, on_progress=on_progress)
     trained = trained_model(result)
     uri, sha = save_checkpoint(trained.to_checkpoint(), checkpoint_dir)
-    step = panel.freq_seconds
     with store.begin() as conn:
         stage = "champion" if store.champion() is None else "candidate"
-        version_id = store.register_model_version(
+        version_id = register_trained(
+            store,
             conn,
-            kind=config.kind,
-            config={"model": result.model_config.to_dict(), "training": _jsonable(asdict(config))},
+            config,
+            result,
+            panel,
             uri=uri,
             sha256=sha,
-            trained_from=datetime.fromtimestamp(panel.start, UTC),
-            trained_to=datetime.fromtimestamp(panel.start + (result.train_end - 1) * step, UTC),
             metrics=result.metrics,
             stage=stage,
         )
     return TrainedVersion(version_id=version_id, stage=stage, uri=uri, sha256=sha, result=result)
+
+
+def register_trained(
+    store: Store,
+    conn: Any,  # the caller's transaction (store.begin())
+    config: TrainConfig,
+    result: TrainResult,
+    panel: Panel,
+    *,
+    uri: str,
+    sha256: str,
+    metrics: dict[str, Any],
+    stage: str,
+    parent_id: int | None = None,
+) -> int:
+    """Register a checkpoint written from `result`: its model and training configs, the span
+    it trained on (up to the end of its training tail) and its metrics."""
+    step = panel.freq_seconds
+    return store.register_model_version(
+        conn,
+        kind=config.kind,
+        config={"model": result.model_config.to_dict(), "training": _jsonable(asdict(config))},
+        uri=uri,
+        sha256=sha256,
+        trained_from=datetime.fromtimestamp(panel.start, UTC),
+        trained_to=datetime.fromtimestamp(panel.start + (result.train_end - 1) * step, UTC),
+        metrics=metrics,
+        stage=stage,
+        parent_id=parent_id,
+    )
 
 
 def _jsonable(d: dict) -> dict:
