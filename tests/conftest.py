@@ -8,6 +8,7 @@ a reachable server the tests skip with the reason, except under CI=true, where t
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -17,6 +18,18 @@ PG_ADMIN_URL = os.environ.get(
     "FORECASTER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_binary(name: str, package: str = "prometheus") -> str:
+    """The path of an external binary a test runs (promtool, prometheus, systemd-analyze).
+    Without it the test skips with the reason, except under CI=true, where it fails."""
+    found = shutil.which(name)
+    if found is None:
+        reason = f"{name} is not installed (apt-get install {package})"
+        if IN_CI:
+            pytest.fail(f"CI=true requires {name}: {reason}")
+        pytest.skip(reason)
+    return found
 
 
 def _pg_unavailable_reason() -> str | None:

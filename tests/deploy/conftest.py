@@ -4,13 +4,10 @@ prometheus, systemd-analyze), skipped with the reason when absent, except under 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import IN_CI
+from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -18,14 +15,7 @@ PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 
 
-def binary(name: str, package: str = "prometheus") -> str:
-    found = shutil.which(name)
-    if found is None:
-        reason = f"{name} is not installed (apt-get install {package})"
-        if IN_CI:
-            pytest.fail(f"CI=true requires {name}: {reason}")
-        pytest.skip(reason)
-    return found
+binary = require_binary  # the deploy tests' name for it
 
 
 def run(args: list[str], *, cwd: Path = ROOT, timeout: float = 60) -> str:

@@ -5,8 +5,6 @@ predict, evaluate), on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import fnmatch
-import os
-import shutil
 import subprocess
 import time
 from collections import Counter
@@ -26,6 +24,7 @@ from pipelines.evaluate import run_evaluate
 from pipelines.ingest import ingest_batch
 from pipelines.predict import run_predict
 from pipelines.sources.base import Batch, raw_frame
+from tests.conftest import require_binary
 from tests.pipelines.test_predict import (  # noqa: F401
     NOW,
     START,
@@ -36,7 +35,6 @@ from tests.pipelines.test_predict import (  # noqa: F401
     trained,
 )
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 LAST_DAY = 24  # days ingested by _roll
 NEWEST = START + timedelta(days=LAST_DAY) - timedelta(hours=1)  # newest point and origin
 SQL_FAMILIES = {
@@ -518,12 +516,7 @@ def test_postgresql_exposes_the_same_values_as_sqlite(pg_url, trained, rolled): 
 
 def _promtool_problems(text: bytes) -> list[str]:
     """Run the real `promtool check metrics`; return its lint problems (a parse error fails)."""
-    binary = shutil.which("promtool")
-    if binary is None:
-        reason = "promtool is not installed (apt-get install prometheus)"
-        if IN_CI:
-            pytest.fail(f"CI=true requires promtool: {reason}")
-        pytest.skip(reason)
+    binary = require_binary("promtool")
     proc = subprocess.run(
         [binary, "check", "metrics"], input=text, capture_output=True, timeout=30, check=False
     )

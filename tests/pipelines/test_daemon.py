@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster import schema
 from forecaster.store import Store
-from tests.conftest import IN_CI
+from tests.conftest import require_binary
 from tests.pipelines.sources.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -49,16 +48,6 @@ port = 0
 {extra}"""
     )
     return path
-
-
-def _binary(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        reason = f"{name} is not installed (apt-get install prometheus)"
-        if IN_CI:
-            pytest.fail(f"CI=true requires {name}: {reason}")
-        pytest.skip(reason)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +116,7 @@ def test_metrics_over_http_hold_the_forecasts_and_pass_promtool(demo):
     failures = [v for k, v in s.items() if k[0] == "forecaster_job_failures_total"]
     assert failures and all(v == 0 for v in failures)
     assert any(k[0] == "forecaster_model_info" and ("stage", "champion") in k[1] for k in s)
-    promtool = _binary("promtool")
+    promtool = require_binary("promtool")
     check = subprocess.run(
         [promtool, "check", "metrics"], input=r.content, capture_output=True, timeout=30
     )
@@ -136,7 +125,7 @@ def test_metrics_over_http_hold_the_forecasts_and_pass_promtool(demo):
 
 def test_a_real_prometheus_scrapes_the_forecast_band(demo, tmp_path):
     _, url, _ = demo
-    binary = _binary("prometheus")
+    binary = require_binary("prometheus")
     (tmp_path / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n"
         "scrape_configs:\n  - job_name: forecaster\n    static_configs:\n"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,11 +18,11 @@ from forecaster.errors import SourceError
 from forecaster.frames import parse_ts
 from pipelines.sources import RAW_COLUMNS, build_source
 from pipelines.sources.prometheus import PrometheusSourceReader, render_labels
+from tests.conftest import require_binary
 from tests.pipelines.sources.conftest import free_port
 
 pytestmark = pytest.mark.prometheus
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 QUERY = "room_temperature"
 
 
@@ -48,12 +46,7 @@ def exporter() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def prometheus(exporter: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus scraping `exporter` every second; its URL once both series are in."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        reason = "the prometheus binary is not installed (apt-get install prometheus)"
-        if IN_CI:
-            pytest.fail(f"CI=true requires Prometheus: {reason}")
-        pytest.skip(reason)
+    binary = require_binary("prometheus")
     tmp: Path = tmp_path_factory.mktemp("prometheus")
     (tmp / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
