@@ -156,3 +156,37 @@ def test_readiness_names_what_is_not_ready(tmp_path):
     away = Daemon(load_settings(None, database_url=gone.url), gone, WallClock(), serve_http=False)
     assert away.readiness()["database"] is False
     store.close()
+
+
+def test_backtest_refuses_what_it_cannot_replay_with_a_clear_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    cfg = tmp_path / "forecaster.toml"
+    cfg.write_text(
+        f'database_url = "sqlite:///{tmp_path / "s.db"}"\n'
+        '[sources.files]\nkind = "file"\npath = "/nowhere/*.csv"\n'
+    )
+    Store(f"sqlite:///{tmp_path / 's.db'}").upgrade()
+    runner = CliRunner()
+    base = ["--config", str(cfg), "backtest", "--from", "2013-01-01", "--to", "2013-02-01"]
+    not_replay = runner.invoke(app, [*base, "--source", "files"])
+    assert not_replay.exit_code != 0 and "Use a replay source" in not_replay.output
+    unknown = runner.invoke(app, [*base, "--source", "nope"])
+    assert unknown.exit_code != 0 and "nope" in unknown.output
+    backwards = runner.invoke(
+        app,
+        [
+            "--config",
+            str(cfg),
+            "backtest",
+            "--source",
+            "files",
+            "--from",
+            "2013-02-01",
+            "--to",
+            "2013-01-01",
+        ],
+    )
+    assert backwards.exit_code != 0 and "must be after --from" in backwards.output
