@@ -165,6 +165,27 @@ class PrometheusSource(_SourceBase):
     timeout: Duration = timedelta(seconds=30)
 
 
+class Disruption(_Model):
+    """A fault injected into a replay, for a game day or an alerting test: the values of the
+    matching series inside [start, end] become value * scale + offset."""
+
+    series: list[str] = Field(description="glob patterns of the series disrupted")
+    start: datetime = Field(description="first data time disrupted")
+    end: datetime = Field(description="last data time disrupted (inclusive)")
+    scale: float = Field(1.0, description="values are multiplied by this")
+    offset: float = Field(0.0, description="then this is added")
+
+    @model_validator(mode="after")
+    def _check(self) -> Disruption:
+        if self.end < self.start:
+            raise ValueError("a disruption's end comes before its start")
+        if self.scale == 1.0 and self.offset == 0.0:
+            raise ValueError("a disruption with scale 1 and offset 0 changes nothing")
+        if not self.series:
+            raise ValueError('a disruption names no series (use ["*"] for all)')
+        return self
+
+
 class ReplaySource(_SourceBase):
     kind: Literal["replay"] = "replay"
     dataset: Literal["nycflights13"] = "nycflights13"
@@ -174,6 +195,9 @@ class ReplaySource(_SourceBase):
     series_filter: list[str] | None = Field(None, description="only these series")
     start: datetime | None = Field(None, description="first point to replay (default: all)")
     end: datetime | None = Field(None, description="last point to replay (default: all)")
+    disruptions: list[Disruption] = Field(
+        [], description="faults injected into the replayed values (see Disruption)"
+    )
 
 
 SourceConfig = Annotated[

@@ -5,10 +5,14 @@ it stands for (config.start, else the dataset's first timestamp). From then on t
 has reached `anchor_data + (now - anchor_wall) * speed`, and each read emits the rows that
 became due since the last emitted timestamp. Because the anchors live in the cursor, a
 restarted daemon catches up to where the replay would have been instead of starting over.
+
+`disruptions` rewrite chosen values before anything is emitted (a game day: does the band
+alert fire?), so a restart replays the same disrupted stream.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -88,6 +92,21 @@ class ReplaySourceReader:
             frame = frame.filter(pl.col("ts") >= _utc(cfg.start))
         if cfg.end is not None:
             frame = frame.filter(pl.col("ts") <= _utc(cfg.end))
+        names = frame["series"].cast(pl.Utf8).unique().to_list()
+        for d in cfg.disruptions:
+            hit = [s for s in names if any(fnmatch.fnmatchcase(s, p) for p in d.series)]
+            if not hit:
+                raise ConfigError(
+                    f"sources.{self.name}.disruptions",
+                    f"series {d.series} match nothing this replay emits",
+                    f"Pick from: {', '.join(sorted(names))}.",
+                )
+            inside = pl.col("series").cast(pl.Utf8).is_in(hit) & pl.col("ts").is_between(
+                _utc(d.start), _utc(d.end)
+            )
+            frame = frame.with_columns(
+                value=pl.when(inside).then(pl.col("value") * d.scale + d.offset).otherwise("value")
+            )
         return frame.sort("ts", "series")
 
     @cached_property

@@ -25,6 +25,8 @@ from tests.pipelines.sources.conftest import free_port
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
 FORECASTER = str(Path(sys.executable).with_name("forecaster"))
 SERIES = ["flights.EWR", "flights.JFK", "flights.LGA"]
+DISRUPTED = "flights.LGA"
+BAND_ALERT_FOR = "expr: forecaster_outside_band == 1\n        for: 30m\n"
 SILENT_WHEN_HEALTHY = {
     "ForecasterForecastsStale",
     "ForecasterIngestionStale",
@@ -35,9 +37,10 @@ SILENT_WHEN_HEALTHY = {
 
 
 def _config(tmp: Path) -> Path:
-    """Three series up to 2013-02-20. No accuracy-triggered retrain: one that finished at the
-    end of the replay would leave a champion with nothing scored yet (no MASE, no coverage),
-    depending on timing."""
+    """Three series up to 2013-02-20, the last twelve hours of flights.LGA disrupted (ten
+    times its values). No accuracy-triggered retrain: one that finished at the end of the
+    replay would leave a champion with nothing scored yet (no MASE, no coverage), depending
+    on timing."""
     path = tmp / "forecaster.toml"
     path.write_text(
         f"""database_url = "sqlite:///{tmp / "store.db"}"
@@ -47,6 +50,11 @@ kind = "replay"
 interval = "1d"
 series_filter = {json.dumps(SERIES)}
 end = 2013-02-20T00:00:00Z
+[[sources.nycflights.disruptions]]
+series = ["{DISRUPTED}"]
+start = 2013-02-19T12:00:00Z
+end = 2013-02-20T00:00:00Z
+scale = 10.0
 [training]
 hidden = 8
 [retrain]
@@ -135,8 +143,12 @@ def prometheus(request, tmp_path_factory) -> Iterator[str]:
     daemon: str = request.getfixturevalue("daemon")
     tmp = tmp_path_factory.mktemp("prometheus")
     (tmp / "prometheus.yml").write_text(_scrape_config(daemon))
-    for rules in ("recording_rules.yml", "alert_rules.yml"):  # relative to the config
-        shutil.copy(PROMETHEUS / rules, tmp / rules)
+    shutil.copy(PROMETHEUS / "recording_rules.yml", tmp)  # both relative to the config
+    # The band alert's 30 minutes become 3 seconds: the test waits for firing, not 30 min.
+    alerts = (PROMETHEUS / "alert_rules.yml").read_text()
+    assert alerts.count(BAND_ALERT_FOR) == 1, "alert_rules.yml: the band alert changed"
+    short = BAND_ALERT_FOR.replace("for: 30m", "for: 3s")
+    (tmp / "alert_rules.yml").write_text(alerts.replace(BAND_ALERT_FOR, short))
     url = f"http://127.0.0.1:{free_port()}"
     log = tmp / "prometheus.log"
     with log.open("wb") as err:
@@ -239,3 +251,25 @@ def test_the_alerts_a_healthy_daemon_must_not_raise_are_silent(prometheus):
     age = _query(prometheus, "time() - forecaster_source_last_ingest_timestamp_seconds")
     assert [r["metric"]["source"] for r in age] == ["nycflights"]
     assert 0 <= float(age[0]["value"][1]) < 600
+
+
+def test_the_band_alert_fires_for_the_disrupted_series(prometheus):
+    """The injected disruption (ten times flights.LGA's values) is outside the band the
+    model served for it, and Prometheus takes the alert through pending to firing."""
+    outside = _query(prometheus, "forecaster_outside_band == 1")
+    assert DISRUPTED in {r["metric"]["series"] for r in outside}
+
+    def firing() -> list[dict[str, Any]]:
+        alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+        return [
+            a
+            for a in alerts
+            if a["labels"]["alertname"] == "ForecasterActualOutsideBand"
+            and a["labels"]["series"] == DISRUPTED
+            and a["state"] == "firing"
+        ]
+
+    alert = _wait("the band alert firing", firing, 60)[0]
+    assert alert["labels"]["severity"] == "warning"
+    assert alert["annotations"]["runbook"].endswith("#forecasteractualoutsideband")
+    assert DISRUPTED in alert["annotations"]["summary"]

@@ -9,6 +9,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from polars.testing import assert_series_equal
 
 from forecaster.config import ReplaySource
 from forecaster.errors import ConfigError, SourceError
@@ -227,3 +228,41 @@ def test_replay_time() -> None:
     assert replay_time(cursor, T0 + timedelta(days=365), 1e9) is None  # beyond year 9999
     naive_now = (T0 + timedelta(seconds=1)).replace(tzinfo=None)
     assert replay_time(cursor, naive_now, 60) == FIRST + timedelta(minutes=1)
+
+
+def test_a_disruption_rewrites_only_its_series_and_span(dataset: pl.DataFrame) -> None:
+    start = datetime(2013, 2, 8, 0, tzinfo=UTC)
+    end = datetime(2013, 2, 9, 0, tzinfo=UTC)
+    hit_from, hit_to = start + timedelta(hours=3), start + timedelta(hours=5)
+    disruption = {"series": ["flights.J*"], "start": hit_from, "end": hit_to, "scale": 10.0}
+    plain = emitted(list(reader(start=start, end=end).read(None, T0)))
+    broken = emitted(
+        list(
+            reader(
+                start=start,
+                end=end,
+                disruptions=[disruption, {**disruption, "scale": 1.0, "offset": 7.0}],
+            ).read(None, T0)
+        )
+    )
+    both = plain.join(broken, on=["series", "ts"], suffix="_broken")
+    assert both.height == plain.height == broken.height
+    jfk = pl.col("series").str.starts_with("flights.J")  # flights.JFK and its 6 carriers
+    inside = jfk & pl.col("ts").is_between(hit_from, hit_to)
+    changed = both.filter(inside)
+    assert changed.height == 3 * 7
+    assert (changed["value_broken"] == changed["value"] * 10.0 + 7.0).all()
+    untouched = both.filter(~inside)
+    assert_series_equal(untouched["value_broken"], untouched["value"], check_names=False)
+
+
+def test_a_disruption_that_matches_nothing_or_changes_nothing_is_refused() -> None:
+    when = {"start": datetime(2013, 2, 8, tzinfo=UTC), "end": datetime(2013, 2, 9, tzinfo=UTC)}
+    with pytest.raises(ConfigError, match="match nothing"):
+        list(reader(disruptions=[{"series": ["flights.XYZ"], **when, "scale": 2}]).read(None, T0))
+    with pytest.raises(ValueError, match="changes nothing"):
+        reader(disruptions=[{"series": ["*"], **when}])
+    with pytest.raises(ValueError, match="end comes before"):
+        reader(
+            disruptions=[{"series": ["*"], "start": when["end"], "end": when["start"], "offset": 1}]
+        )
