@@ -112,39 +112,43 @@ class _SourceBase(_Model):
 class FileSource(_SourceBase):
     kind: Literal["file"] = "file"
     path: str = Field(description="a path or glob; CSV (.csv, .csv.gz) or Parquet (.parquet)")
-    format: Literal["auto", "csv", "parquet"] = "auto"
-    ts_column: str = "ts"
-    value_column: str = "value"
+    format: Literal["auto", "csv", "parquet"] = Field(
+        "auto", description="file format; auto = from the file name's suffix"
+    )
+    ts_column: str = Field("ts", description="column holding the timestamp")
+    value_column: str = Field("value", description="column holding the value")
     series_column: str | None = Field("series", description="column naming the series, if any")
     series_name: str | None = Field(None, description="series name when there is no such column")
 
 
 class HttpJsonSource(_SourceBase):
     kind: Literal["http"] = "http"
-    url: str
+    url: str = Field(description="URL answering a JSON document of records")
     records_path: str = Field("", description="dotted path to the list of records, '' = top level")
-    ts_field: str = "ts"
-    value_field: str = "value"
-    series_field: str | None = "series"
-    series_name: str | None = None
+    ts_field: str = Field("ts", description="record field holding the timestamp")
+    value_field: str = Field("value", description="record field holding the value")
+    series_field: str | None = Field("series", description="record field naming the series")
+    series_name: str | None = Field(None, description="series name when there is no such field")
     since_param: str | None = Field(
         "since", description="query parameter carrying the watermark (ISO 8601), None to omit"
     )
-    auth_header: str = "Authorization"
+    auth_header: str = Field(
+        "Authorization", description="request header carrying auth_env's value"
+    )
     auth_env: str | None = Field(
         None, description="name of the environment variable holding the auth header's value"
     )
-    timeout: Duration = timedelta(seconds=30)
+    timeout: Duration = Field(timedelta(seconds=30), description="per request")
 
 
 class SqlSource(_SourceBase):
     kind: Literal["sql"] = "sql"
     url: str = Field(description="SQLAlchemy URL of the database to read")
     query: str = Field(description="SELECT with a bound :since parameter")
-    ts_column: str = "ts"
-    value_column: str = "value"
-    series_column: str | None = "series"
-    series_name: str | None = None
+    ts_column: str = Field("ts", description="column holding the timestamp")
+    value_column: str = Field("value", description="column holding the value")
+    series_column: str | None = Field("series", description="column naming the series")
+    series_name: str | None = Field(None, description="series name when there is no such column")
     start: datetime = Field(
         datetime(1970, 1, 1, tzinfo=UTC), description=":since on the very first read"
     )
@@ -154,7 +158,7 @@ class PrometheusSource(_SourceBase):
     kind: Literal["prometheus"] = "prometheus"
     url: str = Field(description="base URL of the Prometheus server, e.g. http://127.0.0.1:9090")
     query: str = Field(description="PromQL expression; one series per label set")
-    step: Duration = timedelta(minutes=1)
+    step: Duration = Field(timedelta(minutes=1), description="resolution of the range queries")
     series_label: str | None = Field(
         None, description="label whose value names the series; None = the whole label set"
     )
@@ -162,7 +166,7 @@ class PrometheusSource(_SourceBase):
     max_points: int = Field(
         10_000, gt=0, description="points per range query (Prometheus caps 11k)"
     )
-    timeout: Duration = timedelta(seconds=30)
+    timeout: Duration = Field(timedelta(seconds=30), description="per request")
 
 
 class Disruption(_Model):
@@ -188,7 +192,9 @@ class Disruption(_Model):
 
 class ReplaySource(_SourceBase):
     kind: Literal["replay"] = "replay"
-    dataset: Literal["nycflights13"] = "nycflights13"
+    dataset: Literal["nycflights13"] = Field(
+        "nycflights13", description="bundled dataset (pipelines/datasets/PROVENANCE.md)"
+    )
     speed: float = Field(
         0.0, ge=0, description="simulated seconds per wall second; 0 = no pacing (all at once)"
     )
@@ -196,7 +202,7 @@ class ReplaySource(_SourceBase):
     start: datetime | None = Field(None, description="first point to replay (default: all)")
     end: datetime | None = Field(None, description="last point to replay (default: all)")
     disruptions: list[Disruption] = Field(
-        [], description="faults injected into the replayed values (see Disruption)"
+        [], description="faults injected into the replayed values: [[sources.<name>.disruptions]]"
     )
 
 
@@ -213,15 +219,17 @@ def _default_sources() -> dict[str, Any]:
 class TrainingSettings(_Model):
     """Defaults of `forecaster train` (its options override them)."""
 
-    kind: Literal["lstm", "gru", "rnn", "seq2seq"] = "lstm"
-    hidden: int = Field(64, gt=0)
-    layers: int = Field(1, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    kind: Literal["lstm", "gru", "rnn", "seq2seq"] = Field("lstm", description="model kind")
+    hidden: int = Field(64, gt=0, description="hidden units per recurrent layer")
+    layers: int = Field(1, gt=0, description="stacked recurrent layers")
+    dropout: float = Field(0.0, ge=0, lt=1, description="between stacked layers")
     horizon: int = Field(24, gt=0, description="forecast steps")
-    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    quantiles: tuple[float, ...] = Field(
+        (0.1, 0.5, 0.9), description="quantiles forecast; the outer two make the band"
+    )
     window: int | None = Field(None, gt=0, description="TBPTT window in steps; default one week")
-    epochs: int = Field(30, gt=0)
-    lr: float = Field(2e-3, gt=0)
+    epochs: int = Field(30, gt=0, description="most epochs")
+    lr: float = Field(2e-3, gt=0, description="Adam learning rate")
     patience: int = Field(4, gt=0, description="epochs without validation gain before stopping")
     val_steps: int | None = Field(
         None, gt=0, description="held-out test tail, scored once; default four weeks"
@@ -230,7 +238,7 @@ class TrainingSettings(_Model):
         None, gt=0, description="early-stopping tail before the test tail; default two weeks"
     )
     bidirectional: bool = Field(False, description="seq2seq: within-window backward encoder")
-    seed: int = 0
+    seed: int = Field(0, description="seed of weights and batch order")
 
     @model_validator(mode="after")
     def _quantiles_make_a_band(self) -> TrainingSettings:
@@ -300,7 +308,7 @@ class ScheduleSettings(_Model):
 class RetrainSettings(_Model):
     """The retraining policy: scheduled, and triggered when accuracy degrades."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="run retraining at all (cron and triggers)")
     fine_tune: bool = Field(
         True, description="start from the champion's weights (else from scratch)"
     )
@@ -362,8 +370,12 @@ class Settings(BaseSettings):
         "sqlite:///forecaster.db", description="SQLAlchemy URL of the store (SQLite or PostgreSQL)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="least level logged"
+    )
+    log_format: Literal["console", "json"] = Field(
+        "console", description="console lines, or one JSON object per line"
+    )
     checkpoint_dir: str = Field("checkpoints", description="where model checkpoints are written")
     series: SeriesDefaults = Field(default_factory=SeriesDefaults)
     training: TrainingSettings = Field(default_factory=TrainingSettings)

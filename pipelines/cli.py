@@ -110,6 +110,20 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] 
         out.print(f"database schema: {before or 'empty'} -> {after}")
 
 
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="target revision, e.g. 0005 or base")],
+) -> None:
+    """Migrate the schema back to an older revision (before rolling the code back to it).
+    Columns and tables newer than it are dropped with their data."""
+    with _errors():
+        with _store(_settings(), check=False) as store:
+            before = store.current_revision()
+            store.downgrade(revision)
+            after = store.current_revision()
+        out.print(f"database schema: {before or 'empty'} -> {after or 'empty'}")
+
+
 @db_app.command("current")
 def db_current() -> None:
     """Show the schema revision of the database and of the code."""
@@ -139,6 +153,15 @@ def config_show() -> None:
     with _errors():
         settings = _settings()
         out.print_json(json.dumps(_humanise(public_dict(settings), settings)))
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print every configuration key with its type, default, environment variable and
+    description, as Markdown (the README's configuration reference)."""
+    from forecaster.config_reference import reference_markdown
+
+    print(reference_markdown(), end="")
 
 
 # -- ingest -------------------------------------------------------------------------------

@@ -41,3 +41,31 @@ def test_downgrade_to_base_and_up_again(db_url):
 @pytest.mark.parametrize("table", sorted(schema.metadata.tables))
 def test_every_table_has_a_named_primary_key(table):
     assert schema.metadata.tables[table].primary_key.name == f"pk_{table}"
+
+
+def test_db_commands_step_down_and_up_and_refuse_an_unknown_revision(db_url):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    runner = CliRunner()
+
+    def db(*args: str):
+        return runner.invoke(app, ["--database-url", db_url, "db", *args])
+
+    assert db("upgrade").exit_code == 0
+    store = Store(db_url)
+    revisions = store.revisions()
+    assert revisions[-1] == store.head_revision() and len(revisions) == len(set(revisions))
+    down = db("downgrade", revisions[-2])
+    assert down.exit_code == 0, down.output
+    assert store.current_revision() == revisions[-2]
+    for args in (("downgrade", "nonsense"), ("upgrade", "9999")):
+        refused = db(*args)
+        assert refused.exit_code == 1
+        assert "Can't locate revision" in refused.output and "Traceback" not in refused.output
+        assert store.current_revision() == revisions[-2]  # nothing half done
+    assert db("upgrade").exit_code == 0
+    assert store.current_revision() == store.head_revision()
+    assert _diff(store) == []
+    store.close()

@@ -147,6 +147,13 @@ class StoreBase:
         cfg.attributes["connection"] = conn
         return cfg
 
+    def revisions(self) -> list[str]:
+        """Every revision of the migrations, oldest first."""
+        from alembic.script import ScriptDirectory
+
+        walk = ScriptDirectory.from_config(self._alembic_config()).walk_revisions()
+        return [s.revision for s in reversed(list(walk))]
+
     def head_revision(self) -> str:
         from alembic.script import ScriptDirectory
 
@@ -161,16 +168,23 @@ class StoreBase:
             return MigrationContext.configure(conn).get_current_revision()
 
     def upgrade(self, revision: str = "head") -> None:
-        from alembic import command
-
-        with self.engine.begin() as conn:
-            command.upgrade(self._alembic_config(conn), revision)
+        self._migrate("upgrade", revision)
 
     def downgrade(self, revision: str) -> None:
-        from alembic import command
+        self._migrate("downgrade", revision)
 
-        with self.engine.begin() as conn:
-            command.downgrade(self._alembic_config(conn), revision)
+    def _migrate(self, direction: str, revision: str) -> None:
+        from alembic import command
+        from alembic.util import CommandError
+
+        try:
+            with self.engine.begin() as conn:
+                getattr(command, direction)(self._alembic_config(conn), revision)
+        except CommandError as exc:  # an unknown revision, or one on the wrong side
+            raise StoreError(
+                f"cannot {direction} the schema to {revision!r}: {exc} (the revisions are "
+                f"{', '.join(self.revisions())}, plus head and base)"
+            ) from None
 
     def check_schema(self) -> None:
         """Raise SchemaOutOfDateError unless the database is at the migrations' head."""
