@@ -1,11 +1,13 @@
 """The real daemon as a subprocess: the demo on a small replay serves /metrics that promtool
 accepts and a real Prometheus scrapes; SIGTERM stops it cleanly; SIGTERM or SIGKILL in the
-middle of a predict job, then a restart, leaves the store an uninterrupted run leaves."""
+middle of a predict job, then a restart, leaves the store an uninterrupted run leaves; so do
+SIGKILLs during ingest, predict, evaluate and retrain in one run (bench/chaos.py: 50+)."""
 
 from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -16,12 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from forecaster import schema
-from forecaster.store import Store
 from tests.conftest import require_binary
+from tests.pipelines import chaos
 from tests.pipelines.sources.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -179,37 +179,12 @@ def test_sigterm_stops_the_daemon_cleanly(demo):
 # -- a signal in the middle of a predict job, then a restart ----------------------------------
 
 
-def _backtest_cmd(cfg: Path) -> list[str]:
-    return [
-        FORECASTER,
-        "--config",
-        str(cfg),
-        "backtest",
-        "--source",
-        "nycflights",
-        "--from",
-        "2013-01-01",
-        "--to",
-        "2013-02-24",
-    ]
-
-
-def _upgrade(tmp: Path) -> None:
-    store = Store(f"sqlite:///{tmp / 'store.db'}")
-    store.upgrade()
-    store.close()
-
-
 def _config_backtest(tmp: Path) -> Path:
-    """The demo's config with a backtest's schedule: daily jobs, a retrain every two weeks,
-    no accuracy-triggered retrain (its timing would depend on where the kill lands)."""
-    text = _config(tmp, end="2013-02-24T00:00:00Z").read_text()
-    text = text.replace("[retrain]\nepochs = 2\n", "[retrain]\nepochs = 2\ndegrade_ratio = 100.0\n")
-    text += (
-        '[schedule]\npredict_interval = "1d"\nevaluate_interval = "1d"\nretrain_interval = "14d"\n'
-    )
-    (tmp / "forecaster.toml").write_text(text)
-    return tmp / "forecaster.toml"
+    return chaos.write_config(tmp)
+
+
+_backtest_cmd = chaos.backtest_cmd
+_upgrade = chaos.upgrade
 
 
 def _wait_for_running_predict(db: Path, proc: subprocess.Popen, after: int) -> bool:
@@ -230,33 +205,7 @@ def _wait_for_running_predict(db: Path, proc: subprocess.Popen, after: int) -> b
     return False
 
 
-def _snapshot(db: Path) -> dict[str, list[tuple]]:
-    """Every table that holds data, forecasts or state, minus wall-clock columns."""
-    store = Store(f"sqlite:///{db}")
-    skip = {"created_at", "updated_at", "started_at", "finished_at", "uri", "detail"}
-    out = {}
-    with store.engine.connect() as conn:
-        for name in (
-            "observations",
-            "windows",
-            "watermarks",
-            "forecasts",
-            "series_states",
-            "state_snapshots",
-            "calibration",
-            "anomalies",
-            "series_accuracy",
-            "model_versions",
-            "job_runs",
-            "quarantine",
-            "source_cursors",
-        ):
-            table = schema.metadata.tables[name]
-            cols = [c for c in table.columns if c.name not in skip]
-            rows = conn.execute(sa.select(*cols).order_by(*table.primary_key.columns)).all()
-            out[name] = [tuple(r) for r in rows]
-    store.close()
-    return out
+_snapshot = chaos.snapshot
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +242,20 @@ def test_a_signal_during_predict_then_a_restart_equals_an_uninterrupted_run(
     for table, rows in uninterrupted.items():
         assert final[table] == rows, f"{table} differs after the {sig.name} and restart"
     assert os.path.exists(tmp_path / "store.db")
+
+
+def test_sigkills_during_each_phase_then_restarts_equal_an_uninterrupted_run(
+    uninterrupted, tmp_path
+):
+    """One kill while an ingest, a predict, an evaluate and a retrain runs, in that order,
+    each followed by a restart: the store ends as the uninterrupted run's, row for row."""
+    report = chaos.ChaosReport()
+    chaos.chaos_round(
+        tmp_path, uninterrupted, kills=4, rng=random.Random(0), report=report, first_phase="ingest"
+    )
+    assert report.differences == []
+    assert dict(report.kills) == {phase: 1 for phase in chaos.PHASES}
+    assert report.rows_compared == sum(len(rows) for rows in uninterrupted.values())
 
 
 def _children(pid: int) -> list[int]:
