@@ -14,10 +14,12 @@ settings.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import sqlalchemy as sa
 import structlog
 
 from forecaster.clock import Clock
@@ -25,6 +27,7 @@ from forecaster.config import Settings
 from forecaster.store import Store
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 Kind = Literal["ingest", "predict", "evaluate", "retrain", "housekeeping"]
 # Order of jobs due at the same instant: data in, then forecasts, scores, the rest.
@@ -86,13 +89,16 @@ def run_job(job: Job, ctx: JobContext) -> JobOutcome:
     says failed, the log has the traceback, and job_runs has the error's first line."""
     started = ctx.clock.now()
     outcome = JobOutcome(job.job_id, job.kind, job.scheduled_at, "skipped")
-    if not ctx.store.claim_job_run(job.job_id, job.scheduled_at, started):
+    claimed = _retrying(
+        job, "claim", lambda: ctx.store.claim_job_run(job.job_id, job.scheduled_at, started)
+    )
+    if not claimed:
         outcome.summary = "already run for this fire time"
         return outcome
     t0 = time.perf_counter()
     status, detail = "succeeded", None
     try:
-        _RUNNERS[job.kind](job, ctx, outcome)
+        _retrying(job, "run", lambda: _RUNNERS[job.kind](job, ctx, outcome))
         status = outcome.status if outcome.status != "skipped" else "succeeded"
         if outcome.detail.get("nothing_to_do"):
             status = "skipped"
@@ -102,12 +108,16 @@ def run_job(job: Job, ctx: JobContext) -> JobOutcome:
         log.exception("job failed", job=job.job_id, scheduled_at=job.scheduled_at.isoformat())
     outcome.status = status
     outcome.seconds = time.perf_counter() - t0
-    ctx.store.finish_job_run(
-        job.job_id,
-        job.scheduled_at,
-        status=status,
-        finished_at=ctx.clock.now(),
-        detail=detail or outcome.summary[:500] or None,
+    _retrying(
+        job,
+        "record",
+        lambda: ctx.store.finish_job_run(
+            job.job_id,
+            job.scheduled_at,
+            status=status,
+            finished_at=ctx.clock.now(),
+            detail=detail or outcome.summary[:500] or None,
+        ),
     )
     log.info(
         "job done",
@@ -117,6 +127,53 @@ def run_job(job: Job, ctx: JobContext) -> JobOutcome:
         summary=outcome.summary,
     )
     return outcome
+
+
+# How long a job waits out a database that went away (a restart, a failover, a full
+# connection pool) before it fails: first retry after BACKOFF[0] s, doubling to the cap.
+BACKOFF = (0.5, 30.0)
+DB_OUTAGE_LIMIT = 600.0
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """True for errors that say the database is unreachable or dropped the connection (and
+    SQLite's "database is locked"): the transaction rolled back whole, so the same work can
+    be tried again. Not for errors in the SQL or the data."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sa.exc.DBAPIError):
+            if seen.connection_invalidated:
+                return True
+            if type(seen.orig).__module__.startswith("sqlite3"):
+                # SQLite's OperationalError also means "no such table" or "disk is full":
+                # only a lock held by another writer passes.
+                return "database is locked" in str(seen.orig)
+            return isinstance(seen, sa.exc.OperationalError | sa.exc.InterfaceError)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retrying(job: Job, what: str, fn: Callable[[], T]) -> T:
+    """fn(), again with exponential backoff while the database is unreachable, for at most
+    DB_OUTAGE_LIMIT seconds. Safe because each step is idempotent: a claim is an INSERT ON
+    CONFLICT, every job works from stored watermarks, a finish is an UPDATE."""
+    delay, cap = BACKOFF
+    deadline = time.monotonic() + DB_OUTAGE_LIMIT
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not _connection_lost(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "database unavailable, retrying",
+                job=job.job_id,
+                step=what,
+                retry_in_s=delay,
+                error=str(exc).splitlines()[0][:200],
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, cap)
 
 
 # -- the jobs ------------------------------------------------------------------------------

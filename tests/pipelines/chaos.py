@@ -47,12 +47,14 @@ TABLES = (
 VOLATILE = {"created_at", "updated_at", "started_at", "finished_at", "uri", "detail"}
 
 
-def write_config(tmp: Path, *, end: str = "2013-02-24T00:00:00Z", extra: str = "") -> Path:
+def write_config(
+    tmp: Path, *, end: str = "2013-02-24T00:00:00Z", extra: str = "", url: str | None = None
+) -> Path:
     """Three series; daily jobs, a retrain every two weeks, no accuracy-triggered retrain
     (its timing would depend on where a kill lands)."""
     path = tmp / "forecaster.toml"
     path.write_text(
-        f"""database_url = "sqlite:///{tmp / "store.db"}"
+        f"""database_url = "{url or f"sqlite:///{tmp / 'store.db'}"}"
 checkpoint_dir = "{tmp / "checkpoints"}"
 [sources.nycflights]
 kind = "replay"
@@ -84,15 +86,16 @@ def backtest_cmd(cfg: Path, *, to: str = "2013-02-24") -> list[str]:
     ]
 
 
-def upgrade(tmp: Path) -> None:
-    store = Store(f"sqlite:///{tmp / 'store.db'}")
+def upgrade(tmp: Path, url: str | None = None) -> None:
+    store = Store(url or f"sqlite:///{tmp / 'store.db'}")
     store.upgrade()
     store.close()
 
 
-def snapshot(db: Path) -> dict[str, list[tuple]]:
-    """Every table in TABLES, without its VOLATILE columns, in primary-key order."""
-    store = Store(f"sqlite:///{db}")
+def snapshot(db: Path | str) -> dict[str, list[tuple]]:
+    """Every table in TABLES, without its VOLATILE columns, in primary-key order; `db` a
+    SQLite file or a database URL."""
+    store = Store(db if isinstance(db, str) else f"sqlite:///{db}")
     out = {}
     with store.engine.connect() as conn:
         for name in TABLES:
@@ -186,10 +189,11 @@ def chaos_round(
     for table, rows in reference.items():
         report.rows_compared += len(rows)
         if got[table] != rows:
-            extra = len(set(got[table]) - set(rows))
-            missing = len(set(rows) - set(got[table]))
+            extra = sorted(set(got[table]) - set(rows), key=repr)
+            missing = sorted(set(rows) - set(got[table]), key=repr)
             report.differences.append(
-                f"round {report.rounds}: {table}: {missing} rows missing, {extra} unexpected"
+                f"round {report.rounds}: {table}: {len(missing)} rows missing, {len(extra)} "
+                f"unexpected; missing {missing[:3]}, unexpected {extra[:3]}"
             )
     report.rounds += 1
 

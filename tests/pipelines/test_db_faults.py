@@ -1,0 +1,232 @@
+"""Database faults. PostgreSQL: the test's own database goes away in the middle of a run
+(its connections terminated, new ones refused) and comes back: the daemon waits it out with
+backoff and the store ends as an uninterrupted run's; /readyz says not ready meanwhile.
+SQLite: a database locked by another writer, and a full disk (a file-size limit), give a
+clear error and no partial write."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import IN_CI, PG_ADMIN_URL, _pg_unavailable_reason
+from tests.pipelines import chaos
+
+pytestmark = pytest.mark.slow
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+@pytest.fixture
+def pg_databases() -> Iterator[callable]:
+    """Make fresh PostgreSQL databases of the test's own; all dropped at the end."""
+    reason = _pg_unavailable_reason()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"CI=true requires PostgreSQL: {reason}")
+        pytest.skip(reason)
+    import psycopg
+
+    made: list[str] = []
+    base = PG_ADMIN_URL.rpartition("/")[0]
+
+    def make() -> str:
+        name = f"forecaster_fault_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{base}/{name}"
+
+    yield make
+    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True) as conn:
+        for name in made:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def _outage(url: str) -> Iterator[None]:
+    """The database away: every connection to it terminated, new ones refused, until the
+    block exits. (A server restart would do the same to every database of the server.)"""
+    import psycopg
+
+    name = url.rpartition("/")[2]
+    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (name,),
+        )
+        try:
+            yield
+        finally:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+def _succeeded(url: str, job: str) -> int:
+    import psycopg
+
+    try:
+        with psycopg.connect(_libpq(url), connect_timeout=2) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM job_runs WHERE job_id = %s AND status = 'succeeded'",
+                (job,),
+            ).fetchone()
+            return int(row[0])
+    except psycopg.Error:
+        return 0
+
+
+def test_postgresql_going_away_mid_run_loses_nothing(pg_databases, tmp_path):
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "outage"
+    ref_dir.mkdir()
+    run_dir.mkdir()
+    ref_url, url = pg_databases(), pg_databases()
+    chaos.upgrade(ref_dir, ref_url)
+    cfg = chaos.write_config(ref_dir, url=ref_url)
+    done = subprocess.run(chaos.backtest_cmd(cfg), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    reference = chaos.snapshot(ref_url)
+
+    chaos.upgrade(run_dir, url)
+    cfg = chaos.write_config(run_dir, url=url)
+    log = run_dir / "backtest.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(chaos.backtest_cmd(cfg), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while _succeeded(url, "predict") < 5:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no predict ran"
+            time.sleep(0.05)
+        with _outage(url):
+            time.sleep(4)  # several retries: 0.5 + 1 + 2 s
+            assert proc.poll() is None, f"the daemon gave up:\n{log.read_text()[-3000:]}"
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "database unavailable, retrying" in text
+    got = chaos.snapshot(url)
+    for table, rows in reference.items():
+        assert got[table] == rows, f"{table} differs after the outage"
+
+
+def test_readyz_says_not_ready_while_postgresql_is_away(pg_databases, tmp_path):
+    url = pg_databases()
+    chaos.upgrade(tmp_path, url)
+    cfg = chaos.write_config(tmp_path, url=url, end="2013-02-12T00:00:00Z")
+    log = tmp_path / "demo.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            # The demo keeps its own SQLite file unless told the database on the command line.
+            [chaos.FORECASTER, "--config", str(cfg), "--database-url", url, "run", "--demo"],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "still serving" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.25)
+        line = next(x for x in log.read_text().splitlines() if x.startswith("serving http://"))
+        base = line.split()[1].removesuffix("/metrics")
+
+        def ready() -> tuple[int, dict]:
+            r = httpx.get(f"{base}/readyz", timeout=10)
+            return r.status_code, r.json()
+
+        assert ready()[0] == 200
+        with _outage(url):
+            status, body = ready()
+            assert status == 503 and body["checks"]["database"] is False, body
+            assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200  # alive
+        deadline = time.monotonic() + 30
+        while ready()[0] != 200:
+            assert time.monotonic() < deadline, "not ready again after the database came back"
+            time.sleep(0.25)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _ingest(cfg: Path, cwd: Path, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [chaos.FORECASTER, "--config", str(cfg), "ingest", "--source", "nycflights", "--once"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def _count(db: Path, table: str) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+
+
+def test_a_locked_sqlite_database_gives_a_clear_error_and_writes_nothing(tmp_path):
+    cfg = chaos.write_config(tmp_path, end="2013-01-10T00:00:00Z")
+    chaos.upgrade(tmp_path)
+    db = tmp_path / "store.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer, holding the lock
+    try:
+        refused = _ingest(cfg, tmp_path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "database is locked" in refused.stderr and "Traceback" not in refused.stderr
+    assert _count(db, "observations") == 0 and _count(db, "source_cursors") == 0
+    again = _ingest(cfg, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert _count(db, "observations") > 0
+
+
+def test_a_full_disk_gives_a_clear_error_and_no_partial_write(tmp_path):
+    cfg = chaos.write_config(tmp_path, end="2013-03-01T00:00:00Z")
+    chaos.upgrade(tmp_path)
+    db = tmp_path / "store.db"
+    size = db.stat().st_size
+
+    def small_disk() -> None:  # the file may not grow past 64 KiB more than it is
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 65536, size + 65536))
+
+    full = _ingest(cfg, tmp_path, preexec_fn=small_disk)
+    assert full.returncode == 1, full.stdout + full.stderr
+    assert "Traceback" not in full.stderr
+    assert "full" in full.stderr or "disk" in full.stderr, full.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # Batches that committed before the disk filled are whole; the failed one left nothing:
+    # every stored window is complete up to the cursor, and a retry finishes the rest.
+    before = _count(db, "observations")
+    again = _ingest(cfg, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert _count(db, "observations") > before
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    ref_cfg = chaos.write_config(reference, end="2013-03-01T00:00:00Z")
+    chaos.upgrade(reference)
+    assert _ingest(ref_cfg, reference).returncode == 0
+    assert (
+        chaos.snapshot(db)["observations"] == chaos.snapshot(reference / "store.db")["observations"]
+    )
