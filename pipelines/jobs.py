@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
-import sqlalchemy as sa
 import structlog
 
 from forecaster.clock import Clock
 from forecaster.config import Settings
-from forecaster.store import Store
+from forecaster.store import Store, connection_lost
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -135,24 +134,6 @@ BACKOFF = (0.5, 30.0)
 DB_OUTAGE_LIMIT = 600.0
 
 
-def _connection_lost(exc: BaseException) -> bool:
-    """True for errors that say the database is unreachable or dropped the connection (and
-    SQLite's "database is locked"): the transaction rolled back whole, so the same work can
-    be tried again. Not for errors in the SQL or the data."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sa.exc.DBAPIError):
-            if seen.connection_invalidated:
-                return True
-            if type(seen.orig).__module__.startswith("sqlite3"):
-                # SQLite's OperationalError also means "no such table" or "disk is full":
-                # only a lock held by another writer passes.
-                return "database is locked" in str(seen.orig)
-            return isinstance(seen, sa.exc.OperationalError | sa.exc.InterfaceError)
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 def _retrying(job: Job, what: str, fn: Callable[[], T]) -> T:
     """fn(), again with exponential backoff while the database is unreachable, for at most
     DB_OUTAGE_LIMIT seconds. Safe because each step is idempotent: a claim is an INSERT ON
@@ -163,7 +144,7 @@ def _retrying(job: Job, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except Exception as exc:
-            if not _connection_lost(exc) or time.monotonic() + delay > deadline:
+            if not connection_lost(exc) or time.monotonic() + delay > deadline:
                 raise
             log.warning(
                 "database unavailable, retrying",

@@ -8,7 +8,13 @@ the write paths per dialect.
 
 from __future__ import annotations
 
-from forecaster.store.base import MIGRATIONS_DIR, StoreBase, create_engine, normalise_url
+from forecaster.store.base import (
+    MIGRATIONS_DIR,
+    StoreBase,
+    connection_lost,
+    create_engine,
+    normalise_url,
+)
 from forecaster.store.evaluation import EvaluationStore
 from forecaster.store.ingest import IngestStore
 from forecaster.store.jobs import JobsStore
@@ -16,7 +22,14 @@ from forecaster.store.prediction import PredictionStore
 from forecaster.store.registry import RegistryStore
 from forecaster.store.service import ServiceStore
 
-__all__ = ["MIGRATIONS_DIR", "Store", "StoreBase", "create_engine", "normalise_url"]
+__all__ = [
+    "MIGRATIONS_DIR",
+    "Store",
+    "StoreBase",
+    "connection_lost",
+    "create_engine",
+    "normalise_url",
+]
 
 
 class Store(IngestStore, RegistryStore, PredictionStore, EvaluationStore, JobsStore, ServiceStore):

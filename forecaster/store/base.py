@@ -71,6 +71,24 @@ def create_engine(url: str) -> Engine:
     )
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """True for errors that say the database is unreachable or dropped the connection (and
+    SQLite's "database is locked"): the transaction rolled back whole, so the same work can
+    be tried again. Not for errors in the SQL or the data."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sa.exc.DBAPIError):
+            if seen.connection_invalidated:
+                return True
+            if type(seen.orig).__module__.startswith("sqlite3"):
+                # SQLite's OperationalError also means "no such table" or "disk is full":
+                # only a lock held by another writer passes.
+                return "database is locked" in str(seen.orig)
+            return isinstance(seen, sa.exc.OperationalError | sa.exc.InterfaceError)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _utc(ts: datetime) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
