@@ -600,6 +600,7 @@ def _announce(daemon: Any) -> None:
             f"serving {url}/metrics (Prometheus), {url}/healthz and {url}/readyz",
             highlight=False,
         )
+        out.print(f"overview {url}/ (series, forecasts, accuracy, jobs)", highlight=False)
 
 
 @app.command("run")
@@ -619,7 +620,8 @@ def run_cmd(
     ] = False,
 ) -> None:
     """Start the service: scheduled ingest, predict, evaluate, retrain and housekeeping, and
-    /metrics, /healthz, /readyz. With --demo, the same daemon on a simulated clock."""
+    /metrics, /healthz, /readyz and the overview page at /. With --demo, the same daemon on
+    a simulated clock."""
     from forecaster.clock import WallClock as _Wall
     from forecaster.config import HttpSettings
     from pipelines.daemon import Daemon
@@ -670,6 +672,8 @@ def run_cmd(
                 for table in summary_tables(daemon, store):
                     out.print(table)
             if not until_end and not stop.is_set():
+                if daemon.http is not None:
+                    out.print(f"overview {daemon.http.url}/", highlight=False)
                 out.print("replay finished; still serving until SIGTERM or Ctrl-C", highlight=False)
                 stop.wait()
             daemon.shutdown()

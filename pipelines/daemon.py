@@ -89,14 +89,17 @@ class Daemon:
         self.http: Any = None
         if serve_http:
             from pipelines.http import HttpApp
+            from pipelines.overview import Overview
 
             token = settings.http.token
+            overview = Overview(store, clock, timings=lambda: job_table(self.record))
             self.http = HttpApp(
                 host=settings.http.host,
                 port=settings.http.port,
                 token=token.get_secret_value() if token is not None else None,
                 metrics=self.metrics,
                 readiness=self.readiness,
+                overview=overview.page,
             )
 
     # -- health ---------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""The daemon's small HTTP app: /metrics, /healthz and /readyz (DESIGN.md decision 7).
+"""The daemon's small HTTP app: /metrics, /healthz, /readyz (DESIGN.md decision 7) and the
+overview page at / (`pipelines.overview`).
 
 The standard library's threading server, on a daemon thread: a scrape or a probe never
 waits for a job, and nothing new to depend on. /healthz says the process is alive and is
 always open (a liveness probe has no token); with a token set, every other path needs
-`Authorization: Bearer <token>`.
+`Authorization: Bearer <token>`. The overview is served with a Content-Security-Policy that
+allows no script at all: a name from the store that escaped the page's escaping still could
+not run.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from forecaster.metrics import ServiceMetrics, render
 
@@ -27,6 +30,14 @@ log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
+_HTML = "text/html; charset=utf-8"
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_MAX_SERIES_PARAM = 512  # the longest series name the store holds
 # What a readiness error may carry into a public answer: no URL (it may hold a password),
 # nothing that looks like a credential, and not much of it.
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
@@ -57,7 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (the name http.server dispatches to)
         app = self.server.app
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
         if path == "/healthz":
             self._send(200, b"ok\n", _TEXT)
         elif not app.authorized(self.headers.get("Authorization")):
@@ -67,6 +79,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             status, body = app.readiness_report()
             self._send(status, json.dumps(body, sort_keys=True).encode() + b"\n", _JSON)
+        elif path == "/" and app.overview is not None:
+            self._overview(app, url.query)
         else:
             self._send(404, b"not found\n", _TEXT)
 
@@ -78,6 +92,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b"scrape failed; see the service log\n", _TEXT)
             return
         self._send(200, body, content_type)
+
+    def _overview(self, app: HttpApp, query: str) -> None:
+        assert app.overview is not None
+        try:  # bounded: a query of thousands of fields is refused, not parsed
+            series = (parse_qs(query, max_num_fields=20).get("series") or [""])[0] or None
+        except ValueError:
+            series = "?" * (_MAX_SERIES_PARAM + 1)
+        if series is not None and len(series) > _MAX_SERIES_PARAM:
+            self._send(400, b"bad query: give ?series=NAME, one stored series\n", _TEXT)
+            return
+        try:
+            status, html = app.overview(series)
+        except Exception:
+            log.exception("rendering the overview page failed")
+            self._send(500, b"the overview failed; see the service log\n", _TEXT)
+            return
+        self._send(status, html.encode(), _HTML, _PAGE_HEADERS)
 
     def _send(
         self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
@@ -99,7 +130,9 @@ class HttpApp:
     """Serves `metrics` and the readiness checks on host:port (port 0 picks a free one).
 
     readiness returns named checks (e.g. {"database": True, "scheduler": True}); /readyz is
-    200 when all hold, 503 otherwise or when it raises."""
+    200 when all hold, 503 otherwise or when it raises. overview, when given, renders the
+    page at / for the series named by `?series=` (None without one) as (status, HTML)
+    (`pipelines.overview.Overview.page`); without it / is 404."""
 
     def __init__(
         self,
@@ -109,6 +142,7 @@ class HttpApp:
         token: str | None,
         metrics: ServiceMetrics,
         readiness: Callable[[], dict[str, bool]],
+        overview: Callable[[str | None], tuple[int, str]] | None = None,
     ) -> None:
         if token is not None and not token.strip():
             raise ValueError("the HTTP token is empty: set a real one, or None to serve openly")
@@ -117,6 +151,7 @@ class HttpApp:
         self._token = token.encode() if token is not None else None
         self.metrics = metrics
         self.readiness = readiness
+        self.overview = overview
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -146,7 +181,8 @@ class HttpApp:
             daemon=True,
         )
         self._thread.start()
-        log.info("serving /metrics, /healthz and /readyz on %s", self.url)
+        page = " and the overview at /" if self.overview is not None else ""
+        log.info("serving /metrics, /healthz, /readyz%s on %s", page, self.url)
 
     def stop(self) -> None:
         server, thread = self._server, self._thread
