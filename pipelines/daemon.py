@@ -165,7 +165,9 @@ class Daemon:
         if outcome.kind == "ingest" and outcome.status in ("succeeded", "skipped"):
             # After a restart the ingest of the resumed fire is found done: its predict may
             # not be, so ask for it (its own claim makes a second run a no-op).
-            again = outcome.summary == "already run for this fire time"
+            again = outcome.summary == "already run for this fire time" or bool(
+                outcome.detail.get("redo_of_work")
+            )
             if outcome.windows_completed > 0 or again:
                 self._soon("predict", None, outcome.scheduled_at, "window")
             if (

@@ -94,13 +94,20 @@ def run_job(job: Job, ctx: JobContext) -> JobOutcome:
     if not claimed:
         outcome.summary = "already run for this fire time"
         return outcome
+    # A redo of a killed run whose work had committed finds nothing left to do: that run
+    # still succeeded (and its follow-ups are still due), as an uninterrupted one would have.
+    redo_of_work = _retrying(
+        job, "claim", lambda: ctx.store.left_work(job.job_id, job.scheduled_at)
+    )
     t0 = time.perf_counter()
     status, detail = "succeeded", None
     try:
-        _retrying(job, "run", lambda: _RUNNERS[job.kind](job, ctx, outcome))
+        with ctx.store.working_for(job.job_id, job.scheduled_at):
+            _retrying(job, "run", lambda: _RUNNERS[job.kind](job, ctx, outcome))
         status = outcome.status if outcome.status != "skipped" else "succeeded"
-        if outcome.detail.get("nothing_to_do"):
+        if outcome.detail.get("nothing_to_do") and not redo_of_work:
             status = "skipped"
+        outcome.detail["redo_of_work"] = redo_of_work
     except Exception as exc:  # the scheduler must outlive any one job
         status, detail = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         outcome.summary = detail

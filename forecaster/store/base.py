@@ -10,6 +10,7 @@ Every statement binds its values; no value is ever formatted into SQL text.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 
+from forecaster import schema
 from forecaster.errors import SchemaOutOfDateError, StoreError
 from forecaster.frames import TS_DTYPE
 
@@ -100,6 +102,19 @@ def _fingerprint(source: str, row: Mapping[str, Any]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# The job run whose work this thread's transactions do (StoreBase.working_for).
+_working_for: contextvars.ContextVar[tuple[str, datetime] | None] = contextvars.ContextVar(
+    "forecaster_working_for", default=None
+)
+WORK_MARK = "work committed by this run"
+_WRITES = ("INSERT", "UPDATE", "DELETE", "COPY")
+
+
+def _note_write(conn: Connection, cursor: Any, statement: str, *_: Any) -> None:
+    if statement.lstrip()[:6].upper().startswith(_WRITES):
+        conn.info["wrote"] = True
+
+
 class StoreBase:
     """Owns the engine. Reads open their own connection; writes take the connection of the
     caller's transaction (`with store.begin() as conn:`) so a job commits all or nothing."""
@@ -108,17 +123,41 @@ class StoreBase:
         self.url = normalise_url(url)
         self.engine = create_engine(self.url)
         self.dialect = self.engine.dialect.name
+        sa.event.listen(self.engine, "after_cursor_execute", _note_write)
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
+        """A transaction. Inside working_for(run), one that wrote also marks that run's
+        job_runs row (detail = WORK_MARK) in the same commit."""
         try:
             with self.engine.begin() as conn:
+                conn.info["wrote"] = False
                 yield conn
+                run = _working_for.get()
+                if run is not None and conn.info.pop("wrote", False):
+                    jr = schema.job_runs
+                    conn.execute(
+                        sa.update(jr)
+                        .where(jr.c.job_id == run[0], jr.c.scheduled_at == run[1])
+                        .where(jr.c.status == "running")
+                        .values(detail=WORK_MARK)
+                    )
         except sa.exc.OperationalError as exc:
             raise StoreError(f"database error: {exc.orig}") from exc
+
+    @contextmanager
+    def working_for(self, job_id: str, scheduled_at: datetime) -> Iterator[None]:
+        """Transactions of this thread (or task) inside the block do work for that job run:
+        a run killed after some of them committed is then known to have left work behind,
+        and its redo, finding nothing left, still succeeded (see JobsStore.claim_job_run)."""
+        token = _working_for.set((job_id, scheduled_at))
+        try:
+            yield
+        finally:
+            _working_for.reset(token)
 
     def _insert(self, table: sa.TableClause) -> Any:
         return (pg.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)

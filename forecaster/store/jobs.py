@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from forecaster import schema as s
-from forecaster.store.base import StoreBase
+from forecaster.store.base import WORK_MARK, StoreBase
 
 RUN_STATES = ("running", "succeeded", "failed", "skipped", "abandoned")
 
@@ -23,8 +23,9 @@ RUN_STATES = ("running", "succeeded", "failed", "skipped", "abandoned")
 class JobsStore(StoreBase):
     def claim_job_run(self, job_id: str, scheduled_at: datetime, started_at: datetime) -> bool:
         """Insert the run's row; False when this (job, fire time) was claimed before, unless
-        that run was abandoned (its process was killed; its work rolled back), which is
-        claimed again so the run is redone."""
+        that run was abandoned (its process was killed), which is claimed again so the run
+        is redone. An abandoned run's transactions either committed whole or rolled back;
+        `left_work` says whether any of them committed."""
         jr = s.job_runs
         stmt = self._insert(jr).values(
             job_id=job_id, scheduled_at=scheduled_at, status="running", started_at=started_at
@@ -36,6 +37,14 @@ class JobsStore(StoreBase):
         ).returning(jr.c.job_id)
         with self.begin() as conn:
             return conn.execute(stmt).first() is not None
+
+    def left_work(self, job_id: str, scheduled_at: datetime) -> bool:
+        """Whether transactions of this run (an earlier, killed attempt of it included)
+        committed work: their commit marked the row (StoreBase.working_for)."""
+        jr = s.job_runs
+        q = sa.select(jr.c.detail).where(jr.c.job_id == job_id, jr.c.scheduled_at == scheduled_at)
+        with self.engine.connect() as conn:
+            return conn.execute(q).scalar() == WORK_MARK
 
     def finish_job_run(
         self,

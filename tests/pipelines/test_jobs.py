@@ -81,6 +81,38 @@ def test_a_run_left_running_by_a_killed_process_is_redone(ctx):
     assert [r["status"] for r in ctx.store.job_runs()] == ["skipped"]
 
 
+def test_a_killed_run_whose_work_committed_is_recorded_as_its_uninterrupted_run_would_be(ctx):
+    """The kill lands after the ingest's transactions committed, before its row was
+    finished: the redo finds nothing left, and still records succeeded (the uninterrupted
+    run's status), with its follow-up (predict) still due. A killed run that committed
+    nothing and finds nothing is skipped, as before."""
+    _anchor(ctx)
+    ctx.clock.set(T0 + timedelta(days=3))
+    when = ctx.clock.now()
+    assert ctx.store.claim_job_run("ingest:fl", when, when)
+    with ctx.store.working_for("ingest:fl", when):
+        from pipelines.ingest import run_ingest
+
+        done = run_ingest(
+            ctx.store, ctx.source("fl"), ctx.settings.series_defaults_for("fl"), now=when
+        )
+    assert done.rows_read > 0  # committed; then the process dies before finish_job_run
+    assert ctx.store.abandon_running(when) == 1
+    assert ctx.store.left_work("ingest:fl", when)
+    redo = run_job(Job(kind="ingest", source="fl", scheduled_at=when), ctx)
+    assert redo.detail["rows_read"] == 0 and redo.detail["redo_of_work"]
+    assert redo.status == "succeeded"
+
+    later = when + timedelta(hours=1)  # nothing new is due an hour later
+    assert ctx.store.claim_job_run("ingest:fl", later, later)
+    assert ctx.store.abandon_running(later) == 1
+    assert not ctx.store.left_work("ingest:fl", later)
+    redo = run_job(Job(kind="ingest", source="fl", scheduled_at=later), ctx)
+    assert redo.status == "skipped" and not redo.detail["redo_of_work"]
+    statuses = {r["scheduled_at"]: r["status"] for r in ctx.store.job_runs()}
+    assert statuses[when] == "succeeded" and statuses[later] == "skipped"
+
+
 def test_predict_without_a_model_is_skipped_not_failed(ctx):
     outcome = run_job(Job(kind="predict", scheduled_at=ctx.clock.now()), ctx)
     assert outcome.status == "skipped" and "forecaster train" in outcome.summary
