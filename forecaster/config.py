@@ -356,6 +356,44 @@ class RetentionSettings(_Model):
     )
 
 
+class ComputeSettings(_Model):
+    """Where jobs run: `inline` (threads of the daemon, retraining in a spawned process) or
+    `ray` (the optional extra forecaster[ray]: rolling prediction fanned out over series
+    shards as Ray tasks, retraining on Ray Train's TorchTrainer with DDP)."""
+
+    backend: Literal["inline", "ray"] = Field(
+        "inline", description="compute backend: inline (this machine) or ray (a Ray cluster)"
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join: None starts a local one in the daemon, 'auto' joins "
+        "the one `ray start --head` runs on this machine, ray://HOST:10001 a remote one",
+    )
+    shard_size: int = Field(
+        2000, gt=0, description="series per rolling-prediction Ray task (one task per shard)"
+    )
+    num_cpus: float = Field(
+        1.0, gt=0, description="CPUs each prediction task and Ray Train worker reserves"
+    )
+    num_gpus: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs each prediction task and Ray Train worker reserves; checked against "
+        "the cluster's resources at start (a GPU request a cluster cannot meet would hang)",
+    )
+    max_retries: int = Field(
+        3, ge=0, description="times Ray re-runs a prediction task whose worker died"
+    )
+    train_workers: int = Field(
+        2, gt=0, description="Ray Train workers (DDP ranks) of a retrain, each its own series rows"
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Ray Train's run storage (a directory every node sees, or s3://...); None: "
+        "Ray's default, ~/ray_results",
+    )
+
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "forecaster_config_file", default=None
 )
@@ -385,6 +423,7 @@ class Settings(BaseSettings):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -9,6 +9,12 @@ loss is taken from a state that has seen too little. Every step of a window is a
 origin (forking sequences), with the targets that lie past the training span masked out.
 Validation replays the whole history with carried state and scores the origins in the
 held-out tail; the best epoch's weights are kept (early stopping).
+
+Data parallel (`DataParallel`, used by the Ray Train backend): each rank trains the same
+loop on its own rows of series, its model wrapped in DDP so every backward all-reduces the
+gradients; every rank walks the same windows (the series share one time grid), so the
+collectives line up, and the validation loss is averaged over ranks, so early stopping
+takes the same decision everywhere. Without it the loop is the single-process one.
 """
 
 from __future__ import annotations
@@ -56,6 +62,20 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallel:
+    """One rank's part in a data-parallel `train` (this module knows no Ray; the Ray Train
+    backend builds it). rows: this rank's series (batch rows of the panel); wrap: the model
+    as the loop calls it (DDP: gradients all-reduced in backward); mean: (value, weight) ->
+    the weighted mean over all ranks, the same on each; main: rank 0, which alone scores
+    the final metrics."""
+
+    rows: slice
+    wrap: Callable[[nn.Module], nn.Module]
+    mean: Callable[[float, float], float]
+    main: bool
 
 
 @dataclass
@@ -163,9 +183,10 @@ def forward_window(
     x = F.step_inputs(spec, scaled, start, lo, hi).to(device)
     hx = F.head_inputs(spec, scaled, start, F.origins(lo, hi)).to(device)
     origins = torch.arange(lo, hi)
-    if isinstance(model, Seq2SeqForecaster):
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(core, Seq2SeqForecaster):
         at = None
-        if origin_stride > 1 and not model.last_origin_only:
+        if origin_stride > 1 and not core.last_origin_only:
             at = torch.arange(hi - lo - 1, -1, -origin_stride).flip(0)
             origins = origins[at]
         pred, state = model(
@@ -176,7 +197,7 @@ def forward_window(
             teacher_ratio=teacher_ratio,
             at=None if at is None else at.to(x.device),
         )
-        if model.last_origin_only:
+        if core.last_origin_only:
             origins = torch.tensor([hi - 1])
     else:
         pred, state = model(x, hx, state)
@@ -252,8 +273,11 @@ def train(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     init_state_dict: dict[str, Tensor] | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
-    """Train one global model over every series of the panel (see the module docstring)."""
+    """Train one global model over every series of the panel (see the module docstring);
+    with `parallel`, this rank's share of it. Scalers and the seasonal base are fitted on
+    the whole panel on every rank, so all ranks agree on them without a collective."""
     seed_everything(config.seed)
     device = resolve_device(config.device)
     spec0 = F.FeatureSpec(
@@ -300,6 +324,10 @@ def train(
         model.load_state_dict(init_state_dict)
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     q = torch.tensor(config.quantiles, device=device)
+    net = model if parallel is None else parallel.wrap(model)
+    if parallel is not None:  # this rank's series: (S_rank, N)
+        scaled_cpu = scaled_cpu[parallel.rows]
+    n_rows = scaled_cpu.shape[0]
     scaled = scaled_cpu.to(device)
     use_amp = config.amp and device.type == "cuda"
     windows = _windows(0, train_end, window)
@@ -316,12 +344,12 @@ def train(
             y = F.targets(spec, scaled_cpu, F.origins(a, b), limit=train_end).to(device)
             if k < config.burn_in_windows:  # warm the state up; no loss from a cold state
                 with torch.no_grad():
-                    _, state, _ = forward_window(model, spec, scaled, panel.start, a, b, state)
+                    _, state, _ = forward_window(net, spec, scaled, panel.start, a, b, state)
                 state = detach(state)
                 continue
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 pred, state, origins = forward_window(
-                    model,
+                    net,
                     spec,
                     scaled,
                     panel.start,
@@ -340,7 +368,7 @@ def train(
             nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             optim.step()
             losses.append(float(loss.detach()))
-            points_epoch += panel.values.shape[0] * (b - a)
+            points_epoch += n_rows * (b - a)
             if on_progress is not None:
                 rate = points_epoch / max(time.perf_counter() - t_epoch, 1e-9)
                 on_progress(
@@ -349,6 +377,8 @@ def train(
         points += points_epoch
         train_seconds += time.perf_counter() - t_epoch
         val = _val_loss(model, spec, scaled, panel.start, window, train_end, test_start, q)
+        if parallel is not None:
+            val = parallel.mean(val, float(n_rows))
         history.append(
             {
                 "epoch": epoch + 1,
@@ -384,9 +414,11 @@ def train(
     model.load_state_dict(best[2])
     model = model.cpu().eval()
     nonnegative = bool(torch.nan_to_num(panel.values[:, :train_end], nan=0.0).min() >= 0)
-    metrics = evaluate(
-        model, spec, panel, scalers, config.quantiles, window, test_start, nonnegative
-    )
+    metrics: dict[str, dict[str, float | None]] = {}
+    if parallel is None or parallel.main:
+        metrics = evaluate(
+            model, spec, panel, scalers, config.quantiles, window, test_start, nonnegative
+        )
     return TrainResult(
         model=model,
         model_config=model_config,

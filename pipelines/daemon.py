@@ -33,7 +33,7 @@ from forecaster.config import Settings
 from forecaster.errors import SchemaOutOfDateError
 from forecaster.metrics import ServiceMetrics
 from forecaster.store import Store
-from pipelines.dispatch import InlineBackend
+from pipelines.dispatch import build_backend
 from pipelines.jobs import Job, JobOutcome, Kind, run_job
 from pipelines.scheduler import LiveScheduler, SimulatedScheduler, schedules
 
@@ -81,7 +81,7 @@ class Daemon:
         self._pending: list[tuple[Kind, str | None, datetime, str]] = []  # simulated follow-ups
         self._bootstrapping = False  # a simulated run trains its first model in the foreground
         self.scheduler: LiveScheduler | SimulatedScheduler | None = None
-        self.backend = InlineBackend(
+        self.backend = build_backend(
             settings, store, clock, workers=settings.schedule.workers, simulated=simulated
         )
         job_ids = sorted({s.job_id for s in schedules(settings)} | set(TRIGGERED))

@@ -3,9 +3,12 @@
 `inline` (the default) runs serving jobs (ingest, predict, evaluate, housekeeping) on a
 thread pool of the daemon and retraining in a separate process (spawned, never forked, so
 CUDA is never initialised in a process that forks, DESIGN.md decision 2), with one torch
-thread less than the machine has: predictions keep a core while a challenger trains. A
-Ray backend can be added beside it without touching the jobs: they are plain dataclasses
-run by `pipelines.jobs.run_job`.
+thread less than the machine has: predictions keep a core while a challenger trains.
+
+`ray` (`[compute] backend = "ray"`, the optional extra forecaster[ray]) lives in
+`pipelines.backends.ray`: the same jobs, run by the same `pipelines.jobs.run_job`, with
+rolling prediction fanned out over series shards as Ray tasks and retraining on Ray Train.
+`build_backend` picks one from the settings.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Protocol
 
 from forecaster.clock import Clock, FixedClock, WallClock
 from forecaster.config import Settings
+from forecaster.errors import ConfigError
 from forecaster.store import Store
 from pipelines.jobs import Job, JobContext, JobOutcome, run_job
 
@@ -32,10 +36,35 @@ class Backend(Protocol):
         job's own failure)."""
         ...
 
+    def run(self, job: Job) -> JobOutcome:
+        """Run a serving job on the caller's thread (the simulated scheduler does)."""
+        ...
+
+    def stop_retrain(self) -> None:
+        """Stop a running retrain (it loses only its own work); serving jobs go on."""
+        ...
+
     def shutdown(self, *, wait: bool) -> None:
         """Stop taking jobs; with wait, let running ones finish (their transactions commit
         or roll back whole either way)."""
         ...
+
+
+def build_backend(
+    settings: Settings, store: Store, clock: Clock, *, workers: int, simulated: bool = False
+) -> Backend:
+    """The backend `settings.compute.backend` names (ray is imported only when chosen)."""
+    if settings.compute.backend == "ray":
+        try:
+            from pipelines.backends.ray import RayBackend
+        except ImportError as exc:
+            raise ConfigError(
+                "compute.backend",
+                f"'ray' needs Ray, which is not importable ({exc})",
+                "Install the extra: pip install 'forecaster[ray]', or set backend = 'inline'",
+            ) from exc
+        return RayBackend(settings, store, clock, workers=workers, simulated=simulated)
+    return InlineBackend(settings, store, clock, workers=workers, simulated=simulated)
 
 
 class InlineBackend:

@@ -73,7 +73,9 @@ class JobContext:
     store: Store
     clock: Clock
     sources: dict[str, Any] = field(default_factory=dict)  # readers, kept for their caches
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. on_progress for a retrain
+    # e.g. on_progress for a retrain; the Ray backend's "predict" (run_predict over shards)
+    # and "trainer" (training on Ray Train) replace the inline ones
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def source(self, name: str) -> Any:
         from pipelines.sources import build_source
@@ -187,8 +189,9 @@ def _predict(job: Job, ctx: JobContext, outcome: JobOutcome) -> None:
     from pipelines.predict import NoChampionError, run_predict
 
     freq = ctx.settings.series.freq
+    predict = ctx.extra.get("predict", run_predict)
     try:
-        summary = run_predict(
+        summary = predict(
             ctx.store,
             warmup_steps=int(ctx.settings.retrain.warmup / freq),
             device=ctx.settings.device,
@@ -228,6 +231,8 @@ def _retrain(job: Job, ctx: JobContext, outcome: JobOutcome) -> None:
         on_progress=ctx.extra.get("on_progress"),
         config_override=ctx.extra.get("config_override"),
         run_key=f"{job.job_id}@{job.scheduled_at.isoformat()}",
+        trainer=ctx.extra.get("trainer"),
+        predict=ctx.extra.get("predict"),
     )
     outcome.summary = result.line()
     outcome.detail = {

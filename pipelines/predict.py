@@ -5,12 +5,16 @@ each chunk, the forecasts (the model's and the seasonal-naive baselines'), the n
 and the window-edge snapshots commit in ONE transaction: a crash anywhere leaves either all
 of a chunk or none of it, and the next run redoes exactly what is missing. A series with
 nothing new is not touched, so re-running writes nothing.
+
+`series_ids` restricts a pass to some series: the Ray backend runs one pass per shard of
+series, each in its own worker, with the same transactions (pipelines.backends.ray).
 """
 
 from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -80,9 +84,11 @@ def run_predict(
     chunk: int = 2048,
     version_id: int | None = None,
     device: str = "cpu",
+    series_ids: Collection[int] | None = None,
 ) -> PredictSummary:
     """One pass for the champion (or, to build a challenger's states before it is promoted,
-    the model version `version_id`), on `device` ("auto" picks CUDA when there is one)."""
+    the model version `version_id`), on `device` ("auto" picks CUDA when there is one), over
+    every series or only those of `series_ids`."""
     champion = store.champion() if version_id is None else store.model_version(version_id)
     if champion is None:
         raise NoChampionError()
@@ -94,6 +100,9 @@ def run_predict(
     summary = PredictSummary(version_id=vid)
     row_of = {name: i for i, name in enumerate(trained.names)}
     targets = [t for t in store.prediction_targets() if t["watermark"] is not None]
+    if series_ids is not None:
+        wanted = set(series_ids)
+        targets = [t for t in targets if t["id"] in wanted]
     summary.skipped_unknown = [t["name"] for t in targets if t["name"] not in row_of]
     targets = [t for t in targets if t["name"] in row_of and t["freq_seconds"] == spec.freq_seconds]
     states = store.load_states(vid, [t["id"] for t in targets])

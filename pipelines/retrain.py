@@ -13,8 +13,9 @@ and promote it only if it is better, after its states are built.
    from recent history through the predict job (forecasts included, so it serves at once),
    then promote it in one transaction: the old champion serves until that commit.
 
-Training runs wherever the dispatcher puts it (a separate process in the daemon), never on
-the scheduler's thread, so predictions keep using the champion meanwhile.
+Training runs wherever the dispatcher puts it (a separate process in the daemon, or Ray
+Train workers: `trainer` and `predict` are how the Ray backend swaps in its own, same-loop
+versions), never on the scheduler's thread, so predictions keep using the champion meanwhile.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ from forecaster.errors import ConfigError
 from forecaster.panel import Panel, Scalers
 from forecaster.store import Store
 from forecaster.trained import TrainedModel
-from forecaster.training import Progress, TrainConfig, evaluate, train, trained_model
+from forecaster.training import (
+    Progress,
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    train,
+    trained_model,
+)
 from pipelines.predict import run_predict
 from pipelines.train import load_panel, register_trained
 
@@ -108,11 +116,14 @@ def run_retrain(
     on_progress: Callable[[Progress], None] | None = None,
     config_override: dict[str, Any] | None = None,
     run_key: str | None = None,
+    trainer: Callable[..., TrainResult] | None = None,
+    predict: Callable[..., Any] | None = None,
 ) -> RetrainOutcome:
     """See the module docstring. config_override replaces TrainConfig fields (tests use it
     to cripple a challenger on purpose). run_key names the job run: a run killed after it
     registered its challenger is finished from that version when done again, not trained
-    twice."""
+    twice. trainer replaces `forecaster.training.train` (same signature) and predict
+    `run_predict` (the Ray backend's data-parallel and sharded ones)."""
     t0 = time.perf_counter()
     r = settings.retrain
     champion = store.champion()
@@ -128,7 +139,7 @@ def run_retrain(
             challenger_mase=h.get("challenger"),
             champion_mase=h.get("champion"),
         )
-        return _decide(store, settings, outcome, t0)
+        return _decide(store, settings, outcome, t0, predict)
     freq_s = settings.series.freq.total_seconds()
     holdout_steps = int(r.holdout.total_seconds() // freq_s)
     # History ends at the newest stored point (not the clock: a replayed source's data may
@@ -158,7 +169,7 @@ def run_retrain(
     if champ_model is not None and r.fine_tune and not full:
         if champ_model.model_config.kind == config.kind:
             init = {k: v.clone() for k, v in champ_model.model.state_dict().items()}
-    result = train(panel, config, on_progress=on_progress, init_state_dict=init)
+    result = (trainer or train)(panel, config, on_progress=on_progress, init_state_dict=init)
     result.metrics = _finite(result.metrics)  # a diverged run scores NaN: JSON has no NaN
     result.history = _finite(result.history)
     challenger = trained_model(result)
@@ -202,10 +213,16 @@ def run_retrain(
         challenger_mase=challenger_mase,
         champion_mase=champion_mase,
     )
-    return _decide(store, settings, outcome, t0)
+    return _decide(store, settings, outcome, t0, predict)
 
 
-def _decide(store: Store, settings: Settings, outcome: RetrainOutcome, t0: float) -> RetrainOutcome:
+def _decide(
+    store: Store,
+    settings: Settings,
+    outcome: RetrainOutcome,
+    t0: float,
+    predict: Callable[..., Any] | None = None,
+) -> RetrainOutcome:
     """Promote the registered challenger if it won: its states first, then the promotion
     (the new champion serves from its first scrape). Safe to run again for the same one."""
     r = settings.retrain
@@ -224,7 +241,7 @@ def _decide(store: Store, settings: Settings, outcome: RetrainOutcome, t0: float
         if current is not None:  # its first bands calibrated like the champion's
             with store.begin() as conn:
                 store.copy_calibration(conn, f"v{current['id']}", f"v{cid}")
-        run_predict(store, version_id=cid, warmup_steps=warmup, device=settings.device)
+        (predict or run_predict)(store, version_id=cid, warmup_steps=warmup, device=settings.device)
         with store.begin() as conn:
             store.promote(conn, cid)
         outcome.decision = "promoted"
