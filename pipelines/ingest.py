@@ -17,7 +17,7 @@ import polars as pl
 import structlog
 
 from forecaster import frames
-from forecaster.config import SeriesDefaults
+from forecaster.config import SeriesDefaults, format_duration
 from forecaster.store import Store
 from pipelines.sources.base import Batch, Source
 
@@ -135,6 +135,22 @@ def ingest_batch(
         good = good.filter(~too_late.fill_null(False)).drop("prev_ts")
 
         points = frames.resample(good, freq_us, defaults.aggregate)
+        # A sum of finite values may overflow: its rows are quarantined, never stored as inf.
+        overflow = points.filter(~pl.col("value").is_finite())
+        if overflow.height:
+            good = good.with_columns(frames.truncate_to_freq(pl.col("ts"), freq_us).alias("_b"))
+            good = good.join(
+                overflow.select("series", pl.col("ts").alias("_b"), pl.lit(True).alias("_over")),
+                on=["series", "_b"],
+                how="left",
+            )
+            detail = (
+                f"the {defaults.aggregate} of its {format_duration(defaults.freq)} bucket overflows"
+            )
+            bad.append(
+                frames.bad_rows(good, pl.col("_over").fill_null(False), "non_finite", detail)
+            )
+            points = points.filter(pl.col("value").is_finite())
         points = frames.fill_gaps(points, previous.drop("series_id"), freq_us, defaults.gap_policy)
         points = frames.assign_windows(points, window_us).join(id_frame, on="series")
         # Late data: points at or before the stored watermark that change what is stored

@@ -221,8 +221,11 @@ class StoreBase:
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
-        with self.engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"cannot reach the database: {exc.orig}") from exc
 
     def upgrade(self, revision: str = "head") -> None:
         self._migrate("upgrade", revision)
@@ -237,6 +240,8 @@ class StoreBase:
         try:
             with self.engine.begin() as conn:
                 getattr(command, direction)(self._alembic_config(conn), revision)
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"cannot reach the database: {exc.orig}") from exc
         except CommandError as exc:  # an unknown revision, or one on the wrong side
             raise StoreError(
                 f"cannot {direction} the schema to {revision!r}: {exc} (the revisions are "
@@ -245,10 +250,7 @@ class StoreBase:
 
     def check_schema(self) -> None:
         """Raise SchemaOutOfDateError unless the database is at the migrations' head."""
-        try:
-            current = self.current_revision()
-        except sa.exc.OperationalError as exc:
-            raise StoreError(f"cannot reach the database: {exc.orig}") from exc
+        current = self.current_revision()  # StoreError when the database cannot be reached
         head = self.head_revision()
         if current != head:
             raise SchemaOutOfDateError(current, head)

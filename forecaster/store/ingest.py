@@ -286,8 +286,11 @@ class IngestStore(StoreBase):
             return 0
         now = datetime.now(UTC)
         rows = []
+        # PostgreSQL text cannot hold NUL: one in a raw field would fail the whole batch, so
+        # it is kept visible as U+FFFD (as the file source shows bytes it cannot decode).
+        text = ("series", "ts_raw", "value_raw", "origin", "reason", "detail")
         for r in bad.select(
-            "series", "ts_raw", "value_raw", "origin", "reason", "detail"
+            pl.col(text).cast(pl.Utf8).str.replace_all("\x00", "\ufffd", literal=True)
         ).to_dicts():
             rows.append(
                 {**r, "source": source, "fingerprint": _fingerprint(source, r), "created_at": now}

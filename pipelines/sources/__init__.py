@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
@@ -73,11 +74,30 @@ def _kind(v: Any) -> str:
     return "other"
 
 
+def invalid_url(masked: str) -> str:
+    """The problem to report for a URL httpx refuses. Not httpx's own message: that quotes
+    pieces of the URL, a password's among them ("Invalid port: 'pa'" for u:pa/ss@h)."""
+    return (
+        f"{masked} is not a valid URL; fix `url` (write any '/', '@', ':', '?' or '#' in a "
+        "password as %2F, %40, %3A, %3F, %23)"
+    )
+
+
+def no_surrogates(text: str) -> str:
+    """JSON may escape a lone surrogate (\\ud800), which no UTF-8 string can hold: U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _text(v: Any) -> str | None:
-    if v is None or isinstance(v, str):
+    if v is None:
         return v
+    if isinstance(v, str):
+        return no_surrogates(v)
     if isinstance(v, dict | list):
-        return json.dumps(v, default=str)
+        return json.dumps(v, default=str)  # ASCII: surrogates come out escaped
     if hasattr(v, "isoformat"):
         return v.isoformat()
     return str(v)

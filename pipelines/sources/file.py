@@ -9,7 +9,8 @@ ingest upserts make that harmless). A file shorter than the offset was replaced:
 A CSV's last line without a newline may still be being written, so it is left for the next
 read. If the file has not changed by then, the writer is taken to be done and the line is
 read as it is; a gzip stream's last line is read once the stream is complete. Records are
-taken to be one per line (no newlines inside quoted fields), which keeps origins exact.
+taken to be one per line (no newlines inside quoted fields), which keeps origins exact: a
+line that is not CSV on its own (a stray quote) is split on its commas as it stands.
 """
 
 from __future__ import annotations
@@ -218,17 +219,8 @@ class FileSourceReader:
             return _empty(), dict(entry), ""
         cfg = self.config
         wanted = [c for c in (cfg.series_column, cfg.ts_column, cfg.value_column) if c]
-        data = header + b"".join(lines)
-        try:
-            df = pl.read_csv(io.BytesIO(data), **_CSV_OPTIONS)
-        except pl.exceptions.PolarsError as exc:
-            raise SourceError(
-                self.name, f"cannot parse {path} lines {numbers[0]}-{numbers[-1]}: {exc}"
-            ) from exc
+        df = _parse_lines(header, lines)
         df = df.select(c for c in dict.fromkeys(wanted) if c in df.columns)
-        if df.height != len(numbers):
-            # A quoted field spanning lines: rows no longer map 1:1 to lines; approximate.
-            numbers = list(range(numbers[0], numbers[0] + df.height))
         origin = (pl.lit(f"{path}:") + pl.Series(numbers).cast(pl.Utf8)).alias("o")
         rows = self._rows(path, df, pl.select(origin).to_series())
         return rows, dict(entry), f"{Path(path).name} lines {numbers[0]}-{numbers[-1]}"
@@ -270,6 +262,35 @@ class FileSourceReader:
                 )
         except pl.exceptions.PolarsError as exc:
             raise SourceError(self.name, f"cannot read Parquet file {path}: {exc}") from exc
+
+
+def _parse_lines(header: bytes, lines: list[bytes]) -> pl.DataFrame:
+    """One row per line, every column text. A chunk polars cannot read, or reads into other
+    than one row per line (a stray quote opens a field that swallows the next lines), is
+    halved until each bad line stands alone; that line is split on its commas as it stands,
+    quotes and all. So a malformed line becomes one row the ingest stores or quarantines
+    under its own line number, and never stops the file nor takes its neighbours along."""
+    try:
+        df = pl.read_csv(io.BytesIO(header + b"".join(lines)), **_CSV_OPTIONS)
+        if df.height == len(lines):
+            return df
+    except pl.exceptions.PolarsError:
+        pass
+    if len(lines) == 1:
+        columns = pl.read_csv(io.BytesIO(header), n_rows=0, **_CSV_OPTIONS).columns
+        try:
+            raw = pl.read_csv(
+                io.BytesIO(lines[0]), has_header=False, quote_char=None, **_CSV_OPTIONS
+            )
+            fields: tuple[Any, ...] = raw.row(0) if raw.height else ()
+        except pl.exceptions.PolarsError:
+            fields = tuple(lines[0].decode("utf-8", "replace").rstrip("\r\n").split(","))
+        return pl.DataFrame(
+            {c: [fields[i] if i < len(fields) else None] for i, c in enumerate(columns)},
+            schema=dict.fromkeys(columns, pl.Utf8),
+        )
+    mid = len(lines) // 2
+    return pl.concat([_parse_lines(header, lines[:mid]), _parse_lines(header, lines[mid:])])
 
 
 def _empty() -> pl.DataFrame:

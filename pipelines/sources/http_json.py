@@ -9,6 +9,7 @@ the ingest upserts).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from datetime import datetime
@@ -20,7 +21,7 @@ import polars as pl
 from forecaster.config import HttpJsonSource, mask_url
 from forecaster.errors import SourceError
 from forecaster.frames import parse_ts
-from pipelines.sources import loose_column
+from pipelines.sources import invalid_url, loose_column, no_surrogates
 from pipelines.sources.base import Batch, raw_frame
 
 
@@ -69,6 +70,8 @@ class HttpJsonSourceReader:
         try:
             with httpx.Client(transport=self._transport, timeout=timeout) as client:
                 resp = client.get(cfg.url, params=params, headers=headers)
+        except httpx.InvalidURL:  # its message quotes the URL's pieces, a password's too
+            raise SourceError(self.name, invalid_url(url)) from None
         except httpx.TimeoutException as exc:
             raise SourceError(self.name, f"no answer from {url} within {timeout:g}s") from exc
         except httpx.HTTPError as exc:
@@ -86,10 +89,12 @@ class HttpJsonSourceReader:
                 ),
             )
         try:
-            return resp.json()
-        except ValueError as exc:
+            return _json(resp)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise SourceError(
-                self.name, f"{url} did not return JSON ({resp.headers.get('content-type')})"
+                self.name,
+                f"{url} did not return JSON ({resp.headers.get('content-type')}): "
+                f"{type(exc).__name__}: {str(exc)[:100]}",
             ) from exc
 
     def _records(self, doc: Any) -> list[Any]:
@@ -125,7 +130,7 @@ class HttpJsonSourceReader:
         for r in recs:
             if cfg.series_field and (cfg.series_field in r or required):
                 v = r.get(cfg.series_field)
-                series.append(None if v is None else str(v))
+                series.append(None if v is None else no_surrogates(str(v)))
             else:
                 series.append(fallback)
         return raw_frame(
@@ -134,6 +139,18 @@ class HttpJsonSourceReader:
             loose_column([r.get(cfg.value_field) for r in recs]),
             [f"{mask_url(cfg.url)}#{i}" for i in range(len(recs))],
         )
+
+
+def _json(resp: httpx.Response) -> Any:
+    """The body as JSON. Bytes that are not UTF-8 (or not the declared charset) become
+    U+FFFD, as the file source reads CSV, so one bad byte quarantines its record rather than
+    refusing the whole response; a leading BOM is allowed."""
+    if resp.charset_encoding is None:
+        try:
+            return json.loads(resp.content)  # RFC 8259 detection: UTF-8 (BOM or not), UTF-16/32
+        except UnicodeDecodeError:
+            pass
+    return json.loads(resp.text.removeprefix("\ufeff"))
 
 
 def _later(since: str | None, seen: datetime | None) -> str | None:

@@ -20,6 +20,7 @@ import polars as pl
 
 from forecaster.config import PrometheusSource, mask_url
 from forecaster.errors import SourceError
+from pipelines.sources import invalid_url
 from pipelines.sources.base import Batch, raw_frame
 
 
@@ -77,6 +78,8 @@ class PrometheusSourceReader:
         }
         try:
             resp = client.get(f"{base}/api/v1/query_range", params=params)
+        except httpx.InvalidURL:  # its message quotes the URL's pieces, a password's too
+            raise SourceError(self.name, invalid_url(where)) from None
         except httpx.TimeoutException as exc:
             raise SourceError(self.name, f"Prometheus at {where} did not answer in time") from exc
         except httpx.HTTPError as exc:
