@@ -1,0 +1,162 @@
+"""Load: 10,000 series replayed fast through the daemon's own jobs, for a bounded number of
+windows. Prints, per window: the ingest, predict and evaluate job times, the /metrics scrape
+time over real HTTP (default [metrics] bound of 500 series, and all series), and the
+process's RSS; then the RSS curve's start and end.
+
+    python bench/load.py [--series 10000] [--windows 12] [--history-weeks 5]
+
+Data and model as bench/predict.py (the bundled panel tiled to --series, a one-epoch LSTM
+as champion). Each window: ingest_batch of 24 new points per series (as the ingest job
+writes them), then `run_job` of a predict and an evaluate job (claims, job_runs, the same
+code the daemon runs) on a simulated clock at the window's end, then GET /metrics from the
+daemon's HttpApp. A window is a day of data: the replay speed these jobs could keep up with
+is 86,400 s over the window's total wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from predict import STEP, WINDOW, ingest, machine, small_model, tiled  # noqa: E402
+
+from forecaster.checkpoints import save_checkpoint  # noqa: E402
+from forecaster.clock import FixedClock  # noqa: E402
+from forecaster.config import MetricsSettings, Settings  # noqa: E402
+from forecaster.log import configure_logging  # noqa: E402
+from forecaster.metrics import ServiceMetrics  # noqa: E402
+from forecaster.store import Store  # noqa: E402
+from pipelines.http import HttpApp  # noqa: E402
+from pipelines.jobs import Job, JobContext, run_job  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
+def scrape(store: Store, clock: FixedClock, max_series: int) -> tuple[float, int]:
+    """Seconds of one GET /metrics over loopback, and the response's size in bytes."""
+    metrics = ServiceMetrics(
+        store, MetricsSettings(max_series=max_series), clock, job_ids=["predict", "evaluate"]
+    )
+    app = HttpApp(host="127.0.0.1", port=0, token=None, metrics=metrics, readiness=dict)
+    app.start()
+    try:
+        t0 = time.perf_counter()
+        r = httpx.get(f"{app.url}/metrics", timeout=60)
+        took = time.perf_counter() - t0
+        r.raise_for_status()
+        return took, len(r.content)
+    finally:
+        app.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--series", type=int, default=10_000)
+    ap.add_argument("--windows", type=int, default=12)
+    ap.add_argument("--history-weeks", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # as the daemon's serving process (schedule.torch_threads)
+    configure_logging("warning", "console")  # the jobs' own lines would drown the table
+    n_hist = args.history_weeks * 7 * WINDOW
+    names, start, values = tiled(args.series, n_hist + args.windows * WINDOW)
+    print(machine(torch.device("cpu")))
+    with tempfile.TemporaryDirectory(prefix="forecaster-load-") as tmp:
+        url = f"sqlite:///{tmp}/store.db"
+        store = Store(url)
+        store.upgrade()
+        settings = Settings(database_url=url, checkpoint_dir=f"{tmp}/ckpt")
+        t0 = time.perf_counter()
+        ingest(store, names, start, values[:, :n_hist], "history")
+        print(
+            f"history: {args.series:,} series x {n_hist} points in {time.perf_counter() - t0:.0f} s"
+        )
+        trained = small_model("lstm", names, values[:, :n_hist])
+        uri, sha = save_checkpoint(trained.to_checkpoint(), Path(tmp) / "ckpt")
+        with store.begin() as conn:
+            store.register_model_version(
+                conn,
+                kind="lstm",
+                config={},
+                uri=uri,
+                sha256=sha,
+                trained_from=None,
+                trained_to=None,
+                metrics={},
+                stage="champion",
+            )
+        rows = []
+        for w in range(args.windows + 1):  # window 0: the cold start (states from scratch)
+            a = n_hist + (w - 1) * WINDOW
+            t_ingest = 0.0
+            if w > 0:
+                t_ingest = ingest(
+                    store, names, start + a * STEP, values[:, a : a + WINDOW], f"w{w}"
+                )
+            end = datetime.fromtimestamp(start + (a + WINDOW if w else n_hist) * STEP, UTC)
+            clock = FixedClock(end)
+            ctx = JobContext(settings=settings, store=store, clock=clock)
+            times = {}
+            for kind in ("predict", "evaluate"):
+                out = run_job(Job(kind=kind, scheduled_at=end), ctx)
+                assert out.status in ("succeeded", "skipped"), (kind, out.status, out.summary)
+                times[kind] = out.seconds
+            s500, b500 = scrape(store, clock, 500)
+            s_all, b_all = scrape(store, clock, args.series)
+            rows.append(
+                (w, t_ingest, times["predict"], times["evaluate"], s500, s_all, b_all, rss_mb())
+            )
+            print(
+                f"window {w:3d}: ingest {t_ingest:6.2f} s  predict {times['predict']:6.2f} s  "
+                f"evaluate {times['evaluate']:6.2f} s  /metrics {s500:5.2f} s (500) "
+                f"{s_all:5.2f} s (all, {b_all / 1e6:.1f} MB)  RSS {rows[-1][-1]:7.1f} MB",
+                flush=True,
+            )
+        store.close()
+    steady = rows[1:]
+    print()
+    print(
+        "| window | ingest s | predict s | evaluate s | /metrics s (500 series) | "
+        "/metrics s (all) | RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for w, ti, tp, te, s5, sa, _, rss in rows:
+        print(
+            f"| {w if w else 'cold'} | {ti:.2f} | {tp:.2f} | {te:.2f} | {s5:.2f} | {sa:.2f} | "
+            f"{rss:.0f} |"
+        )
+    worst = max(ti + tp + te for _, ti, tp, te, *_ in steady)
+    print()
+    print(
+        f"RSS after the first steady window {steady[0][-1]:.0f} MB, after the last "
+        f"{steady[-1][-1]:.0f} MB ({steady[-1][-1] - steady[0][-1]:+.0f} MB over "
+        f"{len(steady) - 1} windows)"
+    )
+    print(
+        f"slowest window's jobs: {worst:.1f} s (a day of data: keeps up with a replay up to "
+        f"{86400 / worst:,.0f}x real time; the live intervals are 5 min ingest, 1 h predict "
+        f"and evaluate)"
+    )
+    print(
+        f"slowest /metrics scrape: {max(r[4] for r in rows):.2f} s (500 series), "
+        f"{max(r[5] for r in rows):.2f} s (all {args.series:,})"
+    )
+    print(f"pid {os.getpid()}")
+
+
+if __name__ == "__main__":
+    main()
