@@ -1,19 +1,23 @@
 """Database faults. PostgreSQL: the test's own database goes away in the middle of a run
-(its connections terminated, new ones refused) and comes back: the daemon waits it out with
-backoff and the store ends as an uninterrupted run's; /readyz says not ready meanwhile.
+(its connections terminated, new ones refused), or the whole server is stopped and started
+again (pg_ctlcluster; CI only, or with FORECASTER_TEST_PG_RESTART=1, since it disturbs
+every other user of the server), and comes back: the daemon waits it out with backoff and
+the store ends as an uninterrupted run's; /readyz says not ready meanwhile.
 SQLite: a database locked by another writer, and a full disk (a file-size limit), give a
 clear error and no partial write."""
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -75,6 +79,43 @@ def _outage(url: str) -> Iterator[None]:
             conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
+RESTART_OPT_IN = "FORECASTER_TEST_PG_RESTART"
+
+
+@contextmanager
+def _server_down(url: str) -> Iterator[None]:
+    """The whole PostgreSQL server stopped (pg_ctlcluster, fast shutdown: every connection
+    dropped) until the block exits, then started again and waited for."""
+    del url  # every database of the server goes down
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+    subprocess.run([*ctl, "stop", "--mode", "fast"], check=True, timeout=120)
+    try:
+        yield
+    finally:
+        subprocess.run([*ctl, "start"], check=True, timeout=120)
+        for _ in range(120):
+            ready = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], timeout=10)
+            if ready.returncode == 0:
+                break
+            time.sleep(0.5)
+
+
+def _fault(kind: str) -> Callable[[str], AbstractContextManager[None]]:
+    if kind == "database_away":
+        return _outage
+    if not (IN_CI or os.environ.get(RESTART_OPT_IN)):
+        pytest.skip(f"restarts the whole PostgreSQL server: set {RESTART_OPT_IN}=1 (CI does)")
+    usable = shutil.which("pg_ctlcluster") and os.path.isdir("/etc/postgresql")
+    local = "@127.0.0.1" in PG_ADMIN_URL or "@localhost" in PG_ADMIN_URL
+    if not (usable and local and os.geteuid() == 0):
+        reason = "needs root, pg_ctlcluster and the PostgreSQL server on this machine"
+        if IN_CI:
+            pytest.fail(f"CI=true: {reason}")
+        pytest.skip(reason)
+    return _server_down
+
+
 def _succeeded(url: str, job: str) -> int:
     import psycopg
 
@@ -89,7 +130,9 @@ def _succeeded(url: str, job: str) -> int:
         return 0
 
 
-def test_postgresql_going_away_mid_run_loses_nothing(pg_databases, tmp_path):
+@pytest.mark.parametrize("kind", ["database_away", "server_restart"])
+def test_postgresql_going_away_mid_run_loses_nothing(kind, pg_databases, tmp_path):
+    fault = _fault(kind)
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "outage"
     ref_dir.mkdir()
     run_dir.mkdir()
@@ -111,7 +154,7 @@ def test_postgresql_going_away_mid_run_loses_nothing(pg_databases, tmp_path):
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no predict ran"
             time.sleep(0.05)
-        with _outage(url):
+        with fault(url):
             time.sleep(4)  # several retries: 0.5 + 1 + 2 s
             assert proc.poll() is None, f"the daemon gave up:\n{log.read_text()[-3000:]}"
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
