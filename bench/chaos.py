@@ -1,7 +1,7 @@
 """Chaos: SIGKILL the daemon again and again during a backtest, restart it each time, and
 compare the store with an uninterrupted run's, row by row.
 
-    python bench/chaos.py [--kills 50] [--per-round 12] [--seed 0]
+    python bench/chaos.py [--kills 50] [--per-round 12] [--seed 0] [--backend inline|ray]
 
 The backtest is `forecaster backtest` (the daemon on a simulated clock) over three bundled
 series, 2013-01-01 to 2013-02-24: daily ingest, predict and evaluate, the first model after
@@ -34,14 +34,22 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--per-round", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--backend",
+        choices=["inline", "ray"],
+        default="inline",
+        help="compute backend of the daemon (ray: a local Ray started by each run)",
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
+    extra = "" if args.backend == "inline" else '[compute]\nbackend = "ray"\nnum_cpus = 1\n'
+
     report = ChaosReport()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="forecaster-chaos-") as root:
         ref_dir = Path(root) / "reference"
         ref_dir.mkdir()
-        reference = reference_run(ref_dir)
+        reference = reference_run(ref_dir, extra)
         print(
             f"uninterrupted run: {sum(map(len, reference.values())):,} rows in "
             f"{len(reference)} tables, {time.monotonic() - t0:.0f} s",
@@ -58,13 +66,14 @@ def main() -> None:
                 rng=rng,
                 report=report,
                 log=lambda line: print(f"  round {report.rounds}: {line}", flush=True),
+                extra=extra,
             )
             if report.differences:
                 break
     report.seconds = time.monotonic() - t0
     print()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}")
-    print(f"seed {args.seed}, {report.seconds:.0f} s")
+    print(f"seed {args.seed}, backend {args.backend}, {report.seconds:.0f} s")
     print("| phase running at the kill | kills |")
     print("|---|---|")
     for phase in PHASES:

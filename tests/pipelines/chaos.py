@@ -152,12 +152,13 @@ def chaos_round(
     report: ChaosReport,
     log: Callable[[str], None] = lambda _: None,
     first_phase: str | None = None,
+    extra: str = "",
 ) -> None:
     """One fresh store: up to `kills` SIGKILLs, each while a job of a phase (taken in turn
     from PHASES, starting at first_phase or a random one) runs, after a random 0-80 ms more; then a run to
     the end and the comparison with `reference`. A round ends early when the phase waited
     for does not come up before the backtest's end (the retrains are few)."""
-    cfg = write_config(tmp)
+    cfg = write_config(tmp, extra=extra)
     upgrade(tmp)
     db = tmp / "store.db"
     start = PHASES.index(first_phase) if first_phase else rng.randrange(len(PHASES))
@@ -198,8 +199,8 @@ def chaos_round(
     report.rounds += 1
 
 
-def reference_run(tmp: Path) -> dict[str, list[tuple]]:
-    cfg = write_config(tmp)
+def reference_run(tmp: Path, extra: str = "") -> dict[str, list[tuple]]:
+    cfg = write_config(tmp, extra=extra)
     upgrade(tmp)
     done = subprocess.run(backtest_cmd(cfg), cwd=tmp, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
