@@ -107,11 +107,21 @@ _working_for: contextvars.ContextVar[tuple[str, datetime] | None] = contextvars.
     "forecaster_working_for", default=None
 )
 WORK_MARK = "work committed by this run"
-_WRITES = ("INSERT", "UPDATE", "DELETE", "COPY")
+_WRITES = ("INSERT", "UPDATE", "DELETE")
+# Bookkeeping, not work: a source's cursor moves on an empty read too, and the run's own row.
+_BOOKKEEPING = ("source_cursors", "job_runs")
 
 
 def _note_write(conn: Connection, cursor: Any, statement: str, *_: Any) -> None:
-    if statement.lstrip()[:6].upper().startswith(_WRITES):
+    """Work = a statement that changed rows of a data table (an upsert that changed
+    nothing, or a DELETE of nothing, is no work: the uninterrupted run would have been
+    skipped too)."""
+    head = statement.lstrip()[:120]
+    if (
+        head[:6].upper().startswith(_WRITES)
+        and (cursor.rowcount or 0) != 0
+        and not any(t in head for t in _BOOKKEEPING)
+    ):
         conn.info["wrote"] = True
 
 

@@ -112,6 +112,17 @@ def test_a_killed_run_whose_work_committed_is_recorded_as_its_uninterrupted_run_
     statuses = {r["scheduled_at"]: r["status"] for r in ctx.store.job_runs()}
     assert statuses[when] == "succeeded" and statuses[later] == "skipped"
 
+    # Statements that change nothing are no work: a DELETE of nothing (housekeeping with
+    # nothing old enough), a cursor moved by an empty read.
+    assert ctx.store.claim_job_run("housekeeping", later, later)
+    with ctx.store.working_for("housekeeping", later):
+        assert ctx.store.housekeep({"observations": T0 - timedelta(days=1)}) == {"observations": 0}
+        nothing_new = run_ingest(
+            ctx.store, ctx.source("fl"), ctx.settings.series_defaults_for("fl"), now=when
+        )
+        assert nothing_new.rows_read == 0
+    assert not ctx.store.left_work("housekeeping", later)
+
 
 def test_predict_without_a_model_is_skipped_not_failed(ctx):
     outcome = run_job(Job(kind="predict", scheduled_at=ctx.clock.now()), ctx)
