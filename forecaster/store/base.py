@@ -158,6 +158,11 @@ class StoreBase:
         except sa.exc.OperationalError as exc:
             raise StoreError(f"database error: {exc.orig}") from exc
 
+    @staticmethod
+    def working_run() -> tuple[str, datetime] | None:
+        """The job run this thread works for (working_for), to hand to another process."""
+        return _working_for.get()
+
     @contextmanager
     def working_for(self, job_id: str, scheduled_at: datetime) -> Iterator[None]:
         """Transactions of this thread (or task) inside the block do work for that job run:

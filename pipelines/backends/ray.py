@@ -37,6 +37,7 @@ GPU it has not reserved, and the driver never initialises CUDA for these jobs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import threading
@@ -44,6 +45,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,9 @@ class Shard:
     database_url: str
     series_ids: tuple[int, ...]
     version_id: int
+    # The daemon's job run: the shard's transactions mark it, as inline ones do, so a redo
+    # of a predict killed after its shards committed knows its work landed.
+    job_run: tuple[str, datetime] | None = None
     warmup_steps: int
     keep_snapshots: int
     chunk: int
@@ -130,15 +135,17 @@ def worker_store(url: str) -> Store:
 def predict_shard(shard: Shard) -> PredictSummary:
     """The body of a prediction task: run_predict over the shard's series, in its worker."""
     torch.set_num_threads(shard.threads)
-    return run_predict(
-        worker_store(shard.database_url),
-        warmup_steps=shard.warmup_steps,
-        keep_snapshots=shard.keep_snapshots,
-        chunk=shard.chunk,
-        version_id=shard.version_id,
-        device=shard.device,
-        series_ids=shard.series_ids,
-    )
+    store = worker_store(shard.database_url)
+    with store.working_for(*shard.job_run) if shard.job_run else contextlib.nullcontext():
+        return run_predict(
+            store,
+            warmup_steps=shard.warmup_steps,
+            keep_snapshots=shard.keep_snapshots,
+            chunk=shard.chunk,
+            version_id=shard.version_id,
+            device=shard.device,
+            series_ids=shard.series_ids,
+        )
 
 
 def _run_body(body: Callable[[Shard], PredictSummary], shard: Shard) -> PredictSummary:
@@ -202,6 +209,7 @@ class RayPredict:
                     database_url=self.database_url,
                     series_ids=tuple(ids[i : i + size]),
                     version_id=version["id"],
+                    job_run=store.working_run(),
                     warmup_steps=warmup_steps,
                     keep_snapshots=keep_snapshots,
                     chunk=chunk,

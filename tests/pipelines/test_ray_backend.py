@@ -250,6 +250,19 @@ def test_a_worker_killed_mid_task_is_retried_without_duplicates_or_gaps(
     reference.close()
 
 
+def test_shard_transactions_mark_the_daemon_s_job_run(cluster, bundled, model, tmp_path):
+    """As inline: a predict killed after its shards committed is known to have left work
+    (its redo then records succeeded, as the uninterrupted run does)."""
+    url = f"sqlite:///{tmp_path / 'marked.db'}"
+    store = _store(url, bundled, model)
+    when = datetime(2013, 1, 20, tzinfo=UTC)
+    assert store.claim_job_run("predict", when, when)
+    with store.working_for("predict", when):
+        RayPredict(_settings(url, tmp_path).compute, url)(store, warmup_steps=72)
+    assert store.left_work("predict", when)
+    store.close()
+
+
 @pytest.mark.slow
 def test_a_retrain_on_ray_train_registers_a_loadable_model(cluster, bundled, model, tmp_path):
     url = f"sqlite:///{tmp_path / 'train.db'}"
