@@ -83,6 +83,12 @@ class SeriesDefaults(_Model):
         timedelta(days=7), description="points older than the watermark minus this are quarantined"
     )
     auto_create: bool = Field(True, description="create unknown series on first sight")
+    max_backfill: Duration | None = Field(
+        timedelta(days=731),
+        description="a new series' first points older than its newest by more than this are "
+        "quarantined too_late (a stray early timestamp would otherwise be gap-filled up to "
+        "the rest); None = no bound",
+    )
 
     @model_validator(mode="after")
     def _window_is_multiple_of_freq(self) -> SeriesDefaults:

@@ -132,7 +132,21 @@ def ingest_batch(
                 pl.format("watermark {}", pl.col("prev_ts").dt.to_string("%Y-%m-%dT%H:%M:%S%z")),
             )
         )
-        good = good.filter(~too_late.fill_null(False)).drop("prev_ts")
+        good = good.filter(~too_late.fill_null(False))
+        if defaults.max_backfill is not None:
+            # A new series is gap-filled from its first point on: one stray early timestamp
+            # (epoch 0, year 1) would mean millions of filler rows.
+            reach = pl.duration(microseconds=int(defaults.max_backfill.total_seconds() * 1e6))
+            too_old = pl.col("prev_ts").is_null() & (
+                pl.col("ts") < pl.col("ts").max().over("series") - reach
+            )
+            detail = (
+                f"over {format_duration(defaults.max_backfill)} before the new series' newest "
+                "point (series.max_backfill)"
+            )
+            bad.append(frames.bad_rows(good, too_old, "too_late", detail))
+            good = good.filter(~too_old)
+        good = good.drop("prev_ts")
 
         points = frames.resample(good, freq_us, defaults.aggregate)
         # A sum of finite values may overflow: its rows are quarantined, never stored as inf.

@@ -262,3 +262,28 @@ def test_a_late_point_within_the_bound_replaces_the_filled_one_and_recounts_its_
         store, "s", _batch([("a", T0 - timedelta(days=3), 5.0)], {"n": 3}), defaults, NOW
     )
     assert too_late.quarantined == Counter({"too_late": 1})
+
+
+def test_a_stray_early_point_of_a_new_series_is_quarantined_not_gap_filled(store):
+    """Epoch 0 among a new series' 2024 points would be filled hourly up to 2024 (472,000
+    rows); year 1, 17.7 million. Past series.max_backfill before the series' newest point it
+    is quarantined too_late; the rest is stored, and the bound is a setting."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    points = [("a", epoch, 1.0), ("a", T0, 2.0), ("a", T0 + timedelta(hours=2), 3.0)]
+    points += [("b", T0 - timedelta(days=700), 4.0), ("b", T0, 5.0)]  # inside two years
+    result = ingest_batch(store, "s", _batch(points, {"n": 1}), SeriesDefaults(), NOW)
+    assert result.quarantined == Counter({"too_late": 1})
+    (row,), counts = store.list_quarantine()
+    assert row["series"] == "a" and row["ts_raw"] == _iso(epoch)
+    assert "series.max_backfill" in row["detail"]
+    assert store.read_observations("a").height == 3  # T0 .. T0 + 2 h
+    assert store.read_observations("b").height == 700 * 24 + 1
+    unbounded = SeriesDefaults(max_backfill=None)
+    again = ingest_batch(
+        store,
+        "s",
+        _batch([("c", T0 - timedelta(days=800), 1.0), ("c", T0, 2.0)], {"n": 2}),
+        unbounded,
+        NOW,
+    )
+    assert not again.quarantined and store.read_observations("c").height == 800 * 24 + 1
