@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +24,56 @@ PG_ADMIN_URL = os.environ.get(
     "FORECASTER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
+FORECASTER = str(Path(sys.executable).with_name("forecaster"))
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s; nothing when it has exited already."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def serving_demo(
+    args: list[str], cwd: Path, *, timeout: float = 240
+) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`forecaster ARGS run --demo` as a subprocess, once its replay is done and it says it
+    is still serving: the process and the lines it printed so far (its URLs among them).
+    Stopped (stop) at exit; its output is in cwd/demo.log."""
+    log = cwd / "demo.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [FORECASTER, *args, "run", "--demo"],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while "still serving" not in (text := log.read_text()):
+            if proc.poll() is not None:
+                pytest.fail(f"the demo exited early:\n{text[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"the demo did not finish its replay in {timeout:.0f} s:\n{text[-3000:]}"
+                )
+            time.sleep(0.25)
+        yield proc, text.splitlines()
+    finally:
+        stop(proc)
+
+
+def served_url(lines: list[str], what: str) -> str:
+    """The URL on the demo's line starting `what http://` ("serving" or "overview")."""
+    line = next((x for x in lines if x.startswith(f"{what} http://")), None)
+    assert line is not None, f"no '{what} http://' line in:\n" + "\n".join(lines)
+    return line.split()[1]
 
 
 def require_binary(name: str, package: str = "prometheus") -> str:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,11 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import served_url, serving_demo, stop
 from tests.deploy.conftest import PROMETHEUS, binary, dashboard_queries
 from tests.pipelines.sources.conftest import free_port
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
-FORECASTER = str(Path(sys.executable).with_name("forecaster"))
 SERIES = ["flights.EWR", "flights.JFK", "flights.LGA"]
 DISRUPTED = "flights.LGA"
 BAND_ALERT_FOR = "expr: forecaster_outside_band == 1\n        for: 30m\n"
@@ -83,43 +81,13 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, log: Path | None 
         time.sleep(0.25)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> Iterator[str]:
     """`forecaster run --demo` serving after its replay: host:port of /metrics."""
     tmp = tmp_path_factory.mktemp("daemon")
-    log = tmp / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [FORECASTER, "--config", str(_config(tmp)), "run", "--demo"],
-            cwd=tmp,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def serving() -> str | None:
-        text = log.read_text()
-        if proc.poll() is not None:
-            pytest.fail(f"the demo exited early:\n{text[-3000:]}")
-        if "still serving" not in text:
-            return None
-        line = next(x for x in text.splitlines() if x.startswith("serving http://"))
-        return line.split()[1].removeprefix("http://").removesuffix("/metrics")
-
-    try:
-        yield _wait("the demo's replay", serving, 180, log)
-    finally:
-        _stop(proc)
+    with serving_demo(["--config", str(_config(tmp))], tmp, timeout=180) as (_, lines):
+        url = served_url(lines, "serving")
+        yield url.removeprefix("http://").removesuffix("/metrics")
 
 
 def _scrape_config(daemon: str) -> str:
@@ -170,7 +138,7 @@ def prometheus(request, tmp_path_factory) -> Iterator[str]:
         _wait("the first scrape", lambda: _query(url, up), 30, log)
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _query(url: str, expr: str) -> list[dict[str, Any]]:

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, require_binary
+from tests.conftest import IN_CI, require_binary, served_url, serving_demo
 from tests.deploy.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -54,54 +52,13 @@ port = 0
     return path
 
 
-def _wait(what: str, check: Callable[[], Any], timeout: float, log: Path) -> Any:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f} s\n{log.read_text()[-3000:]}")
-        time.sleep(0.25)
-    return got
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def overview_url(tmp_path_factory) -> Iterator[str]:
     """`forecaster run --demo` serving after its replay: the overview URL it printed."""
     tmp = tmp_path_factory.mktemp("overview")
-    log = tmp / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [FORECASTER, "--config", str(_config(tmp)), "run", "--demo"],
-            cwd=tmp,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def serving() -> str | None:
-        text = log.read_text()
-        if proc.poll() is not None:
-            pytest.fail(f"the demo exited early:\n{text[-3000:]}")
-        if "still serving" not in text:
-            return None
-        lines = text.splitlines()
-        assert any(x.startswith("serving http://") and "/metrics" in x for x in lines), text
-        return next(x for x in lines if x.startswith("overview http://")).split()[1]
-
-    try:
-        yield _wait("the demo's replay", serving, 180, log)
-    finally:
-        _stop(proc)
+    with serving_demo(["--config", str(_config(tmp))], tmp, timeout=180) as (_, lines):
+        assert served_url(lines, "serving").endswith("/metrics")
+        yield served_url(lines, "overview")
 
 
 def _chrome() -> Any:

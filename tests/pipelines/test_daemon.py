@@ -20,7 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import require_binary
+from tests.conftest import require_binary, served_url, serving_demo
 from tests.pipelines import chaos
 from tests.pipelines.sources.conftest import free_port
 
@@ -55,33 +55,8 @@ def demo(tmp_path_factory) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
     """`forecaster run --demo` on three series up to 2013-02-20, serving after the replay."""
     tmp = tmp_path_factory.mktemp("demo")
     cfg = _config(tmp, end="2013-02-20T00:00:00Z")
-    proc = subprocess.Popen(
-        [FORECASTER, "--config", str(cfg), "run", "--demo"],
-        cwd=tmp,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url, lines = None, []
-    deadline = time.monotonic() + 240
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail("the demo exited early:\n" + "".join(lines[-40:]))
-        lines.append(line)
-        if line.startswith("serving http://"):
-            url = line.split()[1].removesuffix("/metrics")
-        if "still serving" in line:
-            break
-    else:
-        proc.kill()
-        pytest.fail("the demo did not finish its replay in 240 s:\n" + "".join(lines[-40:]))
-    assert url is not None, "".join(lines)
-    yield proc, url, tmp
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with serving_demo(["--config", str(cfg)], tmp) as (proc, lines):
+        yield proc, served_url(lines, "serving").removesuffix("/metrics"), tmp
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, PG_ADMIN_URL, _pg_unavailable_reason
+from tests.conftest import IN_CI, PG_ADMIN_URL, _pg_unavailable_reason, served_url, serving_demo
 from tests.pipelines import chaos
 
 pytestmark = pytest.mark.slow
@@ -172,23 +172,10 @@ def test_readyz_says_not_ready_while_postgresql_is_away(pg_databases, tmp_path):
     url = pg_databases()
     chaos.upgrade(tmp_path, url)
     cfg = chaos.write_config(tmp_path, url=url, end="2013-02-12T00:00:00Z")
-    log = tmp_path / "demo.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            # The demo keeps its own SQLite file unless told the database on the command line.
-            [chaos.FORECASTER, "--config", str(cfg), "--database-url", url, "run", "--demo"],
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 240
-        while "still serving" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.25)
-        line = next(x for x in log.read_text().splitlines() if x.startswith("serving http://"))
-        base = line.split()[1].removesuffix("/metrics")
+    # The demo keeps its own SQLite file unless told the database on the command line.
+    args = ["--config", str(cfg), "--database-url", url]
+    with serving_demo(args, tmp_path) as (_, lines):
+        base = served_url(lines, "serving").removesuffix("/metrics")
 
         def ready() -> tuple[int, dict]:
             r = httpx.get(f"{base}/readyz", timeout=10)
@@ -203,9 +190,6 @@ def test_readyz_says_not_ready_while_postgresql_is_away(pg_databases, tmp_path):
         while ready()[0] != 200:
             assert time.monotonic() < deadline, "not ready again after the database came back"
             time.sleep(0.25)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def _ingest(cfg: Path, cwd: Path, **kwargs) -> subprocess.CompletedProcess[str]:
