@@ -1,4 +1,6 @@
-"""The README's two set-up commands: CI runs the test command exactly as written."""
+"""The README: its two set-up commands (CI runs the test command exactly as written), links
+that resolve inside the repository, and the configuration reference on the docs page that
+carries it (docs/configuration.md, generated from the settings model)."""
 
 from __future__ import annotations
 
@@ -27,17 +29,44 @@ def test_ci_runs_the_readme_test_command():
     assert _commands()[1] in ci
 
 
+def test_the_development_page_shows_the_readme_test_command():
+    assert _commands()[1] in (ROOT / "docs" / "development.md").read_text()
+
+
+def test_the_readme_links_resolve_inside_the_repository():
+    """Every relative link and image of the README names a file that is here; the docs
+    pages' links are checked by the strict site build (tests/test_docs.py)."""
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert len(targets) >= 10, targets
+    for target in targets:
+        assert "://" not in target, f"the README links outside the repository: {target}"
+        path = target.split("#", 1)[0]
+        assert (ROOT / path).exists(), f"the README links to {path}, which does not exist"
+
+
+def test_the_pages_name_only_files_that_exist():
+    """A repository path in backticks (`deploy/README.md`) on the README or a docs page is a
+    file or folder of this repository: the pages cite nothing outside it."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pattern = re.compile(r"`((?:\.?[\w-]+/)+[\w.-]*)`")
+    named = {(p.name, m) for p in pages for m in pattern.findall(p.read_text())}
+    assert len(named) >= 20, named
+    missing = sorted((page, m) for page, m in named if not (ROOT / m).exists())
+    assert not missing, f"these pages name paths the repository lacks: {missing}"
+
+
 BEGIN, END = "<!-- config-reference:begin -->\n", "<!-- config-reference:end -->"
 
 
-def test_the_readme_carries_the_generated_configuration_reference():
+def test_the_docs_carry_the_generated_configuration_reference():
     from forecaster.config_reference import reference_markdown
 
-    readme = (ROOT / "README.md").read_text()
-    assert readme.count(BEGIN) == 1 and readme.count(END) == 1
-    carried = readme.split(BEGIN, 1)[1].split(END, 1)[0]
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page.count(BEGIN) == 1 and page.count(END) == 1
+    carried = page.split(BEGIN, 1)[1].split(END, 1)[0]
     assert carried.strip() == reference_markdown().strip(), (
-        "README's configuration reference is stale: regenerate it with "
+        "docs/configuration.md's configuration reference is stale: regenerate it with "
         "`forecaster config reference` and paste it between the markers"
     )
 
