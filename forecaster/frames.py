@@ -1,11 +1,15 @@
 """Pure polars transforms on fixed column names: raw rows -> a clean, regular series.
 
 Columns in: series (Utf8), ts (Utf8 | Datetime | number of epoch seconds), value (Utf8 |
-number), origin (Utf8). Columns out of `parse`: series, ts (Datetime("us", "UTC")), value
-(Float64), origin. Nothing here touches the store, the clock or a file.
+number), origin (Utf8), optionally problem (Utf8: why the source could not read the row
+whole, see pipelines.sources.base.PROBLEM). Columns out of `parse`: series, ts
+(Datetime("us", "UTC")), value (Float64), origin. Nothing here touches the store, the clock
+or a file.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import polars as pl
 
@@ -60,13 +64,22 @@ def parse_ts(values: pl.Series) -> pl.Series:
 # The longest series name the store takes (schema.series.name is String(512)); PostgreSQL
 # refuses a longer one, and any text holding NUL, so such a name would fail its whole batch.
 MAX_SERIES_NAME = 512
+# A raw ts or value text over this many characters is not read: no timestamp or number needs
+# it, and parsing megabytes of text per row is how one line once cost a gigabyte.
+MAX_FIELD_CHARS = 4096
+# Quarantine keeps at most this many characters of a raw text, then its length and sha256:
+# enough to recognise the row, and a 50 MB field no longer lands whole in the store.
+QUARANTINE_TEXT_CHARS = 1024
 
 # Reasons a raw row is quarantined instead of stored. Stable strings: they are a metric label.
 REASONS = {
+    "bad_record": "the source could not read the row as written: a line over the length "
+    "limit, quotes that do not balance, or a field count unlike the header's (see detail)",
     "missing_series": "the row names no series",
     "bad_series": f"the series name is over {MAX_SERIES_NAME} characters or holds a NUL character",
-    "bad_ts": "the timestamp could not be read (ISO 8601 or epoch seconds expected)",
-    "bad_value": "the value is missing or not a number",
+    "bad_ts": "the timestamp could not be read (ISO 8601 or epoch seconds expected) or is over "
+    f"{MAX_FIELD_CHARS} characters",
+    "bad_value": f"the value is missing, not a number, or over {MAX_FIELD_CHARS} characters",
     "non_finite": "the value is NaN or infinite",
     "conflicting_duplicate": "another value for the same series and time arrived later in the batch",
     "unknown_series": "the series does not exist and auto_create is off",
@@ -85,9 +98,12 @@ def validate_raw(rows: pl.DataFrame) -> pl.DataFrame:
                 f"raw rows lack the column {col!r} (they have {rows.columns}); a source must "
                 f"yield columns {list(RAW_REQUIRED)} plus optional 'origin'"
             )
-    if "origin" not in rows.columns:
-        rows = rows.with_columns(pl.lit(None, pl.Utf8).alias("origin"))
-    return rows.select("series", "ts", "value", pl.col("origin").cast(pl.Utf8))
+    for col in ("origin", "problem"):
+        if col not in rows.columns:
+            rows = rows.with_columns(pl.lit(None, pl.Utf8).alias(col))
+    return rows.select(
+        "series", "ts", "value", pl.col("origin").cast(pl.Utf8), pl.col("problem").cast(pl.Utf8)
+    )
 
 
 def _as_text(col: str, dtype: pl.DataType) -> pl.Expr:
@@ -102,23 +118,37 @@ def parse(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
     good: series, ts (UTC, us), value (finite Float64), origin, seq (arrival order), and
     ts_raw, value_raw (the text as read, so a row quarantined later keeps what arrived).
-    bad: series, ts_raw, value_raw, origin, reason, detail (all Utf8)."""
+    bad: series, ts_raw, value_raw, origin, reason, detail (all Utf8), texts bounded as
+    `bound_texts` does."""
     rows = validate_raw(rows)
     ts_dtype, value_dtype = rows.schema["ts"], rows.schema["value"]
+    ts_len = _as_text("ts", ts_dtype).str.len_chars()
+    value_len = _as_text("value", value_dtype).str.len_chars()
+    # Over-long texts are not handed to the parsers at all (null: unreadable).
+    ts_in = pl.when(ts_len <= MAX_FIELD_CHARS).then(pl.col("ts"))
     if value_dtype.is_numeric():
         value = pl.col("value").cast(pl.Float64)
     else:
-        value = pl.col("value").cast(pl.Utf8).str.strip_chars().cast(pl.Float64, strict=False)
-    df = rows.with_columns(
+        value = (
+            pl.when(value_len <= MAX_FIELD_CHARS)
+            .then(pl.col("value").cast(pl.Utf8))
+            .str.strip_chars()
+            .cast(pl.Float64, strict=False)
+        )
+    df = rows.with_columns(ts_in.alias("_ts_in")).with_columns(
         pl.col("series").cast(pl.Utf8).str.strip_chars().alias("series"),
-        parse_ts_expr("ts", ts_dtype).alias("_ts"),
+        parse_ts_expr("_ts_in", ts_dtype).alias("_ts"),
         value.alias("_value"),
         _as_text("ts", ts_dtype).alias("ts_raw"),
         _as_text("value", value_dtype).alias("value_raw"),
+        ts_len.alias("_ts_len"),
+        value_len.alias("_value_len"),
         pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
     )
     reason = (
-        pl.when(pl.col("series").is_null() | (pl.col("series") == ""))
+        pl.when(pl.col("problem").is_not_null())
+        .then(pl.lit("bad_record"))
+        .when(pl.col("series").is_null() | (pl.col("series") == ""))
         .then(pl.lit("missing_series"))
         .when(
             (pl.col("series").str.len_chars() > MAX_SERIES_NAME)
@@ -132,7 +162,16 @@ def parse(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .when(~pl.col("_value").is_finite())
         .then(pl.lit("non_finite"))
     )
-    df = df.with_columns(reason.alias("reason"))
+    too_long = f"the text is {{}} characters, over the limit of {MAX_FIELD_CHARS}"
+    detail = (
+        pl.when(pl.col("reason") == "bad_record")
+        .then(pl.col("problem"))
+        .when((pl.col("reason") == "bad_ts") & (pl.col("_ts_len") > MAX_FIELD_CHARS))
+        .then(pl.format(too_long, pl.col("_ts_len")))
+        .when((pl.col("reason") == "bad_value") & (pl.col("_value_len") > MAX_FIELD_CHARS))
+        .then(pl.format(too_long, pl.col("_value_len")))
+    )
+    df = df.with_columns(reason.alias("reason")).with_columns(detail.alias("detail"))
     good = df.filter(pl.col("reason").is_null()).select(
         "series",
         pl.col("_ts").alias("ts"),
@@ -143,9 +182,9 @@ def parse(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         "value_raw",
     )
     bad = df.filter(pl.col("reason").is_not_null()).select(
-        "series", "ts_raw", "value_raw", "origin", "reason", pl.lit(None, pl.Utf8).alias("detail")
+        "series", "ts_raw", "value_raw", "origin", "reason", pl.col("detail").cast(pl.Utf8)
     )
-    return good, bad
+    return good, bound_texts(bad)
 
 
 def bad_rows(
@@ -154,13 +193,44 @@ def bad_rows(
     """Rows of a parsed frame selected by `mask`, in the quarantine layout."""
     if not isinstance(detail, pl.Expr):
         detail = pl.lit(detail, pl.Utf8)
-    return good.filter(mask).select(
-        "series",
-        "ts_raw",
-        "value_raw",
-        "origin",
-        pl.lit(reason).alias("reason"),
-        detail.cast(pl.Utf8).alias("detail"),
+    return bound_texts(
+        good.filter(mask).select(
+            "series",
+            "ts_raw",
+            "value_raw",
+            "origin",
+            pl.lit(reason).alias("reason"),
+            detail.cast(pl.Utf8).alias("detail"),
+        )
+    )
+
+
+def bounded_text(text: str | None) -> str | None:
+    """`text` if it is at most QUARANTINE_TEXT_CHARS long, else its first that many
+    characters, an ellipsis, its length and the sha256 of its UTF-8 (to tell two long texts
+    apart, or match one against the file it came from)."""
+    if text is None or len(text) <= QUARANTINE_TEXT_CHARS:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{text[:QUARANTINE_TEXT_CHARS]}… ({len(text)} characters, sha256 {digest})"
+
+
+_BAD_TEXTS = ("series", "ts_raw", "value_raw", "origin", "detail")
+
+
+def bound_texts(bad: pl.DataFrame) -> pl.DataFrame:
+    """A quarantine frame with every text cut by `bounded_text`."""
+    if bad.is_empty():
+        return bad
+    longest = bad.select(pl.col(c).cast(pl.Utf8).str.len_chars().max() for c in _BAD_TEXTS)
+    long = [
+        c
+        for c, n in zip(_BAD_TEXTS, longest.row(0), strict=True)
+        if n and n > QUARANTINE_TEXT_CHARS
+    ]
+    return bad.with_columns(
+        pl.Series(c, [bounded_text(v) for v in bad[c].cast(pl.Utf8).to_list()], dtype=pl.Utf8)
+        for c in long
     )
 
 

@@ -10,6 +10,7 @@ write is an upsert.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +25,14 @@ import polars as pl
 #   value:  Utf8 | Float64 | Int64
 #   origin: Utf8  where the row came from, e.g. "data/a.csv:17", kept in quarantine
 RAW_COLUMNS = ("series", "ts", "value", "origin")
+# Optional: why the source could not read a row whole (a line over the length limit, quotes
+# that do not balance, a field count unlike the header's); null for a row read as written.
+# forecaster.frames quarantines such a row as bad_record with this text as its detail.
+PROBLEM = "problem"
+
+# The most an error message quotes of any one text (a path, a driver's message): a 20 MB
+# header once became a 21 MB error line.
+ERROR_TEXT_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +68,29 @@ def raw_frame(
     ts: list[Any] | pl.Series,
     value: list[Any] | pl.Series,
     origin: list[str] | pl.Series | str,
+    problem: list[str | None] | pl.Series | None = None,
 ) -> pl.DataFrame:
-    """Build a Batch.rows frame with the standard columns."""
+    """Build a Batch.rows frame with the standard columns (and PROBLEM when given)."""
     n = len(series)
     if isinstance(origin, str):
         origin = [origin] * n
-    return pl.DataFrame(
-        {"series": series, "ts": ts, "value": value, "origin": origin}
-    ).with_columns(pl.col("series").cast(pl.Utf8), pl.col("origin").cast(pl.Utf8))
+    columns: dict[str, Any] = {"series": series, "ts": ts, "value": value, "origin": origin}
+    if problem is not None:
+        columns[PROBLEM] = pl.Series(problem, dtype=pl.Utf8)
+    return pl.DataFrame(columns).with_columns(
+        pl.col("series").cast(pl.Utf8), pl.col("origin").cast(pl.Utf8)
+    )
+
+
+def clip(text: object, limit: int = ERROR_TEXT_CHARS) -> str:
+    """`text` as an error message may quote it: control characters escaped (a NUL, a
+    newline or a terminal escape sequence from a file name or a server must not reach a
+    terminal or a log line as such) and cut at `limit` characters, the cut marked with an
+    ellipsis and the original length."""
+    s = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    if len(s) <= limit:
+        return s
+    return f"{s[:limit]}… ({len(s)} characters)"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

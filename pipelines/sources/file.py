@@ -8,16 +8,22 @@ ingest upserts make that harmless). A file shorter than the offset was replaced:
 
 A CSV's last line without a newline may still be being written, so it is left for the next
 read. If the file has not changed by then, the writer is taken to be done and the line is
-read as it is; a gzip stream's last line is read once the stream is complete. Records are
-taken to be one per line (no newlines inside quoted fields), which keeps origins exact: a
-line that is not CSV on its own (a stray quote) is split on its commas as it stands.
+read as it is; a gzip stream's last line is read once the stream is complete.
+
+Lines are read in bounded chunks (pipelines.sources.lines): a line over 64 KiB is never held,
+only hashed. Records are one per line, which keeps origins exact. A data line that is not
+exactly one record of the header's width (a line over the limit, quotes that do not balance,
+such as a quoted field running onto the next line, or too few or too many fields) still
+becomes a row, quarantined as bad_record with the reason, never a row misread. The file is
+UTF-8 (a BOM allowed) or UTF-16 with a BOM; a header that is not one clean record (NUL bytes,
+bare CR line ends, a column the config names given twice) stops the file with an error that
+names positions and counts, never the file's text.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
-import io
 import os
 import zlib
 from collections.abc import Iterator, Mapping
@@ -29,14 +35,18 @@ import polars as pl
 
 from forecaster.config import FileSource
 from forecaster.errors import SourceError
-from pipelines.sources.base import Batch, raw_frame, required_columns
+from pipelines.sources.base import Batch, clip, raw_frame, required_columns
+from pipelines.sources.lines import (
+    MAX_LINE_BYTES,
+    Encoding,
+    LineReader,
+    numbered_lines,
+    records,
+    sniff,
+    split_record,
+)
 
 _GZIP_MAGIC = b"\x1f\x8b"
-_CSV_OPTIONS: dict[str, Any] = {
-    "infer_schema": False,  # every column as text: a malformed value reaches quarantine as is
-    "truncate_ragged_lines": True,  # one bad line must not stop the file
-    "encoding": "utf8-lossy",
-}
 
 # rows, the file's cursor entry after them (None: not read yet), a note for logs
 Piece = tuple[pl.DataFrame, dict[str, Any] | None, str]
@@ -79,7 +89,7 @@ class FileSourceReader:
             yield self._batch(frames, notes, state)
 
     def _batch(self, frames: list[pl.DataFrame], notes: list[str], state: dict[str, Any]) -> Batch:
-        rows = pl.concat(frames) if frames else raw_frame([], [], [], [])
+        rows = pl.concat(frames) if frames else _empty()
         files = {p: dict(e) for p, e in state.items()}
         return Batch(rows=rows, cursor={"files": files}, note="; ".join(notes) or "no new rows")
 
@@ -88,7 +98,7 @@ class FileSourceReader:
         paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not paths and not glob.has_magic(pattern):
             raise SourceError(
-                self.name, f"file {pattern} does not exist; fix `path` or create the file"
+                self.name, f"file {_shown(pattern)} does not exist; fix `path` or create the file"
             )
         return paths
 
@@ -101,9 +111,14 @@ class FileSourceReader:
             else:
                 yield from self._read_csv(path, st, prev)
         except (zlib.error, gzip.BadGzipFile) as exc:  # BadGzipFile is an OSError: first
-            raise SourceError(self.name, f"{path} is not a valid gzip file: {exc}") from exc
+            # Not the exception's text: BadGzipFile quotes the file's first bytes.
+            raise SourceError(
+                self.name, f"{_shown(path)} is not a valid gzip file (its data is corrupt)"
+            ) from exc
         except OSError as exc:
-            raise SourceError(self.name, f"cannot read {path}: {exc.strerror or exc}") from exc
+            raise SourceError(
+                self.name, f"cannot read {_shown(path)}: {clip(exc.strerror or type(exc).__name__)}"
+            ) from exc
 
     def _format(self, path: str) -> str:
         if self.config.format != "auto":
@@ -115,26 +130,43 @@ class FileSourceReader:
             return "parquet"
         raise SourceError(
             self.name,
-            f"cannot tell the format of {path} from its name; set format = 'csv' or 'parquet'",
+            f"cannot tell the format of {_shown(path)} from its name; set format = 'csv' or "
+            "'parquet'",
         )
 
-    def _required(self, path: str, columns: list[str]) -> None:
+    def _required(self, path: str, columns: list[str], where: str) -> None:
+        """The configured columns are all there. The message counts the file's columns
+        rather than listing them: they are the file's content (a path pointed at
+        /etc/passwd printed its first line)."""
         missing = [c for c in required_columns(self.config) if c not in columns]
         if missing:
+            name = missing[0]
+            near = [i for i, c in enumerate(columns, 1) if c.strip().casefold() == name.casefold()]
+            hint = f" (column {near[0]} differs only in case or spaces)" if near else ""
             raise SourceError(
                 self.name,
-                f"{path} has no column {missing[0]!r} (its columns: {', '.join(columns) or 'none'});"
-                " rename the column or set ts_column/value_column/series_column",
+                f"{where} has no column {name!r} among its {len(columns)} "
+                f"column{'s' if len(columns) != 1 else ''}{hint}; rename the "
+                "column or set ts_column/value_column/series_column",
             )
 
-    def _rows(self, path: str, df: pl.DataFrame, origin: pl.Series) -> pl.DataFrame:
+    def _rows(
+        self,
+        path: str,
+        df: pl.DataFrame,
+        origin: pl.Series,
+        problems: pl.Series | None = None,
+    ) -> pl.DataFrame:
         cfg = self.config
         if cfg.series_column and cfg.series_column in df.columns:
             series: pl.Series = df[cfg.series_column].cast(pl.Utf8)
         else:
             name = cfg.series_name or _stem(path)
             series = pl.Series([name] * df.height, dtype=pl.Utf8)
-        return raw_frame(series, _loose(df[cfg.ts_column]), _loose(df[cfg.value_column]), origin)
+        if problems is None:
+            problems = pl.repeat(None, df.height, dtype=pl.Utf8, eager=True)
+        ts, value = _loose(df[cfg.ts_column]), _loose(df[cfg.value_column])
+        return raw_frame(series, ts, value, origin, problems)
 
     # CSV ----------------------------------------------------------------------------------
 
@@ -155,75 +187,134 @@ class FileSourceReader:
             # gzip: a truncated stream never yields its partial last line, so any line it
             # yields is whole. Plain: a last line without newline waits one unchanged read.
             take_tail = gz or unchanged
-            f = gzip.GzipFile(fileobj=raw) if gz else raw
+            f: Any = gzip.GzipFile(fileobj=raw) if gz else raw
+            limit = None if gz else size
             entry = {"size": size, "mtime_ns": mtime, "rows": rows, "offset": offset}
-            try:
-                header = f.readline()
-            except EOFError:  # a gzip stream cut short inside its first line
-                header = b""
-            if not header.endswith(b"\n") and not (take_tail and header):
+            encoding = self._encoding(path, f)
+            f.seek(0)
+            reader = LineReader(f, encoding, start=0, limit=limit)
+            header = reader.first_line()
+            if header is not None and header.data is None:
+                raise SourceError(
+                    self.name,
+                    f"{_shown(path)} line 1 (the header) is over {MAX_LINE_BYTES} bytes; "
+                    "a CSV file's first line names its columns: check that `path` matches "
+                    "only CSV files",
+                )
+            if header is None or not (header.ended or (take_tail and reader.complete)):
                 yield _empty(), entry, ""
                 return
-            columns = pl.read_csv(io.BytesIO(header), n_rows=0, **_CSV_OPTIONS).columns
-            self._required(path, columns)
-            yield from self._csv_lines(
-                path, f, header, entry, limit=None if gz else size, take_tail=take_tail
+            columns = self._header(path, header.data or b"", encoding)
+            start = max(offset, header.size)
+            f.seek(start)
+            lines = LineReader(f, encoding, start=start, limit=limit)
+            yield from self._csv_lines(path, lines, columns, encoding, entry, start, take_tail)
+
+    def _encoding(self, path: str, f: Any) -> Encoding:
+        try:
+            head = f.read(4)
+        except EOFError:  # a gzip stream cut short before 4 bytes
+            head = b""
+        enc = sniff(head)
+        if isinstance(enc, str):
+            raise SourceError(self.name, f"cannot read {_shown(path)}: {enc}")
+        return enc
+
+    def _header(self, path: str, data: bytes, encoding: Encoding) -> list[str]:
+        """The column names of a header line, or a SourceError saying what is wrong with it
+        by position and count: the line is the file's content, never quoted."""
+        where = f"{_shown(path)} line 1 (the header)"
+        if encoding.unit == 1 and b"\x00" in data:
+            raise SourceError(
+                self.name,
+                f"{where} holds NUL bytes: the file is UTF-16 without a byte-order mark, or not "
+                "text; save it as UTF-8 (or UTF-16 with a byte-order mark)",
             )
+        text = data.decode(encoding.codec, "replace").removesuffix("\n").removesuffix("\r")
+        text = text.removeprefix("\ufeff")
+        if "\r" in text:
+            raise SourceError(
+                self.name,
+                f"{where} holds a bare carriage return: lines must end in LF or CRLF (a file "
+                "with CR line ends reads as one line); convert its line ends",
+            )
+        fields = split_record(text)
+        if fields is None:
+            raise SourceError(
+                self.name, f"{where} is not one CSV record: its quotes do not balance"
+            )
+        columns = [c or "" for c in fields]
+        wanted = [
+            c
+            for c in (self.config.series_column, self.config.ts_column, self.config.value_column)
+            if c
+        ]
+        for name in dict.fromkeys(wanted):
+            at = [i + 1 for i, c in enumerate(columns) if c == name]
+            if len(at) > 1:
+                raise SourceError(
+                    self.name,
+                    f"{where} names column {name!r} {len(at)} times (columns "
+                    f"{', '.join(map(str, at))}), so which one to read is unclear; rename or "
+                    "remove the others",
+                )
+        self._required(path, columns, where)
+        return columns
 
     def _csv_lines(
         self,
         path: str,
-        f: Any,
-        header: bytes,
+        lines: LineReader,
+        columns: list[str],
+        encoding: Encoding,
         entry: dict[str, Any],
-        *,
-        limit: int | None,
+        consumed: int,
         take_tail: bool,
     ) -> Iterator[Piece]:
-        consumed = max(entry["offset"], len(header))
-        line_no = entry["rows"] + 1  # the header is line 1
-        lines: list[bytes] = []
-        numbers: list[int] = []
-        try:
-            f.seek(consumed)
-            for line in f:
-                if limit is not None and consumed + len(line) > limit:
-                    break  # grew after stat: read the file as it was then
-                if not line.endswith(b"\n") and not take_tail:
-                    break
-                line_no += 1
-                consumed += len(line)
-                if line.strip():  # blank lines are not rows
-                    lines.append(line)
-                    numbers.append(line_no)
-                if len(lines) >= self.config.batch_rows:
-                    yield self._csv_piece(path, header, lines, numbers, line_no, consumed, entry)
-                    lines, numbers = [], []
-        except EOFError:
-            pass  # a gzip file still being written ends early: keep what was whole, wait
+        line_no = entry["rows"] + 1  # the header is line 1; line_no: the last line consumed
+        held: list[pl.DataFrame] = []  # lines for the next piece: n, text, problem
+        n_held = 0
+        room = self.config.batch_rows
+        for block in lines:
+            if not block.ended and not (take_tail and lines.complete):
+                break  # may be mid-write: left for the next read
+            frame, sizes = numbered_lines(block, encoding, first=line_no + 1)
+            while frame.height and n_held + frame.height >= room:
+                part, frame = frame.head(room - n_held), frame.slice(room - n_held)
+                last = part["n"][-1]
+                consumed += sum(sizes[: last - line_no])
+                sizes = sizes[last - line_no :]
+                line_no = last
+                yield self._csv_piece(path, columns, [*held, part], line_no, consumed, entry)
+                held, n_held = [], 0
+            held.append(frame)
+            n_held += frame.height
+            consumed += sum(sizes)
+            line_no += len(sizes)
         # Always, even without rows: the new size/mtime decide whether a tail has settled.
-        yield self._csv_piece(path, header, lines, numbers, line_no, consumed, entry)
+        yield self._csv_piece(path, columns, held, line_no, consumed, entry)
 
     def _csv_piece(
         self,
         path: str,
-        header: bytes,
-        lines: list[bytes],
-        numbers: list[int],
+        columns: list[str],
+        held: list[pl.DataFrame],
         line_no: int,
         consumed: int,
         entry: dict[str, Any],
     ) -> Piece:
         entry.update(rows=line_no - 1, offset=consumed)
-        if not lines:
+        lines = pl.concat(held) if held else pl.DataFrame()
+        if lines.is_empty():
             return _empty(), dict(entry), ""
         cfg = self.config
         wanted = [c for c in (cfg.series_column, cfg.ts_column, cfg.value_column) if c]
-        df = _parse_lines(header, lines)
-        df = df.select(c for c in dict.fromkeys(wanted) if c in df.columns)
-        origin = (pl.lit(f"{path}:") + pl.Series(numbers).cast(pl.Utf8)).alias("o")
-        rows = self._rows(path, df, pl.select(origin).to_series())
-        return rows, dict(entry), f"{Path(path).name} lines {numbers[0]}-{numbers[-1]}"
+        at = {c: columns.index(c) for c in wanted if c in columns}
+        df, numbers, problems = records(lines, len(columns), at)
+        origin = pl.select(pl.lit(f"{path}:") + numbers.cast(pl.Utf8)).to_series()
+        rows = self._rows(path, df, origin, problems)
+        first, last = numbers[0], numbers[-1]
+        return rows, dict(entry), f"{_shown(Path(path).name, 80)} lines {first}-{last}"
 
     # Parquet ------------------------------------------------------------------------------
 
@@ -234,7 +325,7 @@ class FileSourceReader:
             return
         try:
             columns = list(pl.read_parquet_schema(path))
-            self._required(path, columns)
+            self._required(path, columns, _shown(path))
             cfg = self.config
             wanted = [
                 c
@@ -261,40 +352,18 @@ class FileSourceReader:
                     f"{Path(path).name} rows {start + 1}-{start + df.height}",
                 )
         except pl.exceptions.PolarsError as exc:
-            raise SourceError(self.name, f"cannot read Parquet file {path}: {exc}") from exc
-
-
-def _parse_lines(header: bytes, lines: list[bytes]) -> pl.DataFrame:
-    """One row per line, every column text. A chunk polars cannot read, or reads into other
-    than one row per line (a stray quote opens a field that swallows the next lines), is
-    halved until each bad line stands alone; that line is split on its commas as it stands,
-    quotes and all. So a malformed line becomes one row the ingest stores or quarantines
-    under its own line number, and never stops the file nor takes its neighbours along."""
-    try:
-        df = pl.read_csv(io.BytesIO(header + b"".join(lines)), **_CSV_OPTIONS)
-        if df.height == len(lines):
-            return df
-    except pl.exceptions.PolarsError:
-        pass
-    if len(lines) == 1:
-        columns = pl.read_csv(io.BytesIO(header), n_rows=0, **_CSV_OPTIONS).columns
-        try:
-            raw = pl.read_csv(
-                io.BytesIO(lines[0]), has_header=False, quote_char=None, **_CSV_OPTIONS
-            )
-            fields: tuple[Any, ...] = raw.row(0) if raw.height else ()
-        except pl.exceptions.PolarsError:
-            fields = tuple(lines[0].decode("utf-8", "replace").rstrip("\r\n").split(","))
-        return pl.DataFrame(
-            {c: [fields[i] if i < len(fields) else None] for i, c in enumerate(columns)},
-            schema=dict.fromkeys(columns, pl.Utf8),
-        )
-    mid = len(lines) // 2
-    return pl.concat([_parse_lines(header, lines[:mid]), _parse_lines(header, lines[mid:])])
+            raise SourceError(
+                self.name, f"cannot read Parquet file {_shown(path)}: {clip(exc)}"
+            ) from exc
 
 
 def _empty() -> pl.DataFrame:
-    return raw_frame([], [], [], [])
+    return raw_frame([], [], [], [], [])
+
+
+def _shown(path: str, limit: int = 500) -> str:
+    """A path as an error or a log line shows it: a file name may hold any byte but / and NUL."""
+    return clip(path, limit)
 
 
 def _stem(path: str) -> str:

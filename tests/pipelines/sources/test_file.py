@@ -15,6 +15,7 @@ import pytest
 from forecaster.config import FileSource
 from forecaster.errors import SourceError
 from pipelines.sources import RAW_COLUMNS, Batch, build_source
+from pipelines.sources.base import PROBLEM
 from pipelines.sources.file import FileSourceReader
 
 HEADER = "series,ts,value\n"
@@ -25,7 +26,7 @@ def read(
 ) -> tuple[pl.DataFrame, Mapping[str, Any] | None, list[Batch]]:
     batches = list(src.read(cursor, now))
     for b in batches:
-        assert b.rows.columns == list(RAW_COLUMNS)
+        assert b.rows.columns == [*RAW_COLUMNS, PROBLEM]
         assert b.rows.height <= src.config.batch_rows
         json.dumps(b.cursor)  # the ingest job stores it as JSON
     rows = pl.concat([b.rows for b in batches if b.rows.height]) if batches else None
@@ -145,15 +146,21 @@ def test_batches_are_bounded_and_each_cursor_resumes_after_its_batch(
         assert rest["origin"].to_list() == expected["origin"].to_list()
 
 
-def test_missing_column_names_the_file_the_column_and_what_it_has(
+def test_missing_column_names_the_file_the_column_and_counts_what_it_has(
     tmp_path: Path, now: datetime
 ) -> None:
+    """The file's own column names are its content: counted, not quoted (see
+    test_errors_never_quote_the_file)."""
     f = tmp_path / "bad.csv"
     f.write_text("series,time,val\ns,1,2\n")
     with pytest.raises(SourceError) as err:
         read(source(f), None, now)
     msg = str(err.value)
-    assert str(f) in msg and "'ts'" in msg and "series, time, val" in msg
+    assert str(f) in msg and "'ts'" in msg and "among its 3 columns" in msg
+    assert "time" not in msg
+    f.write_text("series,TS ,value\ns,1,2\n")
+    with pytest.raises(SourceError, match="column 2 differs only in case or spaces"):
+        read(source(f), None, now)
 
     p = tmp_path / "bad.parquet"
     pl.DataFrame({"ts": [1]}).write_parquet(p)
