@@ -7,12 +7,16 @@ nesting, e.g. `FORECASTER_SERIES__FREQ=15m`), the TOML file, the defaults below.
 from __future__ import annotations
 
 import contextvars
+import os
 import re
+import tomllib
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,10 +29,12 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from forecaster.errors import ConfigError
+from forecaster.log import mask_secrets, mask_url, remember_secrets, url_secrets
 
 ENV_PREFIX = "FORECASTER_"
 DEFAULT_CONFIG_FILE = Path("forecaster.toml")
@@ -60,6 +66,20 @@ def format_duration(td: timedelta) -> str:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class SecretUrl(str):
+    """A URL that may hold a password: the whole text as a str (to connect with), its secrets
+    masked in repr(), so a settings repr, a traceback's locals or a debugger never show them.
+    (str() and f-strings give the whole URL: messages go through mask_url.)"""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_url(str(self)))
+
+
+Url = Annotated[str, AfterValidator(SecretUrl)]
 
 
 class _Model(BaseModel):
@@ -129,7 +149,7 @@ class FileSource(_SourceBase):
 
 class HttpJsonSource(_SourceBase):
     kind: Literal["http"] = "http"
-    url: str = Field(description="URL answering a JSON document of records")
+    url: Url = Field(description="URL answering a JSON document of records")
     records_path: str = Field("", description="dotted path to the list of records, '' = top level")
     ts_field: str = Field("ts", description="record field holding the timestamp")
     value_field: str = Field("value", description="record field holding the value")
@@ -149,7 +169,7 @@ class HttpJsonSource(_SourceBase):
 
 class SqlSource(_SourceBase):
     kind: Literal["sql"] = "sql"
-    url: str = Field(description="SQLAlchemy URL of the database to read")
+    url: Url = Field(description="SQLAlchemy URL of the database to read")
     query: str = Field(description="SELECT with a bound :since parameter")
     ts_column: str = Field("ts", description="column holding the timestamp")
     value_column: str = Field("value", description="column holding the value")
@@ -162,7 +182,7 @@ class SqlSource(_SourceBase):
 
 class PrometheusSource(_SourceBase):
     kind: Literal["prometheus"] = "prometheus"
-    url: str = Field(description="base URL of the Prometheus server, e.g. http://127.0.0.1:9090")
+    url: Url = Field(description="base URL of the Prometheus server, e.g. http://127.0.0.1:9090")
     query: str = Field(description="PromQL expression; one series per label set")
     step: Duration = Field(timedelta(minutes=1), description="resolution of the range queries")
     series_label: str | None = Field(
@@ -370,7 +390,7 @@ class ComputeSettings(_Model):
     backend: Literal["inline", "ray"] = Field(
         "inline", description="compute backend: inline (this machine) or ray (a Ray cluster)"
     )
-    ray_address: str | None = Field(
+    ray_address: Url | None = Field(
         None,
         description="Ray cluster to join: None starts a local one in the daemon, 'auto' joins "
         "the one `ray start --head` runs on this machine, ray://HOST:10001 a remote one",
@@ -393,7 +413,7 @@ class ComputeSettings(_Model):
     train_workers: int = Field(
         2, gt=0, description="Ray Train workers (DDP ranks) of a retrain, each its own series rows"
     )
-    storage_path: str | None = Field(
+    storage_path: Url | None = Field(
         None,
         description="Ray Train's run storage (a directory every node sees, or s3://...); None: "
         "Ray's default, ~/ray_results",
@@ -410,7 +430,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    database_url: str = Field(
+    database_url: Url = Field(
         "sqlite:///forecaster.db", description="SQLAlchemy URL of the store (SQLite or PostgreSQL)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
@@ -450,13 +470,24 @@ class Settings(BaseSettings):
         override = self.sources[source].series
         return override if override is not None else self.series
 
+    # Every Settings a process holds has its secrets known to mask_secrets (the logs' last
+    # processor): built here, copied, or unpickled in a retrain's own process.
+    def model_post_init(self, context: Any, /) -> None:
+        _remember_secrets(self)
 
-def _env_name(loc: tuple[Any, ...]) -> str:
-    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        _remember_secrets(self)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        _remember_secrets(copied)
+        return copied
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
-    """Build the settings once. Raises ConfigError naming the bad key and how to fix it.
+    """Build the settings once. Raises ConfigError naming the bad key and how to fix it,
+    never echoing a value that may be a secret.
 
     config_file: a TOML file; None means ./forecaster.toml when it exists."""
     path = Path(config_file) if config_file is not None else None
@@ -467,50 +498,39 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     token = _config_file.set(path)
     try:
         return Settings(**overrides)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _KINDS))
-        key = ".".join(str(p) for p in loc) or "(root)"
-        where = f" in {path}" if path else ""
+    except (ValidationError, SettingsError) as exc:
+        # config_reference knows each key's table and environment variable (and imports this)
+        from forecaster.config_reference import config_error
+
+        raise config_error(exc, path) from None
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
-            key,
-            f"{err['msg']} (got {err.get('input')!r})",
-            f"Fix it{where} or in the environment variable {_env_name(loc)}.",
+            "config_file",
+            f"{path} is not valid TOML: {mask_secrets(str(exc))}",
+            'Fix the syntax there: strings in double quotes (freq = "1h"), tables as [name].',
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config_file", f"{path} is not UTF-8 text", "Save it as UTF-8.") from None
+    except OSError as exc:
+        raise ConfigError(
+            "config_file", f"{path} cannot be read: {exc.strerror}", "Check its permissions."
         ) from None
     finally:
         _config_file.reset(token)
 
 
-_KINDS = {"file", "http", "sql", "prometheus", "replay"}
-
-
-# Query parameters that carry a credential: libpq's password and sslpassword, API keys.
-_SECRET_PARAM = re.compile(
-    r"(?i)([?&](?:password|passwd|pwd|sslpassword|token|access_token|api_key|apikey|secret"
-    r"|client_secret)=)[^&#]*"
-)
-
-
-def mask_url(url: str) -> str:
-    """A URL with its secrets replaced by ***: the password of its user:password@ part and
-    the values of credential query parameters (?password=...).
-
-    The password runs to the URL's last '@': SQLAlchemy reads 'postgresql://u:pa/ss@h/db'
-    with '/', '?', '#' or '@' unescaped in the password, and such a password in an http URL
-    is what a user meant even if no client reads it so. The one exception is an http(s)
-    URL whose '@' lies only in the query after a port ('http://h:8080/x?to=a@b'); showing a
-    bit too little beats showing a password."""
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        at = rest.rfind("@")
-        user, colon, after = rest[: max(at, 0)].partition(":")
-        port_then_query = (
-            scheme.lower() in ("http", "https")
-            and re.fullmatch(r"\d*(/[^@?#]*)?[?#].*", after) is not None
-        )
-        if at >= 0 and colon and not any(c in user for c in "/?#") and not port_then_query:
-            rest = f"{user}:***{rest[at:]}"
-    return _SECRET_PARAM.sub(r"\1***", f"{scheme}{sep}{rest}")
+def _remember_secrets(settings: Settings) -> None:
+    raw = url_secrets(settings.database_url)
+    for value in (settings.compute.ray_address, settings.compute.storage_path):
+        raw += url_secrets(value) if value else []
+    if settings.http.token is not None:
+        raw.append(settings.http.token.get_secret_value())
+    for source in settings.sources.values():
+        raw += url_secrets(getattr(source, "url", ""))
+        auth_env = getattr(source, "auth_env", None)
+        if auth_env and os.environ.get(auth_env):
+            raw.append(os.environ[auth_env])
+    remember_secrets(raw)
 
 
 def public_dict(settings: Settings) -> dict[str, Any]:
@@ -519,6 +539,9 @@ def public_dict(settings: Settings) -> dict[str, Any]:
     data["database_url"] = mask_url(settings.database_url)
     if settings.http.token is not None:
         data["http"]["token"] = "*** (set)"
+    for key in ("ray_address", "storage_path"):
+        if data["compute"][key]:
+            data["compute"][key] = mask_url(data["compute"][key])
     for name, src in data["sources"].items():
         if "url" in src:
             src["url"] = mask_url(src["url"])

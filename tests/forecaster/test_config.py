@@ -121,3 +121,121 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     result = CliRunner().invoke(app, ["--config", str(tmp_path / "f.toml"), "config", "show"])
     assert result.exit_code == 2
     assert "series.gap_policy" in result.output and "Traceback" not in result.output
+
+
+# -- errors name the key as written, and its environment variable --------------------------
+
+BAD = "@@bad@@"
+
+
+def _rows_that_refuse(bad: str) -> list[tuple[str, str]]:
+    """(key, environment variable) of every key outside the sources whose value `bad` is
+    refused (numbers, durations, choices, flags; any text is a valid str)."""
+    from forecaster.config_reference import reference_sections
+
+    rows = [r for _, rs in reference_sections() for r in rs if r.env and "<" not in r.key]
+    return [(r.key, r.env) for r in rows if not r.type.startswith(("str", "secret"))]
+
+
+@pytest.mark.parametrize("where", ["env", "toml"])
+def test_every_nested_key_is_named_with_its_environment_variable(tmp_path, monkeypatch, where):
+    """An error in http.port was reported as `port` / FORECASTER_PORT, a key that does not
+    exist: every 'http' in the location was dropped as if it were a source's kind."""
+    checked: set[str] = set()
+    for key, env in _rows_that_refuse(BAD):
+        table, _, name = key.rpartition(".")
+        path = None
+        if where == "env":
+            monkeypatch.setenv(env, BAD)
+        else:
+            path = tmp_path / "f.toml"
+            path.write_text((f"[{table}]\n" if table else "") + f'{name} = "{BAD}"\n')
+        try:
+            with pytest.raises(ConfigError) as exc:
+                load_settings(path)
+        finally:
+            monkeypatch.delenv(env, raising=False)
+        assert exc.value.key == key, (key, str(exc.value))
+        assert env in str(exc.value), str(exc.value)
+        if path is not None:
+            assert f"Fix it in {path}" in str(exc.value)
+        checked.add(table)
+    assert checked >= {"", "series", "training", "http", "metrics", "schedule", "retrain"}
+    assert checked >= {"retention", "compute"}
+
+
+@pytest.mark.parametrize("kind", ["file", "http", "sql", "prometheus", "replay"])
+def test_a_source_key_is_named_even_when_the_source_is_named_like_a_kind(tmp_path, kind):
+    """`[sources.http]` lost its name too: the location's 'http' was dropped as a kind."""
+    from forecaster.config_reference import SOURCE_KINDS
+
+    cls = next(k for k in SOURCE_KINDS if k.model_fields["kind"].default == kind)
+    required = [n for n, f in cls.model_fields.items() if f.is_required()]
+    lines = [f"[sources.{kind}]", f'kind = "{kind}"', *(f'{n} = "x"' for n in required)]
+    (tmp_path / "f.toml").write_text("\n".join([*lines, 'interval = "soon"', ""]))
+    with pytest.raises(ConfigError) as exc:
+        load_settings(tmp_path / "f.toml")
+    assert exc.value.key == f"sources.{kind}.interval", str(exc.value)
+    assert f"FORECASTER_SOURCES__{kind.upper()}__INTERVAL" in str(exc.value)
+
+
+def test_a_toml_syntax_error_is_a_config_error(tmp_path):
+    (tmp_path / "f.toml").write_text('[series]\nfreq = 1h"\n')
+    with pytest.raises(ConfigError, match=r"f.toml is not valid TOML: .*line 2") as exc:
+        load_settings(tmp_path / "f.toml")
+    assert exc.value.key == "config_file"
+    result = CliRunner().invoke(app, ["--config", str(tmp_path / "f.toml"), "config", "show"])
+    assert result.exit_code == 2 and "not valid TOML" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "key"),
+    [
+        ("FORECASTER_METRICS__SERIES", "a*,b", "metrics.series"),
+        ("FORECASTER_METRICS__HORIZON_STEPS", "1 6", "metrics.horizon_steps"),
+        ("FORECASTER_TRAINING__QUANTILES", "0.1,0.5,0.9", "training.quantiles"),
+        ("FORECASTER_SERIES", "freq=1h", "series"),
+    ],
+)
+def test_a_non_json_environment_value_for_a_list_or_table_is_a_config_error(
+    monkeypatch, env, value, key
+):
+    """pydantic-settings raised SettingsError naming only the top-level field, with a raw
+    traceback."""
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert exc.value.key == key and f"{env} is not JSON" in str(exc.value)
+    assert f"Set it to a JSON {'table' if key == 'series' else 'list'}" in str(exc.value)
+    assert value not in str(exc.value)  # a value that does not parse is not quoted
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 2 and env in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "fix"),
+    [
+        ('databse_url = "x"\n', "databse_url", "correct its spelling to 'database_url'"),
+        ("[http]\nprot = 1\n", "http.prot", "Remove it from [http] in"),
+        ('[sources.a]\nkind = "sql"\nurl = "x"\n', "sources.a.query", "Add it to [sources.a]"),
+        ('[sources.a]\nurl = "x"\n', "sources.a.kind", "Fix [sources.a] in"),
+        ('[series]\nfreq = "7m"\n', "series", "Fix [series] in"),
+    ],
+)
+def test_errors_say_what_to_do(tmp_path, toml, key, fix):
+    (tmp_path / "f.toml").write_text(toml)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(tmp_path / "f.toml")
+    assert exc.value.key == key and fix in str(exc.value), str(exc.value)
+
+
+def test_a_list_of_a_source_from_the_environment_says_json(monkeypatch):
+    """A source's keys from the environment are not decoded by pydantic-settings."""
+    monkeypatch.setenv("FORECASTER_SOURCES__RAW__KIND", "replay")
+    monkeypatch.setenv("FORECASTER_SOURCES__RAW__SERIES_FILTER", "a")
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert exc.value.key == "sources.raw.series_filter"
+    assert "written in JSON" in str(exc.value)
+    assert "Fix the environment variable FORECASTER_SOURCES__RAW__SERIES_FILTER" in str(exc.value)
