@@ -12,22 +12,23 @@ source and span, holding the clock while a retrain runs so that its result is re
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from forecaster.clock import FixedClock
-from forecaster.config import ReplaySource, Settings
 from forecaster.errors import ConfigError, UnknownSourceError
-from forecaster.store import Store
-from pipelines.daemon import Daemon, job_table, run_foreground, serving_while_training
-from pipelines.jobs import Job, JobOutcome
 
-log = structlog.get_logger(__name__)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from forecaster.config import Settings
+    from forecaster.store import Store
+    from pipelines.daemon import Daemon
+    from pipelines.jobs import JobOutcome
 
 DEMO_SOURCE = "nycflights"
 DEMO_START = datetime(2013, 1, 1, tzinfo=UTC)
@@ -39,6 +40,8 @@ def demo_settings(settings: Settings, *, database_url: str | None = None) -> Set
     """The daemon's settings with the demo's schedule: a day of data per ingest, and a
     retrain every four simulated weeks. Everything else (model, retention, HTTP, which
     series of the replay) is the user's configuration."""
+    from forecaster.config import ReplaySource
+
     sc = settings.schedule.model_copy(
         update={
             "predict_interval": timedelta(days=1),
@@ -67,6 +70,8 @@ def demo_settings(settings: Settings, *, database_url: str | None = None) -> Set
 def backtest_settings(settings: Settings, source: str, start: datetime, end: datetime) -> Settings:
     """The user's settings with one replay source pinned to [start, end] on the simulated
     clock (data time = clock time)."""
+    from forecaster.config import ReplaySource
+
     if source not in settings.sources:
         raise UnknownSourceError(source, list(settings.sources))
     cfg = settings.sources[source]
@@ -88,26 +93,47 @@ class Narrator:
         self._week: datetime | None = None
         self._rows = 0
         self._forecasts = 0
+        self._held: list[Text] | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep lines back while a progress bar redraws itself on the terminal (a line
+        written by another console would land inside the bar) and print them after it."""
+        self._held = []
+        try:
+            yield
+        finally:
+            lines, self._held = self._held, None
+            for line in lines:
+                self.console.print(line)
+
+    def _print(self, line: Text) -> None:
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            self.console.print(line)
 
     def __call__(self, o: JobOutcome) -> None:
         if o.kind == "ingest":
             self._rows += int(o.detail.get("rows_read", 0))
         if o.kind == "predict":
             self._forecasts += int(o.detail.get("forecasts_written", 0))
+        # Summaries carry series names and error text: Text, never console markup.
         if o.kind == "retrain" and o.status != "skipped":
-            self.console.print(f"  [bold]{o.scheduled_at:%Y-%m-%d}[/bold] {o.summary}")
+            self._print(Text.assemble("  ", (f"{o.scheduled_at:%Y-%m-%d}", "bold"), " ", o.summary))
         if o.status == "failed":
-            self.console.print(f"  [red]{o.job_id} failed[/red]: {o.summary}", highlight=False)
+            self._print(Text.assemble("  ", (f"{o.job_id} failed", "red"), ": ", o.summary))
         if o.kind == "evaluate" and o.status == "succeeded":
             week = o.scheduled_at - timedelta(days=o.scheduled_at.weekday())
             week = week.replace(hour=0, minute=0, second=0, microsecond=0)
             if week != self._week:
                 self._week = week
                 mase = "-" if o.mase is None else f"{o.mase:.2f}"
-                self.console.print(
-                    f"  {o.scheduled_at:%Y-%m-%d}  {self._rows:>7,} rows in, "
-                    f"{self._forecasts:>8,} forecast rows out, champion MASE (7 d) {mase}",
-                    highlight=False,
+                self._print(
+                    Text(
+                        f"  {o.scheduled_at:%Y-%m-%d}  {self._rows:>7,} rows in, "
+                        f"{self._forecasts:>8,} forecast rows out, champion MASE (7 d) {mase}"
+                    )
                 )
 
 
@@ -129,23 +155,29 @@ def run_replay(
     """The daemon on a simulated clock from `start` (resuming after the last fire stored
     when the store has run before). train_progress: a context manager factory yielding an
     on_progress callback for the first model's training in the foreground."""
-    last = store.last_job_run("")
-    resume = last["scheduled_at"] if last is not None else start
+    from forecaster.clock import FixedClock
+    from pipelines.daemon import Daemon, run_foreground
+    from pipelines.jobs import Job
+
+    resume = resume_point(store) or start
     clock = FixedClock(resume)
+    narrator = Narrator(console)
     daemon = Daemon(
-        settings, store, clock, simulated=True, serve_http=serve_http, on_outcome=Narrator(console)
+        settings, store, clock, simulated=True, serve_http=serve_http, on_outcome=narrator
     )
 
     def first_model() -> None:
         console.print(
-            f"  {clock.now():%Y-%m-%d}  {settings.retrain.min_history.days} days stored: "
-            "training the first model"
+            Text(
+                f"  {clock.now():%Y-%m-%d}  {settings.retrain.min_history.days} days stored: "
+                "training the first model"
+            )
         )
         job = Job(kind="retrain", scheduled_at=clock.now(), trigger="start")
         if train_progress is None:
             run_foreground(job, daemon)
             return
-        with train_progress() as on_progress:
+        with narrator.held(), train_progress() as on_progress:
             run_foreground(job, daemon, on_progress=on_progress)
 
     daemon.run_simulated(
@@ -161,9 +193,27 @@ def run_replay(
     return daemon
 
 
+def resume_point(store: Store) -> datetime | None:
+    """The simulated time a replay into this store resumes at (the newest job run's fire
+    time); None for a store no replay has run on."""
+    last = store.last_job_run("")
+    return None if last is None else last["scheduled_at"]
+
+
+def replayed_rows(daemon: Daemon) -> int:
+    """Rows this process's replay read: 0 when the store's replay had finished before."""
+    return sum(
+        int(o.detail.get("rows_read", 0)) for o in daemon.record.outcomes if o.kind == "ingest"
+    )
+
+
 def summary_tables(daemon: Daemon, store: Store) -> list[Table]:
     """The closing summary: accuracy per model against the baselines, the band's coverage,
     anomalies, retrains and job runs."""
+    from rich.table import Table
+
+    from pipelines.daemon import job_table, serving_while_training
+
     tables = []
     rows = store.accuracy_by_model(timedelta(days=28))
     acc = Table(title="Accuracy over the last 28 days of forecasts with actuals")

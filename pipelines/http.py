@@ -11,6 +11,7 @@ not run.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
@@ -22,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from forecaster.errors import ConfigError
 from forecaster.metrics import ServiceMetrics, render
 
 __all__ = ["HttpApp"]
@@ -48,6 +50,34 @@ def _public_error(exc: BaseException) -> str:
     text = _URL.sub("<url>", f"{type(exc).__name__}: {exc}")
     text = _CREDENTIAL.sub(r"\1=***", text)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """A failed bind as one line naming the setting and the option that fix it: a port in
+    use or reserved is the port's fault; anything else (a name that does not resolve, an
+    address of another machine) is the host's."""
+    problem = f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(
+            "http.port",
+            f"{problem} (another process listens there)",
+            "Pass --port N to `forecaster run` (0 picks a free port), or set http.port in "
+            "the config file or FORECASTER_HTTP__PORT.",
+        )
+    if exc.errno == errno.EACCES:
+        return ConfigError(
+            "http.port",
+            f"{problem} (ports below 1024 need privileges)",
+            "Pass --port N with N of 1024 or more, or set http.port in the config file or "
+            "FORECASTER_HTTP__PORT.",
+        )
+    return ConfigError(
+        "http.host",
+        problem,
+        "Pass --host ADDRESS to `forecaster run` with an address of this machine (127.0.0.1, "
+        "or 0.0.0.0 for every interface), or set http.host in the config file or "
+        "FORECASTER_HTTP__HOST.",
+    )
 
 
 class _Server(ThreadingHTTPServer):
@@ -171,9 +201,7 @@ class HttpApp:
         try:
             self._server = _Server((self.host, self._port), self)
         except OSError as exc:
-            raise OSError(
-                exc.errno, f"cannot serve HTTP on {self.host}:{self._port}: {exc.strerror}"
-            ) from exc
+            raise _bind_error(self.host, self._port, exc) from exc
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.1},  # how long stop() may wait for the loop to notice

@@ -13,21 +13,23 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 
 from forecaster import schema
-from forecaster.errors import SchemaOutOfDateError, StoreError
-from forecaster.frames import TS_DTYPE
+from forecaster.errors import SchemaOutOfDateError, StoreError, UnknownSeriesError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 _SQLITE_TS_FORMAT = "%Y-%m-%d %H:%M:%S%.6f"  # what SQLAlchemy's SQLite DateTime stores
@@ -71,6 +73,53 @@ def create_engine(url: str) -> Engine:
         f"unsupported database URL {url.split(':', 1)[0]!r}: use sqlite:///PATH or "
         "postgresql://USER@HOST/DB"
     )
+
+
+_REVISION_LINE = re.compile(
+    r"^(revision|down_revision)\s*(?::[^=\n]*)?=\s*(?:[\"']([^\"']+)[\"']|None)\s*$", re.MULTILINE
+)
+
+
+def _file_head() -> str | None:
+    """The newest revision, read from the `revision` and `down_revision` lines of the
+    migration files: Alembic's ScriptDirectory imports every migration, a third of the
+    start-up of a command that only checks the schema. None unless the files form one
+    plain chain (Alembic answers then)."""
+    parent: dict[str, str | None] = {}
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        found = dict(_REVISION_LINE.findall(path.read_text()))
+        if "revision" not in found or "down_revision" not in found:
+            return None
+        parent[found["revision"]] = found["down_revision"] or None
+    roots = [r for r, p in parent.items() if p is None]
+    children = [p for p in parent.values() if p is not None]
+    heads = set(parent) - set(children)
+    if len(roots) != 1 or len(heads) != 1 or len(set(children)) != len(children):
+        return None
+    if not set(children) <= set(parent):
+        return None
+    return heads.pop()
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (relative to the working directory as SQLite opens it);
+    None for other databases, in-memory ones and file: URIs."""
+    parsed = sa.engine.make_url(normalise_url(url))
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or parsed.query.get("uri") == "true":
+        return None
+    return Path(database)
+
+
+def _require_sqlite_file(url: str) -> None:
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise StoreError(
+            f"no database at {path.absolute()}: `forecaster db upgrade` creates it there, "
+            "or point --db / database_url at an existing one"
+        )
 
 
 def connection_lost(exc: BaseException) -> bool:
@@ -129,8 +178,12 @@ class StoreBase:
     """Owns the engine. Reads open their own connection; writes take the connection of the
     caller's transaction (`with store.begin() as conn:`) so a job commits all or nothing."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        """create=False: a SQLite file that does not exist is an error (StoreError naming
+        the path), not a new empty database; for commands that only read or update one."""
         self.url = normalise_url(url)
+        if not create:
+            _require_sqlite_file(self.url)
         self.engine = create_engine(self.url)
         self.dialect = self.engine.dialect.name
         sa.event.listen(self.engine, "after_cursor_execute", _note_write)
@@ -190,6 +243,10 @@ class StoreBase:
         per tuple). Timestamp columns of `schema` may come raw (select them through
         type_coerce(..., NullType())): naive UTC text on SQLite, aware datetimes on
         PostgreSQL; both become Datetime("us", "UTC")."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
         names = list(schema)
         cols: list[list[Any]] = [[] for _ in names]
         with self.engine.connect() as conn:
@@ -227,6 +284,9 @@ class StoreBase:
         return [s.revision for s in reversed(list(walk))]
 
     def head_revision(self) -> str:
+        head = _file_head()
+        if head is not None:
+            return head
         from alembic.script import ScriptDirectory
 
         head = ScriptDirectory.from_config(self._alembic_config()).get_current_head()
@@ -234,13 +294,22 @@ class StoreBase:
         return head
 
     def current_revision(self) -> str | None:
-        from alembic.runtime.migration import MigrationContext
-
+        """The revision in the database's alembic_version table (None for an empty
+        database), read with plain SQL: Alembic is imported only to migrate."""
         try:
             with self.engine.connect() as conn:
-                return MigrationContext.configure(conn).get_current_revision()
+                if not sa.inspect(conn).has_table("alembic_version"):
+                    return None
+                stored = conn.execute(sa.text("SELECT version_num FROM alembic_version"))
+                rows = list(stored.scalars())
         except sa.exc.OperationalError as exc:
             raise StoreError(f"cannot reach the database: {exc.orig}") from exc
+        if len(rows) > 1:
+            raise StoreError(
+                f"the database is at several schema revisions at once ({', '.join(rows)}); "
+                "`alembic heads` and `alembic merge` sort that out"
+            )
+        return rows[0] if rows else None
 
     def upgrade(self, revision: str = "head") -> None:
         self._migrate("upgrade", revision)
@@ -269,3 +338,43 @@ class StoreBase:
         head = self.head_revision()
         if current != head:
             raise SchemaOutOfDateError(current, head)
+
+    # -- the newest forecasts -------------------------------------------------------------
+
+    def newest_forecasts(
+        self, series_name: str, *, origin: datetime | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Each model's current forecast of one series from its newest origin (or from
+        `origin`), every horizon step, by model and step. Index seeks on the forecasts key
+        (series_id, model, origin_ts, ...): a few queries per model, however long the
+        history (the latest_forecasts view instead joins every stored target)."""
+        f, se = schema.forecasts, schema.series
+        columns = (
+            f.c.model,
+            f.c.origin_ts,
+            f.c.target_ts,
+            f.c.horizon_step,
+            f.c.yhat,
+            f.c.yhat_lower,
+            f.c.yhat_upper,
+            f.c.interval_level,
+        )
+        with self.engine.connect() as conn:
+            sid = conn.execute(sa.select(se.c.id).where(se.c.name == series_name)).scalar()
+            if sid is None:
+                raise UnknownSeriesError(series_name)
+            models = sa.select(f.c.model).where(f.c.series_id == sid).distinct()
+            if model is not None:
+                models = models.where(f.c.model == model)
+            rows: list[dict[str, Any]] = []
+            for name in sorted(r[0] for r in conn.execute(models)):
+                current = (f.c.series_id == sid, f.c.model == name, sa.not_(f.c.superseded))
+                at = origin
+                if at is None:
+                    newest = sa.select(f.c.origin_ts).where(*current)
+                    at = conn.execute(newest.order_by(f.c.origin_ts.desc()).limit(1)).scalar()
+                if at is None:
+                    continue
+                q = sa.select(*columns).where(*current, f.c.origin_ts == at)
+                rows.extend(dict(r._mapping) for r in conn.execute(q.order_by(f.c.horizon_step)))
+        return rows
