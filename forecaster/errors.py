@@ -13,9 +13,15 @@ ForecasterError
 
 from __future__ import annotations
 
+from forecaster.log import mask_secrets
+
 
 class ForecasterError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose. Its message is printed to users
+    and logged, so it is masked when built: a URL's password, a configured token."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(mask_secrets(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(ForecasterError, ValueError):

@@ -195,6 +195,23 @@ def test_settings_unpickled_in_another_process_mask_their_secrets(env, tmp_path)
     assert result.stdout.split() == ["***"] * len(SECRETS), result.stdout
 
 
+def test_error_messages_are_masked_when_built(env, tmp_path):
+    """A domain error is printed as it is (the CLI's one red line), whoever built it:
+    `run --demo --fresh` named the database URL it refused in full."""
+    from forecaster.errors import SourceError, StoreError
+
+    load_settings(_toml(tmp_path, "sqlite:///x.db"))  # remembers the token and API key
+    url = f"postgresql://forecaster:{DB_PASSWORD}@db/fc"
+    errors = [
+        ConfigError("--fresh", f"only a SQLite demo database can be deleted, not {url}", ""),
+        StoreError(f"cannot reach {url}"),
+        SourceError("api", f"HTTP 401: echoed {TOKEN} and {API_KEY}"),
+    ]
+    for exc in errors:
+        assert not _leaks(str(exc)) and not _leaks(repr(exc)), repr(exc)
+    assert "postgresql://forecaster:***@db/fc" in str(errors[0])
+
+
 @pytest.mark.parametrize(
     ("text", "masked"),
     [
