@@ -34,13 +34,31 @@ class FeatureSpec:
     base: Literal["daily", "weekly"] = "weekly"  # the seasonal naive the head is a residual on
     calendar: bool = True
     n_exog: int = 0
+    # (short, long) seasonal periods in steps; None: a day and a week of `freq_seconds`.
+    # Business hours with clock gaps, say, give (8, 40): eight open hours make a day and
+    # five days a week, where the clock would say 24 and 168.
+    seasons: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.seasons is not None:
+            short, long = (int(x) for x in self.seasons)
+            if short < 1 or long < short:
+                raise ValueError(
+                    f"seasons must be (short, long) periods in steps with 1 <= short <= long, "
+                    f"got {tuple(self.seasons)}"
+                )
+            object.__setattr__(self, "seasons", (short, long))
 
     @property
     def season_day(self) -> int:
+        if self.seasons is not None:
+            return self.seasons[0]
         return max(1, DAY // self.freq_seconds)
 
     @property
     def season_week(self) -> int:
+        if self.seasons is not None:
+            return self.seasons[1]
         return max(1, WEEK // self.freq_seconds)
 
     @property
@@ -131,13 +149,31 @@ def head_lag_table(spec: FeatureSpec, h: Tensor) -> list[Tensor]:
     ]
 
 
-def targets(spec: FeatureSpec, values: Tensor, at: Tensor, limit: int | None = None) -> Tensor:
-    """y[t + h] for the origins `at` (T,): (S, T, H), NaN where missing or at/after `limit`."""
+def targets(
+    spec: FeatureSpec,
+    values: Tensor,
+    at: Tensor,
+    limit: int | Tensor | None = None,
+    *,
+    floor: Tensor | None = None,
+) -> Tensor:
+    """y[t + h] for the origins `at` (T,): (S, T, H), NaN where missing, at/after `limit`
+    or before `floor`. limit and floor are grid indices, one for all series (int) or one
+    per series ((S,) tensors: each series' own tails when series end at different times)."""
     h = torch.arange(1, spec.horizon + 1, device=values.device)
     idx = at.to(values.device).unsqueeze(1) + h
-    if limit is not None:
+    if isinstance(limit, int):
         idx = torch.where(idx < limit, idx, torch.full_like(idx, -1))
-    return _gather(values, idx)
+        limit = None
+    out = _gather(values, idx)
+    if limit is not None or floor is not None:
+        keep = torch.ones_like(out, dtype=torch.bool)
+        if limit is not None:
+            keep &= idx.unsqueeze(0) < limit.to(values.device).view(-1, 1, 1)
+        if floor is not None:
+            keep &= idx.unsqueeze(0) >= floor.to(values.device).view(-1, 1, 1)
+        out = torch.where(keep, out, torch.full_like(out, float("nan")))
+    return out
 
 
 def seasonal_naive(

@@ -257,9 +257,10 @@ forecasts = sa.Table(
 
 # -- evaluation ---------------------------------------------------------------------------------
 
-# Conformal corrections per model and horizon step, from recently scored forecasts: the
-# band served is [raw_lower - q, raw_upper + q], q the (1 - alpha) quantile of how far actuals
-# fell outside the raw band (negative when the raw band is too wide).
+# Conformal corrections per model and horizon step, from recently scored forecasts blended
+# with the model's holdout calibration: the band served is [raw_lower - c * w, raw_upper +
+# c * w], w the raw band's width and c the level quantile of how far actuals fell outside
+# the raw band in widths of it (negative when the raw band is too wide). Migration 0007.
 calibration = sa.Table(
     "calibration",
     metadata,

@@ -19,11 +19,13 @@ takes the same decision everywhere. Without it the loop is the single-process on
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from forecaster import evaluation as ev
 from forecaster import features as F
+from forecaster.calibration import band_scores, conformal_quantile
 from forecaster.models import ModelConfig, Seq2SeqForecaster, build_model
 from forecaster.panel import Panel, Scalers
 from forecaster.trained import TrainedModel
@@ -46,13 +49,23 @@ class TrainConfig:
     horizon: int = 24
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     window: int | None = None  # TBPTT length in steps; None = one week
-    epochs: int = 30
+    # None: scaled with the history (see plan_spans): enough epochs for about min_steps
+    # gradient steps (at least 30, at most 300), patience an eighth of them (at least 4).
+    epochs: int | None = None
+    min_steps: int = 600
     lr: float = 2e-3
     weight_decay: float = 1e-2
     clip: float = 1.0
-    patience: int = 4
-    val_steps: int | None = None  # held-out test tail, never used for a choice; None = four weeks
-    stop_steps: int | None = None  # early-stopping tail just before it; None = two weeks
+    patience: int | None = None
+    # Held-out test tail, never used for a choice, and the early-stopping tail before it,
+    # in steps, per series; None: 15% and 10% of each series' history (at least a horizon,
+    # at most four and two weeks).
+    val_steps: int | None = None
+    stop_steps: int | None = None
+    # Passes over the whole history, newest points included, after early stopping; None:
+    # a quarter of the chosen epoch count (at least one). 0 serves the early-stopped model.
+    refit_epochs: int | None = None
+    seasons: tuple[int, int] | None = None  # (daily, weekly) periods in steps; None: from freq
     burn_in_windows: int = 1
     teacher_forcing: tuple[float, float] = (1.0, 0.0)  # seq2seq ratio, first -> last epoch
     seq2seq_origin_stride: int = 4  # seq2seq trains from every k-th origin (decoding is costly)
@@ -106,6 +119,9 @@ class TrainResult:
     window: int = 168
     seconds: float = 0.0
     points_per_s: float = 0.0
+    spans: Spans | None = None
+    calibration: list[float] = field(default_factory=list)  # per horizon step, band widths
+    refit_epochs: int = 0
 
 
 def trained_model(result: TrainResult) -> TrainedModel:
@@ -121,6 +137,7 @@ def trained_model(result: TrainResult) -> TrainedModel:
             "metrics": result.metrics,
             "best_epoch": result.best_epoch,
             "history": result.history,
+            "calibration": list(result.calibration),
         },
     )
 
@@ -150,11 +167,13 @@ def detach(state: Any) -> Any:
 
 
 def choose_base(
-    spec: F.FeatureSpec, values: Tensor, lo: int, hi: int
+    spec: F.FeatureSpec, values: Tensor, floor: Tensor, limit: Tensor
 ) -> Literal["daily", "weekly"]:
-    """The seasonal naive with the lower MAE on origins lo..hi-1 (a tail of the training span)."""
-    at = F.origins(lo, hi)
-    actual = F.targets(spec, values, at, limit=hi)
+    """The seasonal naive with the lower MAE on each series' targets in [floor, limit) (a tail
+    of its own training span), pooled over series."""
+    lo = max(0, int(floor.min()) - spec.horizon)
+    at = F.origins(lo, max(lo + 1, int(limit.max())))
+    actual = F.targets(spec, values, at, limit, floor=floor)
     errs = {
         s: torch.nanmean((F.seasonal_naive(spec, values, at, s) - actual).abs())
         for s in ("daily", "weekly")
@@ -228,6 +247,13 @@ def replay(
     return torch.cat(origins), torch.cat(preds, dim=1)
 
 
+def _as_index(value: int | Tensor, n_series: int) -> Tensor:
+    """A grid index for all series (int) or one per series, as an (S,) long tensor."""
+    if isinstance(value, Tensor):
+        return value.long().cpu()
+    return torch.full((n_series,), int(value), dtype=torch.long)
+
+
 def evaluate(
     model: nn.Module,
     spec: F.FeatureSpec,
@@ -235,20 +261,25 @@ def evaluate(
     scalers: Scalers,
     quantiles: tuple[float, ...],
     window: int,
-    val_start: int,
+    val_start: int | Tensor,
     nonnegative: bool = False,
+    val_end: int | Tensor | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """MASE, sMAPE and coverage of the model and the two seasonal naives on the same origins
-    (every origin from val_start - 1 whose targets lie in the held-out tail)."""
+    """MASE, sMAPE and coverage of the model and the two seasonal naives on the same origins:
+    each series' forecasts whose targets lie in its held-out tail [val_start, val_end) (one
+    index for all series, or one per series)."""
     device = next(model.parameters()).device
+    n_series = panel.values.shape[0]
+    lo = _as_index(val_start, n_series)
+    hi = _as_index(panel.n_steps if val_end is None else val_end, n_series)
     scaled = scalers.transform(panel.values).to(device)
-    origins, pred = replay(model, spec, scaled, panel.start, window, val_start - 1)
+    origins, pred = replay(model, spec, scaled, panel.start, window, int(lo.min()) - 1)
     pred = scalers.inverse(pred)  # (S, T, H, Q)
     if nonnegative:  # counts, prices, loads: a forecast below zero is never right
         pred = pred.clamp_min(0.0)
-    actual = F.targets(spec, panel.values, origins)
-    # MASE's scale: the daily seasonal naive's in-sample MAE on the training span.
-    scale = ev.mae_scale(panel.values[:, :val_start], spec.season_day)
+    actual = F.targets(spec, panel.values, origins, hi, floor=lo)
+    # MASE's scale: the daily seasonal naive's in-sample MAE on each series' training span.
+    scale = ev.mae_scale(_before(panel.values, lo), spec.season_day)
     lo_q, mid, hi_q = 0, len(quantiles) // 2, len(quantiles) - 1
     out = {
         "model": {
@@ -267,6 +298,69 @@ def evaluate(
     return out
 
 
+def _before(values: Tensor, limit: Tensor) -> Tensor:
+    """values (S, N) with NaN at and after each series' own limit (S,)."""
+    idx = torch.arange(values.shape[1]).unsqueeze(0)
+    return torch.where(idx < limit.unsqueeze(1), values, torch.full_like(values, float("nan")))
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Where each series' data lies on the panel's grid and how its history is split (grid
+    indices, (S,) each): [first, train_end) trains, [train_end, test_start) picks the epoch
+    (early stopping), [test_start, end) is scored once (the honest holdout). Each series is
+    cut at its own end, so a series whose points all lie before another's is trained on."""
+
+    first: Tensor
+    end: Tensor  # one past the series' last observed point
+    train_end: Tensor
+    test_start: Tensor
+    window: int
+    epochs: int
+    patience: int
+
+
+def plan_spans(values: Tensor, spec: F.FeatureSpec, config: TrainConfig) -> Spans:
+    """The defaults scale with the history: tails of about 15% and 10% of each series (at
+    least a horizon, at most four and two weeks), a TBPTT window of a quarter of the training
+    span (between a day and a week), and epochs enough for about `min_steps` gradient steps.
+    Explicit config values win."""
+    observed = ~torch.isnan(values)
+    if not observed.any(dim=1).all():
+        empty = int((~observed.any(dim=1)).sum())
+        raise ValueError(f"{empty} series have no values at all: ingest data for them first")
+    n = values.shape[1]
+    idx = torch.arange(n)
+    first = torch.where(observed, idx, n).min(dim=1).values
+    end = torch.where(observed, idx, -1).max(dim=1).values + 1
+    length = end - first
+    h, day, week = spec.horizon, spec.season_day, spec.season_week
+
+    def tail(explicit: int | None, share: float, most: int) -> Tensor:
+        if explicit is not None:
+            return torch.full_like(length, explicit)
+        return (length.double() * share).round().long().clamp(min=h).clamp(max=max(h, most))
+
+    test_start = end - tail(config.val_steps, 0.15, 4 * week)
+    train_end = test_start - tail(config.stop_steps, 0.10, 2 * week)
+    span = int(torch.median(train_end - first))
+    window = config.window or int(min(week, max(day, span // 4)))
+    if int((train_end - first).max()) < 2 * window:
+        raise ValueError(
+            f"the series' histories (median {int(torch.median(length))} steps) leave "
+            f"{span} steps for training after the early-stopping and test tails; need at least "
+            f"two windows of {window}. Ingest more history or lower val_steps/stop_steps/window."
+        )
+    trained_windows = max(1, math.ceil(int((train_end - first).max()) / window) - 1)
+    epochs = config.epochs or int(min(300, max(30, math.ceil(config.min_steps / trained_windows))))
+    patience = config.patience or max(4, epochs // 8)
+    return Spans(first, end, train_end, test_start, window, epochs, patience)
+
+
+def _state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def train(
     panel: Panel,
     config: TrainConfig,
@@ -277,36 +371,34 @@ def train(
 ) -> TrainResult:
     """Train one global model over every series of the panel (see the module docstring);
     with `parallel`, this rank's share of it. Scalers and the seasonal base are fitted on
-    the whole panel on every rank, so all ranks agree on them without a collective."""
+    the whole panel on every rank, so all ranks agree on them without a collective.
+
+    Once early stopping has chosen the epoch, the holdout is scored (the reported metrics)
+    and the band calibration measured on it; then the model is fine-tuned through the
+    newest data (`refit_epochs` passes over the whole history), so the version that serves
+    has learnt from the points nearest to what it forecasts."""
     seed_everything(config.seed)
     device = resolve_device(config.device)
     spec0 = F.FeatureSpec(
-        freq_seconds=panel.freq_seconds, horizon=config.horizon, calendar=config.calendar
+        freq_seconds=panel.freq_seconds,
+        horizon=config.horizon,
+        calendar=config.calendar,
+        seasons=config.seasons,
     )
-    window = config.window or spec0.season_week
-    val_steps = config.val_steps if config.val_steps is not None else 4 * spec0.season_week
-    stop_steps = config.stop_steps if config.stop_steps is not None else 2 * spec0.season_week
-    n = panel.n_steps
-    # [0, train_end) trains; [train_end, test_start) picks the epoch (early stopping);
-    # [test_start, n) is scored once at the end, so the reported accuracy is honest.
-    test_start = n - val_steps
-    train_end = test_start - stop_steps
-    if train_end < 2 * window:
-        raise ValueError(
-            f"{n} steps leave {train_end} for training after a {stop_steps}-step early-stopping "
-            f"tail and a {val_steps}-step test tail; need at least two windows of {window}. "
-            "Ingest more history or lower val_steps/stop_steps/window."
-        )
-    scalers = Scalers.fit(panel.values[:, :train_end])
+    spans = plan_spans(panel.values, spec0, config)
+    window, n = spans.window, panel.n_steps
+    # Each series is scaled from its own training points; one with too few of them there
+    # (shorter than a day) from all of its points rather than from nothing.
+    train_values = _before(panel.values, spans.train_end)
+    few = (~torch.isnan(train_values)).sum(dim=1) < spec0.season_day
+    scalers = Scalers.fit(torch.where(few.unsqueeze(1), panel.values, train_values))
     scaled_cpu = scalers.transform(panel.values)
     base = config.base
     if base == "auto":
         base = choose_base(
-            spec0, scaled_cpu, max(0, train_end - 4 * spec0.season_week), train_end - config.horizon
+            spec0, scaled_cpu, spans.train_end - 4 * spec0.season_week, spans.train_end
         )
-    spec = F.FeatureSpec(
-        freq_seconds=panel.freq_seconds, horizon=config.horizon, calendar=config.calendar, base=base
-    )
+    spec = replace(spec0, base=base)
     model_config = ModelConfig(
         kind=config.kind,
         n_inputs=spec.n_inputs,
@@ -325,58 +417,51 @@ def train(
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     q = torch.tensor(config.quantiles, device=device)
     net = model if parallel is None else parallel.wrap(model)
-    if parallel is not None:  # this rank's series: (S_rank, N)
-        scaled_cpu = scaled_cpu[parallel.rows]
-    n_rows = scaled_cpu.shape[0]
-    scaled = scaled_cpu.to(device)
-    use_amp = config.amp and device.type == "cuda"
-    windows = _windows(0, train_end, window)
+    rows = slice(None) if parallel is None else parallel.rows
+    scaled = scaled_cpu[rows].to(device)  # this rank's series: (S_rank, N)
+    n_rows = scaled.shape[0]
+    # No loss from a series' first day: its state has seen too little of it.
+    floor = (spans.first + spec.season_day)[rows]
+    epoch_loop = functools.partial(
+        _epoch,
+        net=net,
+        model=model,
+        optim=optim,
+        spec=spec,
+        config=config,
+        scaled=scaled,
+        start=panel.start,
+        floor=floor,
+        q=q,
+        device=device,
+        on_progress=on_progress,
+    )
 
-    best = (math.inf, 0, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    best = (math.inf, 0, _state_dict(model))
     history: list[dict[str, float]] = []
     stale, points, train_seconds, t0 = 0, 0, 0.0, time.perf_counter()
-    for epoch in range(config.epochs):
-        model.train()
-        ratio = _teacher_ratio(config, epoch)
-        state, losses = None, []
-        t_epoch, points_epoch = time.perf_counter(), 0
-        for k, (a, b) in enumerate(windows):
-            y = F.targets(spec, scaled_cpu, F.origins(a, b), limit=train_end).to(device)
-            if k < config.burn_in_windows:  # warm the state up; no loss from a cold state
-                with torch.no_grad():
-                    _, state, _ = forward_window(net, spec, scaled, panel.start, a, b, state)
-                state = detach(state)
-                continue
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                pred, state, origins = forward_window(
-                    net,
-                    spec,
-                    scaled,
-                    panel.start,
-                    a,
-                    b,
-                    state,
-                    targets=y,
-                    teacher_ratio=ratio,
-                    origin_stride=config.seq2seq_origin_stride,
-                )
-            state = detach(state)  # truncated BPTT: the graph ends at the window edge
-            y = y[:, origins - a]
-            loss = ev.pinball_loss(pred.float(), y, q)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            optim.step()
-            losses.append(float(loss.detach()))
-            points_epoch += n_rows * (b - a)
-            if on_progress is not None:
-                rate = points_epoch / max(time.perf_counter() - t_epoch, 1e-9)
-                on_progress(
-                    Progress(epoch + 1, config.epochs, k + 1, len(windows), losses[-1], rate)
-                )
+    windows = _windows(0, int(spans.train_end.max()), window)
+    for epoch in range(spans.epochs):
+        t_epoch = time.perf_counter()
+        losses, points_epoch = epoch_loop(
+            windows,
+            spans.train_end[rows],
+            epoch,
+            spans.epochs,
+            _teacher_ratio(config, epoch, spans.epochs),
+        )
         points += points_epoch
         train_seconds += time.perf_counter() - t_epoch
-        val = _val_loss(model, spec, scaled, panel.start, window, train_end, test_start, q)
+        val = _val_loss(
+            model,
+            spec,
+            scaled,
+            panel.start,
+            window,
+            spans.train_end[rows],
+            spans.test_start[rows],
+            q,
+        )
         if parallel is not None:
             val = parallel.mean(val, float(n_rows))
         history.append(
@@ -391,7 +476,7 @@ def train(
             on_progress(
                 Progress(
                     epoch + 1,
-                    config.epochs,
+                    spans.epochs,
                     len(windows),
                     len(windows),
                     history[-1]["train_loss"],
@@ -400,25 +485,51 @@ def train(
                 )
             )
         if val < best[0] - 1e-6:
-            best = (
-                val,
-                epoch + 1,
-                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            )
-            stale = 0
+            best, stale = (val, epoch + 1, _state_dict(model)), 0
         else:
             stale += 1
-            if stale >= config.patience:
+            if stale >= spans.patience:
                 break
-    seconds = time.perf_counter() - t0
     model.load_state_dict(best[2])
-    model = model.cpu().eval()
-    nonnegative = bool(torch.nan_to_num(panel.values[:, :train_end], nan=0.0).min() >= 0)
+    nonnegative = bool(torch.nan_to_num(train_values, nan=0.0).min() >= 0)
     metrics: dict[str, dict[str, float | None]] = {}
+    calibration: list[float] = []
     if parallel is None or parallel.main:
+        cpu_model = copy.deepcopy(model).cpu().eval()
         metrics = evaluate(
-            model, spec, panel, scalers, config.quantiles, window, test_start, nonnegative
+            cpu_model,
+            spec,
+            panel,
+            scalers,
+            config.quantiles,
+            window,
+            spans.test_start,
+            nonnegative,
+            val_end=spans.end,
         )
+        calibration = holdout_calibration(
+            cpu_model,
+            spec,
+            scalers.transform(panel.values),
+            panel.start,
+            window,
+            spans.train_end,
+            spans.end,
+            config.quantiles,
+        )
+
+    # Refit: fine-tune the chosen model through every point, newest included.
+    refit_epochs = config.refit_epochs
+    if refit_epochs is None:
+        refit_epochs = max(1, math.ceil(best[1] / 4))
+    all_windows = _windows(0, n, window)
+    for _ in range(refit_epochs):
+        t_epoch = time.perf_counter()
+        _, points_epoch = epoch_loop(all_windows, spans.end[rows], best[1], spans.epochs, 0.0)
+        points += points_epoch
+        train_seconds += time.perf_counter() - t_epoch
+    seconds = time.perf_counter() - t0
+    model = model.cpu().eval()
     return TrainResult(
         model=model,
         model_config=model_config,
@@ -429,20 +540,86 @@ def train(
         metrics=metrics,
         history=history,
         best_epoch=best[1],
-        train_end=train_end,
-        test_start=test_start,
-        test_steps=n - test_start,
+        train_end=int(spans.train_end.max()),
+        test_start=int(spans.test_start.max()),
+        test_steps=int((spans.end - spans.test_start).max()),
         window=window,
         seconds=seconds,
         points_per_s=points / max(train_seconds, 1e-9),  # training windows only
+        spans=spans,
+        calibration=calibration,
+        refit_epochs=refit_epochs,
     )
 
 
-def _teacher_ratio(config: TrainConfig, epoch: int) -> float:
+def _epoch(
+    windows: list[tuple[int, int]],
+    limit: Tensor,
+    epoch: int,
+    epochs: int,
+    ratio: float,
+    *,
+    net: nn.Module,
+    model: nn.Module,
+    optim: torch.optim.Optimizer,
+    spec: F.FeatureSpec,
+    config: TrainConfig,
+    scaled: Tensor,
+    start: int,
+    floor: Tensor,
+    q: Tensor,
+    device: torch.device,
+    on_progress: Callable[[Progress], None] | None,
+) -> tuple[list[float], int]:
+    """One pass over `windows` from a reset state, learning from the targets of each series
+    before its own `limit` (S,). Returns (the windows' losses, points read)."""
+    model.train()
+    use_amp = config.amp and device.type == "cuda"
+    state, losses, points, t0 = None, [], 0, time.perf_counter()
+    scaled_cpu = scaled.cpu() if scaled.device.type != "cpu" else scaled
+    n_rows = scaled.shape[0]
+    for k, (a, b) in enumerate(windows):
+        if k < config.burn_in_windows:  # warm the state up; no loss from a cold state
+            with torch.no_grad():
+                _, state, _ = forward_window(net, spec, scaled, start, a, b, state)
+            state = detach(state)
+            continue
+        y = F.targets(spec, scaled_cpu, F.origins(a, b), limit, floor=floor).to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            pred, state, origins = forward_window(
+                net,
+                spec,
+                scaled,
+                start,
+                a,
+                b,
+                state,
+                targets=y,
+                teacher_ratio=ratio,
+                origin_stride=config.seq2seq_origin_stride,
+            )
+        state = detach(state)  # truncated BPTT: the graph ends at the window edge
+        y = y[:, origins - a]
+        if torch.isnan(y).all():
+            continue  # nothing to learn here (every series past its limit)
+        loss = ev.pinball_loss(pred.float(), y, q)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+        optim.step()
+        losses.append(float(loss.detach()))
+        points += n_rows * (b - a)
+        if on_progress is not None:
+            rate = points / max(time.perf_counter() - t0, 1e-9)
+            on_progress(Progress(epoch + 1, epochs, k + 1, len(windows), losses[-1], rate))
+    return losses, points
+
+
+def _teacher_ratio(config: TrainConfig, epoch: int, epochs: int) -> float:
     first, last = config.teacher_forcing
-    if config.epochs <= 1:
+    if epochs <= 1:
         return first
-    return first + (last - first) * epoch / (config.epochs - 1)
+    return first + (last - first) * min(1.0, epoch / (epochs - 1))
 
 
 @torch.no_grad()
@@ -452,12 +629,40 @@ def _val_loss(
     scaled: Tensor,
     start: int,
     window: int,
-    lo: int,
-    hi: int,
+    lo: Tensor,
+    hi: Tensor,
     q: Tensor,
 ) -> float:
-    """Pinball loss of the forecasts from origins lo-1.. whose targets lie in [lo, hi)."""
-    origins, pred = replay(model, spec, scaled, start, window, lo - 1)
-    keep = origins < hi - 1
-    actual = F.targets(spec, scaled.cpu(), origins[keep], limit=hi)
+    """Pinball loss of the forecasts whose targets lie in each series' [lo, hi)."""
+    origins, pred = replay(model, spec, scaled, start, window, int(lo.min()) - 1)
+    keep = origins < int(hi.max()) - 1
+    actual = F.targets(spec, scaled.cpu(), origins[keep], hi, floor=lo)
     return float(ev.pinball_loss(pred[:, keep], actual, q.cpu()))
+
+
+@torch.no_grad()
+def holdout_calibration(
+    model: nn.Module,
+    spec: F.FeatureSpec,
+    scaled: Tensor,
+    start: int,
+    window: int,
+    lo: Tensor,
+    hi: Tensor,
+    quantiles: tuple[float, ...],
+) -> list[float]:
+    """Per horizon step, the conformal correction of the raw band in band widths, from the
+    forecasts whose targets lie in each series' held-out [lo, hi) (the early-stopping and
+    test tails, which the chosen weights never learnt from). Scale-free, so it pools series
+    of any size: served = [lower - c * width, upper + c * width]."""
+    origins, pred = replay(model, spec, scaled, start, window, int(lo.min()) - 1)
+    actual = F.targets(spec, scaled, origins, hi, floor=lo)  # (S, T, H)
+    lower, upper = pred[..., 0], pred[..., -1]
+    scores = band_scores(lower, upper, actual)
+    level = round(quantiles[-1] - quantiles[0], 6)
+    out = []
+    for h in range(spec.horizon):
+        col = scores[:, :, h]
+        col = col[~torch.isnan(col)]
+        out.append(conformal_quantile(col.tolist(), level) if col.numel() else 0.0)
+    return out

@@ -1,11 +1,16 @@
 """The evaluate job: score forecasts whose actuals have arrived, recalibrate the bands, flag
 anomalies.
 
-Calibration is split conformal per horizon step (DESIGN.md decision 11): over the recent
-scored forecasts of the champion, the conformity score of each is how far the actual fell
-outside the model's raw band (negative inside it); the correction is that score's
-ceil((n + 1) * level) / n quantile, so the band [raw_lower - q, raw_upper + q] covers about
-`level` of actuals whatever the raw quantiles did. The next predict run serves it.
+Calibration is split conformal per horizon step: over the recent scored forecasts of the
+champion, the conformity score of each is how far the actual fell outside the model's raw
+band, in widths of that band (negative inside it), so it is scale-free and pools series of
+any size; the correction c is that score's ceil((n + 1) * level) / n quantile, and the band
+[raw_lower - c * width, raw_upper + c * width] covers about `level` of actuals whatever the
+raw quantiles did. A model starts from the correction measured on its training holdout
+(forecaster.training.holdout_calibration), which serves from its first forecast; each run
+blends it with the recent scores' correction, the holdout weighing as much as `prior_weight`
+scored forecasts, so a small fleet is calibrated at once and a large one soon follows what
+it sees. The next predict run serves it.
 
 An anomaly is an actual outside the band served by the newest forecast for its time. Both
 writes are idempotent: running twice stores the same rows.
@@ -13,13 +18,13 @@ writes are idempotent: running twice stores the same rows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import timedelta
 
 import polars as pl
 import structlog
 
+from forecaster import calibration
 from forecaster.store import Store
 from pipelines.predict import BASELINES
 
@@ -50,23 +55,17 @@ class EvaluateSummary:
         )
 
 
-def conformal_correction(scores: list[float], level: float) -> float:
-    """The finite-sample conformal quantile of the scores for coverage `level`."""
-    n = len(scores)
-    rank = min(n, math.ceil((n + 1) * level))
-    return sorted(scores)[rank - 1]
-
-
 def run_evaluate(
     store: Store,
     *,
     window: timedelta = timedelta(days=28),
-    min_scored: int = 30,
+    prior_weight: int = calibration.PRIOR_WEIGHT,
     accuracy_window: timedelta = timedelta(days=7),
 ) -> EvaluateSummary:
     champion = store.champion()
     if champion is None:
         return EvaluateSummary()
+    prior = _holdout_calibration(champion)
     model = f"v{champion['id']}"
     summary = EvaluateSummary(model=model)
     newest = store.newest_scored_target(model)
@@ -83,20 +82,26 @@ def run_evaluate(
     summary.coverage = float(scored.select(inside.mean()).item())
     summary.coverage_raw = float(scored.select(inside_raw.mean()).item())
 
+    width = pl.max_horizontal(pl.col("raw_upper") - pl.col("raw_lower"), pl.lit(1e-9))
     scores = scored.with_columns(
-        pl.max_horizontal(
-            pl.col("raw_lower") - pl.col("actual"), pl.col("actual") - pl.col("raw_upper")
+        pl.min_horizontal(
+            pl.max_horizontal(
+                pl.col("raw_lower") - pl.col("actual"), pl.col("actual") - pl.col("raw_upper")
+            )
+            / width,
+            pl.lit(calibration.BAND_SCORE_CAP),
         ).alias("score")
     )
     rows = []
     for (step,), group in scores.group_by("horizon_step"):
-        if group.height < min_scored:
-            continue
         level = float(group["interval_level"].max())
+        correction = calibration.blend(
+            group["score"].to_list(), level, prior.get(int(step)), prior_weight
+        )
         rows.append(
             {
                 "horizon_step": int(step),
-                "correction": conformal_correction(group["score"].to_list(), level),
+                "correction": correction,
                 "n_scored": group.height,
                 "coverage_raw": float(group.select(inside_raw.mean()).item()),
             }
@@ -130,6 +135,19 @@ def run_evaluate(
         )
     log.info("evaluate done", **summary.__dict__)
     return summary
+
+
+def _holdout_calibration(version: dict) -> dict[int, float]:
+    """horizon step -> the correction measured on the version's training holdout; empty for
+    a checkpoint from before holdout calibration, or one that cannot be read."""
+    from pipelines.predict import load_trained
+
+    try:
+        trained = load_trained(version["uri"], version["sha256"])
+    except Exception as exc:  # noqa: BLE001 - the bands then follow the scores alone
+        log.warning("no holdout calibration", model=f"v{version['id']}", error=str(exc))
+        return {}
+    return {h + 1: float(c) for h, c in enumerate(trained.meta.get("calibration") or [])}
 
 
 BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)

@@ -25,6 +25,7 @@ import torch
 
 from forecaster.checkpoints import load_checkpoint
 from forecaster.errors import ForecasterError
+from forecaster.features import FeatureSpec
 from forecaster.frames import TS_DTYPE
 from forecaster.inference import (
     advance,
@@ -72,14 +73,23 @@ class PredictSummary:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(uri: str, sha256: str) -> TrainedModel:
+def load_trained(uri: str, sha256: str) -> TrainedModel:
+    """A registered checkpoint, loaded once per process (checkpoints are immutable)."""
     return TrainedModel.from_checkpoint(load_checkpoint(uri, sha256))
+
+
+def band_corrections(store: Store, trained: TrainedModel, vid: int) -> dict[int, float]:
+    """horizon step -> the correction served, in band widths: evaluate's where it has
+    written one, else the one measured on the model's training holdout."""
+    prior = {h + 1: float(c) for h, c in enumerate(trained.meta.get("calibration") or [])}
+    return {**prior, **store.calibration_for(f"v{vid}")}
 
 
 def run_predict(
     store: Store,
     *,
-    warmup_steps: int = 336,
+    warmup: timedelta | None = None,
+    warmup_steps: int | None = None,
     keep_snapshots: int = 7,
     chunk: int = 2048,
     version_id: int | None = None,
@@ -88,15 +98,18 @@ def run_predict(
 ) -> PredictSummary:
     """One pass for the champion (or, to build a challenger's states before it is promoted,
     the model version `version_id`), on `device` ("auto" picks CUDA when there is one), over
-    every series or only those of `series_ids`."""
+    every series or only those of `series_ids`. A series without a state is warmed up over
+    `warmup` (converted with the model's own step, which may differ from the global
+    frequency), or `warmup_steps`; by default two of the model's weeks (its long season)."""
     champion = store.champion() if version_id is None else store.model_version(version_id)
     if champion is None:
         raise NoChampionError()
     vid = champion["id"]
-    trained = _load(champion["uri"], champion["sha256"])
+    trained = load_trained(champion["uri"], champion["sha256"])
     trained.model.to(resolve_device(device))
     spec = trained.spec
     step = timedelta(seconds=spec.freq_seconds)
+    warmup_steps = warmup_steps_for(spec, warmup, warmup_steps)
     summary = PredictSummary(version_id=vid)
     row_of = {name: i for i, name in enumerate(trained.names)}
     targets = [t for t in store.prediction_targets() if t["watermark"] is not None]
@@ -173,6 +186,17 @@ def run_predict(
         "predict done", **{k: v for k, v in summary.__dict__.items() if k != "skipped_unknown"}
     )
     return summary
+
+
+def warmup_steps_for(
+    spec: FeatureSpec, warmup: timedelta | None = None, warmup_steps: int | None = None
+) -> int:
+    """The warm-up in the model's steps: `warmup_steps` if given, else `warmup` divided by
+    the model's own step, else two of its long seasons (two weeks on a clock grid)."""
+    if warmup_steps is None:
+        step = timedelta(seconds=spec.freq_seconds)
+        warmup_steps = warmup // step if warmup is not None else 2 * spec.season_week
+    return max(1, int(warmup_steps))
 
 
 @dataclass
@@ -260,7 +284,7 @@ def _advance_chunk(
     state = None
     if saved is not None:
         state = state_from_rows([s[0] for s in saved], saved[0][1], trained.model_config.kind)
-    corrections = store.calibration_for(f"v{vid}")
+    corrections = band_corrections(store, trained, vid)
     forecasts: list[pl.DataFrame] = []
     edge_states: list[tuple[int, object]] = []
     a = lo
@@ -346,8 +370,8 @@ def _forecast_rows(
 ) -> pl.DataFrame:
     """Rows for the forecasts table, as a frame built from columns: the model's S x H, then
     each baseline's where a value one season back is known. The band served is the raw one
-    widened (or narrowed) by the conformal correction of its horizon step, never past the
-    median."""
+    widened (or narrowed) on each side by the conformal correction of its horizon step times
+    the raw band's width, never past the median."""
     spec = trained.spec
     quantiles = trained.model_config.quantiles
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1
@@ -362,8 +386,9 @@ def _forecast_rows(
     raw_hi = q[..., hi_i].reshape(-1).double().numpy()
     corr = np.tile(np.array([corrections.get(h, 0.0) for h in range(1, horizon + 1)]), n_series)
     floor = 0.0 if trained.nonnegative else -np.inf
-    lower = np.maximum(floor, np.minimum(yhat, raw_lo - corr))
-    upper = np.maximum(yhat, raw_hi + corr)
+    width = np.maximum(raw_hi - raw_lo, 0.0)
+    lower = np.maximum(floor, np.minimum(yhat, raw_lo - corr * width))
+    upper = np.maximum(yhat, raw_hi + corr * width)
     band = (lower, upper, raw_lo, raw_hi, level)
     frames = [_model_rows(sid, steps, target_us, yhat, f"v{vid}", vid, origin_us, band)]
     for season in BASELINES:

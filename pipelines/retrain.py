@@ -237,11 +237,10 @@ def _decide(
     elif champ is not None and not mase < champ * (1 - r.min_gain):
         outcome.reason = f"not better than the champion v{champion_id}"
     else:
-        warmup = int(r.warmup.total_seconds() // settings.series.freq.total_seconds())
         if current is not None:  # its first bands calibrated like the champion's
             with store.begin() as conn:
                 store.copy_calibration(conn, f"v{current['id']}", f"v{cid}")
-        (predict or run_predict)(store, version_id=cid, warmup_steps=warmup, device=settings.device)
+        (predict or run_predict)(store, version_id=cid, warmup=r.warmup, device=settings.device)
         with store.begin() as conn:
             store.promote(conn, cid)
         outcome.decision = "promoted"

@@ -106,6 +106,8 @@ def register_trained(
     """Register a checkpoint written from `result`: its model and training configs, the span
     it trained on (up to the end of its training tail) and its metrics."""
     step = panel.freq_seconds
+    # A refit model has learnt from every point; one without, up to its training tail.
+    learned_end = panel.n_steps if result.refit_epochs else result.train_end
     return store.register_model_version(
         conn,
         kind=config.kind,
@@ -113,7 +115,7 @@ def register_trained(
         uri=uri,
         sha256=sha256,
         trained_from=datetime.fromtimestamp(panel.start, UTC),
-        trained_to=datetime.fromtimestamp(panel.start + (result.train_end - 1) * step, UTC),
+        trained_to=datetime.fromtimestamp(panel.start + (learned_end - 1) * step, UTC),
         metrics=metrics,
         stage=stage,
         parent_id=parent_id,

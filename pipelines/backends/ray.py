@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,8 @@ class Shard:
     # The daemon's job run: the shard's transactions mark it, as inline ones do, so a redo
     # of a predict killed after its shards committed knows its work landed.
     job_run: tuple[str, datetime] | None = None
-    warmup_steps: int
+    warmup: timedelta | None = None
+    warmup_steps: int | None = None
     keep_snapshots: int
     chunk: int
     device: str
@@ -139,6 +140,7 @@ def predict_shard(shard: Shard) -> PredictSummary:
     with store.working_for(*shard.job_run) if shard.job_run else contextlib.nullcontext():
         return run_predict(
             store,
+            warmup=shard.warmup,
             warmup_steps=shard.warmup_steps,
             keep_snapshots=shard.keep_snapshots,
             chunk=shard.chunk,
@@ -184,7 +186,8 @@ class RayPredict:
         self,
         store: Store,
         *,
-        warmup_steps: int = 336,
+        warmup: timedelta | None = None,
+        warmup_steps: int | None = None,
         keep_snapshots: int = 7,
         chunk: int = 2048,
         version_id: int | None = None,
@@ -210,6 +213,7 @@ class RayPredict:
                     series_ids=tuple(ids[i : i + size]),
                     version_id=version["id"],
                     job_run=store.working_run(),
+                    warmup=warmup,
                     warmup_steps=warmup_steps,
                     keep_snapshots=keep_snapshots,
                     chunk=chunk,

@@ -91,7 +91,7 @@ def _roll(url: str, trained) -> Store:  # noqa: F811
             late = START + timedelta(days=day, hours=-3)
             batch = Batch(raw_frame(["sine.0"], [late.isoformat()], ["40.0"], "t"), {"late": 1})
             ingest_batch(store, "t", batch, SeriesDefaults(), NOW)
-        run_evaluate(store, min_scored=10)
+        run_evaluate(store, prior_weight=10)
         run_predict(store, warmup_steps=WARMUP)
     # And one inside the newest origin's window: its forecasts are re-issued too.
     late = Batch(

@@ -12,7 +12,14 @@ from forecaster.checkpoints import load_checkpoint, local_path, save_checkpoint
 from forecaster.errors import CheckpointError
 from forecaster.panel import Panel
 from forecaster.trained import TrainedModel
-from forecaster.training import TrainConfig, forward_window, train, trained_model
+from forecaster.training import (
+    TrainConfig,
+    _val_loss,
+    forward_window,
+    replay,
+    train,
+    trained_model,
+)
 
 WEEK = 168
 
@@ -100,7 +107,114 @@ def test_training_is_reproducible_with_a_seed():
 
 def test_too_short_a_history_is_a_clear_error():
     with pytest.raises(ValueError, match="need at least two windows"):
-        train(noisy_sine(weeks=3), TrainConfig(epochs=1))
+        panel = noisy_sine(weeks=1)
+        two_days = Panel(panel.names, panel.start, 3600, panel.values[:, :48])
+        train(two_days, TrainConfig(epochs=1))
+
+
+def test_three_weeks_of_history_get_a_trained_model():
+    """Tails, window and epochs scale with the history (they were four and two weeks, a week
+    and 30, which left three weeks nothing to train on)."""
+    result = train(noisy_sine(n_series=2, weeks=3), TrainConfig(kind="gru", hidden=8))
+    spans = result.spans
+    assert (spans.train_end - spans.first >= 2 * result.window).all(), spans
+    assert result.window < WEEK and len(result.history) >= 5
+    assert math.isfinite(result.metrics["model"]["mase"])
+
+
+def _two_eras() -> Panel:
+    """Series 'old' has eight weeks at level 100 and nothing after; 'new' starts after it,
+    five weeks at level 10 with another daily curve: they share no time on the grid."""
+    panel = noisy_sine(n_series=2, weeks=13)
+    values = panel.values.clone()
+    values[0] += 90
+    values[0, 8 * WEEK :] = float("nan")
+    values[1, : 8 * WEEK] = float("nan")
+    return Panel(names=["old", "new"], start=panel.start, freq_seconds=3600, values=values)
+
+
+def test_each_series_is_cut_and_scaled_at_its_own_end():
+    """The tails were cut from the end of the panel's time axis: 'new' lay wholly inside
+    them, so it was never trained on and got centre 0 and scale 1; 'old' was never scored."""
+    result = train(_two_eras(), TrainConfig(kind="gru", hidden=8, epochs=2))
+    spans = result.spans
+    for i in range(2):
+        assert spans.first[i] < spans.train_end[i] < spans.test_start[i] < spans.end[i]
+    assert int(spans.end[0]) == 8 * WEEK and int(spans.first[1]) == 8 * WEEK
+    center = result.scalers.center
+    assert 95 < float(center[0]) < 105 and 5 < float(center[1]) < 15, center
+    assert math.isfinite(result.metrics["model"]["mase"])
+
+
+def test_the_served_model_has_learnt_from_the_newest_points():
+    """After early stopping the model is fine-tuned through the tails: on the newest weeks
+    (which the early-stopped weights never learnt from) it fits better than without."""
+    panel = noisy_sine(n_series=2, weeks=6)
+    panel.values[:, -2 * WEEK :] *= 1.5  # the newest weeks differ from the rest
+    cfg = dict(kind="gru", hidden=8, epochs=4, window=48, patience=10)
+    kept = train(panel, TrainConfig(**cfg, refit_epochs=0))
+    refit = train(panel, TrainConfig(**cfg, refit_epochs=3))
+    assert kept.refit_epochs == 0 and refit.refit_epochs == 3
+
+    def newest_loss(result) -> float:
+        scaled = result.scalers.transform(panel.values)
+        q = torch.tensor(result.model_config.quantiles)
+        return _val_loss(
+            result.model,
+            result.spec,
+            scaled,
+            panel.start,
+            result.window,
+            torch.full((2,), panel.n_steps - 2 * WEEK),
+            torch.full((2,), panel.n_steps),
+            q,
+        )
+
+    assert newest_loss(refit) < newest_loss(kept)
+
+
+def test_seasons_can_be_given_in_steps():
+    """Business hours: eight open hours a day, five days a week, no clock gaps on the grid."""
+    spec = F.FeatureSpec(freq_seconds=3600, horizon=8, seasons=(8, 40))
+    assert (spec.season_day, spec.season_week) == (8, 40)
+    values = torch.arange(100, dtype=torch.float32).unsqueeze(0)
+    naive = F.seasonal_naive(spec, values, torch.tensor([79]), "weekly")
+    assert naive[0, 0].tolist() == list(range(40, 48))
+    with pytest.raises(ValueError, match="seasons"):
+        F.FeatureSpec(freq_seconds=3600, seasons=(40, 8))
+    g = torch.Generator().manual_seed(1)
+    t = torch.arange(12 * 40, dtype=torch.float32)
+    shape = torch.sin(2 * math.pi * t / 8) + 0.5 * torch.sin(2 * math.pi * t / 40)
+    panel = Panel(
+        names=["desk"],
+        start=1356998400,
+        freq_seconds=3600,
+        values=(10 + 3 * shape + 0.3 * torch.randn(t.numel(), generator=g)).unsqueeze(0),
+    )
+    result = train(panel, TrainConfig(kind="gru", hidden=8, horizon=8, epochs=3, seasons=(8, 40)))
+    assert result.spec.seasons == (8, 40)
+    again = TrainedModel.from_checkpoint(trained_model(result).to_checkpoint())
+    assert again.spec.seasons == (8, 40)
+
+
+def test_bands_are_calibrated_from_the_holdout():
+    """Per horizon step, a correction in band widths measured on the tails: the band it gives
+    covers about 80% of a continuation the model never saw."""
+    panel = noisy_sine(n_series=4, weeks=10, noise=2.0, seed=3)
+    history = Panel(
+        names=panel.names, start=panel.start, freq_seconds=3600, values=panel.values[:, : 8 * WEEK]
+    )
+    result = train(history, TrainConfig(kind="gru", hidden=8, epochs=4, refit_epochs=0))
+    assert len(result.calibration) == result.spec.horizon
+    scaled = result.scalers.transform(panel.values)
+    origins, pred = replay(result.model, result.spec, scaled, panel.start, result.window, 8 * WEEK)
+    actual = F.targets(result.spec, scaled, origins)
+    c = torch.tensor(result.calibration).view(1, 1, -1)
+    width = pred[..., -1] - pred[..., 0]
+    lower, upper = pred[..., 0] - c * width, pred[..., -1] + c * width
+    mask = ~torch.isnan(actual)
+    covered = float(((actual >= lower) & (actual <= upper))[mask].float().mean())
+    assert 0.72 < covered < 0.88, covered
 
 
 def test_missing_points_are_masked_not_learnt():

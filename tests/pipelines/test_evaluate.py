@@ -9,7 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from forecaster import schema
-from pipelines.evaluate import conformal_correction, run_evaluate
+from forecaster.calibration import conformal_quantile
+from pipelines.evaluate import run_evaluate
 from pipelines.predict import run_predict
 from tests.pipelines.test_predict import (  # noqa: F401
     START,
@@ -25,7 +26,7 @@ from tests.pipelines.test_predict import (  # noqa: F401
 def test_conformal_correction_is_the_finite_sample_quantile(level):
     rng = random.Random(1)
     scores = [rng.gauss(0, 1) for _ in range(199)]
-    q = conformal_correction(scores, level)
+    q = conformal_quantile(scores, level)
     # Definition: the smallest score with at least ceil((n+1) level) scores <= it.
     need = -(-(len(scores) + 1) * level // 1)
     assert sum(s <= q for s in scores) >= need
@@ -50,7 +51,7 @@ def test_calibrated_band_covers_about_its_level_and_flags_a_spike(sqlite_url, tr
     for day in range(20, 38):
         _ingest_days(store, day, day + 1)
         run_predict(store, warmup_steps=WARMUP)
-        summary = run_evaluate(store, min_scored=10)
+        summary = run_evaluate(store, prior_weight=10)
         assert summary.scored > 0
     assert summary.steps_calibrated == 24
     # Bands served after a week of calibration: close to the nominal 80%.
@@ -67,8 +68,8 @@ def test_calibrated_band_covers_about_its_level_and_flags_a_spike(sqlite_url, tr
             .where(schema.observations.c.ts == START + timedelta(days=38, hours=12))
             .values(value=schema.observations.c.value + 100)
         )
-    first = run_evaluate(store, min_scored=10)
-    again = run_evaluate(store, min_scored=10)
+    first = run_evaluate(store, prior_weight=10)
+    again = run_evaluate(store, prior_weight=10)
     assert first.new_anomalies >= 2 and again.new_anomalies == 0
     with store.engine.connect() as conn:
         flagged = conn.execute(
@@ -169,4 +170,45 @@ def test_series_accuracy_scales_each_model_by_the_daily_naive_on_the_same_foreca
             for s in ("sine.0", "sine.1")
         )
     )
+    store.close()
+
+
+def test_the_first_forecast_serves_the_holdout_calibration(sqlite_url, trained):  # noqa: F811
+    """Before any forecast is scored, the band served is the raw one corrected by what the
+    model measured on its training holdout (it used to stay raw until 30 scored forecasts
+    per horizon step, which a small fleet forecast once a day took weeks to reach)."""
+    result = trained[0]
+    assert len(result.calibration) == 24 and any(c != 0 for c in result.calibration)
+    store = _setup(sqlite_url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    f = schema.forecasts
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(f.c.horizon_step, f.c.yhat, f.c.yhat_lower, f.c.yhat_upper)
+            .add_columns(f.c.raw_lower, f.c.raw_upper)
+            .where(f.c.model == "v1")
+        ).all()
+    assert rows
+    for step, yhat, lo, hi, raw_lo, raw_hi in rows:
+        c = result.calibration[step - 1]
+        assert hi == pytest.approx(max(yhat, raw_hi + c * (raw_hi - raw_lo)))
+        assert lo == pytest.approx(min(yhat, raw_lo - c * (raw_hi - raw_lo)))
+    store.close()
+
+
+def test_one_series_forecast_once_a_day_is_calibrated_at_once(sqlite_url, trained):  # noqa: F811
+    """Each evaluate blends the holdout correction with the few scores there are: every
+    horizon step gets a correction from the first scored day on."""
+    store = _setup(sqlite_url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    _ingest_days(store, 20, 21)
+    run_predict(store, warmup_steps=WARMUP)
+    summary = run_evaluate(store)
+    assert summary.steps_calibrated == 24
+    corrections = store.calibration_for("v1")
+    prior = trained[0].calibration
+    # One day of scores against a prior worth 30: the correction stays near the prior.
+    assert all(abs(corrections[h] - prior[h - 1]) < 0.5 for h in corrections), corrections
     store.close()

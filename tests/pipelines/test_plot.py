@@ -40,7 +40,7 @@ def _rolled(db_url: str, trained) -> Store:  # noqa: F811
                     .where(schema.observations.c.ts == SPIKE)
                     .values(value=schema.observations.c.value + 100)
                 )
-        run_evaluate(store, min_scored=10)
+        run_evaluate(store, prior_weight=10)
         run_predict(store, warmup_steps=WARMUP)
     return store
 

@@ -394,3 +394,20 @@ def test_predict_on_cuda_equals_predict_on_cpu(tmp_path, trained):
         nums = [(x, y) for x, y in zip(a[5:8], b[5:8], strict=True) if x is not None]
         assert [x for x, _ in nums] == pytest.approx([y for _, y in nums], rel=1e-4, abs=1e-4)
     predict_job._load.cache_clear()  # the cached model was moved to the GPU
+
+
+@pytest.mark.parametrize(
+    ("freq", "seasons", "warmup", "expected"),
+    [
+        (3600, None, None, 336),  # two weeks of hours
+        (300, None, None, 2 * 2016),  # two weeks of 5-minute steps (was 336: 28 hours)
+        (1800, None, timedelta(days=14), 672),  # the setting, in the model's own step
+        (3600, (8, 40), None, 80),  # business hours: two of the model's weeks
+    ],
+)
+def test_the_warm_up_is_two_weeks_in_the_models_own_steps(freq, seasons, warmup, expected):
+    from forecaster.features import FeatureSpec
+    from pipelines.predict import warmup_steps_for
+
+    spec = FeatureSpec(freq_seconds=freq, seasons=seasons)
+    assert warmup_steps_for(spec, warmup) == expected

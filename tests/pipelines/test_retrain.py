@@ -117,7 +117,7 @@ def test_a_better_challenger_is_promoted_after_its_states_are_built(ctx):
     for day in range(31, 38):  # a week of forecasts scored: the champion's bands calibrated
         _ingest_until(ctx, day)
         run_job(Job(kind="predict", scheduled_at=ctx.clock.now()), ctx)
-        run_evaluate(ctx.store, min_scored=5)
+        run_evaluate(ctx.store, prior_weight=5)
     weak_calibration = ctx.store.calibration_for(f"v{weak.challenger_id}")
     assert len(weak_calibration) == 24
     outcome = _retrain(ctx, full=True)
