@@ -10,7 +10,10 @@ until a job of the next phase (ingest, predict, evaluate, retrain in turn) is ru
 0-80 ms more, then SIGKILLs the daemon (a retrain's process dies with it); the backtest is
 restarted at once. A round is one fresh store: up to --per-round kills, then a run to the
 end, then every table that holds data, forecasts or state is compared with the
-uninterrupted run's (without wall-clock columns). Rounds repeat until --kills kills.
+uninterrupted run's (without wall-clock columns). Then the finished backtest is run again
+and the replay's rows are sent again (its cursor rewound, `forecaster ingest`): after each,
+the store must equal what it was and the counters /metrics serves from it must not move.
+Rounds repeat until --kills kills.
 """
 
 from __future__ import annotations
@@ -82,12 +85,16 @@ def main() -> None:
     print()
     print(f"backtest processes started: {report.runs}; rounds (fresh stores): {report.rounds}")
     print(f"rows compared against the uninterrupted run: {report.rows_compared:,}")
+    print(f"finished stores run again and sent their data again: {report.reruns // 2}")
     if report.differences:
         print("DIFFERENCES:")
         for d in report.differences:
             print("  " + d)
         sys.exit(1)
-    print("every round's store equals the uninterrupted run's, row for row")
+    print(
+        "every round's store equals the uninterrupted run's, row for row, and stays so when "
+        "run again or sent the same data again"
+    )
 
 
 if __name__ == "__main__":

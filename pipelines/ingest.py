@@ -4,6 +4,12 @@ A batch's observations, windows, watermarks, quarantined rows and the source cur
 resumes after it commit together or not at all. A crash anywhere therefore resumes at the
 last committed batch, and because every write is an upsert keyed on (series, ts) (and on a
 fingerprint for quarantine), reading a batch twice stores it once.
+
+Points sent again as they are stored (the same file under another name, a source that
+delivers at least once, a poll that overlaps the last) are recognised as already stored,
+however old: not quarantined too_late, not counted as ingested, not late, and no window
+completes again. A re-sent point that differs from what is stored is data: within the
+lateness bound a late correction, beyond it too_late.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import polars as pl
 import structlog
@@ -37,6 +44,7 @@ class BatchResult:
     windows: int  # windows recounted
     series: int  # distinct series in the batch
     windows_completed: int = 0  # windows whose last slot this batch stored
+    unchanged: int = 0  # points (on the freq grid) sent again exactly as stored
 
 
 @dataclass
@@ -48,6 +56,7 @@ class IngestSummary:
     filled: int = 0
     windows: int = 0
     windows_completed: int = 0
+    unchanged: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     exhausted: bool = False
 
@@ -58,6 +67,7 @@ class IngestSummary:
         self.filled += r.filled
         self.windows += r.windows
         self.windows_completed += r.windows_completed
+        self.unchanged += r.unchanged
         self.quarantined.update(r.quarantined)
 
     def merge(self, other: IngestSummary) -> None:
@@ -67,6 +77,7 @@ class IngestSummary:
         self.filled += other.filled
         self.windows += other.windows
         self.windows_completed += other.windows_completed
+        self.unchanged += other.unchanged
         self.quarantined.update(other.quarantined)
         self.exhausted = other.exhausted
 
@@ -75,8 +86,9 @@ class IngestSummary:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.quarantined.items()))
         return (
             f"{self.source}: {self.rows_read} rows read in {self.batches} batches, "
-            f"{self.observed} points stored, {self.filled} gap points filled, "
-            f"{q} quarantined" + (f" ({reasons})" if reasons else "")
+            f"{self.observed} points stored, {self.unchanged} already stored, "
+            f"{self.filled} gap points filled, {q} quarantined"
+            + (f" ({reasons})" if reasons else "")
         )
 
 
@@ -123,16 +135,19 @@ def ingest_batch(
             id_frame, on="series_id"
         )
         good = good.join(previous.select("series", "prev_ts"), on="series", how="left")
-        too_late = pl.col("ts") < pl.col("prev_ts") - pl.duration(microseconds=lateness_us)
+        too_late = (
+            pl.col("ts") < pl.col("prev_ts") - pl.duration(microseconds=lateness_us)
+        ).fill_null(False)
+        good, unchanged = _drop_stored(store, conn, good, too_late, id_frame, freq_us, defaults)
         bad.append(
             frames.bad_rows(
                 good,
-                too_late.fill_null(False),
+                too_late,
                 "too_late",
                 pl.format("watermark {}", pl.col("prev_ts").dt.to_string("%Y-%m-%dT%H:%M:%S%z")),
             )
         )
-        good = good.filter(~too_late.fill_null(False))
+        good = good.filter(~too_late)
         if defaults.max_backfill is not None:
             # A new series is gap-filled from its first point on: one stray early timestamp
             # (epoch 0, year 1) would mean millions of filler rows.
@@ -172,7 +187,14 @@ def ingest_batch(
         late = points.join(previous.select("series_id", "prev_ts"), on="series_id").filter(
             pl.col("ts") <= pl.col("prev_ts")
         )
-        late = store.late_changes(conn, late)
+        changed = store.late_changes(conn, late)
+        # What is stored as sent is not stored again: it would count as ingested and, at a
+        # window's last slot, complete that window again (a predict for nothing).
+        key = ["series_id", "ts"]
+        resent = late.select(key).join(changed, on=key, how="anti")
+        points = points.join(resent, on=key, how="anti", maintain_order="left")
+        unchanged += resent.height
+        late = changed
         store.upsert_observations(conn, points)
         store.mark_late(conn, late.group_by("series_id").agg(pl.col("ts").min().alias("late_from")))
 
@@ -203,7 +225,56 @@ def ingest_batch(
         windows_completed=int(
             ((points["ts"].dt.epoch("us") + freq_us) % window_us == 0).sum() if points.height else 0
         ),
+        unchanged=unchanged,
     )
+
+
+def _drop_stored(
+    store: Store,
+    conn: Any,  # the batch's transaction (only the store names SQLAlchemy's types)
+    good: pl.DataFrame,
+    too_late: pl.Expr,
+    id_frame: pl.DataFrame,
+    freq_us: int,
+    defaults: SeriesDefaults,
+) -> tuple[pl.DataFrame, int]:
+    """`good` without its too_late rows whose freq bucket, aggregated as the ingest would,
+    equals the observed point stored there (a re-send, not late data), and how many such
+    points there were. The other too_late rows stay, for quarantine."""
+    old = good.filter(too_late)
+    if old.is_empty():
+        return good, 0
+    buckets = (
+        frames.resample(old, freq_us, defaults.aggregate)
+        .join(id_frame, on="series")
+        .with_columns(quality=pl.lit("observed"))
+    )
+    changed = store.late_changes(conn, buckets)
+    stored = buckets.select("series", "series_id", "ts").join(
+        changed, on=["series_id", "ts"], how="anti"
+    )
+    if stored.is_empty():
+        return good, 0
+    bucket = frames.truncate_to_freq(pl.col("ts"), freq_us).alias("_bucket")
+    keys = stored.select("series", pl.col("ts").alias("_bucket"), pl.lit(True).alias("_stored"))
+    good = (
+        good.with_columns(bucket)
+        .join(keys, on=["series", "_bucket"], how="left", maintain_order="left")
+        .filter(~(too_late & pl.col("_stored").fill_null(False)))
+        .drop("_bucket", "_stored")
+    )
+    return good, stored.height
+
+
+def source_finished(store: Store, source: Source, now: datetime) -> bool:
+    """Whether `source` has emitted all it ever will, going by its stored cursor: a replay
+    that ran to its end. Reads at most its first batch and writes nothing."""
+    cursor = store.get_cursor(source.name)
+    if cursor is None:
+        return False
+    for batch in source.read(cursor, now):
+        return batch.exhausted and batch.rows.is_empty()
+    return False
 
 
 def run_ingest(

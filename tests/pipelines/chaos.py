@@ -1,5 +1,7 @@
 """Kill the daemon with SIGKILL at chosen moments of a backtest, restart it each time, and
-compare the store with an uninterrupted run's, table by table and row by row.
+compare the store with an uninterrupted run's, table by table and row by row. Then run the
+finished backtest again and send the replay's rows again: neither may change a row or move a
+counter of /metrics.
 
 Shared by tests/pipelines/test_daemon.py (a few kills) and bench/chaos.py (50 and more).
 The backtest is the daemon on a simulated clock over a replay, holding the clock while a
@@ -22,6 +24,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from forecaster import schema
+from forecaster.clock import WallClock
+from forecaster.config import MetricsSettings
+from forecaster.metrics import SqlCollector
 from forecaster.store import Store
 
 FORECASTER = str(Path(sys.executable).with_name("forecaster"))
@@ -107,6 +112,69 @@ def snapshot(db: Path | str) -> dict[str, list[tuple]]:
     return out
 
 
+def counters(db: Path | str) -> dict[tuple[str, tuple], float]:
+    """The counters /metrics serves from the store (rows ingested and quarantined per source,
+    anomalies per series), by sample name and labels."""
+    store = Store(db if isinstance(db, str) else f"sqlite:///{db}")
+    try:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in SqlCollector(store, MetricsSettings(), WallClock()).collect()
+            if fam.type == "counter"
+            for s in fam.samples
+        }
+    finally:
+        store.close()
+
+
+def resend_cmd(cfg: Path, db: Path | str, source: str = "nycflights") -> list[str]:
+    """Rewind the replay's stored cursor to its start, so that `forecaster ingest` (the
+    command returned) sends every row it sent before once more, as a source that delivers
+    at least once may."""
+    store = Store(db if isinstance(db, str) else f"sqlite:///{db}")
+    try:
+        cursor = store.get_cursor(source)
+        assert cursor is not None, f"{source} never ingested: nothing to send again"
+        with store.begin() as conn:
+            store.save_cursor(conn, source, {**cursor, "emitted_until": None}, rows_added=0)
+    finally:
+        store.close()
+    return [FORECASTER, "--config", str(cfg), "ingest", "--source", source]
+
+
+def compare(got: dict[str, list[tuple]], want: dict[str, list[tuple]], what: str) -> list[str]:
+    """One line per table of `want` whose rows differ in `got`."""
+    out = []
+    for table, rows in want.items():
+        if got[table] != rows:
+            extra = [r for r in got[table] if r not in rows]
+            missing = [r for r in rows if r not in got[table]]
+            out.append(
+                f"{what}: {table}: {len(missing)} rows missing, {len(extra)} unexpected; "
+                f"missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+    return out
+
+
+def run_again(tmp: Path, cfg: Path, report: ChaosReport) -> None:
+    """After a backtest finished: the same backtest again, then the replay's rows sent again;
+    after each the store equals what it was, row for row, and no counter moved."""
+    db = tmp / "store.db"
+    want, counted = snapshot(db), counters(db)
+    for what, cmd in (
+        ("the backtest run again", lambda: backtest_cmd(cfg)),
+        ("the replay's rows sent again", lambda: resend_cmd(cfg, db)),
+    ):
+        done = subprocess.run(cmd(), cwd=tmp, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            report.differences.append(f"{what} exited {done.returncode}: {done.stdout[-2000:]}")
+            return
+        report.differences += compare(snapshot(db), want, what)
+        if counters(db) != counted:
+            report.differences.append(f"{what}: counters moved, {counted} -> {counters(db)}")
+        report.reruns += 1
+
+
 def running_jobs(db: Path) -> list[str]:
     """job_ids of the runs marked running, read without taking a write lock."""
     try:
@@ -130,6 +198,7 @@ class ChaosReport:
     rows_compared: int = 0
     differences: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    reruns: int = 0  # finished stores run again or sent their data again, and compared
 
 
 def wait_for_phase(db: Path, proc: subprocess.Popen, phase: str, timeout: float) -> str | None:
@@ -153,11 +222,13 @@ def chaos_round(
     log: Callable[[str], None] = lambda _: None,
     first_phase: str | None = None,
     extra: str = "",
+    again: bool = True,
 ) -> None:
     """One fresh store: up to `kills` SIGKILLs, each while a job of a phase (taken in turn
     from PHASES, starting at first_phase or a random one) runs, after a random 0-80 ms more; then a run to
     the end and the comparison with `reference`. A round ends early when the phase waited
-    for does not come up before the backtest's end (the retrains are few)."""
+    for does not come up before the backtest's end (the retrains are few). again: then
+    run_again (the finished backtest run again and its data sent again change nothing)."""
     cfg = write_config(tmp, extra=extra)
     upgrade(tmp)
     db = tmp / "store.db"
@@ -186,16 +257,10 @@ def chaos_round(
     if final.returncode != 0:
         report.differences.append(f"the last run exited {final.returncode}: {final.stdout[-2000:]}")
         return
-    got = snapshot(db)
-    for table, rows in reference.items():
-        report.rows_compared += len(rows)
-        if got[table] != rows:
-            extra = sorted(set(got[table]) - set(rows), key=repr)
-            missing = sorted(set(rows) - set(got[table]), key=repr)
-            report.differences.append(
-                f"round {report.rounds}: {table}: {len(missing)} rows missing, {len(extra)} "
-                f"unexpected; missing {missing[:3]}, unexpected {extra[:3]}"
-            )
+    report.rows_compared += sum(len(rows) for rows in reference.values())
+    report.differences += compare(snapshot(db), reference, f"round {report.rounds}")
+    if again and not report.differences:
+        run_again(tmp, cfg, report)
     report.rounds += 1
 
 
