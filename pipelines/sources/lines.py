@@ -78,14 +78,8 @@ class LineReader:
         self.complete = True
 
     def __iter__(self) -> Iterator[Block]:
-        buf = b""
+        buf = b""  # starts at a line start
         while True:
-            chunk = self._read()
-            if not chunk:
-                if buf:
-                    yield self._tail(buf)
-                return
-            buf += chunk
             cut = self._last_line_end(buf)
             if cut:
                 yield from self._whole(buf[:cut])
@@ -93,6 +87,13 @@ class LineReader:
             if len(buf) > MAX_LINE_BYTES:
                 block, buf = self._long(buf)
                 yield block
+                continue  # what followed the long line may hold whole lines already
+            chunk = self._read()
+            if not chunk:
+                if buf:
+                    yield self._tail(buf)
+                return
+            buf += chunk
 
     def first_line(self) -> Block | None:
         """The first line only (a header), read no further than needed to find its end or
