@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -203,3 +204,49 @@ def test_windows_are_epoch_aligned_and_stable():
     out = F.assign_windows(pts, day_us)
     expected = int(utc(2013, 1, 1).timestamp()) // 86400
     assert out["window_id"].to_list() == [expected] * 3
+
+
+def _kept(text: str) -> str:
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"{text[:1024]}… ({len(text)} characters, sha256 {digest})"
+
+
+def test_quarantine_keeps_a_bounded_prefix_the_length_and_a_hash_of_long_texts():
+    """A 50 MB value used to be stored whole in quarantine.value_raw."""
+    long_name, long_value, long_ts = "n" * 2000, "9" * 5000 + "x", "T" * 5000
+    padded = " " * 1500 + "2013-01-01T00:00Z"  # readable, yet long: kept bounded if rejected later
+    rows = raw(
+        [long_name, "a", "a", "a", "b"],
+        ["2013-01-01T00:00Z", "2013-01-01T00:00Z", long_ts, padded, "2013-01-01T00:00Z"],
+        ["1", long_value, "1", "2", "0" * 1023 + "1"],
+    )
+    good, bad = F.parse(rows)
+    got = {r["origin"]: r for r in bad.to_dicts()}
+    assert got["r0"]["reason"] == "bad_series" and got["r0"]["series"] == _kept(long_name)
+    assert got["r1"]["reason"] == "bad_value" and got["r1"]["value_raw"] == _kept(long_value)
+    assert got["r1"]["detail"] == "the text is 5001 characters, over the limit of 4096"
+    assert got["r2"]["reason"] == "bad_ts" and got["r2"]["ts_raw"] == _kept(long_ts)
+    assert got["r2"]["detail"] == "the text is 5000 characters, over the limit of 4096"
+    assert good["origin"].to_list() == ["r3", "r4"]
+    later = F.bad_rows(good, pl.lit(True), "future")
+    assert later["ts_raw"].to_list() == [_kept(padded), "2013-01-01T00:00Z"]
+    assert later["value_raw"].to_list() == ["2", "0" * 1023 + "1"]  # at the bound: kept whole
+
+
+def test_ts_and_value_texts_over_the_field_limit_are_not_parsed():
+    """A value of 4097 characters is refused even when it would read as a number."""
+    ok, over = "0" * 4095 + "1", "0" * 4096 + "1"
+    good, bad = F.parse(raw(["a", "a"], ["2013-01-01T00:00Z", "2013-01-01T01:00Z"], [ok, over]))
+    assert good["value"].to_list() == [1.0]
+    assert bad.select("origin", "reason").rows() == [("r1", "bad_value")]
+
+
+def test_a_row_the_source_could_not_read_is_a_bad_record_with_its_problem():
+    rows = raw(["a", "a"], ["2013-01-01T00:00Z"] * 2, ["1", "2"]).with_columns(
+        problem=pl.Series([None, "it has 4 fields where the header has 3"])
+    )
+    good, bad = F.parse(rows)
+    assert good["origin"].to_list() == ["r0"]
+    assert bad.select("origin", "reason", "detail").rows() == [
+        ("r1", "bad_record", "it has 4 fields where the header has 3")
+    ]
