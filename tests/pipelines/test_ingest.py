@@ -106,10 +106,11 @@ def test_malformed_rows_are_quarantined_with_reasons_and_the_rest_ingested(tmp_p
         )
 
     # "now" comes from the wall clock in the CLI: the data is in 2024, NOW-relative future
-    # rows are in 2024-06 and later, so pin the check to the data rather than the date.
-    import pipelines.cli as cli
+    # rows are in 2024-06 and later, so pin the check to the data rather than the date (the
+    # command imports WallClock when it runs).
+    import forecaster.clock
 
-    monkeypatch.setattr(cli, "WallClock", lambda: FixedClock(NOW))
+    monkeypatch.setattr(forecaster.clock, "WallClock", lambda: FixedClock(NOW))
     runner = CliRunner()
     _write_csv(tmp_path / "in" / "a_first.csv", first)
     result = runner.invoke(app, ["--config", str(cfg), "ingest", "--source", "meters", "--once"])
