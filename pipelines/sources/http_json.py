@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -22,7 +23,8 @@ from forecaster.config import HttpJsonSource, mask_url
 from forecaster.errors import SourceError
 from forecaster.frames import parse_ts
 from pipelines.sources import invalid_url, loose_column, no_surrogates
-from pipelines.sources.base import Batch, raw_frame
+from pipelines.sources.base import Batch, clip, raw_frame
+from pipelines.sources.web import content_type, read_body
 
 
 class HttpJsonSourceReader:
@@ -67,34 +69,40 @@ class HttpJsonSourceReader:
                 )
             headers[cfg.auth_header] = value
         timeout = cfg.timeout.total_seconds()
+        started = time.monotonic()
         try:
-            with httpx.Client(transport=self._transport, timeout=timeout) as client:
-                resp = client.get(cfg.url, params=params, headers=headers)
+            with (
+                httpx.Client(transport=self._transport, timeout=timeout) as client,
+                client.stream("GET", cfg.url, params=params, headers=headers) as resp,
+            ):
+                if resp.status_code >= 400:
+                    # Not the body: it is the server's content, may echo the request (the
+                    # auth header) and may be anything at all.
+                    denied = resp.status_code in (401, 403)
+                    hint = (
+                        f" (check the value of {cfg.auth_env})" if denied and cfg.auth_env else ""
+                    )
+                    raise SourceError(
+                        self.name,
+                        f"HTTP {resp.status_code} {clip(resp.reason_phrase, 60)} from {url}{hint}",
+                    )
+                body = read_body(
+                    resp, source=self.name, where=url, started=started, timeout=timeout
+                )
         except httpx.InvalidURL:  # its message quotes the URL's pieces, a password's too
             raise SourceError(self.name, invalid_url(url)) from None
         except httpx.TimeoutException as exc:
             raise SourceError(self.name, f"no answer from {url} within {timeout:g}s") from exc
         except httpx.HTTPError as exc:
             raise SourceError(self.name, f"cannot reach {url}: {type(exc).__name__}") from exc
-        if resp.status_code >= 400:
-            body = resp.text[:200]
-            for secret in headers.values():  # a server may echo the request back
-                body = body.replace(secret, "***")
-            denied = resp.status_code in (401, 403)
-            hint = f" (check the value of {cfg.auth_env})" if denied and cfg.auth_env else ""
-            raise SourceError(
-                self.name,
-                f"HTTP {resp.status_code} {resp.reason_phrase} from {url}{hint}: {body}".rstrip(
-                    ": "
-                ),
-            )
         try:
-            return _json(resp)
+            return _json(body, resp.charset_encoding)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            # json's messages give positions ("line 1 column 5 (char 4)"), never the text.
             raise SourceError(
                 self.name,
-                f"{url} did not return JSON ({resp.headers.get('content-type')}): "
-                f"{type(exc).__name__}: {str(exc)[:100]}",
+                f"{url} did not return JSON ({content_type(resp)}): "
+                f"{type(exc).__name__}: {clip(exc, 100)}",
             ) from exc
 
     def _records(self, doc: Any) -> list[Any]:
@@ -104,18 +112,23 @@ class HttpJsonSourceReader:
         for key in path.split(".") if path else []:
             if not isinstance(node, dict) or key not in node:
                 where = ".".join(walked) or "the top level"
-                keys = ", ".join(map(str, node)) if isinstance(node, dict) else type(node).__name__
+                # Counted, not listed: the keys are the server's content.
+                found = (
+                    f"an object with {len(node)} keys"
+                    if isinstance(node, dict)
+                    else f"a {_json_type(node)}"
+                )
                 raise SourceError(
                     self.name,
-                    f"the response has no {key!r} under {where} (found: {keys}); fix records_path",
+                    f"the response has no {key!r} under {where} (found {found}); fix records_path",
                 )
             node = node[key]
             walked.append(key)
         if not isinstance(node, list):
             raise SourceError(
                 self.name,
-                f"expected a list of records at {path or 'the top level'}, got "
-                f"{type(node).__name__}; fix records_path",
+                f"expected a list of records at {path or 'the top level'}, got a "
+                f"{_json_type(node)}; fix records_path",
             )
         return node
 
@@ -141,16 +154,33 @@ class HttpJsonSourceReader:
         )
 
 
-def _json(resp: httpx.Response) -> Any:
+def _json(body: bytes, charset: str | None) -> Any:
     """The body as JSON. Bytes that are not UTF-8 (or not the declared charset) become
     U+FFFD, as the file source reads CSV, so one bad byte quarantines its record rather than
     refusing the whole response; a leading BOM is allowed."""
-    if resp.charset_encoding is None:
+    if charset is None:
         try:
-            return json.loads(resp.content)  # RFC 8259 detection: UTF-8 (BOM or not), UTF-16/32
+            return json.loads(body)  # RFC 8259 detection: UTF-8 (BOM or not), UTF-16/32
         except UnicodeDecodeError:
             pass
-    return json.loads(resp.text.removeprefix("\ufeff"))
+    try:
+        text = body.decode(charset or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know: as UTF-8
+        text = body.decode("utf-8", "replace")
+    return json.loads(text.removeprefix("\ufeff"))
+
+
+def _json_type(node: Any) -> str:
+    """A JSON value's type, in JSON's words."""
+    if isinstance(node, dict):
+        return "object"
+    if isinstance(node, list):
+        return "list"
+    if isinstance(node, str):
+        return "string"
+    if isinstance(node, bool):
+        return "boolean"
+    return "null" if node is None else "number"
 
 
 def _later(since: str | None, seen: datetime | None) -> str | None:

@@ -23,7 +23,7 @@ import polars as pl
 from forecaster.config import ReplaySource
 from forecaster.errors import ConfigError, SourceError
 from pipelines.datasets import load_nycflights13_hourly
-from pipelines.sources.base import Batch
+from pipelines.sources.base import Batch, clip
 
 TS_DTYPE = pl.Datetime("us", "UTC")
 
@@ -136,7 +136,7 @@ class ReplaySourceReader:
                 out["emitted_until"] = _parse_iso(cursor["emitted_until"]).isoformat()
         except (KeyError, TypeError, ValueError) as exc:
             raise SourceError(
-                self.name, f"unreadable replay cursor {dict(cursor)!r}: {exc}"
+                self.name, f"unreadable replay cursor {clip(dict(cursor))}: {clip(exc)}"
             ) from exc
         return out
 

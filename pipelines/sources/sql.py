@@ -30,7 +30,7 @@ from forecaster.errors import SourceError
 from forecaster.frames import parse_ts
 from forecaster.store import normalise_url
 from pipelines.sources import loose_column
-from pipelines.sources.base import Batch, raw_frame, required_columns
+from pipelines.sources.base import Batch, clip, raw_frame, required_columns
 
 
 class SqlSourceReader:
@@ -46,13 +46,20 @@ class SqlSourceReader:
         where = mask_url(self.config.url)
         try:
             engine = sa.create_engine(normalise_url(self.config.url))
-        except (sa_exc.ArgumentError, ImportError) as exc:
-            raise SourceError(self.name, f"bad database URL {where}: {exc}") from exc
+        except (sa_exc.NoSuchModuleError, ImportError) as exc:  # names a dialect or driver
+            raise SourceError(self.name, f"bad database URL {where}: {clip(exc)}") from exc
+        except (sa_exc.ArgumentError, ValueError) as exc:
+            # Not the message: it may quote a piece of the URL ("invalid literal for int():
+            # 'pa'" for a password holding ':').
+            raise SourceError(
+                self.name, f"bad database URL {where}: it cannot be parsed; fix `url`"
+            ) from exc
         try:
             yield from self._stream(engine, start, since)
         except sa_exc.SQLAlchemyError as exc:
             # exc.orig is the driver's own message, without SQLAlchemy's echo of the parameters.
-            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            detail = clip(lines[0] if lines else type(exc).__name__)
             raise SourceError(self.name, f"query on {where} failed: {detail}") from exc
         finally:
             engine.dispose()
@@ -94,7 +101,7 @@ class SqlSourceReader:
         if missing:
             raise SourceError(
                 self.name,
-                f"the query returns no column {missing[0]!r} (it returns: {', '.join(keys)}); "
+                f"the query returns no column {missing[0]!r} (it returns: {clip(', '.join(keys))}); "
                 "alias it in the SELECT or set ts_column/value_column/series_column",
             )
 

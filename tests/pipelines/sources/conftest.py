@@ -14,8 +14,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-# handler(path, query, headers) -> (status, body); a non-bytes body is sent as JSON.
-Handler = Callable[[str, dict[str, str], dict[str, str]], tuple[int, Any]]
+# handler(path, query, headers) -> (status, body) or (status, body, extra headers); a bytes
+# body is sent as is, an iterator of bytes chunk by chunk as it yields them (no length: the
+# connection's end ends it), anything else as JSON.
+Handler = Callable[[str, dict[str, str], dict[str, str]], tuple[Any, ...]]
 
 
 def free_port() -> int:
@@ -53,10 +55,22 @@ def http_server() -> Iterator[LocalHttpServer]:
             query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
             headers = {k.lower(): v for k, v in self.headers.items()}
             state.requests.append(Request(parts.path, query, headers))
-            status, body = state.handler(parts.path, query, headers)
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            status, body, *more = state.handler(parts.path, query, headers)
+            extra: dict[str, str] = more[0] if more else {}
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
+            for k, v in extra.items():
+                self.send_header(k, v)
+            if isinstance(body, Iterator):
+                self.end_headers()
+                try:
+                    for chunk in body:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up: what the test is about
+                return
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
