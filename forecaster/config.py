@@ -103,6 +103,12 @@ class SeriesDefaults(_Model):
         timedelta(days=7), description="points older than the watermark minus this are quarantined"
     )
     auto_create: bool = Field(True, description="create unknown series on first sight")
+    seasons: tuple[int, int] | None = Field(
+        None,
+        description="(daily, weekly) seasonal periods in steps, for series whose clock is "
+        "not the calendar's: [8, 40] for eight open hours a day, five days a week; default "
+        "a day and a week of freq",
+    )
     max_backfill: Duration | None = Field(
         timedelta(days=731),
         description="a new series' first points older than its newest by more than this are "
@@ -119,6 +125,15 @@ class SeriesDefaults(_Model):
             raise ValueError(
                 f"window ({format_duration(self.window)}) must be a whole multiple of "
                 f"freq ({format_duration(self.freq)}), e.g. window='1d' with freq='1h'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _seasons_are_short_then_long(self) -> SeriesDefaults:
+        if self.seasons is not None and not 1 <= self.seasons[0] <= self.seasons[1]:
+            raise ValueError(
+                "seasons must be [daily, weekly] periods in steps with 1 <= daily <= weekly, "
+                "e.g. [8, 40]"
             )
         return self
 
@@ -253,15 +268,44 @@ class TrainingSettings(_Model):
     quantiles: tuple[float, ...] = Field(
         (0.1, 0.5, 0.9), description="quantiles forecast; the outer two make the band"
     )
-    window: int | None = Field(None, gt=0, description="TBPTT window in steps; default one week")
-    epochs: int = Field(30, gt=0, description="most epochs")
-    lr: float = Field(2e-3, gt=0, description="Adam learning rate")
-    patience: int = Field(4, gt=0, description="epochs without validation gain before stopping")
+    window: int | None = Field(
+        None,
+        gt=0,
+        description="TBPTT window in steps; default a quarter of the training span, "
+        "between a day and a week",
+    )
+    epochs: int | None = Field(
+        None,
+        gt=0,
+        description="most epochs; default enough for about 600 gradient steps (30 to 300), "
+        "so a short history still trains",
+    )
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
+    patience: int | None = Field(
+        None,
+        gt=0,
+        description="epochs without validation gain before stopping; default an eighth of "
+        "the epochs (at least 4)",
+    )
     val_steps: int | None = Field(
-        None, gt=0, description="held-out test tail, scored once; default four weeks"
+        None,
+        gt=0,
+        description="held-out test tail per series, scored once; default 15% of each "
+        "series' history (at least a horizon, at most four weeks)",
     )
     stop_steps: int | None = Field(
-        None, gt=0, description="early-stopping tail before the test tail; default two weeks"
+        None,
+        gt=0,
+        description="early-stopping tail before the test tail; default 10% of each "
+        "series' history (at least a horizon, at most two weeks)",
+    )
+    refit_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="passes over the whole history, newest points included, after early "
+        "stopping, so the model that serves has learnt from them; default a quarter of "
+        "the chosen epochs (at least 1); 0 serves the early-stopped model",
     )
     bidirectional: bool = Field(False, description="seq2seq: within-window backward encoder")
     seed: int = Field(0, description="seed of weights and batch order")
@@ -341,7 +385,12 @@ class RetrainSettings(_Model):
     kind: Literal["lstm", "gru", "rnn", "seq2seq"] | None = Field(
         None, description="model kind of a first model; default [training].kind"
     )
-    epochs: int = Field(6, gt=0, description="most epochs of a retrain")
+    epochs: int = Field(
+        6,
+        gt=0,
+        description="most epochs of a retrain (a first model's too; `forecaster train` "
+        "scales its epochs with the history unless [training].epochs is set)",
+    )
     history: Duration = Field(timedelta(weeks=12), description="how far back a retrain reads")
     min_history: Duration = Field(
         timedelta(weeks=5), description="no model is trained before this much history is stored"

@@ -45,7 +45,7 @@ from forecaster.training import (
     trained_model,
 )
 from pipelines.predict import run_predict
-from pipelines.train import load_panel, register_trained
+from pipelines.train import load_panel, register_trained, train_config
 
 log = structlog.get_logger(__name__)
 
@@ -74,37 +74,32 @@ class RetrainOutcome:
         return f"retrain: {who}{self.decision}: {self.reason}{scores} in {self.seconds:.0f} s"
 
 
-def retrain_config(settings: Settings, champion: dict | None, holdout_steps: int) -> TrainConfig:
+def retrain_config(
+    settings: Settings, champion: dict | None, holdout_steps: int, store: Store | None = None
+) -> TrainConfig:
     """The challenger's training config: the champion's architecture (or [retrain].kind /
     [training] for a first model), retrain.epochs, the holdout as the test tail."""
-    t = settings.training
-    base: dict[str, Any] = {
-        "kind": settings.retrain.kind or t.kind,
-        "hidden": t.hidden,
-        "layers": t.layers,
-        "dropout": t.dropout,
-        "horizon": t.horizon,
-        "quantiles": tuple(t.quantiles),
-        "window": t.window,
-        "lr": t.lr,
-        "patience": t.patience,
-        "bidirectional": t.bidirectional,
-        "seed": t.seed,
-    }
-    if champion is not None:
-        trained_with = (champion.get("config") or {}).get("training") or {}
-        for key in ("kind", "hidden", "layers", "dropout", "horizon", "window", "bidirectional"):
-            if key in trained_with:
-                base[key] = trained_with[key]
-        if "quantiles" in trained_with:
-            base["quantiles"] = tuple(trained_with["quantiles"])
-    return TrainConfig(
-        **base,
+    # retrain.epochs bounds every retrain, a first model's too: the daemon's cost stays
+    # predictable (`forecaster train` scales its epochs with the history instead).
+    config = train_config(
+        settings,
+        store,
+        kind=settings.retrain.kind,
         epochs=settings.retrain.epochs,
         val_steps=holdout_steps,
         stop_steps=holdout_steps,
-        device=settings.device,
     )
+    if champion is not None:
+        trained_with = (champion.get("config") or {}).get("training") or {}
+        same = {
+            key: trained_with[key]
+            for key in ("kind", "hidden", "layers", "dropout", "horizon", "window", "bidirectional")
+            if key in trained_with
+        }
+        if "quantiles" in trained_with:
+            same["quantiles"] = tuple(trained_with["quantiles"])
+        config = replace(config, **same)
+    return config
 
 
 def run_retrain(
@@ -140,8 +135,6 @@ def run_retrain(
             champion_mase=h.get("champion"),
         )
         return _decide(store, settings, outcome, t0, predict)
-    freq_s = settings.series.freq.total_seconds()
-    holdout_steps = int(r.holdout.total_seconds() // freq_s)
     # History ends at the newest stored point (not the clock: a replayed source's data may
     # be years old), and never after now.
     newest = max(
@@ -161,7 +154,9 @@ def run_retrain(
             seconds=time.perf_counter() - t0,
         )
 
-    config = retrain_config(settings, champion, holdout_steps)
+    # In the model's own steps: a source may override the global frequency.
+    holdout_steps = int(r.holdout.total_seconds() // panel.freq_seconds)
+    config = retrain_config(settings, champion, holdout_steps, store)
     if config_override:
         config = replace(config, **config_override)
     champ_model = _load(champion) if champion else None
@@ -173,11 +168,14 @@ def run_retrain(
     result.metrics = _finite(result.metrics)  # a diverged run scores NaN: JSON has no NaN
     result.history = _finite(result.history)
     challenger = trained_model(result)
-    test_start = result.test_start
+    # Each series' own test tail (series may end at different times).
+    assert result.spans is not None
+    test_start = result.spans.test_start
 
     # Both on the same holdout: the series the champion knows, the same origins and scale.
     known = [n for n in panel.names if champ_model is None or n in champ_model.names]
     sub = _subpanel(panel, known)
+    test_start = test_start[[panel.names.index(n) for n in known]]
     challenger_mase = _holdout_mase(challenger, sub, test_start)
     champion_mase = _holdout_mase(champ_model, sub, test_start) if champ_model else None
 
@@ -272,7 +270,7 @@ def _subpanel(panel: Panel, names: list[str]) -> Panel:
     )
 
 
-def _holdout_mase(model: TrainedModel, panel: Panel, test_start: int) -> float:
+def _holdout_mase(model: TrainedModel, panel: Panel, test_start: torch.Tensor) -> float:
     scalers = Scalers.from_dict(model.scalers.to_dict(model.names), panel.names)
     metrics = evaluate(
         model.model,

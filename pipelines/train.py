@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 
 from forecaster.checkpoints import save_checkpoint
+from forecaster.config import Settings
 from forecaster.errors import ConfigError, UnknownSeriesError
 from forecaster.panel import Panel
 from forecaster.store import Store
@@ -28,6 +29,59 @@ class TrainedVersion:
     uri: str
     sha256: str
     result: TrainResult
+
+
+def train_config(settings: Settings, store: Store | None = None, **overrides: Any) -> TrainConfig:
+    """The TrainConfig the [training] settings describe (None where they leave a default to
+    the data), with the seasons of the stored series' sources, then `overrides` (CLI
+    options, the retraining policy's) where they are not None."""
+    t = settings.training
+    chosen: dict[str, Any] = {
+        "kind": t.kind,
+        "hidden": t.hidden,
+        "layers": t.layers,
+        "dropout": t.dropout,
+        "horizon": t.horizon,
+        "quantiles": tuple(t.quantiles),
+        "window": t.window,
+        "epochs": t.epochs,
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "patience": t.patience,
+        "val_steps": t.val_steps,
+        "stop_steps": t.stop_steps,
+        "refit_epochs": t.refit_epochs,
+        "bidirectional": t.bidirectional,
+        "seed": t.seed,
+        "device": settings.device,
+        "seasons": seasons_for(settings, store),
+    }
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**chosen)
+
+
+def seasons_for(
+    settings: Settings, store: Store | None, series: list[str] | None = None
+) -> tuple[int, int] | None:
+    """The (daily, weekly) seasons in steps the series' sources set ([series] or a source's
+    own [sources.<name>.series]); None: derived from the frequency. One model has one pair."""
+    sources = (
+        {r["source"] for r in store.list_series() if not series or r["name"] in series}
+        if (store is not None)
+        else set()
+    )
+    found = {
+        (settings.series_defaults_for(src) if src in settings.sources else settings.series).seasons
+        for src in sources or {None}
+    }
+    if len(found) > 1:
+        raise ConfigError(
+            "series.seasons",
+            f"the series' sources set different seasons ({sorted(found, key=str)})",
+            "Train one model per kind of calendar with --series, or give them one [series] "
+            "seasons.",
+        )
+    return found.pop()
 
 
 def load_panel(
