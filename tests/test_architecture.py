@@ -118,3 +118,38 @@ def test_models_import_only_torch_and_their_own_config(path):
         "forecaster.models.recurrent",
         "forecaster.models.seq2seq",
     }
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Imports run when the module loads: those at its top level, not the ones inside
+    functions or under `if TYPE_CHECKING:` / `if __name__ == "__main__":`."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["pipelines/cli.py", "pipelines/cli_show.py", "pipelines/cli_run.py", "pipelines/demo.py"],
+)
+def test_the_command_line_loads_heavy_libraries_only_in_the_commands_using_them(path):
+    """`forecaster --help` and the read commands start in a fraction of a second: the CLI's
+    modules load typer, rich and the standard library; settings, the store, torch, the
+    daemon and plotting load inside the commands (tests/pipelines/test_cli.py checks the
+    modules a real `forecaster --help` imports)."""
+    light = {"__future__", "collections", "contextlib", "datetime", "pathlib", "signal"}
+    light |= {"sys", "threading", "typing", "typer", "rich", "forecaster", "pipelines"}
+    names = _module_level_imports(ROOT / path)
+    assert {n for n in names if n.split(".")[0] not in light} == set(), names
+    assert "rich.progress" not in names
+    ours = {n for n in names if n.split(".")[0] in ("forecaster", "pipelines")}
+    assert ours <= {"forecaster.errors", "pipelines", "pipelines.cli"}, names
+
+
+def test_importing_the_package_loads_neither_the_store_nor_the_settings():
+    names = _module_level_imports(ROOT / "forecaster" / "__init__.py")
+    assert names <= {"__future__", "typing", "forecaster.errors"}, names
