@@ -94,7 +94,7 @@ class _Workdir:
 
 @dataclass(frozen=True)
 class Name:
-    csv: bytes | None  # the field as written in CSV (None: cannot be written in CSV)
+    csv: bytes | None  # the field as written in CSV
     json: Any  # the JSON value
     stored: str | None  # the name after decoding and stripping; None: missing
     bad: bool = False  # bad_series
@@ -139,8 +139,7 @@ WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005
 def _name(text: str) -> Name:
     stored = text.strip(WHITE_SPACE) or None
     bad = stored is not None and (len(stored) > 512 or "\x00" in stored)
-    csv = None if "\n" in text or "\r" in text else _csv_field(text)
-    return Name(csv, text, stored, bad)
+    return Name(_csv_field(text), text, stored, bad)
 
 
 names = st.one_of(
@@ -473,7 +472,8 @@ def csv_files(
     draw: st.DrawFn,
 ) -> tuple[list[bytes], list[list[tuple[int, Row, Any, Any, Any]]], bool]:
     """Two CSV files (read one ingest run apart) with random column order, an optional
-    BOM, extra columns, ragged lines, stray quotes; returns (files, per file
+    BOM, UTF-8 or UTF-16, extra columns, ragged lines, stray quotes, newlines inside quoted
+    names; returns (files, per file
     (line number, row, series_raw, ts_raw, value_raw), has series column)."""
     has_series = draw(st.integers(0, 5)) > 0
     extra = draw(st.booleans())
@@ -486,8 +486,6 @@ def csv_files(
             header = b"\xef\xbb\xbf" + header
         lines, exp = [header], []
         for row in draw(batches()):
-            if row.name.csv is None and has_series:
-                row = Row(_name("meter.a"), row.ts, row.value)
             if not has_series:
                 row = Row(_name(stem), row.ts, row.value)
             if row.ts.text is None and row.ts.json is not None:
@@ -542,12 +540,28 @@ def csv_files(
                 ts = Ts(texts["ts"], instant)
                 value = Value(texts["value"], None if where == "value" else 1.5)
             line = b",".join(fields) + draw(st.sampled_from([b"\n", b"\r\n"]))
+            if line.count(b"\n") > 1:
+                # A newline inside a quoted name: records spanning lines are not read, so
+                # each of its lines is quarantined on its own (as it stands: texts not
+                # predicted); blank ones are no rows at all.
+                for piece in line.split(b"\n")[:-1]:
+                    if piece.strip():
+                        lines.append(piece + b"\n")
+                        exp.append((len(lines), Row(name, ts, value, False), ANY, ANY, ANY))
+                continue
             if not line.strip():
                 continue  # a blank line is not a row (pipelines.sources.file)
             lines.append(line)
             raw_ts = None if ts.text is None else (ts.text if "\ufffd" not in ts.text else ANY)
             exp.append((len(lines), Row(name, ts, value, whole), name.stored, raw_ts, value.text))
-        files.append(b"".join(lines))
+        data = b"".join(lines)
+        codec = draw(st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-16-le", "utf-16-be"]))
+        if codec != "utf-8":  # UTF-16 with its BOM reads the same (unless not UTF-8 text)
+            try:
+                data = ("\ufeff" + data.decode().removeprefix("\ufeff")).encode(codec)
+            except UnicodeDecodeError:
+                pass
+        files.append(data)
         expected.append(exp)
     return files, expected, has_series
 
