@@ -323,3 +323,42 @@ def test_bare_cr_line_ends_are_refused(tmp_path: Path, now: datetime) -> None:
     src = source(f)
     _, cursor = read_all(src, now)  # no newline yet: waits
     assert "bare carriage return" in error_of(src, now, cursor)
+
+
+@pytest.mark.parametrize("codec", ["utf-8", "utf-16-le"])
+@pytest.mark.parametrize("batch_rows", [1, 2, 3])
+def test_resuming_from_any_cursor_reads_exactly_the_rest(
+    tmp_path: Path, now: datetime, codec: str, batch_rows: int
+) -> None:
+    """Exactly once across hostile lines: blank, over-long, CRLF, unbalanced, ragged lines
+    around batch boundaries; each batch's cursor resumes right after it."""
+    long_value = "9" * (MAX_LINE_BYTES + 10)
+    lines = [
+        "series,ts,value",
+        "a,2024-03-01T00:00:00Z,1",
+        "",
+        f"b,2024-03-01T00:00:00Z,{long_value}",
+        "  ",
+        'c,"2024-03-01T00:00:00Z",3\r',
+        '"d,2024-03-01T00:00:00Z,4',
+        f"e,2024-03-01T00:00:00Z,{long_value}",
+        "f,2024-03-01T00:00:00Z",
+        "g,2024-03-01T00:00:00Z,7",
+    ]
+    f = tmp_path / "r.csv"
+    f.write_bytes(
+        ("\ufeff" if codec != "utf-8" else "").encode(codec)
+        + "\n".join(lines).encode(codec)
+        + "\n".encode(codec)
+    )
+    src = source(f, batch_rows=batch_rows)
+    batches = list(src.read(None, now))
+    every = pl.concat([b.rows for b in batches if b.rows.height])
+    assert every["origin"].to_list() == [f"{f}:{n}" for n in (2, 4, 6, 7, 8, 9, 10)]
+    assert all(b.rows.height <= batch_rows for b in batches)
+    assert batches[-1].cursor["files"][str(f)]["offset"] == f.stat().st_size
+    for k in range(1, len(batches)):
+        rest = [b.rows for b in src.read(batches[k - 1].cursor, now) if b.rows.height]
+        want = [b.rows for b in batches[k:] if b.rows.height]
+        got = pl.concat(rest)["origin"].to_list() if rest else []
+        assert got == (pl.concat(want)["origin"].to_list() if want else [])
