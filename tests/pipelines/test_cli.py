@@ -271,9 +271,9 @@ def test_an_address_that_cannot_be_bound_is_one_line(tmp_path, args, names):
         assert name in lines[0]
 
 
-# (typer itself imports pydantic to parse a subcommand's options)
+# Not pydantic: typer itself imports it to parse a subcommand's options.
 HEAVY = {"torch", "polars", "sqlalchemy", "alembic", "matplotlib", "apscheduler"}
-HEAVY |= {"prometheus_client", "pydantic_settings", "structlog", "numpy"}
+HEAVY |= {"prometheus_client", "pydantic_settings", "numpy"}
 
 
 def _imported(args: list[str], cwd: Path) -> set[str]:
