@@ -96,7 +96,7 @@ def validate_raw(rows: pl.DataFrame) -> pl.DataFrame:
         if col not in rows.columns:
             raise ValueError(
                 f"raw rows lack the column {col!r} (they have {rows.columns}); a source must "
-                f"yield columns {list(RAW_REQUIRED)} plus optional 'origin'"
+                f"yield columns {list(RAW_REQUIRED)} plus optional 'origin' and 'problem'"
             )
     for col in ("origin", "problem"):
         if col not in rows.columns:

@@ -258,6 +258,16 @@ class FileSourceReader:
                     f"{', '.join(map(str, at))}), so which one to read is unclear; rename or "
                     "remove the others",
                 )
+        if len(columns) == 1 and any(c not in columns for c in required_columns(self.config)):
+            if not text.strip():
+                raise SourceError(self.name, f"{where} is blank: it must name the columns")
+            for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "vertical bars")):
+                if sep in text:
+                    raise SourceError(
+                        self.name,
+                        f"{where} has no comma but {name}: only comma-separated files are "
+                        "read; convert the file",
+                    )
         self._required(path, columns, where)
         return columns
 

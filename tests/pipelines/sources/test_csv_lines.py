@@ -362,3 +362,19 @@ def test_resuming_from_any_cursor_reads_exactly_the_rest(
         want = [b.rows for b in batches[k:] if b.rows.height]
         got = pl.concat(rest)["origin"].to_list() if rest else []
         assert got == (pl.concat(want)["origin"].to_list() if want else [])
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        (b"series;ts;value\n", "has no comma but semicolons"),
+        (b"series\tts\tvalue\n", "has no comma but tabs"),
+        (b"\n", "is blank: it must name the columns"),
+    ],
+)
+def test_a_header_of_one_column_says_what_it_looks_like(
+    tmp_path: Path, now: datetime, header: bytes, why: str
+) -> None:
+    f = tmp_path / "h.csv"
+    f.write_bytes(header + b"a;2024-03-01T00:00:00Z;1\n")
+    assert f"line 1 (the header) {why}" in error_of(source(f), now)
