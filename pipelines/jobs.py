@@ -188,14 +188,11 @@ def _ingest(job: Job, ctx: JobContext, outcome: JobOutcome) -> None:
 def _predict(job: Job, ctx: JobContext, outcome: JobOutcome) -> None:
     from pipelines.predict import NoChampionError, run_predict
 
-    freq = ctx.settings.series.freq
     predict = ctx.extra.get("predict", run_predict)
     try:
-        summary = predict(
-            ctx.store,
-            warmup_steps=int(ctx.settings.retrain.warmup / freq),
-            device=ctx.settings.device,
-        )
+        # A duration: run_predict counts it in the model's own steps (a source may override
+        # the global frequency).
+        summary = predict(ctx.store, warmup=ctx.settings.retrain.warmup, device=ctx.settings.device)
     except NoChampionError as exc:
         outcome.summary = str(exc)
         outcome.detail = {"nothing_to_do": True}

@@ -45,7 +45,7 @@ from forecaster.training import (
     trained_model,
 )
 from pipelines.predict import run_predict
-from pipelines.train import load_panel, register_trained, train_config
+from pipelines.train import data_until, load_panel, register_trained, train_config
 
 log = structlog.get_logger(__name__)
 
@@ -150,6 +150,24 @@ def run_retrain(
         return RetrainOutcome(
             "skipped",
             f"{have} of history stored, retraining needs {r.min_history}",
+            champion_id=champion_id,
+            seconds=time.perf_counter() - t0,
+        )
+
+    # Nothing new since the newest version was trained: training again would register a
+    # copy of it (a stalled source and a weekly cron, or a command run twice).
+    newest_version = max(store.list_model_versions(), key=lambda v: v["id"], default=None)
+    late = any(t["late_from"] is not None for t in store.prediction_targets())
+    if (
+        newest_version is not None
+        and not full
+        and not late
+        and (newest_version["metrics"] or {}).get("data_until") == data_until(panel)
+    ):
+        return RetrainOutcome(
+            "skipped",
+            f"nothing new since v{newest_version['id']} was trained on the data up to "
+            f"{data_until(panel)}",
             champion_id=champion_id,
             seconds=time.perf_counter() - t0,
         )

@@ -144,6 +144,12 @@ def run_training(
     return TrainedVersion(version_id=version_id, stage=stage, uri=uri, sha256=sha, result=result)
 
 
+def data_until(panel: Panel) -> str:
+    """The time of the panel's newest step: what a version was trained on, up to."""
+    last = panel.start + (panel.n_steps - 1) * panel.freq_seconds
+    return datetime.fromtimestamp(last, UTC).isoformat()
+
+
 def register_trained(
     store: Store,
     conn: Any,  # the caller's transaction (store.begin())
@@ -170,7 +176,7 @@ def register_trained(
         sha256=sha256,
         trained_from=datetime.fromtimestamp(panel.start, UTC),
         trained_to=datetime.fromtimestamp(panel.start + (learned_end - 1) * step, UTC),
-        metrics=metrics,
+        metrics={**metrics, "data_until": data_until(panel)},
         stage=stage,
         parent_id=parent_id,
     )

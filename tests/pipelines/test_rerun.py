@@ -238,11 +238,6 @@ def test_the_demo_run_again_until_its_end_changes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipelines/retrain.py trains and registers another challenger on the same data "
-    "(the lead's file: see the report of issue #14 item 8)",
-)
 def test_retrain_run_again_with_nothing_new_changes_nothing(finished):
     tmp, cfg = finished
     db = tmp / "store.db"
