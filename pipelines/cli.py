@@ -32,7 +32,13 @@ if TYPE_CHECKING:
     from forecaster.config import Settings
     from forecaster.store import Store
 
-app = typer.Typer(help="A streaming time-series forecasting service.", no_args_is_help=True)
+app = typer.Typer(
+    help="A streaming time-series forecasting service.",
+    no_args_is_help=True,
+    # A crash must not print each frame's locals: they hold the settings, the database URL
+    # among them. Older Typers (pyproject allows 0.12) show them unless told not to.
+    pretty_exceptions_show_locals=False,
+)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 series_app = typer.Typer(help="Series in the store.", no_args_is_help=True)
