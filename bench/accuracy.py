@@ -45,6 +45,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.accuracy_data import DATASETS, Spec  # noqa: E402
+from bench.accuracy_ours import Ours  # noqa: E402
 
 QUANTILES = ("q0.1", "q0.5", "q0.9")
 
@@ -213,6 +214,12 @@ MODELS: dict[str, Model] = {
             candidate=_statsforecast(_autoets),
         ),
         Model(name="profile", about="example stateful: same slot, last 14 days", stateful=Profile),
+        Model(
+            name="lstm",
+            about="ours: the stateful LSTM through forecaster.api, fitted once, then updated "
+            "over each block (the service's path), per-series serving choice included",
+            stateful=lambda: Ours("lstm"),
+        ),
     ]
 }
 

@@ -26,7 +26,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from forecaster import calibration
+from forecaster import calibration, serving
+from forecaster import features as F
 from forecaster.inference import advance, history_steps
 from forecaster.panel import Panel
 from forecaster.trained import TrainedModel
@@ -243,13 +244,22 @@ class Forecaster:
                 window_steps=trained.window,
                 scaler_rows=torch.tensor([row_of[nm] for nm in names]),
             )
+            # What serves each series (the model, a naive or their mean; chosen at fit).
+            chosen = trained.meta.get("serving") or {}
+            at = torch.tensor([n - 1])
+            quantiles = serving.serve(
+                out.quantiles,
+                F.seasonal_naive(trained.spec, values, at, "daily")[:, 0],
+                F.seasonal_naive(trained.spec, values, at, "weekly")[:, 0],
+                [chosen.get(nm, "model") for nm in names],
+            )
             for i, name in enumerate(names):
                 self._series[name] = _SeriesState(
                     row=row_of[name],
                     last=end,
                     recent=values[i, n - keep :].numpy().astype(np.float64),
                     state=_slice(out.state, i),
-                    quantiles=out.quantiles[i].numpy(),
+                    quantiles=quantiles[i].numpy(),
                 )
 
     def _score(self, names: list[str], values: torch.Tensor, start: int, step: int) -> None:

@@ -211,6 +211,10 @@ class SqlCollector:
             coverage = store.pooled_coverage(model)
             if coverage is not None:
                 fam["coverage"].add_metric([model], coverage)
+        serving = ((champion or {}).get("metrics") or {}).get("serving") or {}
+        for _, name in chosen:
+            if name in serving:
+                fam["served_by"].add_metric([name, serving[name]], 1)
         for mv in store.serving_models():
             fam["model_info"].add_metric([f"v{mv['id']}", mv["kind"], mv["stage"]], 1)
         for source, n in store.source_rows().items():
@@ -288,6 +292,13 @@ class SqlCollector:
                 labels=["model"],
             ),
             "series": g("forecaster_series", "Series in the store."),
+            "served_by": g(
+                "forecaster_series_served_by",
+                "1 for what serves the series under the champion: model (the network), "
+                "naive_daily, naive_weekly, or mean_daily / mean_weekly (its mean with that "
+                "naive), chosen per series on the holdout at training.",
+                labels=["series", "member"],
+            ),
             "model_info": g(
                 "forecaster_model_info",
                 "1 for each model version serving (champion) or waiting (candidate).",

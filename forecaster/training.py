@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from forecaster import evaluation as ev
 from forecaster import features as F
+from forecaster import serving
 from forecaster.calibration import band_scores, conformal_quantile
 from forecaster.models import ModelConfig, Seq2SeqForecaster, build_model
 from forecaster.panel import Panel, Scalers
@@ -122,6 +123,7 @@ class TrainResult:
     spans: Spans | None = None
     calibration: list[float] = field(default_factory=list)  # per horizon step, band widths
     refit_epochs: int = 0
+    serving: list[str] = field(default_factory=list)  # per series (names' order): what serves it
 
 
 def trained_model(result: TrainResult) -> TrainedModel:
@@ -138,6 +140,9 @@ def trained_model(result: TrainResult) -> TrainedModel:
             "best_epoch": result.best_epoch,
             "history": result.history,
             "calibration": list(result.calibration),
+            "serving": dict(zip(result.names, result.serving, strict=True))
+            if result.serving
+            else {},
         },
     )
 
@@ -296,6 +301,41 @@ def evaluate(
             "coverage": None,  # a point forecast has no band
         }
     return out
+
+
+@torch.no_grad()
+def holdout_choice(
+    model: nn.Module,
+    spec: F.FeatureSpec,
+    panel: Panel,
+    scalers: Scalers,
+    window: int,
+    lo: Tensor,
+    hi: Tensor,
+    nonnegative: bool = False,
+) -> list[str]:
+    """Per series, what serves it (forecaster.serving): the member with the lowest MAE on
+    its forecasts whose targets lie in its held-out [lo, hi)."""
+    scaled = scalers.transform(panel.values)
+    origins, pred = replay(model, spec, scaled, panel.start, window, int(lo.min()) - 1)
+    median = scalers.inverse(pred)[..., pred.shape[-1] // 2]  # (S, T, H)
+    if nonnegative:
+        median = median.clamp_min(0.0)
+    actual = F.targets(spec, panel.values, origins, hi, floor=lo)
+    medians = serving.member_medians(
+        median,
+        F.seasonal_naive(spec, panel.values, origins, "daily"),
+        F.seasonal_naive(spec, panel.values, origins, "weekly"),
+    )
+    errors = {}
+    for name, point in medians.items():
+        err = (point - actual).abs()
+        # Scored only where every member has a forecast, so all face the same targets.
+        err = torch.where(
+            torch.isnan(medians["naive_weekly"] + medians["naive_daily"]), torch.nan, err
+        )
+        errors[name] = torch.nanmean(err.flatten(1), dim=1)
+    return serving.choose(errors)
 
 
 def _before(values: Tensor, limit: Tensor) -> Tensor:
@@ -494,6 +534,7 @@ def train(
     nonnegative = bool(torch.nan_to_num(train_values, nan=0.0).min() >= 0)
     metrics: dict[str, dict[str, float | None]] = {}
     calibration: list[float] = []
+    choice: list[str] = []
     if parallel is None or parallel.main:
         cpu_model = copy.deepcopy(model).cpu().eval()
         metrics = evaluate(
@@ -506,6 +547,9 @@ def train(
             spans.test_start,
             nonnegative,
             val_end=spans.end,
+        )
+        choice = holdout_choice(
+            cpu_model, spec, panel, scalers, window, spans.train_end, spans.end, nonnegative
         )
         calibration = holdout_calibration(
             cpu_model,
@@ -525,7 +569,10 @@ def train(
     all_windows = _windows(0, n, window)
     for _ in range(refit_epochs):
         t_epoch = time.perf_counter()
-        _, points_epoch = epoch_loop(all_windows, spans.end[rows], best[1], spans.epochs, 0.0)
+        # Shown as the last epoch: the progress bar's total is the planned epoch count.
+        _, points_epoch = epoch_loop(
+            all_windows, spans.end[rows], spans.epochs - 1, spans.epochs, 0.0
+        )
         points += points_epoch
         train_seconds += time.perf_counter() - t_epoch
     seconds = time.perf_counter() - t0
@@ -549,6 +596,7 @@ def train(
         spans=spans,
         calibration=calibration,
         refit_epochs=refit_epochs,
+        serving=choice,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -104,41 +105,36 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Train one global model over the stored series and register it."""
-    from forecaster.training import TrainConfig
-    from pipelines.train import run_training
+    from pipelines.train import run_training, train_config
 
     with _errors():
         settings = _settings()
         t = settings.training
-        chosen = {
-            "kind": model or t.kind,
-            "hidden": hidden or t.hidden,
-            "layers": t.layers,
-            "dropout": t.dropout,
-            "horizon": t.horizon,
-            "quantiles": tuple(t.quantiles),
-            "window": window or t.window,
-            "epochs": epochs or t.epochs,
-            "lr": t.lr,
-            "patience": t.patience,
-            "val_steps": val_steps or t.val_steps,
-            "stop_steps": t.stop_steps,
-            "bidirectional": t.bidirectional if bidirectional is None else bidirectional,
-            "seed": t.seed,
-            "device": device or settings.device,
-        }
-        if chosen["kind"] not in ("lstm", "gru", "rnn", "seq2seq"):
+        kind = model or t.kind
+        if kind not in ("lstm", "gru", "rnn", "seq2seq"):
             raise ConfigError(
-                "--model", f"unknown model {chosen['kind']!r}", "Use lstm, gru, rnn or seq2seq."
+                "--model", f"unknown model {kind!r}", "Use lstm, gru, rnn or seq2seq."
             )
-        config = TrainConfig(**chosen)
         with _store(settings) as store, _progress() as progress:
+            config = train_config(
+                settings,
+                store,
+                series=series,
+                kind=kind,
+                hidden=hidden,
+                window=window,
+                epochs=epochs,
+                val_steps=val_steps,
+                bidirectional=bidirectional,
+                device=device,
+            )
             task = progress.add_task("train", total=config.epochs)
 
             def on_progress(p: Any) -> None:
                 val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
                 progress.update(
                     task,
+                    total=p.epochs,  # known once the history is seen (scaled with it)
                     completed=p.epoch - 1 + p.window / p.windows,
                     description=f"train {config.kind} epoch {p.epoch}/{p.epochs} window {p.window}/{p.windows} "
                     f"loss {p.loss:.4f}{val} {p.points_per_s:,.0f} points/s",
@@ -152,13 +148,19 @@ def train_cmd(
                 on_progress=on_progress,
             )
         r = version.result
+        served = Counter(r.serving)
         out.print(
             f"trained {config.kind} in {r.seconds:.0f} s ({r.points_per_s:,.0f} points/s), best epoch "
-            f"{r.best_epoch} (chosen on the {r.test_start - r.train_end} steps before the test tail); "
-            f"tested on the last {r.test_steps} steps of {len(r.names)} series, which no choice saw; "
-            f"residual on the {r.spec.base} seasonal naive"
+            f"{r.best_epoch} of {len(r.history)} run, then {r.refit_epochs} through the newest "
+            f"points; tested on each series' newest {r.test_steps} steps at most, which no "
+            f"choice saw; residual on the {r.spec.base} seasonal naive"
         )
         out.print(_accuracy_table(r.metrics, config.kind))
+        out.print(
+            "served by: "
+            + ", ".join(f"{name} {n} series" for name, n in served.most_common())
+            + " (chosen per series on the holdout; `forecaster models list` has the version)"
+        )
         out.print(
             f"registered model version {version.version_id} as {version.stage}: {version.uri}"
         )

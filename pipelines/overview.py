@@ -221,6 +221,8 @@ class Overview:
         actuals = store.latest_actuals(ids, model)
         origins = store.newest_origins(model, ids) if model is not None else {}
         anomaly_n = store.anomaly_counts(ids)
+        # What serves each series under the champion (forecaster.serving).
+        serving = ((store.champion() or {}).get("metrics") or {}).get("serving") or {}
         mase = {(r["series_id"], r["model"]): r["mase"] for r in accuracy}
         best_naive: dict[int, float] = {}
         for r in accuracy:
@@ -245,11 +247,11 @@ class Overview:
                  _num(value), _flag(band, inside), _ts(origin),
                  _flag(_age(behind), None if behind is None else behind <= late),
                  _flag(_num(ours), None if ours is None or best is None else ours <= best),
-                 _num(best), anomaly_n.get(sid, 0)]
+                 _num(best), escape(serving.get(t["name"], "-")), anomaly_n.get(sid, 0)]
             )  # fmt: skip
         headers = ["series", "last actual (UTC)", "age ", "value ", "band served for it ",
                    "newest origin", "origin behind ", "MASE champion ", "MASE best naive ",
-                   "anomalies "]  # fmt: skip
+                   "served by", "anomalies "]  # fmt: skip
         more = (
             f'<p class="meta">showing the first {len(shown)} of {total} series by name; '
             "open another with <code>?series=NAME</code></p>"

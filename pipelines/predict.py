@@ -23,6 +23,7 @@ import polars as pl
 import structlog
 import torch
 
+from forecaster import serving
 from forecaster.checkpoints import load_checkpoint
 from forecaster.errors import ForecasterError
 from forecaster.features import FeatureSpec
@@ -285,6 +286,8 @@ def _advance_chunk(
     if saved is not None:
         state = state_from_rows([s[0] for s in saved], saved[0][1], trained.model_config.kind)
     corrections = band_corrections(store, trained, vid)
+    chosen = trained.meta.get("serving") or {}
+    served = [chosen.get(m["name"], "model") for m in members]
     forecasts: list[pl.DataFrame] = []
     edge_states: list[tuple[int, object]] = []
     a = lo
@@ -301,7 +304,9 @@ def _advance_chunk(
             scaler_rows=scaler_rows,
         )
         forecasts.append(
-            _forecast_rows(trained, vid, ids, out.quantiles, values, hi - 1, origin, corrections)
+            _forecast_rows(
+                trained, vid, ids, out.quantiles, values, hi - 1, origin, corrections, served
+            )
         )
         edge_states += out.edge_states
         state, a = out.state, hi
@@ -367,12 +372,18 @@ def _forecast_rows(
     origin: int,
     origin_ts: datetime,
     corrections: dict[int, float],
+    served: list[str] | None = None,
 ) -> pl.DataFrame:
     """Rows for the forecasts table, as a frame built from columns: the model's S x H, then
     each baseline's where a value one season back is known. The band served is the raw one
     widened (or narrowed) on each side by the conformal correction of its horizon step times
-    the raw band's width, never past the median."""
+    the raw band's width, never past the median. A series served by a naive or a mean
+    (forecaster.serving, chosen at training) has the network's quantiles moved to that
+    member's median."""
     spec = trained.spec
+    naives = {season: seasonal_naive_at(spec, values, origin, season) for season in BASELINES}
+    if served and any(m != "model" for m in served):
+        q = serving.serve(q, naives["daily"], naives["weekly"], served)
     quantiles = trained.model_config.quantiles
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1
     level = round(quantiles[hi_i] - quantiles[lo_i], 6)
@@ -392,9 +403,7 @@ def _forecast_rows(
     band = (lower, upper, raw_lo, raw_hi, level)
     frames = [_model_rows(sid, steps, target_us, yhat, f"v{vid}", vid, origin_us, band)]
     for season in BASELINES:
-        naive = (
-            seasonal_naive_at(spec, values, origin, season).reshape(-1).double().numpy()
-        )  # (S * H,)
+        naive = naives[season].reshape(-1).double().numpy()  # (S * H,)
         keep = ~np.isnan(naive)  # no value a season back: no forecast
         model = f"seasonal_naive_{season}"
         frames.append(

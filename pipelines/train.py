@@ -31,7 +31,13 @@ class TrainedVersion:
     result: TrainResult
 
 
-def train_config(settings: Settings, store: Store | None = None, **overrides: Any) -> TrainConfig:
+def train_config(
+    settings: Settings,
+    store: Store | None = None,
+    *,
+    series: list[str] | None = None,
+    **overrides: Any,
+) -> TrainConfig:
     """The TrainConfig the [training] settings describe (None where they leave a default to
     the data), with the seasons of the stored series' sources, then `overrides` (CLI
     options, the retraining policy's) where they are not None."""
@@ -54,7 +60,7 @@ def train_config(settings: Settings, store: Store | None = None, **overrides: An
         "bidirectional": t.bidirectional,
         "seed": t.seed,
         "device": settings.device,
-        "seasons": seasons_for(settings, store),
+        "seasons": seasons_for(settings, store, series),
     }
     chosen.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**chosen)
@@ -176,7 +182,12 @@ def register_trained(
         sha256=sha256,
         trained_from=datetime.fromtimestamp(panel.start, UTC),
         trained_to=datetime.fromtimestamp(panel.start + (learned_end - 1) * step, UTC),
-        metrics={**metrics, "data_until": data_until(panel)},
+        metrics={
+            **metrics,
+            "data_until": data_until(panel),
+            # What serves each series (forecaster.serving): in SQL, in /metrics, on the page.
+            "serving": dict(zip(result.names, result.serving, strict=True)),
+        },
         stage=stage,
         parent_id=parent_id,
     )

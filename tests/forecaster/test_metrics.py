@@ -672,3 +672,32 @@ def test_after_a_promotion_the_band_served_is_the_predecessors_until_the_champio
     assert reg.get_sample_value("forecaster_forecast_median", {"series": "sine.0"}) == v2_first
     _assert_matches_sql(store, later)
     store.close()
+
+
+def test_what_serves_each_series_is_exposed(tmp_path):
+    """forecaster_series_served_by: the champion's per-series choice (model_versions.metrics
+    key "serving"), one sample per series shown, 1 for its member."""
+    store = Store(f"sqlite:///{tmp_path / 'served.db'}")
+    store.upgrade()
+    with store.begin() as conn:
+        store.resolve_series(
+            conn, ["a", "b", "c"], create=True, source="t", freq_seconds=3600, window_seconds=86400
+        )
+        store.register_model_version(
+            conn,
+            kind="lstm",
+            config={},
+            uri="file:///nowhere.safetensors",
+            sha256="0" * 64,
+            trained_from=None,
+            trained_to=None,
+            metrics={"serving": {"a": "model", "b": "naive_weekly"}},
+            stage="champion",
+        )
+    reg = _metrics(store, NOW).registry
+    name = "forecaster_series_served_by"
+    assert reg.get_sample_value(name, {"series": "a", "member": "model"}) == 1
+    assert reg.get_sample_value(name, {"series": "b", "member": "naive_weekly"}) == 1
+    assert reg.get_sample_value(name, {"series": "b", "member": "model"}) is None
+    assert reg.get_sample_value(name, {"series": "c", "member": "model"}) is None  # not trained on
+    store.close()

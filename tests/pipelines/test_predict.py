@@ -411,3 +411,49 @@ def test_the_warm_up_is_two_weeks_in_the_models_own_steps(freq, seasons, warmup,
 
     spec = FeatureSpec(freq_seconds=freq, seasons=seasons)
     assert warmup_steps_for(spec, warmup) == expected
+
+
+def test_a_series_served_by_a_naive_gets_its_median_and_the_models_band_shape(
+    sqlite_url, trained, tmp_path
+):
+    """The version's per-series choice (forecaster.serving) is what predict writes: a series
+    served by the weekly naive has that naive's value as its median, the network's quantile
+    offsets around it; the other series keeps the network's forecast."""
+    result, uri, sha = trained
+    model = trained_model(result)
+    model.meta["serving"] = {"sine.0": "naive_weekly", "sine.1": "model"}
+    uri2, sha2 = save_checkpoint(model.to_checkpoint(), tmp_path / "served")
+    store = _setup(sqlite_url, (result, uri2, sha2))
+    model.meta["serving"] = {"sine.0": "model", "sine.1": "model"}
+    uri3, sha3 = save_checkpoint(model.to_checkpoint(), tmp_path / "plain")
+    plain = Store(f"sqlite:///{tmp_path / 'plain.db'}")
+    plain.upgrade()
+    _register(plain, (result, uri3, sha3), "champion")
+    for s in (store, plain):
+        _ingest_days(s, 0, 21)
+        run_predict(s, warmup_steps=WARMUP)
+    f = schema.forecasts
+    q = sa.select(
+        f.c.model,
+        f.c.horizon_step,
+        f.c.yhat,
+        f.c.raw_lower,
+        f.c.raw_upper,
+        schema.series.c.name,
+    ).join(schema.series, schema.series.c.id == f.c.series_id)
+    rows = {}
+    for label, s in (("served", store), ("plain", plain)):
+        with s.engine.connect() as conn:
+            for m, h, y, lo, hi, name in conn.execute(q):
+                rows[(label, m, name, h)] = (y, lo, hi)
+    for h in range(1, 25):
+        naive = rows[("served", "seasonal_naive_weekly", "sine.0", h)][0]
+        y, lo, hi = rows[("served", "v1", "sine.0", h)]
+        y0, lo0, hi0 = rows[("plain", "v1", "sine.0", h)]
+        assert y == pytest.approx(naive)
+        assert (lo - y, hi - y) == pytest.approx((lo0 - y0, hi0 - y0), abs=1e-6)
+        assert rows[("served", "v1", "sine.1", h)] == pytest.approx(
+            rows[("plain", "v1", "sine.1", h)]
+        )
+    store.close()
+    plain.close()
