@@ -13,7 +13,8 @@ loaders' interpolated slots are not scored):
   geometric mean of rel over datasets.
 - sMAPE (%): mean 200 |y - f| / (|y| + |f|), 0 where both are 0.
 - cover: share of actuals inside the 10-90% band (0.80 is calibrated).
-- s/fit: fit + forecast seconds per series and origin.
+- s/fit: fit + forecast seconds per series and origin; s/update (stateful models): the
+  update + forecast seconds per series and origin after the one fit.
 
 A model plugs in (MODELS) as a `Candidate` function called at each origin with the
 training frame, or as a `Stateful` object fitted once on the rows before the first origin,
@@ -235,6 +236,7 @@ class Score:
     smape: float
     cover: float
     s_per_fit: float
+    s_per_update: float = math.nan  # stateful: update + forecast only (origins after the fit)
 
 
 def _origins(frame: pl.DataFrame, spec: Spec, max_origins: int | None) -> tuple[pl.DataFrame, int]:
@@ -269,8 +271,9 @@ def run_model(
     model: Model, spec: Spec, frame: pl.DataFrame, blocks: int
 ) -> tuple[pl.DataFrame, float]:
     """Every origin of one model on one dataset: the joined forecasts and actuals, and the
-    seconds spent in the model."""
-    h, cols, parts, spent = spec.horizon, ["series", "ts", "value"], [], 0.0
+    seconds spent in the model (in all, and in the updates and forecasts after a stateful
+    model's one fit)."""
+    h, cols, parts, spent, updating = spec.horizon, ["series", "ts", "value"], [], 0.0, 0.0
     state = model.stateful() if model.stateful else None
     for k in range(blocks):
         origin = pl.col("o0") + k * h
@@ -286,13 +289,20 @@ def run_model(
                 )
             fc = state.forecast(h)
         spent += time.perf_counter() - t
+        if state is not None and k > 0:
+            updating += time.perf_counter() - t
         actual = frame.filter((pl.col("i") >= origin) & (pl.col("i") < origin + h))
         parts.append(_check(fc, actual.select("series", "ts", "value", "filled"), model.name, spec))
-    return pl.concat(parts), spent
+    return pl.concat(parts), (spent, updating)
 
 
 def score(
-    spec: Spec, frame: pl.DataFrame, joined: pl.DataFrame, model: str, spent: float, blocks: int
+    spec: Spec,
+    frame: pl.DataFrame,
+    joined: pl.DataFrame,
+    model: str,
+    spent: tuple[float, float],
+    blocks: int,
 ) -> Score:
     m = spec.seasons[0]
     scale = (
@@ -320,7 +330,8 @@ def score(
         mase=(per_series["mae"] / per_series["scale"]).mean(),
         smape=per_series["smape"].mean(),
         cover=cover,
-        s_per_fit=spent / (n_series * blocks),
+        s_per_fit=spent[0] / (n_series * blocks),
+        s_per_update=spent[1] / (n_series * (blocks - 1)) if spent[1] and blocks > 1 else math.nan,
     )
 
 
@@ -344,10 +355,14 @@ def evaluate(
 
 def _table(scores: list[Score]) -> str:
     base = next((s.mase for s in scores if s.model == "naive_daily"), math.nan)
-    lines = [f"{'model':<14} {'MASE':>7} {'rel':>6} {'sMAPE%':>7} {'cover':>6} {'s/fit':>8}"]
+    lines = [
+        f"{'model':<14} {'MASE':>7} {'rel':>6} {'sMAPE%':>7} {'cover':>6} {'s/fit':>8} {'s/update':>9}"
+    ]
     for s in scores:
+        upd = "-" if math.isnan(s.s_per_update) else f"{s.s_per_update:9.5f}"
         lines.append(
-            f"{s.model:<14} {s.mase:7.3f} {s.mase / base:6.3f} {s.smape:7.2f} {s.cover:6.3f} {s.s_per_fit:8.4f}"
+            f"{s.model:<14} {s.mase:7.3f} {s.mase / base:6.3f} {s.smape:7.2f} {s.cover:6.3f} "
+            f"{s.s_per_fit:8.4f} {upd:>9}"
         )
     return "\n".join(lines)
 
