@@ -13,7 +13,7 @@ ForecasterError
 
 from __future__ import annotations
 
-from forecaster.log import mask_secrets
+from forecaster.masking import mask_secrets
 
 
 class ForecasterError(Exception):

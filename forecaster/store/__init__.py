@@ -4,6 +4,9 @@
 (`ingest`, `registry`, `prediction`, `evaluation`, `jobs`, `service`), all built on `base.StoreBase`, which owns
 the engine, transactions, the per-dialect insert helpers and the migrations. See `base` for
 the write paths per dialect.
+
+polars is imported inside the methods that build or take frames, not at module top: the
+CLI's reads (`series list`, `models list`, `db current`) use none and start without it.
 """
 
 from __future__ import annotations

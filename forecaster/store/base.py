@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 
@@ -228,7 +227,12 @@ class StoreBase:
             _working_for.reset(token)
 
     def _insert(self, table: sa.TableClause) -> Any:
-        return (pg.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)
+        if self.dialect == "postgresql":
+            # Here, not at the top: a SQLite store's command need not load this dialect.
+            from sqlalchemy.dialects import postgresql as pg
+
+            return pg.insert(table)
+        return sqlite_dialect.insert(table)
 
     def _upsert(self, table: sa.Table, update: Sequence[str]) -> Any:
         """INSERT that, on a primary-key conflict, takes the new row's `update` columns."""

@@ -5,18 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from forecaster import schema as s
-from forecaster.frames import TS_DTYPE
 from forecaster.store.base import (
     StoreBase,
     _utc,
 )
+
+if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
+    import polars as pl
 
 
 class EvaluationStore(StoreBase):
@@ -35,6 +36,10 @@ class EvaluationStore(StoreBase):
         """Forecasts of `model` with targets at or after `since` whose actuals have arrived:
         series_id, origin_ts, target_ts, horizon_step, yhat, yhat_lower, yhat_upper,
         raw_lower, raw_upper, interval_level, actual."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
         f, o = s.forecasts, s.observations
         raw = sa.types.NullType()  # no per-value result processing: the frame converts columns
         q = (

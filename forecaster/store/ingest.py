@@ -6,15 +6,13 @@ import functools
 import io
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from forecaster import schema as s
-from forecaster.frames import TS_DTYPE
 from forecaster.store.base import (
     _SQLITE_TS_FORMAT,
     StoreBase,
@@ -22,6 +20,9 @@ from forecaster.store.base import (
     _obs_raw,
     _utc,
 )
+
+if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
+    import polars as pl
 
 
 class IngestStore(StoreBase):
@@ -75,6 +76,10 @@ class IngestStore(StoreBase):
 
     def watermarks_frame(self, conn: Connection, series_ids: Sequence[int]) -> pl.DataFrame:
         """series_id, prev_ts, prev_value of the given series (absent when none stored)."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
         rows: list[tuple[int, datetime, float | None]] = []
         ids = sorted(set(series_ids))
         for i in range(0, len(ids), 500):
@@ -116,6 +121,10 @@ class IngestStore(StoreBase):
         the ones whose upsert will change what is stored: a new point, an observed value
         over a filled one, or a different observed value. A source that re-sends what it
         sent before changes nothing and marks nothing late."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
         empty = pl.DataFrame(schema={"series_id": pl.Int64, "ts": TS_DTYPE})
         if points.is_empty():
             return empty
@@ -179,6 +188,8 @@ class IngestStore(StoreBase):
         """points: series_id, ts (UTC), value, quality, window_id; keys unique.
 
         An observed value replaces a filled one; a filled value never replaces an observed one."""
+        import polars as pl
+
         if points.is_empty():
             return 0
         points = points.select("series_id", "ts", "value", "quality", "window_id")
@@ -221,6 +232,8 @@ class IngestStore(StoreBase):
         """Recount the windows in `touched` (series_id, window_id) from the stored points.
 
         A window is complete once its series' watermark reaches the window's last slot."""
+        import polars as pl
+
         if touched.is_empty():
             return 0
         touched = touched.select("series_id", "window_id").unique()
@@ -282,6 +295,8 @@ class IngestStore(StoreBase):
     def insert_quarantine(self, conn: Connection, source: str, bad: pl.DataFrame) -> int:
         """bad: series, ts_raw, value_raw, origin, reason, detail. Returns rows newly stored;
         a row quarantined before (same fingerprint) is not stored twice."""
+        import polars as pl
+
         if bad.is_empty():
             return 0
         now = datetime.now(UTC)
@@ -412,6 +427,10 @@ class IngestStore(StoreBase):
     ) -> pl.DataFrame:
         """series, ts, value, quality, window_id, sorted; all series when no name is given;
         only points with since <= ts <= until when those are given."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
         o, se = s.observations, s.series
         q = sa.select(
             se.c.name.label("series"), o.c.ts, o.c.value, o.c.quality, o.c.window_id

@@ -8,20 +8,21 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from forecaster import schema as s
-from forecaster.frames import TS_DTYPE
 from forecaster.store.base import (
     _SQLITE_TS_FORMAT,
     StoreBase,
     _utc,
 )
+
+if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
+    import polars as pl
 
 
 class PredictionStore(StoreBase):
@@ -73,10 +74,14 @@ class PredictionStore(StoreBase):
         each (a JSON array on SQLite, arrays on PostgreSQL) and joined to `observations`, so
         each (series, span) is one range scan of its primary key (series_id, ts) and no
         per-row SQLAlchemy processing runs; the frame is built from columns."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
         ids = sorted(set(series_ids))
         merged = _merge_spans(spans)
         if not ids or not merged:
-            return pl.DataFrame(schema=_RECENT_SCHEMA)
+            return pl.DataFrame(schema={"series_id": pl.Int64, "ts": TS_DTYPE, "value": pl.Float64})
         with self.engine.connect() as conn:
             cur = conn.connection.driver_connection.cursor()
             try:
@@ -128,7 +133,7 @@ class PredictionStore(StoreBase):
     ) -> int:
         """Forecasts, the states they came from and window-edge snapshots, in the caller's
         transaction. `forecasts` is a frame (or rows) with the forecasts table's columns
-        (_FORECAST_SCHEMA; `revision` optional, 0). A forecast already stored (same
+        (_forecast_schema; `revision` optional, 0). A forecast already stored (same
         series, model, origin, step) is kept as it is, except at the (series_id, origin_ts)
         pairs in `reissued` (late data): there the current rows of the models in `forecasts`
         are marked superseded and the new ones stored as the next revision. `late_handled`
@@ -188,6 +193,10 @@ class PredictionStore(StoreBase):
     ) -> pl.DataFrame:
         """Mark the current rows that `forecasts` re-issue superseded; return the forecasts
         numbered as the next revision of each (series, model, origin)."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
         f = s.forecasts
         pairs = pl.DataFrame(
             sorted(reissued), schema={"series_id": pl.Int64, "origin_ts": TS_DTYPE}, orient="row"
@@ -326,23 +335,32 @@ _FORECAST_KEYS = (
 )
 _FORECAST_PK = ["series_id", "model", "origin_ts", "horizon_step", "revision"]
 _forecasts_raw = sa.table("forecasts", *(sa.column(c) for c in _FORECAST_KEYS))
-# What save_prediction takes, in _FORECAST_KEYS order (superseded and created_at are its own).
-_FORECAST_SCHEMA: dict[str, pl.DataType] = {
-    "series_id": pl.Int64(),
-    "model": pl.String(),
-    "origin_ts": TS_DTYPE,
-    "horizon_step": pl.Int64(),
-    "model_version_id": pl.Int64(),
-    "target_ts": TS_DTYPE,
-    "yhat": pl.Float64(),
-    "yhat_lower": pl.Float64(),
-    "yhat_upper": pl.Float64(),
-    "interval_level": pl.Float64(),
-    "raw_lower": pl.Float64(),
-    "raw_upper": pl.Float64(),
-    "revision": pl.Int64(),
-}
-_RECENT_SCHEMA = {"series_id": pl.Int64, "ts": TS_DTYPE, "value": pl.Float64}
+
+
+@functools.cache
+def _forecast_schema() -> dict[str, pl.DataType]:
+    """What save_prediction takes, in _FORECAST_KEYS order (superseded and created_at are
+    its own)."""
+    import polars as pl
+
+    from forecaster.frames import TS_DTYPE
+
+    return {
+        "series_id": pl.Int64(),
+        "model": pl.String(),
+        "origin_ts": TS_DTYPE,
+        "horizon_step": pl.Int64(),
+        "model_version_id": pl.Int64(),
+        "target_ts": TS_DTYPE,
+        "yhat": pl.Float64(),
+        "yhat_lower": pl.Float64(),
+        "yhat_upper": pl.Float64(),
+        "interval_level": pl.Float64(),
+        "raw_lower": pl.Float64(),
+        "raw_upper": pl.Float64(),
+        "revision": pl.Int64(),
+    }
+
 
 # recent_values: ids x spans joined to observations, each pair one primary-key range scan.
 # SQLite: CROSS JOIN fixes the loop order (ids, then spans, then the index); the spans are
@@ -407,10 +425,13 @@ def _merge_spans(spans: Sequence[tuple[datetime, datetime]]) -> list[tuple[datet
 
 
 def _forecast_frame(forecasts: pl.DataFrame | Sequence[Mapping[str, Any]]) -> pl.DataFrame:
-    """The forecasts as a frame of _FORECAST_SCHEMA (revision 0 where not given)."""
+    """The forecasts as a frame of _forecast_schema (revision 0 where not given)."""
+    import polars as pl
+
+    schema = _forecast_schema()
     if not isinstance(forecasts, pl.DataFrame):
-        forecasts = pl.DataFrame(list(forecasts), schema=_FORECAST_SCHEMA)
-    missing = [c for c in _FORECAST_SCHEMA if c != "revision" and c not in forecasts.columns]
+        forecasts = pl.DataFrame(list(forecasts), schema=schema)
+    missing = [c for c in schema if c != "revision" and c not in forecasts.columns]
     if missing:
         raise ValueError(
             f"forecasts lack the column(s) {', '.join(missing)}: give every column of the "
@@ -420,7 +441,7 @@ def _forecast_frame(forecasts: pl.DataFrame | Sequence[Mapping[str, Any]]) -> pl
         forecasts = forecasts.with_columns(pl.lit(0, pl.Int64).alias("revision"))
     return forecasts.select(
         pl.col(c).cast(t).fill_null(0) if c == "revision" else pl.col(c).cast(t)
-        for c, t in _FORECAST_SCHEMA.items()
+        for c, t in schema.items()
     )
 
 
