@@ -73,13 +73,25 @@ def ingest(
                 progress.update(task, completed=seen, description=f"ingest {source} {batch.note}")
 
             while True:
-                summary = run_ingest(store, reader, defaults, now=clock.now(), on_batch=on_batch)
+                summary = run_ingest(
+                    store,
+                    reader,
+                    defaults,
+                    now=clock.now(),
+                    on_batch=on_batch,
+                    should_stop=stop.is_set,
+                )
                 total.merge(summary)
                 if once or summary.exhausted or stop.is_set():
                     break
                 if stop.wait(cfg.interval.total_seconds() if cfg.kind != "replay" else 1.0):
                     break
         out.print(total.line())
+        if total.stopped:
+            err.print(
+                f"SIGTERM: stopped after {total.batches} committed batches; the next "
+                f"`forecaster ingest --source {source}` resumes after them"
+            )
 
 
 # -- training -----------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class IngestSummary:
     unchanged: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     exhausted: bool = False
+    stopped: bool = False  # should_stop ended the pass (the source may have more)
 
     def add(self, r: BatchResult) -> None:
         self.batches += 1
@@ -80,6 +81,7 @@ class IngestSummary:
         self.unchanged += other.unchanged
         self.quarantined.update(other.quarantined)
         self.exhausted = other.exhausted
+        self.stopped = self.stopped or other.stopped
 
     def line(self) -> str:
         q = sum(self.quarantined.values())
@@ -284,8 +286,13 @@ def run_ingest(
     *,
     now: datetime,
     on_batch: Callable[[Batch, BatchResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> IngestSummary:
-    """Read every batch the source has as of `now`, committing each as it comes."""
+    """Read every batch the source has as of `now`, committing each as it comes.
+
+    should_stop is asked after each committed batch; when it says yes the pass ends there
+    (a SIGTERM need not wait for the rest of a big file). The cursor committed with the
+    batch makes the next pass resume right after it."""
     summary = IngestSummary(source=source.name)
     for batch in source.read(store.get_cursor(source.name), now):
         result = ingest_batch(store, source.name, batch, defaults, now)
@@ -294,4 +301,8 @@ def run_ingest(
         log.debug("batch ingested", source=source.name, note=batch.note, rows=result.rows_read)
         if on_batch is not None:
             on_batch(batch, result)
+        if should_stop is not None and should_stop() and not batch.exhausted:
+            summary.stopped = True
+            log.info("ingest stopped", source=source.name, batches=summary.batches)
+            break
     return summary

@@ -13,6 +13,7 @@ settings.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,9 @@ class JobContext:
     # e.g. on_progress for a retrain; the Ray backend's "predict" (run_predict over shards)
     # and "trainer" (training on Ray Train) replace the inline ones
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set when the worker shuts down: a running ingest ends after its current batch (whose
+    # cursor commits with it) instead of reading the rest of a big file first.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def source(self, name: str) -> Any:
         from pipelines.sources import build_source
@@ -174,13 +178,20 @@ def _ingest(job: Job, ctx: JobContext, outcome: JobOutcome) -> None:
 
     assert job.source is not None, "an ingest job names its source"
     defaults = ctx.settings.series_defaults_for(job.source)
-    summary = run_ingest(ctx.store, ctx.source(job.source), defaults, now=ctx.clock.now())
+    summary = run_ingest(
+        ctx.store,
+        ctx.source(job.source),
+        defaults,
+        now=ctx.clock.now(),
+        should_stop=ctx.stopping.is_set,
+    )
     outcome.summary = summary.line()
     outcome.windows_completed = summary.windows_completed
     outcome.detail = {
         "rows_read": summary.rows_read,
         "observed": summary.observed,
         "exhausted": summary.exhausted,
+        "stopped": summary.stopped,
         "nothing_to_do": summary.rows_read == 0,
     }
 
