@@ -136,6 +136,9 @@ class Forecaster:
         self.result: TrainResult | None = None
         self._series: dict[str, _SeriesState] = {}
         self._scores: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=score_window))
+        # Whether recent actuals fell inside the band served: the adaptive level's window.
+        self.recent_window = max(20, score_window // 4)
+        self._inside: dict[int, deque[bool]] = defaultdict(lambda: deque(maxlen=self.recent_window))
 
     # -- fitting ------------------------------------------------------------------------
 
@@ -161,6 +164,7 @@ class Forecaster:
         result = train(Panel.from_frame(frame, freq), self.config, on_progress=on_progress)
         self.result, self.model = result, trained_model(result)
         self._series, self._scores = {}, defaultdict(lambda: deque(maxlen=self.score_window))
+        self._inside = defaultdict(lambda: deque(maxlen=self.recent_window))
         self._absorb(frame)
         return self
 
@@ -263,7 +267,9 @@ class Forecaster:
                 )
 
     def _score(self, names: list[str], values: torch.Tensor, start: int, step: int) -> None:
-        """Score each series' previous forecast against the actuals now known."""
+        """Score each series' previous forecast against the actuals now known, and note
+        whether each fell inside the band that was served."""
+        corrections = self.corrections()
         for i, name in enumerate(names):
             have = self._series.get(name)
             if have is None or have.quantiles is None:
@@ -276,6 +282,8 @@ class Forecaster:
                 if math.isnan(y):
                     continue
                 lo, hi = float(have.quantiles[h - 1, 0]), float(have.quantiles[h - 1, -1])
+                c, width = corrections[h - 1], max(hi - lo, 0.0)
+                self._inside[h].append(lo - c * width <= y <= hi + c * width)
                 score = float(
                     calibration.band_scores(torch.tensor(lo), torch.tensor(hi), torch.tensor(y))
                 )
@@ -288,7 +296,12 @@ class Forecaster:
         trained = self._need_model()
         prior = list(trained.meta.get("calibration") or [0.0] * self.horizon)
         return [
-            calibration.blend(list(self._scores[h + 1]), self.level, prior[h], self.prior_weight)
+            calibration.blend(
+                list(self._scores[h + 1]),
+                calibration.adaptive_level(self.level, list(self._inside[h + 1])),
+                prior[h],
+                self.prior_weight,
+            )
             for h in range(self.horizon)
         ]
 

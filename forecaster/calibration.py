@@ -7,7 +7,9 @@ score of a scored forecast is how far the actual fell outside its raw band in wi
 holdout (forecaster.training.holdout_calibration) and serves it from its first forecast;
 afterwards c blends that prior with the conformal quantile of recent scores, the prior
 weighing as much as `prior_weight` scores: a small fleet is calibrated at once, a large one
-soon follows what it sees, and a drift in the errors moves the bands within a window.
+soon follows what it sees. Under drift the quantile's level adapts (adaptive conformal
+inference over a recent window): when the band served lately covered less than the level,
+the next correction is taken at a higher one, and the reverse.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ def conformal_quantile(scores: list[float], level: float) -> float:
     n = len(scores)
     rank = min(n, math.ceil((n + 1) * level))
     return sorted(scores)[rank - 1]
+
+
+def adaptive_level(level: float, inside: list[bool], min_n: int = 20) -> float:
+    """The level to take the conformal quantile at, so that coverage comes back to `level`
+    under drift: adaptive conformal inference with its error sum over a recent window,
+    level + (level - the share of recent actuals inside the band served), between 0.5 and
+    0.99. Fewer than `min_n` recent actuals: `level` as it is."""
+    if len(inside) < min_n:
+        return level
+    covered = sum(inside) / len(inside)
+    return min(0.99, max(0.5, level + (level - covered)))
 
 
 def blend(recent: list[float], level: float, prior: float | None, prior_weight: int) -> float:

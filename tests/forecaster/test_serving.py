@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from forecaster import serving
@@ -49,3 +50,12 @@ def test_a_trained_version_records_a_choice_per_series():
     assert result.serving[0] in ("naive_weekly", "mean_weekly"), result.serving
     again = TrainedModel.from_checkpoint(trained_model(result).to_checkpoint())
     assert again.meta["serving"] == dict(zip(["weekly", "noise"], result.serving, strict=True))
+
+
+def test_the_calibration_level_adapts_to_the_coverage_served_lately():
+    from forecaster.calibration import adaptive_level
+
+    assert adaptive_level(0.8, [True] * 10) == 0.8  # too few to judge
+    assert adaptive_level(0.8, [True] * 70 + [False] * 30) == pytest.approx(0.9)
+    assert adaptive_level(0.8, [True] * 100) == pytest.approx(0.6)
+    assert adaptive_level(0.8, [False] * 100) == 0.99
