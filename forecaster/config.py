@@ -179,7 +179,10 @@ class HttpJsonSource(_SourceBase):
     auth_env: str | None = Field(
         None, description="name of the environment variable holding the auth header's value"
     )
-    timeout: Duration = Field(timedelta(seconds=30), description="per request")
+    timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="for the whole answer of a request (at most 128 MiB after decompression)",
+    )
 
 
 class SqlSource(_SourceBase):
@@ -207,7 +210,10 @@ class PrometheusSource(_SourceBase):
     max_points: int = Field(
         10_000, gt=0, description="points per range query (Prometheus caps 11k)"
     )
-    timeout: Duration = Field(timedelta(seconds=30), description="per request")
+    timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="for the whole answer of a request (at most 128 MiB after decompression)",
+    )
 
 
 class Disruption(_Model):
