@@ -11,7 +11,9 @@ from the documented rules (forecaster.frames REASONS, pipelines.ingest):
 - a ts past now + max(5 min, freq) -> future;
 - same series and exact ts again in a batch: the later row wins; an earlier row with
   another value -> conflicting_duplicate, with the same value it is dropped silently;
-- a ts before the stored watermark minus allowed_lateness -> too_late;
+- a ts before the stored watermark minus allowed_lateness -> too_late, unless the batch's
+  too-late rows of that hour aggregate to the observed value stored there: a re-send of
+  what is stored, dropped silently;
 - the rest: floored to the hour, averaged per bucket, stored as observed; the hours between
   a series' previous watermark (or first point) and its newest point are stored as missing;
 - quarantine keeps a text over 1024 characters as its prefix, length and sha256.
@@ -61,6 +63,7 @@ FUZZ = settings(
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 NOW = T0 + timedelta(days=3)
 HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
 DEFAULTS = SeriesDefaults()  # 1h buckets, mean, 7 days lateness, gaps left missing
 HORIZON = NOW + max(timedelta(minutes=5), DEFAULTS.freq)
 ANY = object()  # a quarantined raw field whose exact text the oracle does not predict
@@ -289,6 +292,14 @@ def _bucket(t: datetime) -> datetime:
     return t.replace(minute=0, second=0, microsecond=0)
 
 
+def _mean(vals: list[float]) -> float:
+    """The exact mean, rounded once; of shares where the sum overflows (as frames.resample)."""
+    try:
+        return math.fsum(vals) / len(vals)
+    except OverflowError:  # fsum raises where the sum of finite values is past float's range
+        return math.fsum(v / len(vals) for v in vals)
+
+
 def oracle(batches_: list[list[tuple[str, Row, Any, Any, Any]]]) -> Expected:
     """batches_: per batch, (origin, row, series_raw, ts_raw, value_raw) in arrival order,
     the raw texts being what quarantine should keep (ANY: not predicted)."""
@@ -329,14 +340,20 @@ def oracle(batches_: list[list[tuple[str, Row, Any, Any, Any]]]) -> Expected:
                 exp.quarantine.append((item[4][0], "conflicting_duplicate", *item[4][1:]))
         previous = dict(exp.watermark)
         buckets: dict[tuple[str, datetime], list[float]] = {}
+        too_late: dict[tuple[str, datetime], list[tuple[float, tuple]]] = {}
         for _, name, t, v, raw in sorted(kept, key=lambda i: i[0]):
             mark = previous.get(name)
             if mark is not None and t < mark - DEFAULTS.allowed_lateness:
-                exp.quarantine.append((raw[0], "too_late", *raw[1:]))
+                too_late.setdefault((name, _bucket(t)), []).append((v, raw))
                 continue
             buckets.setdefault((name, _bucket(t)), []).append(v)
+        for key, late in too_late.items():
+            resent = _mean([v for v, _ in late])
+            if key in exp.observed and key not in exp.missing and resent == exp.observed[key]:
+                continue  # already stored as sent
+            exp.quarantine.extend((raw[0], "too_late", *raw[1:]) for _, raw in late)
         for key, vals in buckets.items():
-            exp.observed[key] = math.fsum(vals) / len(vals)
+            exp.observed[key] = _mean(vals)
             exp.missing.discard(key)
         for name in {n for n, _ in buckets}:
             new = [
@@ -862,6 +879,47 @@ def test_a_stray_quote_costs_only_its_own_line(tmp_path: Path) -> None:
         "6": ("bad_record", "a"),
     }
     store.close()
+
+
+def test_the_oracle_expects_a_too_late_resend_of_the_stored_value_dropped(template: Path) -> None:
+    """Too-late rows whose hour aggregates to the observed value stored there are a re-send,
+    dropped silently (pipelines.ingest); the oracle expected them quarantined too_late. The
+    rest of the too-late rows (another value; an hour stored as missing) still are."""
+    work = _Workdir(template)
+    late = T0 - timedelta(days=10)  # older than the second file's watermark minus 7 days
+
+    def row(t: datetime, value: str) -> Row:
+        return Row(_name("x"), Ts(_render_ts(t, 0, 0), t), Value(value, float(value)))
+
+    files = [
+        [row(late, "5"), row(late - HOUR, "4"), row(late + HOUR, "2"), row(T0, "1")],
+        [
+            row(late, "5"),  # as stored: dropped
+            row(late - HOUR + 10 * MINUTE, "3"),  # with the next row averages 4, as stored
+            row(late - HOUR + 20 * MINUTE, "5"),
+            row(late + HOUR, "2.5"),  # another value: too_late
+            row(late + 2 * HOUR, "2"),  # stored as missing: too_late
+        ],
+    ]
+    try:
+        src = build_source("fz", FileSource(path=str(work.dir / "in" / "*.csv")))
+        (work.dir / "in").mkdir()
+        per_batch = []
+        for stem, rows_ in zip("ab", files, strict=True):
+            path = work.dir / "in" / f"{stem}.csv"
+            lines = [b"series,ts,value"] + [
+                b"x," + r.ts.text.encode() + b"," + r.value.text.encode() for r in rows_
+            ]
+            path.write_bytes(b"\n".join(lines) + b"\n")
+            run_ingest(work.store, src, DEFAULTS, now=NOW)
+            per_batch.append(
+                [(f"{path}:{n}", r, "x", r.ts.text, r.value.text) for n, r in enumerate(rows_, 2)]
+            )
+        want = oracle(per_batch)
+        assert [(q[1], q[4]) for q in want.quarantine] == [("too_late", "2.5"), ("too_late", "2")]
+        check_store(work.store, want, "fz", _tolerance(per_batch))
+    finally:
+        work.close()
 
 
 def test_the_mean_of_huge_values_is_finite(tmp_path: Path) -> None:
