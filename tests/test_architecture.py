@@ -153,3 +153,17 @@ def test_the_command_line_loads_heavy_libraries_only_in_the_commands_using_them(
 def test_importing_the_package_loads_neither_the_store_nor_the_settings():
     names = _module_level_imports(ROOT / "forecaster" / "__init__.py")
     assert names <= {"__future__", "typing", "forecaster.errors"}, names
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted((ROOT / "forecaster" / "store").glob("*.py")), ROOT / "forecaster" / "errors.py"],
+    ids=lambda p: p.name,
+)
+def test_the_store_and_the_errors_load_neither_polars_nor_structlog_at_import(path):
+    """Every command imports the error classes, and the read commands the store: polars
+    loads in the store methods that build frames, structlog in forecaster.log only (the
+    errors mask with forecaster.masking), so `series list` does not pay for either."""
+    names = _module_level_imports(path)
+    assert {n for n in names if n.split(".")[0] in ("polars", "structlog")} == set(), names
+    assert not names & {"forecaster.frames", "forecaster.log"}, names
