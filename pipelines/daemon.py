@@ -238,6 +238,9 @@ class Daemon:
 
     def shutdown(self) -> None:
         log.info("stopping: letting running jobs finish")
+        # An ingest stops after the batch it is committing instead of reading on: the
+        # scheduler's shutdown below waits for it.
+        self.backend.begin_stopping()
         if self._retrain_running():
             log.info("stopping the running retrain (the champion keeps serving)")
             self.backend.stop_retrain()

@@ -44,6 +44,11 @@ class Backend(Protocol):
         """Stop a running retrain (it loses only its own work); serving jobs go on."""
         ...
 
+    def begin_stopping(self) -> None:
+        """Tell running serving jobs to stop at their next safe point (an ingest after the
+        batch it is committing), before the scheduler waits for them."""
+        ...
+
     def shutdown(self, *, wait: bool) -> None:
         """Stop taking jobs; with wait, let running ones finish (their transactions commit
         or roll back whole either way)."""
@@ -111,6 +116,9 @@ class InlineBackend:
             _kill_children(self._procs)
             self._procs.shutdown(wait=False, cancel_futures=True)
             self._procs = None
+
+    def begin_stopping(self) -> None:
+        self._ctx.stopping.set()
 
     def shutdown(self, *, wait: bool) -> None:
         self._threads.shutdown(wait=wait, cancel_futures=not wait)

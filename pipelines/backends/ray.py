@@ -412,6 +412,9 @@ class RayBackend:
         self._retrain_stopped = True
         self._retrains.shutdown(wait=False, cancel_futures=True)
 
+    def begin_stopping(self) -> None:
+        self._ctx.stopping.set()
+
     def shutdown(self, *, wait: bool) -> None:
         self._threads.shutdown(wait=wait, cancel_futures=not wait)
         wait_retrain = wait and not self._retrain_stopped

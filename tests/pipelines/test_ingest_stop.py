@@ -155,3 +155,18 @@ def test_an_ingest_job_of_a_stopping_worker_ends_after_one_batch(sqlite_url, tmp
         assert store.read_observations().height == rows
     finally:
         store.close()
+
+
+def test_a_daemon_shutting_down_tells_its_jobs_to_stop_first(sqlite_url, tmp_path):
+    """Daemon.shutdown sets the jobs' `stopping` before the scheduler waits for them."""
+    from pipelines.daemon import Daemon
+
+    settings = load_settings(None, database_url=sqlite_url)
+    store = Store(sqlite_url)
+    store.upgrade()
+    daemon = Daemon(settings, store, FixedClock(NOW), serve_http=False)
+    ctx = daemon.backend._ctx
+    assert not ctx.stopping.is_set()
+    daemon.shutdown()
+    assert ctx.stopping.is_set()
+    store.close()
