@@ -338,13 +338,20 @@ def run_cmd(
         if demo and fresh:
             _remove_sqlite(settings.database_url)
         stop = _stop_on_signals()
-        with _store(settings, check=not demo, create=demo) as store:
-            if not demo:
-                daemon = Daemon(settings, store, WallClock())
-                out.print("forecaster: running; SIGTERM or Ctrl-C stops it")
-                daemon.run_live(stop, on_started=_announce)
-                return
-            _run_demo(settings, store, stop, speed=speed, until_end=until_end)
+        try:
+            with _store(settings, check=not demo, create=demo) as store:
+                if not demo:
+                    daemon = Daemon(settings, store, WallClock())
+                    out.print("forecaster: running; SIGTERM or Ctrl-C stops it")
+                    daemon.run_live(stop, on_started=_announce)
+                    return
+                _run_demo(settings, store, stop, speed=speed, until_end=until_end)
+        except KeyboardInterrupt:
+            # Ctrl-C that reached Python's default handler (seen once under heavy load, after
+            # ours had run): a stop like the first, not a crash. Every job's writes commit
+            # whole or not at all, and running jobs' threads finish before the exit.
+            stop.set()
+            err.print("interrupted: stopped")
 
 
 def _run_demo(
