@@ -269,25 +269,23 @@ class Forecaster:
     def _score(self, names: list[str], values: torch.Tensor, start: int, step: int) -> None:
         """Score each series' previous forecast against the actuals now known, and note
         whether each fell inside the band that was served."""
-        corrections = self.corrections()
+        corrections = None  # computed once, and only when there is something to score
+        vals = values.numpy()
         for i, name in enumerate(names):
             have = self._series.get(name)
             if have is None or have.quantiles is None:
                 continue
-            for h in range(1, self.horizon + 1):
-                col = (have.last + h * step - start) // step
-                if col >= values.shape[1]:
-                    break
-                y = float(values[i, col])
+            if corrections is None:
+                corrections = self.corrections()
+            first = (have.last + step - start) // step  # the column of horizon step 1
+            for h in range(1, min(self.horizon, vals.shape[1] - first) + 1):
+                y = float(vals[i, first + h - 1])
                 if math.isnan(y):
                     continue
                 lo, hi = float(have.quantiles[h - 1, 0]), float(have.quantiles[h - 1, -1])
                 c, width = corrections[h - 1], max(hi - lo, 0.0)
                 self._inside[h].append(lo - c * width <= y <= hi + c * width)
-                score = float(
-                    calibration.band_scores(torch.tensor(lo), torch.tensor(hi), torch.tensor(y))
-                )
-                self._scores[h].append(score)
+                self._scores[h].append(calibration.band_score(lo, hi, y))
 
     # -- forecasting --------------------------------------------------------------------
 

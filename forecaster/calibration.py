@@ -32,6 +32,12 @@ def band_scores(lower: Tensor, upper: Tensor, actual: Tensor) -> Tensor:
     return score.clamp(max=BAND_SCORE_CAP)
 
 
+def band_score(lower: float, upper: float, actual: float) -> float:
+    """band_scores for one forecast, on floats."""
+    width = max(upper - lower, 1e-9)
+    return min(max(lower - actual, actual - upper) / width, BAND_SCORE_CAP)
+
+
 def conformal_quantile(scores: list[float], level: float) -> float:
     """The finite-sample conformal quantile of the scores for coverage `level`."""
     n = len(scores)
