@@ -84,7 +84,7 @@ def quarantine_list(
     limit: Annotated[int, typer.Option(help="rows to show")] = 20,
 ) -> None:
     """The newest quarantined rows and the count per reason."""
-    from forecaster.frames import REASONS
+    from forecaster.reasons import REASONS
 
     with _errors():
         with _store(_settings()) as store:

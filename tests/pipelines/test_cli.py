@@ -308,7 +308,12 @@ def test_read_commands_import_neither_torch_nor_plotting_nor_the_daemon(hostile_
         )
     # These read rows with SQLAlchemy alone: polars (a tenth of a second or more to import)
     # loads only where the store builds frames.
-    for command in (["series", "list"], ["models", "list"], ["db", "current"]):
+    for command in (
+        ["series", "list"],
+        ["models", "list"],
+        ["db", "current"],
+        ["quarantine", "list"],
+    ):
         loaded = _imported(["--db", hostile_store, *command], tmp_path)
         assert "sqlalchemy" in loaded, command
         assert loaded & {"torch", "polars", "numpy"} == set(), command
