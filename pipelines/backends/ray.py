@@ -38,13 +38,14 @@ GPU it has not reserved, and the driver never initialises CUDA for these jobs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,14 @@ from forecaster.errors import ConfigError
 from forecaster.panel import Panel
 from forecaster.store import Store
 from forecaster.trained import TrainedModel
-from forecaster.training import DataParallel, TrainConfig, TrainResult, train, trained_model
+from forecaster.training import (
+    DataParallel,
+    Spans,
+    TrainConfig,
+    TrainResult,
+    train,
+    trained_model,
+)
 from pipelines.jobs import Job, JobContext, JobOutcome, run_job
 from pipelines.predict import NoChampionError, PredictSummary, run_predict
 
@@ -129,8 +137,18 @@ def worker_store(url: str) -> Store:
     """The worker process's store for `url`, opened once (workers are reused across tasks)."""
     with _stores_lock:
         if url not in _stores:
+            _worker_logging()
             _stores[url] = Store(url)
         return _stores[url]
+
+
+def _worker_logging() -> None:
+    """A Ray worker is another process: without this its logs would use structlog's
+    defaults, whose tracebacks print local variables (a shard's database URL among them)
+    and mask nothing."""
+    from forecaster.log import configure_logging
+
+    configure_logging()
 
 
 def predict_shard(shard: Shard) -> PredictSummary:
@@ -266,6 +284,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _worker_logging()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     panel: Panel = cfg["panel"]
@@ -282,7 +301,9 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         return
     with tempfile.TemporaryDirectory() as d:
         _, sha = save_checkpoint(trained_model(result).to_checkpoint(), d)
-        plain = {k: v for k, v in asdict(result).items() if k in _PLAIN}
+        plain = {k: getattr(result, k) for k in _PLAIN}
+        spans = {f.name: getattr(result.spans, f.name) for f in dataclasses.fields(result.spans)}
+        plain["spans"] = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in spans.items()}
         Path(d, _RESULT_FILE).write_text(json.dumps({"sha256": sha, **plain, **metrics}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -298,6 +319,9 @@ _PLAIN = (
     "window",
     "seconds",
     "points_per_s",
+    "calibration",
+    "refit_epochs",
+    "serving",
 )
 
 
@@ -353,7 +377,11 @@ class RayTrain:
             path = Path(d, sha[:2], f"{sha}.safetensors")
             trained = TrainedModel.from_checkpoint(load_checkpoint(path.as_uri(), sha))
         self.last_world_size = plain.pop("world_size")
+        spans = plain.pop("spans")
         return TrainResult(
+            spans=Spans(
+                **{k: torch.tensor(v) if isinstance(v, list) else v for k, v in spans.items()}
+            ),
             model=trained.model.cpu().eval(),
             model_config=trained.model_config,
             spec=trained.spec,
