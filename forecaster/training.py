@@ -269,16 +269,18 @@ def evaluate(
     val_start: int | Tensor,
     nonnegative: bool = False,
     val_end: int | Tensor | None = None,
+    replayed: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """MASE, sMAPE and coverage of the model and the two seasonal naives on the same origins:
     each series' forecasts whose targets lie in its held-out tail [val_start, val_end) (one
-    index for all series, or one per series)."""
-    device = next(model.parameters()).device
+    index for all series, or one per series). `replayed`: the model's replay (scaled
+    units) from at least the tail's first origin, when the caller has it already."""
     n_series = panel.values.shape[0]
     lo = _as_index(val_start, n_series)
     hi = _as_index(panel.n_steps if val_end is None else val_end, n_series)
-    scaled = scalers.transform(panel.values).to(device)
-    origins, pred = replay(model, spec, scaled, panel.start, window, int(lo.min()) - 1)
+    origins, pred = _kept_from(
+        replayed or _replay_scaled(model, spec, panel, scalers, window, lo), int(lo.min()) - 1
+    )
     pred = scalers.inverse(pred)  # (S, T, H, Q)
     if nonnegative:  # counts, prices, loads: a forecast below zero is never right
         pred = pred.clamp_min(0.0)
@@ -313,11 +315,13 @@ def holdout_choice(
     lo: Tensor,
     hi: Tensor,
     nonnegative: bool = False,
+    replayed: tuple[Tensor, Tensor] | None = None,
 ) -> list[str]:
     """Per series, what serves it (forecaster.serving): the member with the lowest MAE on
     its forecasts whose targets lie in its held-out [lo, hi)."""
-    scaled = scalers.transform(panel.values)
-    origins, pred = replay(model, spec, scaled, panel.start, window, int(lo.min()) - 1)
+    origins, pred = _kept_from(
+        replayed or _replay_scaled(model, spec, panel, scalers, window, lo), int(lo.min()) - 1
+    )
     median = scalers.inverse(pred)[..., pred.shape[-1] // 2]  # (S, T, H)
     if nonnegative:
         median = median.clamp_min(0.0)
@@ -336,6 +340,23 @@ def holdout_choice(
         )
         errors[name] = torch.nanmean(err.flatten(1), dim=1)
     return serving.choose(errors)
+
+
+def _replay_scaled(
+    model: nn.Module, spec: F.FeatureSpec, panel: Panel, scalers: Scalers, window: int, lo: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The model's replay of the panel (scaled units) keeping origins from lo.min() - 1."""
+    device = next(model.parameters()).device
+    scaled = scalers.transform(panel.values).to(device)
+    return replay(model, spec, scaled, panel.start, window, int(lo.min()) - 1)
+
+
+def _kept_from(replayed: tuple[Tensor, Tensor], first: int) -> tuple[Tensor, Tensor]:
+    """A replay (origins (T,), predictions (S, T, ...)) cut to the origins from `first`, as
+    if it had been run with from_origin=first."""
+    origins, pred = replayed
+    keep = origins >= first
+    return origins[keep], pred[:, keep]
 
 
 def _before(values: Tensor, limit: Tensor) -> Tensor:
@@ -537,6 +558,9 @@ def train(
     choice: list[str] = []
     if parallel is None or parallel.main:
         cpu_model = copy.deepcopy(model).cpu().eval()
+        # One replay of the whole history serves the scores, the choice and the calibration
+        # (each keeps the origins whose targets lie in its own tail).
+        replayed = _replay_scaled(cpu_model, spec, panel, scalers, window, spans.train_end)
         metrics = evaluate(
             cpu_model,
             spec,
@@ -547,9 +571,18 @@ def train(
             spans.test_start,
             nonnegative,
             val_end=spans.end,
+            replayed=replayed,
         )
         choice = holdout_choice(
-            cpu_model, spec, panel, scalers, window, spans.train_end, spans.end, nonnegative
+            cpu_model,
+            spec,
+            panel,
+            scalers,
+            window,
+            spans.train_end,
+            spans.end,
+            nonnegative,
+            replayed=replayed,
         )
         calibration = holdout_calibration(
             cpu_model,
@@ -560,6 +593,7 @@ def train(
             spans.train_end,
             spans.end,
             config.quantiles,
+            replayed=replayed,
         )
 
     # Refit: fine-tune the chosen model through every point, newest included.
@@ -698,12 +732,15 @@ def holdout_calibration(
     lo: Tensor,
     hi: Tensor,
     quantiles: tuple[float, ...],
+    replayed: tuple[Tensor, Tensor] | None = None,
 ) -> list[float]:
     """Per horizon step, the conformal correction of the raw band in band widths, from the
     forecasts whose targets lie in each series' held-out [lo, hi) (the early-stopping and
     test tails, which the chosen weights never learnt from). Scale-free, so it pools series
     of any size: served = [lower - c * width, upper + c * width]."""
-    origins, pred = replay(model, spec, scaled, start, window, int(lo.min()) - 1)
+    origins, pred = _kept_from(
+        replayed or replay(model, spec, scaled, start, window, int(lo.min()) - 1), int(lo.min()) - 1
+    )
     actual = F.targets(spec, scaled, origins, hi, floor=lo)  # (S, T, H)
     lower, upper = pred[..., 0], pred[..., -1]
     scores = band_scores(lower, upper, actual)
