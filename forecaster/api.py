@@ -292,15 +292,15 @@ class Forecaster:
     def corrections(self) -> list[float]:
         """Per horizon step, the band correction served (band widths each side)."""
         trained = self._need_model()
-        prior = list(trained.meta.get("calibration") or [0.0] * self.horizon)
+        prior = trained.holdout_corrections  # as the evaluate job blends it
         return [
             calibration.blend(
-                list(self._scores[h + 1]),
-                calibration.adaptive_level(self.level, list(self._inside[h + 1])),
-                prior[h],
+                list(self._scores[h]),
+                calibration.adaptive_level(self.level, list(self._inside[h])),
+                prior.get(h),
                 self.prior_weight,
             )
-            for h in range(self.horizon)
+            for h in range(1, self.horizon + 1)
         ]
 
     def forecast(self) -> pl.DataFrame:

@@ -32,6 +32,12 @@ class TrainedModel:
     window: int = 168  # TBPTT window the model was trained with (steps)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def holdout_corrections(self) -> dict[int, float]:
+        """horizon step -> the band correction (in band widths) measured on the training
+        holdout; empty for a checkpoint from before holdout calibration."""
+        return {h + 1: float(c) for h, c in enumerate(self.meta.get("calibration") or [])}
+
     def to_checkpoint(self) -> Checkpoint:
         meta = {
             **self.meta,

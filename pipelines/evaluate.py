@@ -154,7 +154,7 @@ def _holdout_calibration(version: dict) -> dict[int, float]:
     except Exception as exc:  # noqa: BLE001 - the bands then follow the scores alone
         log.warning("no holdout calibration", model=f"v{version['id']}", error=str(exc))
         return {}
-    return {h + 1: float(c) for h, c in enumerate(trained.meta.get("calibration") or [])}
+    return trained.holdout_corrections
 
 
 BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)

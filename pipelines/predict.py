@@ -82,8 +82,7 @@ def load_trained(uri: str, sha256: str) -> TrainedModel:
 def band_corrections(store: Store, trained: TrainedModel, vid: int) -> dict[int, float]:
     """horizon step -> the correction served, in band widths: evaluate's where it has
     written one, else the one measured on the model's training holdout."""
-    prior = {h + 1: float(c) for h, c in enumerate(trained.meta.get("calibration") or [])}
-    return {**prior, **store.calibration_for(f"v{vid}")}
+    return {**trained.holdout_corrections, **store.calibration_for(f"v{vid}")}
 
 
 def run_predict(
