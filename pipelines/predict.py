@@ -23,7 +23,7 @@ import polars as pl
 import structlog
 import torch
 
-from forecaster import serving
+from forecaster import calibration, serving
 from forecaster.checkpoints import load_checkpoint
 from forecaster.errors import ForecasterError
 from forecaster.features import FeatureSpec
@@ -394,11 +394,12 @@ def _forecast_rows(
     yhat = q[..., mid].reshape(-1).double().numpy()  # (S * H,)
     raw_lo = q[..., lo_i].reshape(-1).double().numpy()
     raw_hi = q[..., hi_i].reshape(-1).double().numpy()
-    corr = np.tile(np.array([corrections.get(h, 0.0) for h in range(1, horizon + 1)]), n_series)
-    floor = 0.0 if trained.nonnegative else -np.inf
-    width = np.maximum(raw_hi - raw_lo, 0.0)
-    lower = np.maximum(floor, np.minimum(yhat, raw_lo - corr * width))
-    upper = np.maximum(yhat, raw_hi + corr * width)
+    corr = torch.tensor([corrections.get(h, 0.0) for h in range(1, horizon + 1)]).double()
+    qd = q.double()
+    lower, upper = calibration.apply(
+        qd[..., lo_i], qd[..., hi_i], qd[..., mid], corr, 0.0 if trained.nonnegative else None
+    )
+    lower, upper = lower.reshape(-1).numpy(), upper.reshape(-1).numpy()
     band = (lower, upper, raw_lo, raw_hi, level)
     frames = [_model_rows(sid, steps, target_us, yhat, f"v{vid}", vid, origin_us, band)]
     for season in BASELINES:
