@@ -28,7 +28,7 @@ import torch
 
 from forecaster import calibration, serving
 from forecaster import features as F
-from forecaster.inference import advance, history_steps
+from forecaster.inference import Joint, advance, history_steps
 from forecaster.panel import Panel
 from forecaster.trained import TrainedModel
 from forecaster.training import Progress, TrainConfig, TrainResult, train, trained_model
@@ -256,6 +256,7 @@ class Forecaster:
                 F.seasonal_naive(trained.spec, values, at, "daily")[:, 0],
                 F.seasonal_naive(trained.spec, values, at, "weekly")[:, 0],
                 [chosen.get(nm, "model") for nm in names],
+                out.stat,
             )
             for i, name in enumerate(names):
                 self._series[name] = _SeriesState(
@@ -411,13 +412,19 @@ def _iso(epoch: int) -> str:
 
 
 def _slice(state: Any, i: int) -> Any:
-    """Series i of a batched state ((layers, B, hidden) or a tuple of them)."""
+    """Series i of a batched state ((layers, B, hidden), a tuple of them, or a Joint)."""
+    if isinstance(state, Joint):
+        return Joint(_slice(state.net, i), state.stat[i : i + 1].copy())
     if isinstance(state, tuple):
         return tuple(s[:, i : i + 1].clone() for s in state)
     return state[:, i : i + 1].clone()
 
 
 def _stack(states: list[Any]) -> Any:
+    if isinstance(states[0], Joint):
+        return Joint(
+            _stack([s.net for s in states]), np.concatenate([s.stat for s in states], axis=0)
+        )
     if isinstance(states[0], tuple):
         return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
     return torch.cat(states, dim=1)

@@ -314,6 +314,12 @@ class TrainingSettings(_Model):
         "the chosen epochs (at least 1); 0 serves the early-stopped model",
     )
     bidirectional: bool = Field(False, description="seq2seq: within-window backward encoder")
+    challenger: Literal["mstl", "none"] = Field(
+        "mstl",
+        description="statistical challenger fitted with each version and kept as a state "
+        "(MSTL: about 0.5 s a series, once per version), a member each series may be "
+        "served by; none: the network and the seasonal naives only",
+    )
     seed: int = Field(0, description="seed of weights and batch order")
 
     @model_validator(mode="after")

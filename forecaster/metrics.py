@@ -295,8 +295,9 @@ class SqlCollector:
             "served_by": g(
                 "forecaster_series_served_by",
                 "1 for what serves the series under the champion: model (the network), "
-                "naive_daily, naive_weekly, or mean_daily / mean_weekly (its mean with that "
-                "naive), chosen per series on the holdout at training.",
+                "naive_daily, naive_weekly, mstl (the statistical challenger), or "
+                "mean_daily / mean_weekly / mean_mstl (its mean with that member), chosen per "
+                "series on the holdout at training.",
                 labels=["series", "member"],
             ),
             "model_info": g(

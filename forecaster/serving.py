@@ -1,4 +1,5 @@
-"""What serves each series: the model, a seasonal naive, or the mean of the two.
+"""What serves each series: the model, a seasonal naive, the statistical challenger (MSTL,
+forecaster.stats), or the mean of the model and one of them.
 
 No single forecaster wins everywhere: on smooth series with a strong weekly shape a
 seasonal naive can beat the network, and the mean of the two can beat both. A trained
@@ -14,20 +15,34 @@ from __future__ import annotations
 
 from torch import Tensor
 
-MEMBERS = ("model", "naive_daily", "naive_weekly", "mean_daily", "mean_weekly")
+MEMBERS = (
+    "model",
+    "naive_daily",
+    "naive_weekly",
+    "mean_daily",
+    "mean_weekly",
+    "mstl",
+    "mean_mstl",
+)
 MARGIN = 0.02
 
 
-def member_medians(median: Tensor, daily: Tensor, weekly: Tensor) -> dict[str, Tensor]:
+def member_medians(
+    median: Tensor, daily: Tensor, weekly: Tensor, stat: Tensor | None = None
+) -> dict[str, Tensor]:
     """Each member's point forecast, (S, ...) like `median`; a naive unknown (NaN) where a
-    season back is not stored."""
-    return {
+    season back is not stored; the MSTL members only where the version has a challenger."""
+    out = {
         "model": median,
         "naive_daily": daily,
         "naive_weekly": weekly,
         "mean_daily": (median + daily) / 2,
         "mean_weekly": (median + weekly) / 2,
     }
+    if stat is not None:
+        out["mstl"] = stat
+        out["mean_mstl"] = (median + stat) / 2
+    return out
 
 
 def choose(errors: dict[str, Tensor]) -> list[str]:
@@ -38,6 +53,8 @@ def choose(errors: dict[str, Tensor]) -> list[str]:
     for i in range(base.shape[0]):
         best, best_err = "model", float(base[i])
         for name in MEMBERS[1:]:
+            if name not in errors:
+                continue
             err = float(errors[name][i])
             if (
                 err == err
@@ -49,17 +66,23 @@ def choose(errors: dict[str, Tensor]) -> list[str]:
     return out
 
 
-def serve(quantiles: Tensor, daily: Tensor, weekly: Tensor, members: list[str]) -> Tensor:
-    """quantiles (S, H, Q) of the network, naives (S, H) -> (S, H, Q) served: each series'
-    quantiles moved by (its member's median - the network's), the network's where the
-    member is unknown at a step."""
+def serve(
+    quantiles: Tensor,
+    daily: Tensor,
+    weekly: Tensor,
+    members: list[str],
+    stat: Tensor | None = None,
+) -> Tensor:
+    """quantiles (S, ..., Q) of the network, naives and MSTL (S, ...) -> (S, ..., Q) served:
+    each series' quantiles moved by (its member's median - the network's), the network's
+    where the member is unknown at a step (or the version has no such member)."""
     mid = quantiles.shape[-1] // 2
-    medians = member_medians(quantiles[..., mid], daily, weekly)
+    medians = member_medians(quantiles[..., mid], daily, weekly, stat)
     out = quantiles.clone()
     for i, name in enumerate(members):
-        if name == "model":
+        if name == "model" or name not in medians:
             continue
-        shift = medians[name][i] - quantiles[i, :, mid]  # (H,)
+        shift = medians[name][i] - quantiles[i, ..., mid]  # (...)
         shift = shift.nan_to_num(0.0)
         out[i] = quantiles[i] + shift.unsqueeze(-1)
     return out

@@ -5,6 +5,7 @@ The unit that goes into a checkpoint and comes back out of one; inference builds
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,13 @@ from forecaster.panel import Scalers
 # Bumped whenever the networks' parameters or the features change meaning: a checkpoint
 # from another architecture is refused with a message, not loaded into the wrong shapes.
 ARCHITECTURE = 2
+
+
+@dataclass(frozen=True)
+class Challenger:
+    params: Any  # forecaster.stats.StatParams, all series
+    state: Any  # np.ndarray (S, width): each series' state after its step
+    step: Any  # np.ndarray (S,): the epoch-grid step each state holds up to
 
 
 @dataclass
@@ -37,6 +45,23 @@ class TrainedModel:
         """horizon step -> the band correction (in band widths) measured on the training
         holdout; empty for a checkpoint from before holdout calibration."""
         return {h + 1: float(c) for h, c in enumerate(self.meta.get("calibration") or [])}
+
+    @functools.cached_property
+    def stat(self) -> Challenger | None:
+        """The statistical challenger fitted with this version (forecaster.stats), in the
+        scalers' series order; None for a version without one."""
+        kept = self.meta.get("stat")
+        if not kept:
+            return None
+        import numpy as np
+
+        from forecaster.stats import StatParams
+
+        return Challenger(
+            params=StatParams.from_dict(kept["params"]),
+            state=np.asarray(kept["state"], dtype=np.float64),
+            step=np.asarray(kept["step"], dtype=np.int64),
+        )
 
     def to_checkpoint(self) -> Checkpoint:
         meta = {

@@ -29,16 +29,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
+import structlog
 import torch
 from torch import Tensor, nn
 
 from forecaster import evaluation as ev
 from forecaster import features as F
-from forecaster import serving
+from forecaster import serving, stats
 from forecaster.calibration import band_scores, conformal_quantile
 from forecaster.models import ModelConfig, Seq2SeqForecaster, build_model
 from forecaster.panel import Panel, Scalers
 from forecaster.trained import TrainedModel
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +70,9 @@ class TrainConfig:
     # a quarter of the chosen epoch count (at least one). 0 serves the early-stopped model.
     refit_epochs: int | None = None
     seasons: tuple[int, int] | None = None  # (daily, weekly) periods in steps; None: from freq
+    # The statistical challenger fitted beside the network (forecaster.stats), one of the
+    # members each series may be served by; "none": the network and the naives only.
+    challenger: Literal["mstl", "none"] = "mstl"
     burn_in_windows: int = 1
     teacher_forcing: tuple[float, float] = (1.0, 0.0)  # seq2seq ratio, first -> last epoch
     seq2seq_origin_stride: int = 4  # seq2seq trains from every k-th origin (decoding is costly)
@@ -124,6 +130,9 @@ class TrainResult:
     calibration: list[float] = field(default_factory=list)  # per horizon step, band widths
     refit_epochs: int = 0
     serving: list[str] = field(default_factory=list)  # per series (names' order): what serves it
+    # The statistical challenger (forecaster.stats): params, per-series state and the epoch
+    # step each state holds up to; None: no challenger.
+    stat: dict[str, Any] | None = None
 
 
 def trained_model(result: TrainResult) -> TrainedModel:
@@ -143,6 +152,7 @@ def trained_model(result: TrainResult) -> TrainedModel:
             "serving": dict(zip(result.names, result.serving, strict=True))
             if result.serving
             else {},
+            **({"stat": result.stat} if result.stat else {}),
         },
     )
 
@@ -270,6 +280,7 @@ def evaluate(
     nonnegative: bool = False,
     val_end: int | Tensor | None = None,
     replayed: tuple[Tensor, Tensor] | None = None,
+    stat: Tensor | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """MASE, sMAPE and coverage of the model and the two seasonal naives on the same origins:
     each series' forecasts whose targets lie in its held-out tail [val_start, val_end) (one
@@ -278,9 +289,9 @@ def evaluate(
     n_series = panel.values.shape[0]
     lo = _as_index(val_start, n_series)
     hi = _as_index(panel.n_steps if val_end is None else val_end, n_series)
-    origins, pred = _kept_from(
-        replayed or _replay_scaled(model, spec, panel, scalers, window, lo), int(lo.min()) - 1
-    )
+    replayed = replayed or _replay_scaled(model, spec, panel, scalers, window, lo)
+    keep = replayed[0] >= int(lo.min()) - 1
+    origins, pred = _kept_from(replayed, int(lo.min()) - 1)
     pred = scalers.inverse(pred)  # (S, T, H, Q)
     if nonnegative:  # counts, prices, loads: a forecast below zero is never right
         pred = pred.clamp_min(0.0)
@@ -302,6 +313,13 @@ def evaluate(
             "smape": ev.smape(naive, actual),
             "coverage": None,  # a point forecast has no band
         }
+    if stat is not None:  # the statistical challenger, on the same origins
+        point = stat[:, keep]
+        out["mstl"] = {
+            "mase": ev.mase(point, actual, scale),
+            "smape": ev.smape(point, actual),
+            "coverage": None,
+        }
     return out
 
 
@@ -316,12 +334,14 @@ def holdout_choice(
     hi: Tensor,
     nonnegative: bool = False,
     replayed: tuple[Tensor, Tensor] | None = None,
+    stat: Tensor | None = None,
 ) -> list[str]:
     """Per series, what serves it (forecaster.serving): the member with the lowest MAE on
-    its forecasts whose targets lie in its held-out [lo, hi)."""
-    origins, pred = _kept_from(
-        replayed or _replay_scaled(model, spec, panel, scalers, window, lo), int(lo.min()) - 1
-    )
+    its forecasts whose targets lie in its held-out [lo, hi). `stat`: the challenger's
+    forecasts (S, T, H) from the origins of `replayed`, NaN where it has none."""
+    replayed = replayed or _replay_scaled(model, spec, panel, scalers, window, lo)
+    keep = replayed[0] >= int(lo.min()) - 1
+    origins, pred = _kept_from(replayed, int(lo.min()) - 1)
     median = scalers.inverse(pred)[..., pred.shape[-1] // 2]  # (S, T, H)
     if nonnegative:
         median = median.clamp_min(0.0)
@@ -330,14 +350,13 @@ def holdout_choice(
         median,
         F.seasonal_naive(spec, panel.values, origins, "daily"),
         F.seasonal_naive(spec, panel.values, origins, "weekly"),
+        None if stat is None else stat[:, keep],
     )
+    # Scored only where every member has a forecast, so all face the same targets.
+    unknown = torch.isnan(sum(m for name, m in medians.items() if name != "model"))
     errors = {}
     for name, point in medians.items():
-        err = (point - actual).abs()
-        # Scored only where every member has a forecast, so all face the same targets.
-        err = torch.where(
-            torch.isnan(medians["naive_weekly"] + medians["naive_daily"]), torch.nan, err
-        )
+        err = torch.where(unknown, torch.nan, (point - actual).abs())
         errors[name] = torch.nanmean(err.flatten(1), dim=1)
     return serving.choose(errors)
 
@@ -556,11 +575,17 @@ def train(
     metrics: dict[str, dict[str, float | None]] = {}
     calibration: list[float] = []
     choice: list[str] = []
+    stat_kept: dict[str, Any] | None = None
     if parallel is None or parallel.main:
         cpu_model = copy.deepcopy(model).cpu().eval()
         # One replay of the whole history serves the scores, the choice and the calibration
         # (each keeps the origins whose targets lie in its own tail).
         replayed = _replay_scaled(cpu_model, spec, panel, scalers, window, spans.train_end)
+        stat_pred = None
+        if config.challenger == "mstl":
+            stat_kept, stat_pred = _challenger(panel, spans, spec, replayed[0])
+            if stat_pred is not None and nonnegative:
+                stat_pred = stat_pred.clamp_min(0.0)
         metrics = evaluate(
             cpu_model,
             spec,
@@ -572,6 +597,7 @@ def train(
             nonnegative,
             val_end=spans.end,
             replayed=replayed,
+            stat=stat_pred,
         )
         choice = holdout_choice(
             cpu_model,
@@ -583,6 +609,7 @@ def train(
             spans.end,
             nonnegative,
             replayed=replayed,
+            stat=stat_pred,
         )
         calibration = holdout_calibration(
             cpu_model,
@@ -594,6 +621,10 @@ def train(
             spans.end,
             config.quantiles,
             replayed=replayed,
+            served=choice,
+            stat=None
+            if stat_pred is None
+            else (stat_pred - scalers.center.view(-1, 1, 1)) / scalers.scale.view(-1, 1, 1),
         )
 
     # Refit: fine-tune the chosen model through every point, newest included.
@@ -609,8 +640,14 @@ def train(
         )
         points += points_epoch
         train_seconds += time.perf_counter() - t_epoch
-    seconds = time.perf_counter() - t0
     model = model.cpu().eval()
+    if calibration and refit_epochs and (parallel is None or parallel.main):
+        # The corrections were measured on the early-stopped network's band; the refit one's
+        # band may be narrower or wider on the same origins. Keep the width the holdout
+        # found right: rescale each step's correction by the ratio of the two widths.
+        refit_replay = _replay_scaled(model, spec, panel, scalers, window, spans.train_end)
+        calibration = rescale_calibration(calibration, replayed, refit_replay, spans.train_end)
+    seconds = time.perf_counter() - t0
     return TrainResult(
         model=model,
         model_config=model_config,
@@ -631,6 +668,7 @@ def train(
         calibration=calibration,
         refit_epochs=refit_epochs,
         serving=choice,
+        stat=stat_kept,
     )
 
 
@@ -733,15 +771,28 @@ def holdout_calibration(
     hi: Tensor,
     quantiles: tuple[float, ...],
     replayed: tuple[Tensor, Tensor] | None = None,
+    served: list[str] | None = None,
+    stat: Tensor | None = None,
 ) -> list[float]:
     """Per horizon step, the conformal correction of the raw band in band widths, from the
     forecasts whose targets lie in each series' held-out [lo, hi) (the early-stopping and
     test tails, which the chosen weights never learnt from). Scale-free, so it pools series
-    of any size: served = [lower - c * width, upper + c * width]."""
-    origins, pred = _kept_from(
-        replayed or replay(model, spec, scaled, start, window, int(lo.min()) - 1), int(lo.min()) - 1
-    )
+    of any size: served = [lower - c * width, upper + c * width]. With `served` (each
+    series' member, forecaster.serving) the band is measured where it is served: moved to
+    that member's median (`stat`: the challenger's forecasts from the replay's origins, in
+    the same scaled units)."""
+    replayed = replayed or replay(model, spec, scaled, start, window, int(lo.min()) - 1)
+    keep = replayed[0] >= int(lo.min()) - 1
+    origins, pred = _kept_from(replayed, int(lo.min()) - 1)
     actual = F.targets(spec, scaled, origins, hi, floor=lo)  # (S, T, H)
+    if served and any(m != "model" for m in served):
+        pred = serving.serve(
+            pred,
+            F.seasonal_naive(spec, scaled, origins, "daily"),
+            F.seasonal_naive(spec, scaled, origins, "weekly"),
+            served,
+            None if stat is None else stat[:, keep],
+        )
     lower, upper = pred[..., 0], pred[..., -1]
     scores = band_scores(lower, upper, actual)
     level = round(quantiles[-1] - quantiles[0], 6)
@@ -751,3 +802,83 @@ def holdout_calibration(
         col = col[~torch.isnan(col)]
         out.append(conformal_quantile(col.tolist(), level) if col.numel() else 0.0)
     return out
+
+
+def rescale_calibration(
+    corrections: list[float],
+    before: tuple[Tensor, Tensor],
+    after: tuple[Tensor, Tensor],
+    lo: Tensor,
+) -> list[float]:
+    """Per horizon step, the correction that gives the band of the `after` replay the
+    served width (1 + 2c) x width that `corrections` gave the `before` replay, by the
+    ratio of their median raw widths over the origins from lo.min() - 1."""
+    first = int(lo.min()) - 1
+    _, b = _kept_from(before, first)
+    _, a = _kept_from(after, first)
+    out = []
+    for h, c in enumerate(corrections):
+        wb = (b[:, :, h, -1] - b[:, :, h, 0]).flatten()
+        wa = (a[:, :, h, -1] - a[:, :, h, 0]).flatten()
+        mb, ma = float(wb.median()), float(wa.median())
+        if not (ma > 0 and mb > 0):
+            out.append(c)
+            continue
+        out.append(((1 + 2 * c) * mb / ma - 1) / 2)
+    return out
+
+
+def _challenger(
+    panel: Panel, spans: Spans, spec: F.FeatureSpec, origins: Tensor
+) -> tuple[dict[str, Any] | None, Tensor | None]:
+    """fit_challenger, or (None, None) with a warning where the fit fails: the network and
+    the naives still serve."""
+    try:
+        return fit_challenger(panel, spans, spec, origins)
+    except Exception as exc:  # a statistical fit failing must not lose the trained network
+        log.warning("the MSTL challenger could not be fitted; serving without it", error=str(exc))
+        return None, None
+
+
+def fit_challenger(
+    panel: Panel, spans: Spans, spec: F.FeatureSpec, origins: Tensor
+) -> tuple[dict[str, Any], Tensor]:
+    """The statistical challenger (forecaster.stats): MSTL fitted on each series' training
+    span, its seasonal-update gains chosen on the early-stopping tail, then its state rolled
+    over the held-out tails to each series' last point. Returns what a checkpoint keeps
+    (params, states, the epoch step each state holds up to) and its forecasts (S, T, H),
+    raw units, from each of `origins` (grid indices), NaN where an origin precedes the fit's
+    end (the fit saw those targets)."""
+    values = panel.values.double().numpy()
+    step0 = panel.start // panel.freq_seconds
+    first, train_end = spans.first.numpy(), spans.train_end.numpy()
+    test_start, end = spans.test_start.numpy(), spans.end.numpy()
+    params, fitted = stats.fit(values, first, train_end, step0, spec.season_day, spec.season_week)
+    lo = int(train_end.min())
+    idx = np.arange(values.shape[1])
+    stop_tail = np.where(idx[None, :] < test_start[:, None], values, np.nan)[:, lo:]
+    params.gamma = stats.choose_gamma(
+        params, fitted, stop_tail, step0 + lo, spec.horizon, active_from=step0 + train_end
+    )
+    state, pred = stats.update(
+        params,
+        fitted,
+        values[:, lo:],
+        step0 + lo,
+        spec.horizon,
+        active_from=step0 + train_end,
+        active_to=step0 + end - 1,
+    )
+    # From origin lo - 1: the fit's own end, for the series whose training ends there.
+    first_pred = stats.forecast(params, fitted, step0 + lo - 1, spec.horizon)
+    first_pred[train_end != lo] = np.nan
+    every = np.concatenate([first_pred[:, None], pred], axis=1)  # origins lo - 1 .. n - 1
+    at = (origins - (lo - 1)).clamp(0, every.shape[1] - 1).numpy()
+    out = torch.from_numpy(every[:, at]).float()
+    out[:, torch.from_numpy(origins.numpy() < lo - 1)] = torch.nan
+    kept = {
+        "params": params.to_dict(),
+        "state": state.astype(float).tolist(),
+        "step": (step0 + end - 1).astype(int).tolist(),
+    }
+    return kept, out

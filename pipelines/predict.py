@@ -129,7 +129,7 @@ def run_predict(
         if t["late_from"] is not None and t["id"] in states and t["late_from"] <= states[t["id"]][2]
     ]
     late_ids = {t["id"] for t in late}
-    rewinds = _plan_rewinds(store, vid, late, states, step, warmup_steps)
+    rewinds = _plan_rewinds(store, trained, vid, late, states, step, warmup_steps)
 
     groups: dict[tuple[datetime | None, datetime, int], list[dict]] = defaultdict(list)
     for t in targets:
@@ -143,7 +143,9 @@ def run_predict(
 
     for (state_ts, watermark, window_s), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
         first_new = (
-            state_ts + step if state_ts is not None else watermark - (warmup_steps - 1) * step
+            state_ts + step
+            if state_ts is not None
+            else _warmup_start(trained, members, watermark - (warmup_steps - 1) * step)
         )
         for i in range(0, len(members), chunk):
             part = members[i : i + chunk]
@@ -206,8 +208,22 @@ class _Rewind:
     stale_origins: list[datetime]  # origins whose forecasts read the late point
 
 
+def _warmup_start(trained: TrainedModel, members: list[dict], start: datetime) -> datetime:
+    """Where a warm-up from no state begins: `start`, or earlier where the statistical
+    challenger's fitted state (forecaster.stats) holds only older points, so it absorbs
+    every point after them (once per series and version)."""
+    challenger = trained.stat
+    if challenger is None:
+        return start
+    row_of = {name: i for i, name in enumerate(trained.names)}
+    step_s = trained.spec.freq_seconds
+    held = min(int(challenger.step[row_of[m["name"]]]) for m in members)
+    return min(start, datetime.fromtimestamp((held + 1) * step_s, UTC))
+
+
 def _plan_rewinds(
     store: Store,
+    trained: TrainedModel,
     vid: int,
     late: list[dict],
     states: dict,
@@ -238,7 +254,7 @@ def _plan_rewinds(
         if snap is not None:
             first_new = snap[2] + step
         else:
-            first_new = origins[0] - (warmup_steps - 1) * step
+            first_new = _warmup_start(trained, [t], origins[0] - (warmup_steps - 1) * step)
             log.warning(
                 "late point older than the kept snapshots: warming the state up again",
                 series=t["name"],
@@ -304,7 +320,16 @@ def _advance_chunk(
         )
         forecasts.append(
             _forecast_rows(
-                trained, vid, ids, out.quantiles, values, hi - 1, origin, corrections, served
+                trained,
+                vid,
+                ids,
+                out.quantiles,
+                values,
+                hi - 1,
+                origin,
+                corrections,
+                served,
+                out.stat,
             )
         )
         edge_states += out.edge_states
@@ -372,17 +397,19 @@ def _forecast_rows(
     origin_ts: datetime,
     corrections: dict[int, float],
     served: list[str] | None = None,
+    stat: torch.Tensor | None = None,
 ) -> pl.DataFrame:
     """Rows for the forecasts table, as a frame built from columns: the model's S x H, then
     each baseline's where a value one season back is known. The band served is the raw one
     widened (or narrowed) on each side by the conformal correction of its horizon step times
     the raw band's width, never past the median. A series served by a naive or a mean
     (forecaster.serving, chosen at training) has the network's quantiles moved to that
-    member's median."""
+    member's median (`stat`: the MSTL challenger's forecast (S, H), for the members that
+    use it)."""
     spec = trained.spec
     naives = {season: seasonal_naive_at(spec, values, origin, season) for season in BASELINES}
     if served and any(m != "model" for m in served):
-        q = serving.serve(q, naives["daily"], naives["weekly"], served)
+        q = serving.serve(q, naives["daily"], naives["weekly"], served, stat)
     quantiles = trained.model_config.quantiles
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1
     level = round(quantiles[hi_i] - quantiles[lo_i], 6)

@@ -58,6 +58,7 @@ def train_config(
         "stop_steps": t.stop_steps,
         "refit_epochs": t.refit_epochs,
         "bidirectional": t.bidirectional,
+        "challenger": t.challenger,
         "seed": t.seed,
         "device": settings.device,
         "seasons": seasons_for(settings, store, series),

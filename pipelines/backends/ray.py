@@ -322,6 +322,7 @@ _PLAIN = (
     "calibration",
     "refit_epochs",
     "serving",
+    "stat",
 )
 
 

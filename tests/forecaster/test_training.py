@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forecaster import features as F
+from forecaster import serving
 from forecaster.checkpoints import load_checkpoint, local_path, save_checkpoint
 from forecaster.errors import CheckpointError
 from forecaster.panel import Panel
@@ -199,16 +200,26 @@ def test_seasons_can_be_given_in_steps():
 
 def test_bands_are_calibrated_from_the_holdout():
     """Per horizon step, a correction in band widths measured on the tails: the band it gives
-    covers about 80% of a continuation the model never saw."""
+    covers about 80% of a continuation the model never saw, where it is served (each
+    series' member, forecaster.serving: the network's band moved to a naive's median, or
+    the mean of the two; no statistical challenger here)."""
     panel = noisy_sine(n_series=4, weeks=10, noise=2.0, seed=3)
     history = Panel(
         names=panel.names, start=panel.start, freq_seconds=3600, values=panel.values[:, : 8 * WEEK]
     )
-    result = train(history, TrainConfig(kind="gru", hidden=8, epochs=4, refit_epochs=0))
+    result = train(
+        history, TrainConfig(kind="gru", hidden=8, epochs=4, refit_epochs=0, challenger="none")
+    )
     assert len(result.calibration) == result.spec.horizon
     scaled = result.scalers.transform(panel.values)
     origins, pred = replay(result.model, result.spec, scaled, panel.start, result.window, 8 * WEEK)
     actual = F.targets(result.spec, scaled, origins)
+    pred = serving.serve(
+        pred,
+        F.seasonal_naive(result.spec, scaled, origins, "daily"),
+        F.seasonal_naive(result.spec, scaled, origins, "weekly"),
+        result.serving,
+    )
     c = torch.tensor(result.calibration).view(1, 1, -1)
     width = pred[..., -1] - pred[..., 0]
     lower, upper = pred[..., 0] - c * width, pred[..., -1] + c * width
@@ -250,3 +261,23 @@ def test_trains_on_cuda_with_amp_and_matches_cpu_shapes(kind):
     result = train(panel, TrainConfig(kind=kind, hidden=8, epochs=1, val_steps=WEEK, device="cuda"))
     assert math.isfinite(result.metrics["model"]["mase"])
     assert next(result.model.parameters()).device.type == "cpu"  # handed back on CPU
+
+
+def test_the_correction_keeps_the_served_width_when_the_refit_narrows_the_band():
+    """Measured on the early-stopped network, applied to the refit one: the correction is
+    rescaled so the served band is as wide as the holdout found right, whatever the refit
+    did to the raw width (the cause of 0.60 coverage on a one-series set)."""
+    from forecaster.training import rescale_calibration
+
+    origins = torch.arange(10, 20)
+    before = torch.zeros(2, 10, 3, 3)
+    before[..., 0], before[..., 2] = -1.0, 1.0  # width 2
+    after = before.clone() / 2  # the refit band: width 1
+    corrections = [0.0, 0.25, -0.1]
+    got = rescale_calibration(corrections, (origins, before), (origins, after), torch.tensor([11]))
+    for c, c2 in zip(corrections, got, strict=True):
+        assert abs(2 * (1 + 2 * c) - 1 * (1 + 2 * c2)) < 1e-9  # the same served width
+    same = rescale_calibration(
+        corrections, (origins, before), (origins, before), torch.tensor([11])
+    )
+    assert same == pytest.approx(corrections, abs=1e-12)

@@ -461,3 +461,50 @@ def test_a_series_served_by_a_naive_gets_its_median_and_the_models_band_shape(
         )
     store.close()
     plain.close()
+
+
+def test_a_series_served_by_the_challenger_gets_its_forecast_from_a_state_saved_with_the_networks(
+    db_url, trained, tmp_path
+):
+    """The MSTL challenger (forecaster.stats) fitted with the version starts from the state
+    its fit left and advances over the new points with the network's state, in the same
+    rows: a series it serves gets exactly what one pass of the challenger over the same
+    points gives from each origin, day by day through the store."""
+    import numpy as np
+
+    from forecaster import stats
+    from forecaster.trained import TrainedModel
+
+    result, uri, sha = trained
+    model = trained_model(result)
+    assert model.stat is not None  # fitted by default
+    model.meta["serving"] = {"sine.0": "mstl", "sine.1": "model"}
+    uri2, sha2 = save_checkpoint(model.to_checkpoint(), tmp_path / "mstl")
+    store = _setup(db_url, (result, uri2, sha2))
+    _ingest_days(store, 0, 36)
+    run_predict(store, warmup_steps=WARMUP)
+    for day in range(36, DAYS):
+        _ingest_days(store, day, day + 1)
+        run_predict(store, warmup_steps=WARMUP)
+    with store.engine.connect() as conn:
+        shapes = conn.execute(sa.select(schema.series_states.c.shape)).scalars().all()
+    assert all(len(s) == 4 for s in shapes)  # the network's (parts, layers, hidden), + width
+
+    loaded = TrainedModel.from_checkpoint(model.to_checkpoint())
+    row = loaded.names.index("sine.0")
+    params = loaded.stat.params.take(np.array([row]))
+    fitted_to = int(loaded.stat.step[row])  # the epoch hour its fit's state holds up to
+    values = np.array([_values()["sine.0"]])
+    start_hour = int(START.timestamp()) // 3600
+    held = fitted_to - start_hour + 1  # grid index of the first point the state has not seen
+    _, pred = stats.update(
+        params, loaded.stat.state[[row]], values[:, held:], fitted_to + 1, horizon=24
+    )
+    ids = {r["name"]: r["id"] for r in store.prediction_targets()}
+    stored = [r for r in _forecasts(store) if r[1] == "v1" and r[0] == ids["sine.0"]]
+    assert len(stored) == 5 * 24  # the end of day 35, then one origin per new day
+    for _sid, _, origin, step, _, yhat, *_ in stored:
+        t = (int(origin.timestamp()) // 3600) - start_hour
+        want = pred[0, t - held, step - 1]
+        assert yhat == pytest.approx(max(want, 0.0) if result.nonnegative else want, rel=1e-5)
+    store.close()
