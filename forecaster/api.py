@@ -294,13 +294,13 @@ class Forecaster:
         """Per horizon step, the band correction served (band widths each side)."""
         trained = self._need_model()
         prior = trained.holdout_corrections  # as the evaluate job blends it
+        # The band's recent coverage, pooled over the horizon steps: one forecast brings H
+        # of them, so a fleet forecast once a horizon adapts after a few forecasts.
+        level = calibration.adaptive_level(
+            self.level, [x for h in range(1, self.horizon + 1) for x in self._inside[h]]
+        )
         return [
-            calibration.blend(
-                list(self._scores[h]),
-                calibration.adaptive_level(self.level, list(self._inside[h])),
-                prior.get(h),
-                self.prior_weight,
-            )
+            calibration.blend(list(self._scores[h]), level, prior.get(h), self.prior_weight)
             for h in range(1, self.horizon + 1)
         ]
 

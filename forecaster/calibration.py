@@ -9,7 +9,9 @@ afterwards c blends that prior with the conformal quantile of recent scores, the
 weighing as much as `prior_weight` scores: a small fleet is calibrated at once, a large one
 soon follows what it sees. Under drift the quantile's level adapts (adaptive conformal
 inference over a recent window): when the band served lately covered less than the level,
-the next correction is taken at a higher one, and the reverse.
+the next correction is taken at a higher one, and the reverse. That recent coverage is
+pooled over the horizon steps (each forecast brings H actuals), so a fleet forecast once a
+horizon adapts after a few forecasts; the quantiles themselves stay per step.
 """
 
 from __future__ import annotations

@@ -92,16 +92,14 @@ def run_evaluate(
             pl.lit(calibration.BAND_SCORE_CAP),
         ).alias("score")
     )
-    # The band served lately, per step: how far below (or above) its level it covered.
+    # The band served lately, pooled over the steps (each forecast brings H actuals, so a
+    # small fleet adapts after a few forecasts): how far below (or above) its level it covered.
     recent = scored.filter(pl.col("target_ts") > newest - accuracy_window)
-    served_inside = {
-        int(step): g.select(inside).to_series().to_list()
-        for (step,), g in recent.group_by("horizon_step")
-    }
+    served_inside = recent.select(inside).to_series().to_list()
     rows = []
     for (step,), group in scores.group_by("horizon_step"):
         level = float(group["interval_level"].max())
-        adapted = calibration.adaptive_level(level, served_inside.get(int(step), []))
+        adapted = calibration.adaptive_level(level, served_inside)
         correction = calibration.blend(
             group["score"].to_list(), adapted, prior.get(int(step)), prior_weight
         )

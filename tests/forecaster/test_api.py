@@ -145,3 +145,30 @@ def test_cross_validation_counts_back_from_each_series_own_end():
         assert len(cutoffs) == 3 and part.height == 3 * 24, name
         assert all(b - a == timedelta(hours=24) for a, b in zip(cutoffs, cutoffs[1:], strict=False))
     assert cv["y"].null_count() == 0 and all(math.isfinite(x) for x in cv["yhat"])
+
+
+def test_the_adaptive_level_pools_the_horizon_steps(fitted):
+    """One forecast brings H actuals: a fleet forecast once a horizon whose band missed
+    every actual of its last few forecasts takes the next correction at a higher level at
+    once, not after 20 forecasts per step."""
+    from collections import deque
+
+    from forecaster import calibration
+    from forecaster.api import replace_fitted
+
+    fc, _ = fitted
+    probe = replace_fitted(fc)
+    probe.model, probe.result = fc.model, fc.result
+    scores = [0.1 * k for k in range(10)]
+    for h in range(1, probe.horizon + 1):
+        probe._scores[h] = deque(scores)
+        probe._inside[h] = deque([False] * 3)  # three forecasts, every actual outside
+    assert 3 * probe.horizon >= 20 > 3  # enough pooled, too few per step
+    prior = probe.model.holdout_corrections
+    want = [
+        calibration.blend(scores, 0.99, prior.get(h), probe.prior_weight)
+        for h in range(1, probe.horizon + 1)
+    ]
+    assert probe.corrections() == pytest.approx(want)
+    at_level = calibration.blend(scores, 0.8, prior.get(1), probe.prior_weight)
+    assert probe.corrections()[0] > at_level
