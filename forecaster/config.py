@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -33,50 +32,19 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from forecaster.config_light import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_LOG_FORMAT,
+    DEFAULT_LOG_LEVEL,
+    ENV_PREFIX,
+    config_path,
+    format_duration,
+    parse_duration,
+)
 from forecaster.errors import ConfigError
-from forecaster.log import mask_secrets, mask_url, remember_secrets, url_secrets
-
-ENV_PREFIX = "FORECASTER_"
-DEFAULT_CONFIG_FILE = Path("forecaster.toml")
-
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
-
-
-def parse_duration(value: Any) -> Any:
-    """'15m', '1h', '7d', '1w', '90s' or a number of seconds -> timedelta.
-
-    Anything else is handed to pydantic, which also accepts ISO 8601 ('PT1H')."""
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    return value
-
-
-def format_duration(td: timedelta) -> str:
-    seconds = td.total_seconds()
-    for unit in ("w", "d", "h", "m", "s"):
-        n = seconds / _UNITS[unit]
-        if n >= 1 and n == int(n):
-            return f"{int(n)}{unit}"
-    return f"{seconds}s"
-
+from forecaster.masking import SecretUrl, mask_secrets, mask_url, remember_secrets, url_secrets
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-
-
-class SecretUrl(str):
-    """A URL that may hold a password: the whole text as a str (to connect with), its secrets
-    masked in repr(), so a settings repr, a traceback's locals or a debugger never show them.
-    (str() and f-strings give the whole URL: messages go through mask_url.)"""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return repr(mask_url(str(self)))
 
 
 Url = Annotated[str, AfterValidator(SecretUrl)]
@@ -491,15 +459,17 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
+    # forecaster.config_light reads these without building Settings, for the commands that
+    # need no other key: a new key or value here is a test failure there until it knows.
     database_url: Url = Field(
-        "sqlite:///forecaster.db", description="SQLAlchemy URL of the store (SQLite or PostgreSQL)"
+        DEFAULT_DATABASE_URL, description="SQLAlchemy URL of the store (SQLite or PostgreSQL)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="least level logged"
+        DEFAULT_LOG_LEVEL, description="least level logged"
     )
     log_format: Literal["console", "json"] = Field(
-        "console", description="console lines, or one JSON object per line"
+        DEFAULT_LOG_FORMAT, description="console lines, or one JSON object per line"
     )
     checkpoint_dir: str = Field("checkpoints", description="where model checkpoints are written")
     series: SeriesDefaults = Field(default_factory=SeriesDefaults)
@@ -551,11 +521,7 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     never echoing a value that may be a secret.
 
     config_file: a TOML file; None means ./forecaster.toml when it exists."""
-    path = Path(config_file) if config_file is not None else None
-    if path is None and DEFAULT_CONFIG_FILE.is_file():
-        path = DEFAULT_CONFIG_FILE
-    if path is not None and not path.is_file():
-        raise ConfigError("config_file", f"{path} does not exist", "Pass an existing TOML file.")
+    path = config_path(config_file)
     token = _config_file.set(path)
     try:
         return Settings(**overrides)

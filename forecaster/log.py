@@ -3,9 +3,13 @@ no secret in any of it.
 
 Secrets are kept out three ways, each enough on its own for what it covers: tracebacks never
 render local variables (a frame's `settings` holds the database URL); the settings' URLs
-repr masked (config.SecretUrl); and the last processor masks, in the rendered line, every
+repr masked (masking.SecretUrl); and the last processor masks, in the rendered line, every
 URL's password and every secret a Settings of this process holds (`mask_secrets`, which
-lives in forecaster.masking and is re-exported here)."""
+lives in forecaster.masking and is re-exported here).
+
+structlog loads inside configure_logging, not when this module does: the commands that only
+read the store log nothing as a rule and configure logging on the first record
+(configure_logging_on_first_record), so they start without it."""
 
 from __future__ import annotations
 
@@ -17,16 +21,26 @@ from collections.abc import MutableMapping
 from types import TracebackType
 from typing import Any, TextIO
 
-import structlog
-from structlog.processors import ExceptionRenderer
-from structlog.tracebacks import ExceptionDictTransformer
-
 from forecaster.masking import mask_secrets, mask_url, remember_secrets, url_secrets
 
-__all__ = ["configure_logging", "mask_secrets", "mask_url", "remember_secrets", "url_secrets"]
+__all__ = [
+    "configure_logging",
+    "configure_logging_on_first_record",
+    "mask_secrets",
+    "mask_url",
+    "remember_secrets",
+    "url_secrets",
+]
+
+# Alembic and SQLAlchemy are chatty at INFO; their warnings still come through.
+_NOISY = ("alembic", "sqlalchemy", "httpx", "httpcore", "apscheduler")
 
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
+    import structlog
+    from structlog.processors import ExceptionRenderer
+    from structlog.tracebacks import ExceptionDictTransformer
+
     if fmt == "json":
         rendering: list[structlog.types.Processor] = [
             # Structured tracebacks, which the JSON lines lacked (exc_info came out as `true`).
@@ -64,16 +78,49 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
             ],
         )
     )
+    _route(handler, level)
+
+
+def configure_logging_on_first_record(level: str = "info", fmt: str = "console") -> None:
+    """configure_logging as it will be, done when the first record is logged: the levels
+    and the hooks for uncaught exceptions now, structlog and its handler then (importing
+    structlog is a tenth of the start of a command that logs nothing). Every record is
+    filtered, formatted and masked as configure_logging's own handler would."""
+    _route(_ConfigureOnFirstRecord(level, fmt), level)
+
+
+def _route(handler: logging.Handler, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Alembic and SQLAlchemy are chatty at INFO; their warnings still come through.
-    for noisy in ("alembic", "sqlalchemy", "httpx", "httpcore", "apscheduler"):
+    for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # An exception nothing caught is logged like any other, masked, in the chosen format:
     # Typer's own printer would show it wrapped to the terminal, past any masking.
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
+
+
+class _ConfigureOnFirstRecord(logging.Handler):
+    """The root handler until a record comes: it then configures logging (which replaces
+    it) and hands the record to the handler configured."""
+
+    _lock = threading.RLock()
+
+    def __init__(self, level: str, fmt: str) -> None:
+        super().__init__()
+        self._config = (level, fmt)
+        self._configured = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._lock:
+            if not self._configured:
+                self._configured = True
+                if self in logging.getLogger().handlers:
+                    configure_logging(*self._config)
+        for handler in list(logging.getLogger().handlers):
+            if handler is not self and record.levelno >= handler.level:
+                handler.handle(record)
 
 
 class _StderrHandler(logging.StreamHandler):

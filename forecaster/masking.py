@@ -57,6 +57,17 @@ def mask_url(url: str) -> str:
     return _SECRET_PARAM.sub(r"\1***", url)
 
 
+class SecretUrl(str):
+    """A URL that may hold a password: the whole text as a str (to connect with), its secrets
+    masked in repr(), so a settings repr, a traceback's locals or a debugger never show them.
+    (str() and f-strings give the whole URL: messages go through mask_url.)"""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_url(str(self)))
+
+
 def url_secrets(url: str) -> list[str]:
     """The values mask_url hides in this URL."""
     parts = _url_password(url)

@@ -110,7 +110,7 @@ def main(
 
 def _settings(*, demo_fallback: bool = True) -> Settings:
     """The settings of this run. demo_fallback: commands that use an existing store take
-    the demo's when none is configured (_demo_store)."""
+    the demo's when none is configured (_demo_url)."""
     from forecaster.config import load_settings
     from forecaster.log import configure_logging
 
@@ -119,25 +119,45 @@ def _settings(*, demo_fallback: bool = True) -> Settings:
         overrides["database_url"] = _state.database_url
     settings = load_settings(_state.config_file, **overrides)
     configure_logging(settings.log_level, settings.log_format)
-    return _demo_store(settings) if demo_fallback else settings
+    if not demo_fallback:
+        return settings
+    demo = _demo_url(settings.database_url, "database_url" in settings.model_fields_set)
+    return settings if demo is None else settings.model_copy(update={"database_url": demo})
 
 
-def _demo_store(settings: Settings) -> Settings:
+def _database_url(*, demo_fallback: bool = True) -> str:
+    """The store of this run, for the commands that need no other setting (the read
+    commands, db): the same URL, logging and errors as _settings().database_url, without
+    building the full settings when the configuration holds no more than the database
+    URL and how to log (forecaster.config_light says when)."""
+    from forecaster.config_light import light_settings
+    from forecaster.log import configure_logging_on_first_record
+
+    light = light_settings(_state.config_file, _state.database_url)
+    if light is None:
+        return _settings(demo_fallback=demo_fallback).database_url
+    configure_logging_on_first_record(light.log_level, light.log_format)
+    demo = _demo_url(light.database_url, light.database_url_configured) if demo_fallback else None
+    return light.database_url if demo is None else demo
+
+
+def _demo_url(database_url: str, configured: bool) -> str | None:
     """After the quickstart (`run --demo` writes ./forecaster-demo.db), `series list`,
     `accuracy` and the rest read the demo's store instead of an empty new one: when no
     database is configured (option, file or environment) and ./forecaster.db does not
-    exist but ./forecaster-demo.db does. Said once on stderr, so it is never a surprise."""
-    if "database_url" in settings.model_fields_set:
-        return settings
-    default = Path(settings.database_url.removeprefix("sqlite:///"))
+    exist but ./forecaster-demo.db does. Said once on stderr, so it is never a surprise.
+    The demo's URL then, else None."""
+    if configured:
+        return None
+    default = Path(database_url.removeprefix("sqlite:///"))
     if default.exists() or not Path(DEMO_FILE).is_file():
-        return settings
+        return None
     err.print(
         f"forecaster: no database is configured and ./{default} does not exist: using the "
         f"demo's store ./{DEMO_FILE} (--db PATH chooses another)",
         soft_wrap=True,
     )
-    return settings.model_copy(update={"database_url": f"sqlite:///{DEMO_FILE}"})
+    return f"sqlite:///{DEMO_FILE}"
 
 
 @contextmanager
@@ -151,12 +171,13 @@ def _errors() -> Iterator[None]:
 
 
 @contextmanager
-def _store(settings: Settings, *, check: bool = True, create: bool = False) -> Iterator[Store]:
-    """The store of the settings. create=False (every command but `db upgrade` and the
-    demo): a SQLite file that does not exist is an error naming it, not a new empty one."""
+def _store(where: Settings | str, *, check: bool = True, create: bool = False) -> Iterator[Store]:
+    """The store of the settings (or of a database URL, _database_url's). create=False
+    (every command but `db upgrade` and the demo): a SQLite file that does not exist is an
+    error naming it, not a new empty one."""
     from forecaster.store import Store
 
-    store = Store(settings.database_url, create=create)
+    store = Store(where if isinstance(where, str) else where.database_url, create=create)
     try:
         if check:
             store.check_schema()
@@ -204,8 +225,7 @@ def _version_id(text: str) -> int:
 def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
     """Create or migrate the schema to the newest revision."""
     with _errors():
-        settings = _settings(demo_fallback=False)
-        with _store(settings, check=False, create=True) as store:
+        with _store(_database_url(demo_fallback=False), check=False, create=True) as store:
             before = store.current_revision()
             store.upgrade(revision)
             after = store.current_revision()
@@ -219,7 +239,7 @@ def db_downgrade(
     """Migrate the schema back to an older revision (before rolling the code back to it).
     Columns and tables newer than it are dropped with their data."""
     with _errors():
-        with _store(_settings(demo_fallback=False), check=False) as store:
+        with _store(_database_url(demo_fallback=False), check=False) as store:
             before = store.current_revision()
             store.downgrade(revision)
             after = store.current_revision()
@@ -230,7 +250,7 @@ def db_downgrade(
 def db_current() -> None:
     """Show the schema revision of the database and of the code."""
     with _errors():
-        with _store(_settings(), check=False) as store:
+        with _store(_database_url(), check=False) as store:
             out.print(
                 f"database: {store.current_revision() or 'empty'}  code: {store.head_revision()}"
             )

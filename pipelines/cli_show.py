@@ -13,8 +13,8 @@ from rich.table import Table
 
 from pipelines.cli import (
     UsageError,
+    _database_url,
     _errors,
-    _settings,
     _store,
     _version_id,
     app,
@@ -57,10 +57,10 @@ def _model(store: Store, text: str) -> str:
 @series_app.command("list")
 def series_list() -> None:
     """Series with their point counts and watermarks."""
-    from forecaster.config import format_duration
+    from forecaster.config_light import format_duration
 
     with _errors():
-        with _store(_settings()) as store:
+        with _store(_database_url()) as store:
             rows = store.list_series()
         table = Table("series", "source", "freq", "points", "observed", "first", "watermark")
         for r in rows:
@@ -87,7 +87,7 @@ def quarantine_list(
     from forecaster.reasons import REASONS
 
     with _errors():
-        with _store(_settings()) as store:
+        with _store(_database_url()) as store:
             rows, counts = store.list_quarantine(source=source, reason=reason, limit=limit)
         table = Table("id", "source", "origin", "series", "ts", "value", "reason", "detail")
         for r in rows:
@@ -115,7 +115,7 @@ def quarantine_list(
 def models_list(kind: Annotated[str | None, typer.Option(help="only this kind")] = None) -> None:
     """Registered model versions, newest first."""
     with _errors():
-        with _store(_settings()) as store:
+        with _store(_database_url()) as store:
             rows = store.list_model_versions(kind)
         table = Table(
             "version", "kind", "stage", "trained to", "val MASE", "naive MASE", "created", "sha256"
@@ -143,7 +143,7 @@ def models_promote(
     """Make a version the champion (the current one is retired), atomically."""
     with _errors():
         version_id = _version_id(version)
-        with _store(_settings()) as store:
+        with _store(_database_url()) as store:
             with store.begin() as conn:
                 store.promote(conn, version_id)
         out.print(f"model version v{version_id} is the champion")
@@ -167,7 +167,7 @@ def forecasts_show(
     """Each model's newest forecast of a series: every horizon step from its newest origin
     (the last observed point it used)."""
     with _errors():
-        with _store(_settings()) as store:
+        with _store(_database_url()) as store:
             chosen = None if model is None else _model(store, model)
             at = None if origin is None else _utc(origin)
             rows = store.newest_forecasts(series, origin=at, model=chosen)
@@ -205,7 +205,7 @@ def accuracy_cmd(
 ) -> None:
     """Accuracy per model against the seasonal-naive baselines, from forecast_accuracy."""
     with _errors():
-        with _store(_settings()) as store:
+        with _store(_database_url()) as store:
             rows = store.accuracy_by_model(timedelta(days=days))
         table = Table(
             "model", "forecasts scored", "MAE", "MAE vs best naive", "80% band coverage", "pinball"
@@ -231,7 +231,7 @@ def anomalies_cmd(
 ) -> None:
     """Actuals that left the calibrated forecast band, newest first."""
     with _errors():
-        with _store(_settings()) as store:
+        with _store(_database_url()) as store:
             rows = store.list_anomalies(series, limit)
         table = Table("series", "time", "actual", "forecast", "band", "model")
         for r in rows:
@@ -264,7 +264,7 @@ def plot_cmd(
     from pipelines.plot import plot_series
 
     with _errors():
-        with _store(_settings()) as store:
+        with _store(_database_url()) as store:
             chosen = None if model is None else _model(store, model)
             summary = plot_series(store, series, output, days=days, model=chosen)
         out.print(summary.line())

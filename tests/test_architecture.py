@@ -167,3 +167,14 @@ def test_the_store_and_the_errors_load_neither_polars_nor_structlog_at_import(pa
     names = _module_level_imports(path)
     assert {n for n in names if n.split(".")[0] in ("polars", "structlog")} == set(), names
     assert not names & {"forecaster.frames", "forecaster.log"}, names
+
+
+@pytest.mark.parametrize("path", ["config_light.py", "log.py", "masking.py"])
+def test_what_the_read_commands_configure_with_loads_neither_pydantic_nor_structlog(path):
+    """The read commands take the database URL from forecaster.config_light and configure
+    logging with forecaster.log on the first record: neither loads pydantic(-settings),
+    structlog or the full settings when it is imported (test_cli checks a real command)."""
+    names = _module_level_imports(ROOT / "forecaster" / path)
+    heavy = {"pydantic", "pydantic_settings", "structlog"}
+    assert {n for n in names if n.split(".")[0] in heavy} == set(), names
+    assert "forecaster.config" not in names, names

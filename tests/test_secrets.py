@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ import structlog
 from forecaster.clock import FixedClock
 from forecaster.config import Settings, load_settings, mask_url
 from forecaster.errors import ConfigError
-from forecaster.log import configure_logging
+from forecaster.log import configure_logging, configure_logging_on_first_record
 from forecaster.store import Store
 from pipelines.jobs import Job, JobContext, run_job
 from tests.conftest import FORECASTER
@@ -157,6 +158,37 @@ def test_an_uncaught_exception_in_a_thread_is_logged_masked(env, logs, tmp_path,
     assert not _leaks(err), err
 
 
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_logging_configured_on_the_first_record_logs_what_configuring_it_at_once_logs(
+    fmt, env, logs, tmp_path, capsys
+):
+    """The read commands configure logging when the first record comes (structlog is not
+    loaded otherwise): the same lines, levels and masking, uncaught exceptions included."""
+    settings = load_settings(_toml(tmp_path, f"postgresql://u:{DB_PASSWORD}@h/db"))
+
+    def emit() -> str:
+        logging.getLogger("sqlalchemy.pool").info("below warning: not shown")
+        logging.getLogger("forecaster.x").debug("below info: not shown")
+        logging.getLogger("forecaster.x").warning("lost %s", settings.database_url)
+        try:
+            _failing_job(settings)
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())
+        logging.getLogger("sqlalchemy.pool").error("gone %s", TOKEN)
+        return re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z", "TS", capsys.readouterr().err)
+
+    capsys.readouterr()
+    configure_logging("info", fmt)
+    now = emit()
+    structlog.reset_defaults()
+    configure_logging_on_first_record("info", fmt)
+    assert logging.getLogger().handlers[0].__class__.__name__ == "_ConfigureOnFirstRecord"
+    later = emit()
+    assert later == now
+    assert "lost" in now and "uncaught exception" in now and "gone" in now
+    assert "not shown" not in now and not _leaks(now), now
+
+
 def test_the_settings_repr_masks_every_secret(env, tmp_path):
     """A repr of the settings (a debugger, a log of the object, a traceback's locals from
     any printer) never shows the database's or a source's password; str() of the URL is
@@ -234,9 +266,10 @@ def test_mask_secrets_in_free_text(text, masked):
 # -- the real CLI, in a subprocess: every channel it has ----------------------------------------
 
 
-def _cli(tmp_path: Path, fmt: str, *args: str) -> tuple[int, str]:
+def _cli(tmp_path: Path, fmt: str, *args: str, **extra: str) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FORECASTER_", "CI"))}
     env.update(
+        **extra,
         FORECASTER_HTTP__TOKEN=TOKEN,
         FORECASTER_LOG_LEVEL="debug",
         FORECASTER_LOG_FORMAT=fmt,
@@ -281,6 +314,21 @@ def test_the_cli_prints_no_secret_on_any_path(fmt, tmp_path):
     for source in ("warehouse", "api"):
         rc, out = _cli(tmp_path, fmt, "ingest", "--source", source)
         assert rc == 1 and "127.0.0.1" in out and not _leaks(out), out
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_a_read_command_configured_by_the_environment_alone_prints_no_secret(fmt, tmp_path):
+    """No config file: the read commands take the database URL without building the full
+    settings (forecaster.config_light) and configure logging on the first record. Their
+    errors and crashes are masked all the same."""
+    unreachable = f"postgresql://forecaster:{DB_PASSWORD}@127.0.0.1:{free_port()}/fc"
+    for args in (["series", "list"], ["db", "current"], ["models", "list"]):
+        rc, out = _cli(tmp_path, fmt, *args, FORECASTER_DATABASE_URL=unreachable)
+        assert rc == 1 and "127.0.0.1" in out and not _leaks(out), out
+    crashing = unreachable.replace(DB_PASSWORD, f"p@ss:{DB_PASSWORD}")
+    rc, out = _cli(tmp_path, fmt, "db", "current", FORECASTER_DATABASE_URL=crashing)
+    assert rc == 1 and "uncaught exception" in out and "ValueError" in out, out
+    assert not _leaks(out), out
 
 
 @pytest.mark.parametrize(

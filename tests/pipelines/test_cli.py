@@ -4,6 +4,7 @@ found, versions as they are printed, a taken port in one line, and a quick start
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -277,21 +278,27 @@ HEAVY = {"torch", "polars", "sqlalchemy", "alembic", "matplotlib", "apscheduler"
 HEAVY |= {"prometheus_client", "pydantic_settings", "numpy", "structlog"}
 
 
-def _imported(args: list[str], cwd: Path) -> set[str]:
-    """Top-level packages the real `forecaster ARGS` imports (python -X importtime)."""
+def _loaded(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> set[str]:
+    """Modules the real `forecaster ARGS` imports (python -X importtime)."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", FORECASTER, *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {
-        line.rsplit("|", 1)[1].strip().split(".")[0]
+        line.rsplit("|", 1)[1].strip()
         for line in proc.stderr.splitlines()
         if line.startswith("import time:") and "|" in line
     }
+
+
+def _imported(args: list[str], cwd: Path) -> set[str]:
+    """Top-level packages the real `forecaster ARGS` imports."""
+    return {name.split(".")[0] for name in _loaded(args, cwd)}
 
 
 def test_help_imports_no_heavy_library(tmp_path):
@@ -318,3 +325,35 @@ def test_read_commands_import_neither_torch_nor_plotting_nor_the_daemon(hostile_
         assert "sqlalchemy" in loaded, command
         assert loaded & {"torch", "polars", "numpy"} == set(), command
     assert _imported(["config", "show"], tmp_path) & {"torch", "sqlalchemy", "polars"} == set()
+
+
+# What building the full settings, writing a log line or the ORM need: a read command whose
+# configuration holds no more than the database URL and how to log loads none of it (it
+# reads them with forecaster.config_light and configures logging on the first record),
+# nor the PostgreSQL driver for a SQLite store.
+NOT_FOR_READING = {"pydantic_settings", "structlog", "forecaster.config", "sqlalchemy.orm"}
+NOT_FOR_READING |= {"psycopg", "torch", "polars", "numpy"}
+
+
+def test_read_commands_build_no_settings_and_load_no_logging_library(hostile_store, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FORECASTER_")}
+    for command in (
+        ["series", "list"],
+        ["models", "list"],
+        ["quarantine", "list"],
+        ["forecasts", "show", ":x:"],
+        ["accuracy"],
+        ["anomalies"],
+        ["db", "current"],
+    ):
+        loaded = _loaded(["--db", hostile_store, *command], tmp_path, env)
+        assert "forecaster.store" in loaded, command  # the check sees what the command imports
+        assert loaded & NOT_FOR_READING == set(), command
+    # The URL from the environment (a deployment's, beside its HTTP token), or from the file.
+    deployed = {**env, "FORECASTER_DATABASE_URL": hostile_store, "FORECASTER_HTTP__TOKEN": "t"}
+    assert _loaded(["models", "list"], tmp_path, deployed) & NOT_FOR_READING == set()
+    (tmp_path / "forecaster.toml").write_text(f'database_url = "{hostile_store}"\n')
+    assert _loaded(["series", "list"], tmp_path, env) & NOT_FOR_READING == set()
+    # Anything more in it, and the full settings check it all, as for every other command.
+    (tmp_path / "forecaster.toml").write_text(f'database_url = "{hostile_store}"\n[series]\n')
+    assert "forecaster.config" in _loaded(["series", "list"], tmp_path, env)
