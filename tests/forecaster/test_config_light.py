@@ -21,6 +21,20 @@ from forecaster.errors import ConfigError
 from forecaster.masking import mask_secrets
 
 
+@pytest.fixture(autouse=True)
+def _forget_planted_secrets():
+    """These tests plant tokens such as "json" or "sqlite:///a.db": remembered by the
+    process-wide masker (forecaster.masking), they would mask those words in every later
+    test's output. Restore what was remembered before."""
+    from forecaster import masking
+
+    before = set(masking._known)
+    yield
+    masking._known.clear()
+    masking._known.update(before)
+    masking._known_pattern = (-1, None)
+
+
 def test_it_knows_the_settings_keys_values_and_defaults():
     fields = Settings.model_fields
     assert config_light.SETTINGS_KEYS == set(fields)
