@@ -27,6 +27,7 @@ missing point (NaN) advances the recursion without correcting it.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -243,7 +244,8 @@ def choose_gamma(
     )
     actual = np.stack([values[rep, h : n_steps - horizon + h] for h in range(1, horizon + 1)], -1)
     err = np.abs(pred[:, : n_steps - horizon] - actual)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row with no scored point: NaN
         mae = np.nanmean(err.reshape(len(rep), -1), axis=1).reshape(n_series, n_grid)
     # No scored point: gamma 0 (the grid's first row).
     mae = np.where(np.isnan(mae), np.inf, mae)
