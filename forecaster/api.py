@@ -110,7 +110,9 @@ class Forecaster:
     kind, horizon, level (the central band, 0.8 = the 10% and 90% quantiles), freq (seconds,
     a timedelta or text such as '30min'; inferred when None), seasons ((short, long) periods
     in steps; None: a day and a week of freq) and any TrainConfig field as a keyword
-    (epochs, hidden, window, device, seed, ...)."""
+    (epochs, hidden, window, device, seed, ...). prior_weight, score_window (scores kept
+    per horizon step) and calibration_window (the span the served band's misses are tracked
+    over) set the bands' calibration, as the evaluate job's settings do for the service."""
 
     def __init__(
         self,
@@ -122,6 +124,7 @@ class Forecaster:
         seasons: tuple[int, int] | None = None,
         prior_weight: int = calibration.PRIOR_WEIGHT,
         score_window: int = 1000,
+        calibration_window: timedelta = timedelta(days=28),
         **options: Any,
     ) -> None:
         if not 0 < level < 1:
@@ -132,13 +135,14 @@ class Forecaster:
         self.kind, self.horizon, self.level = kind, horizon, level
         self.freq, self.seasons, self.options = freq, seasons, options
         self.prior_weight, self.score_window = prior_weight, score_window
+        self.calibration_window = calibration_window
         self.model: TrainedModel | None = None
         self.result: TrainResult | None = None
         self._series: dict[str, _SeriesState] = {}
         self._scores: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=score_window))
-        # Whether recent actuals fell inside the band served: the adaptive level's window.
-        self.recent_window = max(20, score_window // 4)
-        self._inside: dict[int, deque[bool]] = defaultdict(lambda: deque(maxlen=self.recent_window))
+        # The served band's record for the pooled offset: per horizon-long block of target
+        # time, [actuals scored, of them inside the band served].
+        self._tracked: dict[int, list[int]] = defaultdict(lambda: [0, 0])
 
     # -- fitting ------------------------------------------------------------------------
 
@@ -164,7 +168,7 @@ class Forecaster:
         result = train(Panel.from_frame(frame, freq), self.config, on_progress=on_progress)
         self.result, self.model = result, trained_model(result)
         self._series, self._scores = {}, defaultdict(lambda: deque(maxlen=self.score_window))
-        self._inside = defaultdict(lambda: deque(maxlen=self.recent_window))
+        self._tracked = defaultdict(lambda: [0, 0])
         self._absorb(frame)
         return self
 
@@ -271,7 +275,9 @@ class Forecaster:
         """Score each series' previous forecast against the actuals now known, and note
         whether each fell inside the band that was served."""
         corrections = None  # computed once, and only when there is something to score
-        vals = values.numpy()
+        trained = self._need_model()
+        floor = 0.0 if trained.nonnegative else -math.inf
+        vals, block = values.numpy(), self.horizon * step
         for i, name in enumerate(names):
             have = self._series.get(name)
             if have is None or have.quantiles is None:
@@ -279,14 +285,22 @@ class Forecaster:
             if corrections is None:
                 corrections = self.corrections()
             first = (have.last + step - start) // step  # the column of horizon step 1
+            mid = have.quantiles.shape[1] // 2
             for h in range(1, min(self.horizon, vals.shape[1] - first) + 1):
                 y = float(vals[i, first + h - 1])
                 if math.isnan(y):
                     continue
-                lo, hi = float(have.quantiles[h - 1, 0]), float(have.quantiles[h - 1, -1])
+                lo, med, hi = (float(have.quantiles[h - 1, j]) for j in (0, mid, -1))
                 c, width = corrections[h - 1], max(hi - lo, 0.0)
-                self._inside[h].append(lo - c * width <= y <= hi + c * width)
+                served_lo = max(floor, min(med, lo - c * width))  # as calibration.apply
+                tracked = self._tracked[(have.last + h * step) // block]
+                tracked[0] += 1
+                tracked[1] += served_lo <= y <= max(med, hi + c * width)
                 self._scores[h].append(calibration.band_score(lo, hi, y))
+        if self._tracked:  # forget the blocks older than the calibration window
+            oldest = max(self._tracked) - self.calibration_window.total_seconds() // block
+            for k in [k for k in self._tracked if k <= oldest]:
+                del self._tracked[k]
 
     # -- forecasting --------------------------------------------------------------------
 
@@ -294,15 +308,20 @@ class Forecaster:
         """Per horizon step, the band correction served (band widths each side)."""
         trained = self._need_model()
         prior = trained.holdout_corrections  # as the evaluate job blends it
-        # The band's recent coverage, pooled over the horizon steps: one forecast brings H
-        # of them, so a fleet forecast once a horizon adapts after a few forecasts.
-        level = calibration.adaptive_level(
-            self.level, [x for h in range(1, self.horizon + 1) for x in self._inside[h]]
-        )
-        return [
-            calibration.blend(list(self._scores[h]), level, prior.get(h), self.prior_weight)
+        per_step = [
+            calibration.blend(list(self._scores[h]), self.level, prior.get(h), self.prior_weight)
             for h in range(1, self.horizon + 1)
         ]
+        # The pooled offset tracks the served band's misses over the calibration window, per
+        # horizon of time: n actuals of n_series series with one forecast each span
+        # n / (n_series * H) horizons.
+        n = sum(t[0] for t in self._tracked.values())
+        n_in = sum(t[1] for t in self._tracked.values())
+        n_series = sum(s.quantiles is not None for s in self._series.values())
+        horizons = n / (max(n_series, 1) * self.horizon)
+        return calibration.shifted(
+            per_step, calibration.tracked_offset(n, n_in, horizons, self.level)
+        )
 
     def forecast(self) -> pl.DataFrame:
         """The newest forecast of every series from its last point: series, origin_ts, ts,
@@ -401,6 +420,7 @@ def replace_fitted(fc: Forecaster) -> Forecaster:
         seasons=fc.seasons,
         prior_weight=fc.prior_weight,
         score_window=fc.score_window,
+        calibration_window=fc.calibration_window,
         **fc.options,
     )
 

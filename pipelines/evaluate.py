@@ -10,7 +10,9 @@ raw quantiles did. A model starts from the correction measured on its training h
 (forecaster.training.holdout_calibration), which serves from its first forecast; each run
 blends it with the recent scores' correction, the holdout weighing as much as `prior_weight`
 scored forecasts, so a small fleet is calibrated at once and a large one soon follows what
-it sees. The next predict run serves it.
+it sees. On top of those per-step corrections, one pooled offset tracks the served band's
+misses over the window (forecaster.calibration.tracked_offset), so the coverage of what was
+served comes back to the level under drift. The next predict run serves the sum.
 
 An anomaly is an actual outside the band served by the newest forecast for its time. Both
 writes are idempotent: running twice stores the same rows.
@@ -38,6 +40,7 @@ class EvaluateSummary:
     coverage: float | None = None  # of the served (calibrated) band over the scored window
     coverage_raw: float | None = None
     steps_calibrated: int = 0
+    offset: float = 0.0  # the pooled offset added to every step's correction (band widths)
     new_anomalies: int = 0
     # The champion's MAE over the last accuracy_window relative to the daily seasonal naive's
     # on the same forecasts (pooled over series); None until both have been scored.
@@ -51,7 +54,8 @@ class EvaluateSummary:
         raw = f"{self.coverage_raw:.1%}" if self.coverage_raw is not None else "-"
         return (
             f"model {self.model}: {self.scored} forecasts scored, band coverage {cov} (raw {raw}), "
-            f"{self.steps_calibrated} horizon steps recalibrated, {self.new_anomalies} new anomalies"
+            f"{self.steps_calibrated} horizon steps recalibrated (pooled offset "
+            f"{self.offset:+.2f} band widths), {self.new_anomalies} new anomalies"
         )
 
 
@@ -92,26 +96,35 @@ def run_evaluate(
             pl.lit(calibration.BAND_SCORE_CAP),
         ).alias("score")
     )
-    # The band served lately, pooled over the steps (each forecast brings H actuals, so a
-    # small fleet adapts after a few forecasts): how far below (or above) its level it covered.
-    recent = scored.filter(pl.col("target_ts") > newest - accuracy_window)
-    served_inside = recent.select(inside).to_series().to_list()
+    # One offset for every step: the served band's misses over the window, per horizon of
+    # target time (distinct series and target times over series times horizon steps).
+    horizon = max([int(scored["horizon_step"].max()), *prior])
+    targets = scored.select("series_id", "target_ts").unique().height
+    n_series = scored["series_id"].n_unique()
+    level = float(scored["interval_level"].max())
+    offset = calibration.tracked_offset(
+        scored.height,
+        int(scored.select(inside.sum()).item()),
+        targets / (n_series * horizon),
+        level,
+    )
+    by_step = {int(step): group for (step,), group in scores.group_by("horizon_step")}
     rows = []
-    for (step,), group in scores.group_by("horizon_step"):
-        level = float(group["interval_level"].max())
-        adapted = calibration.adaptive_level(level, served_inside)
-        correction = calibration.blend(
-            group["score"].to_list(), adapted, prior.get(int(step)), prior_weight
-        )
+    for step in sorted(set(by_step) | set(prior)):  # every step the offset applies to
+        group = by_step.get(step)
+        recent = [] if group is None else group["score"].to_list()
+        base = calibration.blend(recent, level, prior.get(step), prior_weight)
         rows.append(
             {
-                "horizon_step": int(step),
-                "correction": correction,
-                "n_scored": group.height,
-                "coverage_raw": float(group.select(inside_raw.mean()).item()),
+                "horizon_step": step,
+                "correction": calibration.shifted([base], offset)[0],
+                "n_scored": len(recent),
+                "coverage_raw": (
+                    None if group is None else float(group.select(inside_raw.mean()).item())
+                ),
             }
         )
-    summary.steps_calibrated = len(rows)
+    summary.steps_calibrated, summary.offset = len(rows), offset
 
     # Anomalies: judged against the newest forecast for each (series, time), as served.
     newest_rows = scored.sort("origin_ts").group_by("series_id", "target_ts").last()

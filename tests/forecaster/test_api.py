@@ -147,28 +147,39 @@ def test_cross_validation_counts_back_from_each_series_own_end():
     assert cv["y"].null_count() == 0 and all(math.isfinite(x) for x in cv["yhat"])
 
 
-def test_the_adaptive_level_pools_the_horizon_steps(fitted):
-    """One forecast brings H actuals: a fleet forecast once a horizon whose band missed
-    every actual of its last few forecasts takes the next correction at a higher level at
-    once, not after 20 forecasts per step."""
+def test_the_pooled_offset_counts_horizons_of_time(fitted):
+    """One forecast brings H actuals: a fleet forecast once a horizon whose served band missed
+    every actual of its last three forecasts widens every step's next band by 3 x 0.8 band
+    widths at once (per-step scores alone would take weeks to move)."""
     from collections import deque
 
     from forecaster import calibration
-    from forecaster.api import replace_fitted
 
-    fc, _ = fitted
-    probe = replace_fitted(fc)
-    probe.model, probe.result = fc.model, fc.result
+    fc = copy.deepcopy(fitted[0])
     scores = [0.1 * k for k in range(10)]
-    for h in range(1, probe.horizon + 1):
-        probe._scores[h] = deque(scores)
-        probe._inside[h] = deque([False] * 3)  # three forecasts, every actual outside
-    assert 3 * probe.horizon >= 20 > 3  # enough pooled, too few per step
-    prior = probe.model.holdout_corrections
+    for h in range(1, fc.horizon + 1):
+        fc._scores[h] = deque(scores)
+    for block in range(3):  # three horizons, every actual of both series outside
+        fc._tracked[block] = [2 * fc.horizon, 0]
+    prior = fc.model.holdout_corrections
     want = [
-        calibration.blend(scores, 0.99, prior.get(h), probe.prior_weight)
-        for h in range(1, probe.horizon + 1)
+        calibration.blend(scores, 0.8, prior.get(h), fc.prior_weight) + 3 * 0.8
+        for h in range(1, fc.horizon + 1)
     ]
-    assert probe.corrections() == pytest.approx(want)
-    at_level = calibration.blend(scores, 0.8, prior.get(1), probe.prior_weight)
-    assert probe.corrections()[0] > at_level
+    assert fc.corrections() == pytest.approx(want)
+    for block in range(3):  # ... and as many that covered exactly their level: no offset
+        fc._tracked[block] = [2 * fc.horizon, round(0.8 * 2 * fc.horizon)]
+    assert fc.corrections()[0] == pytest.approx(want[0] - 3 * 0.8, abs=0.05)
+
+
+def test_update_tracks_the_served_band_over_the_calibration_window(fitted):
+    """update() records each scored actual against the band served, per horizon-long block
+    of target time, and forgets blocks older than the calibration window."""
+    fc, data = copy.deepcopy(fitted[0]), fitted[1]
+    fc.calibration_window = timedelta(days=2)
+    assert not fc._tracked
+    for day in range(30, 34):
+        span = (START + timedelta(days=day), START + timedelta(days=day + 1))
+        fc.update(data.filter(pl.col("ts").is_between(*span, "left")))
+    assert sum(t[0] for t in fc._tracked.values()) == 2 * 24 * 2, fc._tracked  # 2 days, 2 series
+    assert 0 < sum(t[1] for t in fc._tracked.values()) <= 2 * 24 * 2

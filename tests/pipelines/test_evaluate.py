@@ -212,3 +212,35 @@ def test_one_series_forecast_once_a_day_is_calibrated_at_once(sqlite_url, traine
     # One day of scores against a prior worth 30: the correction stays near the prior.
     assert all(abs(corrections[h] - prior[h - 1]) < 0.5 for h in corrections), corrections
     store.close()
+
+
+def test_a_day_the_band_missed_widens_every_step_by_the_tracked_offset(sqlite_url, trained):  # noqa: F811
+    """Every actual of the first scored day far outside the band served: one horizon of
+    time, all missed, so every step's correction is its blended per-step one plus
+    1 x (1 - 0.2) band widths (forecaster.calibration.tracked_offset)."""
+    from forecaster.calibration import OFFSET_GAIN, blend
+
+    store = _setup(sqlite_url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    _ingest_days(store, 20, 21)
+    o = schema.observations
+    with store.begin() as conn:  # the whole day far above any band
+        conn.execute(
+            sa.update(o).where(o.c.ts >= START + timedelta(days=20)).values(value=o.c.value + 1e4)
+        )
+    summary = run_evaluate(store)
+    assert summary.coverage == 0.0 and summary.offset == pytest.approx(OFFSET_GAIN * 0.8)
+    prior = trained[0].calibration
+    scored = store.scored_forecasts("v1", START)
+    corrections = store.calibration_for("v1")
+    assert sorted(corrections) == list(range(1, 25))
+    for step in range(1, 25):
+        g = scored.filter(scored["horizon_step"] == step)
+        score = [
+            min((a - hi) / max(hi - lo, 1e-9), 50.0)
+            for a, lo, hi in zip(g["actual"], g["raw_lower"], g["raw_upper"], strict=True)
+        ]
+        want = blend(score, 0.8, prior[step - 1], 30) + OFFSET_GAIN * 0.8
+        assert corrections[step] == pytest.approx(want), step
+    store.close()
