@@ -140,9 +140,10 @@ class Forecaster:
         self.result: TrainResult | None = None
         self._series: dict[str, _SeriesState] = {}
         self._scores: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=score_window))
-        # The served band's record for the pooled offset: per horizon-long block of target
-        # time, [actuals scored, of them inside the band served].
-        self._tracked: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+        # The served band's record for the pooled offset, per series (series may lie in
+        # different years): per horizon-long block of target time, [block, actuals scored,
+        # of them inside the band served], oldest first.
+        self._tracked: dict[str, deque[list[int]]] = defaultdict(deque)
 
     # -- fitting ------------------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class Forecaster:
         result = train(Panel.from_frame(frame, freq), self.config, on_progress=on_progress)
         self.result, self.model = result, trained_model(result)
         self._series, self._scores = {}, defaultdict(lambda: deque(maxlen=self.score_window))
-        self._tracked = defaultdict(lambda: [0, 0])
+        self._tracked = defaultdict(deque)
         self._absorb(frame)
         return self
 
@@ -278,6 +279,7 @@ class Forecaster:
         trained = self._need_model()
         floor = 0.0 if trained.nonnegative else -math.inf
         vals, block = values.numpy(), self.horizon * step
+        window = int(self.calibration_window.total_seconds() // block)
         for i, name in enumerate(names):
             have = self._series.get(name)
             if have is None or have.quantiles is None:
@@ -286,6 +288,7 @@ class Forecaster:
                 corrections = self.corrections()
             first = (have.last + step - start) // step  # the column of horizon step 1
             mid = have.quantiles.shape[1] // 2
+            record = self._tracked[name]
             for h in range(1, min(self.horizon, vals.shape[1] - first) + 1):
                 y = float(vals[i, first + h - 1])
                 if math.isnan(y):
@@ -293,14 +296,14 @@ class Forecaster:
                 lo, med, hi = (float(have.quantiles[h - 1, j]) for j in (0, mid, -1))
                 c, width = corrections[h - 1], max(hi - lo, 0.0)
                 served_lo = max(floor, min(med, lo - c * width))  # as calibration.apply
-                tracked = self._tracked[(have.last + h * step) // block]
-                tracked[0] += 1
-                tracked[1] += served_lo <= y <= max(med, hi + c * width)
+                k = (have.last + h * step) // block
+                if not record or record[-1][0] != k:
+                    record.append([k, 0, 0])
+                record[-1][1] += 1
+                record[-1][2] += served_lo <= y <= max(med, hi + c * width)
                 self._scores[h].append(calibration.band_score(lo, hi, y))
-        if self._tracked:  # forget the blocks older than the calibration window
-            oldest = max(self._tracked) - self.calibration_window.total_seconds() // block
-            for k in [k for k in self._tracked if k <= oldest]:
-                del self._tracked[k]
+            while record and record[0][0] <= record[-1][0] - window:  # past the window
+                record.popleft()
 
     # -- forecasting --------------------------------------------------------------------
 
@@ -315,8 +318,8 @@ class Forecaster:
         # The pooled offset tracks the served band's misses over the calibration window, per
         # horizon of time: n actuals of n_series series with one forecast each span
         # n / (n_series * H) horizons.
-        n = sum(t[0] for t in self._tracked.values())
-        n_in = sum(t[1] for t in self._tracked.values())
+        n = sum(b[1] for record in self._tracked.values() for b in record)
+        n_in = sum(b[2] for record in self._tracked.values() for b in record)
         n_series = sum(s.quantiles is not None for s in self._series.values())
         horizons = n / (max(n_series, 1) * self.horizon)
         return calibration.shifted(

@@ -72,10 +72,10 @@ def run_evaluate(
     prior = _holdout_calibration(champion)
     model = f"v{champion['id']}"
     summary = EvaluateSummary(model=model)
-    newest = store.newest_scored_target(model)
-    if newest is None:
+    ends = store.series_ends()
+    if ends.is_empty():
         return summary
-    scored = store.scored_forecasts(model, newest - window)
+    scored = _recent_scored(store, model, ends, window)
     summary.scored = scored.height
     if scored.is_empty():
         return summary
@@ -142,7 +142,7 @@ def run_evaluate(
         }
         for r in outside.iter_rows(named=True)
     ]
-    accuracy = _series_accuracy(store, model, scored, newest, accuracy_window)
+    accuracy = _series_accuracy(store, model, scored, ends, accuracy_window)
     summary.accuracy_window = accuracy_window
     summary.mase = _pooled_mase(accuracy, model)
     with store.begin() as conn:
@@ -171,25 +171,51 @@ def _holdout_calibration(version: dict) -> dict[int, float]:
 BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
 
 
+def _recent_scored(
+    store: Store, model: str, ends: pl.DataFrame, window: timedelta
+) -> pl.DataFrame:
+    """The scored forecasts of `model` whose targets lie in the last `window` before each
+    series' own newest point (series may end years apart: a window counted from the newest
+    of all would leave the others out). Series whose ends lie within a window of each other
+    are read in one query; there is one query per such group."""
+    ends = ends.sort("end")
+    group = (ends["end"].diff().fill_null(timedelta(0)) > window).cum_sum()
+    parts = []
+    for (_,), members in ends.with_columns(group=group).group_by("group", maintain_order=True):
+        ids = None if members.height == ends.height else members["series_id"].to_list()
+        parts.append(store.scored_forecasts(model, members["end"].min() - window, ids))
+    scored = pl.concat(parts)
+    return (
+        scored.join(ends, on="series_id")
+        .filter(pl.col("target_ts") > pl.col("end") - window)
+        .drop("end")
+    )
+
+
+BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
+
+
 def _series_accuracy(
-    store: Store, model: str, scored: pl.DataFrame, newest, window: timedelta
+    store: Store, model: str, scored: pl.DataFrame, ends: pl.DataFrame, window: timedelta
 ) -> list[dict]:
-    """Per series, for the champion and the baselines over the last `window` of targets: n,
-    MAE, MASE and band coverage. MASE is the MAE over the daily seasonal naive's MAE on the
-    same forecasts (series, origin, step): with a horizon of at most a day that naive's MAE
-    is the textbook in-sample scale, and pairing the rows keeps a model that has served only
-    part of the window (a new champion) from being scaled by the rest. `_scale` (the naive's
-    MAE on those rows) is for pooling and is not stored."""
-    since = newest - window
-    frames = {model: scored.filter(pl.col("target_ts") > since)}
+    """Per series, for the champion and the baselines over the last `window` of targets
+    before the series' newest point: n, MAE, MASE and band coverage. MASE is the MAE over
+    the daily seasonal naive's MAE on the same forecasts (series, origin, step): with a
+    horizon of at most a day that naive's MAE is the textbook in-sample scale, and pairing
+    the rows keeps a model that has served only part of the window (a new champion) from
+    being scaled by the rest. `_scale` (the naive's MAE on those rows) is for pooling and is
+    not stored."""
+    recent = pl.col("target_ts") > pl.col("end") - window
+    frames = {model: scored.join(ends, on="series_id").filter(recent).drop("end")}
     for name in BASELINE_MODELS:
-        frames[name] = store.scored_forecasts(name, since + timedelta(microseconds=1))
+        frames[name] = _recent_scored(store, name, ends, window)
     naive = frames["seasonal_naive_daily"]
     if naive.is_empty():
         return []
     key = ["series_id", "origin_ts", "horizon_step"]
     naive_err = naive.select(*key, (pl.col("yhat") - pl.col("actual")).abs().alias("naive_err"))
     inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
+    end_of = dict(zip(ends["series_id"], ends["end"], strict=True))
     rows = []
     for name, f in frames.items():
         paired = f.join(naive_err, on=key, how="inner")
@@ -202,6 +228,7 @@ def _series_accuracy(
             inside.cast(pl.Float64).mean().alias("coverage"),
         )
         for r in stats.iter_rows(named=True):
+            end = end_of[r["series_id"]]
             rows.append(
                 {
                     "series_id": r["series_id"],
@@ -210,8 +237,8 @@ def _series_accuracy(
                     "mae": r["mae"],
                     "mase": r["mae"] / r["scale"] if r["scale"] else None,
                     "coverage": r["coverage"] if name == model else None,
-                    "window_start": since,
-                    "window_end": newest,
+                    "window_start": end - window,
+                    "window_end": end,
                     "_scale": r["scale"],
                 }
             )

@@ -32,10 +32,13 @@ class EvaluationStore(StoreBase):
             )
             return {step: corr for step, corr in rows}
 
-    def scored_forecasts(self, model: str, since: datetime) -> pl.DataFrame:
-        """Forecasts of `model` with targets at or after `since` whose actuals have arrived:
-        series_id, origin_ts, target_ts, horizon_step, yhat, yhat_lower, yhat_upper,
-        raw_lower, raw_upper, interval_level, actual."""
+    def scored_forecasts(
+        self, model: str, since: datetime, series_ids: Sequence[int] | None = None
+    ) -> pl.DataFrame:
+        """Forecasts of `model` with targets at or after `since` whose actuals have arrived
+        (of the given series only, when given): series_id, origin_ts, target_ts,
+        horizon_step, yhat, yhat_lower, yhat_upper, raw_lower, raw_upper, interval_level,
+        actual."""
         import polars as pl
 
         from forecaster.frames import TS_DTYPE
@@ -65,6 +68,8 @@ class EvaluationStore(StoreBase):
                 o.c.value.is_not(None),
             )
         )
+        if series_ids is not None:
+            q = q.where(f.c.series_id.in_(sorted(series_ids)))
         schema_ = {
             "series_id": pl.Int64,
             "origin_ts": TS_DTYPE,
@@ -79,6 +84,17 @@ class EvaluationStore(StoreBase):
             "actual": pl.Float64,
         }
         return self._frame(q, schema_)
+
+    def series_ends(self) -> pl.DataFrame:
+        """series_id and `end`, the newest point stored, of every series with one."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
+        w = s.watermarks
+        raw = sa.types.NullType()
+        q = sa.select(w.c.series_id, sa.type_coerce(w.c.ts, raw).label("end"))
+        return self._frame(q, {"series_id": pl.Int64, "end": TS_DTYPE})
 
     def newest_scored_target(self, model: str) -> datetime | None:
         f, o = s.forecasts, s.observations

@@ -159,16 +159,16 @@ def test_the_pooled_offset_counts_horizons_of_time(fitted):
     scores = [0.1 * k for k in range(10)]
     for h in range(1, fc.horizon + 1):
         fc._scores[h] = deque(scores)
-    for block in range(3):  # three horizons, every actual of both series outside
-        fc._tracked[block] = [2 * fc.horizon, 0]
+    for name in ("s0", "s1"):  # three horizons, every actual of both series outside
+        fc._tracked[name] = deque([k, fc.horizon, 0] for k in range(3))
     prior = fc.model.holdout_corrections
     want = [
         calibration.blend(scores, 0.8, prior.get(h), fc.prior_weight) + 3 * 0.8
         for h in range(1, fc.horizon + 1)
     ]
     assert fc.corrections() == pytest.approx(want)
-    for block in range(3):  # ... and as many that covered exactly their level: no offset
-        fc._tracked[block] = [2 * fc.horizon, round(0.8 * 2 * fc.horizon)]
+    for name in ("s0", "s1"):  # ... and as many that covered about their level: no offset
+        fc._tracked[name] = deque([k, fc.horizon, round(0.8 * fc.horizon)] for k in range(3))
     assert fc.corrections()[0] == pytest.approx(want[0] - 3 * 0.8, abs=0.05)
 
 
@@ -181,5 +181,24 @@ def test_update_tracks_the_served_band_over_the_calibration_window(fitted):
     for day in range(30, 34):
         span = (START + timedelta(days=day), START + timedelta(days=day + 1))
         fc.update(data.filter(pl.col("ts").is_between(*span, "left")))
-    assert sum(t[0] for t in fc._tracked.values()) == 2 * 24 * 2, fc._tracked  # 2 days, 2 series
-    assert 0 < sum(t[1] for t in fc._tracked.values()) <= 2 * 24 * 2
+    record = [b for blocks in fc._tracked.values() for b in blocks]
+    assert sum(b[1] for b in record) == 2 * 24 * 2, record  # 2 days of 2 series
+    assert 0 < sum(b[2] for b in record) <= 2 * 24 * 2
+
+
+def test_series_in_different_years_keep_their_own_calibration_window(fitted):
+    """The window counts back from each series' own newest scored block: a series that
+    ended years before another keeps its record (a window counted from the newest block of
+    all would drop it, and the offset would follow the newest series alone)."""
+    fc, data = copy.deepcopy(fitted[0]), fitted[1]
+    years = timedelta(days=3 * 365)
+    moved = data.with_columns(
+        pl.when(pl.col("series") == "s1").then(pl.col("ts") + years).otherwise(pl.col("ts"))
+    )
+    fc._series["s1"].last += int(years.total_seconds())
+    own = pl.col("ts") - pl.when(pl.col("series") == "s1").then(years).otherwise(timedelta(0))
+    for day in range(30, 33):
+        span = (START + timedelta(days=day), START + timedelta(days=day + 1))
+        fc.update(moved.filter(own.is_between(*span, "left")))
+    assert [len(fc._tracked[n]) for n in ("s0", "s1")] == [3, 3]
+    assert sum(b[1] for n in ("s0", "s1") for b in fc._tracked[n]) == 3 * 24 * 2

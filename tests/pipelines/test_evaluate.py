@@ -244,3 +244,46 @@ def test_a_day_the_band_missed_widens_every_step_by_the_tracked_offset(sqlite_ur
         want = blend(score, 0.8, prior[step - 1], 30) + OFFSET_GAIN * 0.8
         assert corrections[step] == pytest.approx(want), step
     store.close()
+
+
+def test_series_that_end_years_apart_are_each_scored_over_their_own_window(
+    sqlite_url,
+    trained,  # noqa: F811
+):
+    """The window counts back from each series' own newest point: a series whose data ended
+    three years before the other's still has its forecasts scored, its band calibrated and
+    its accuracy recorded (a window counted from the newest point of all left it out)."""
+    store = _setup(sqlite_url, trained)
+    _ingest_days(store, 0, 20)
+    for day in range(20, 23):
+        run_predict(store, warmup_steps=WARMUP)
+        _ingest_days(store, day, day + 1)
+    both = run_evaluate(store)
+    corrections = store.calibration_for("v1")
+    years = timedelta(days=3 * 365)
+    with store.begin() as conn:  # sine.1's whole stored history, three years later
+        sid = conn.execute(
+            sa.select(schema.series.c.id).where(schema.series.c.name == "sine.1")
+        ).scalar_one()
+        for table, cols in (
+            (schema.observations, ("ts",)),
+            (schema.watermarks, ("ts",)),
+            (schema.forecasts, ("origin_ts", "target_ts")),
+        ):
+            rows = [
+                r._asdict() for r in conn.execute(table.select().where(table.c.series_id == sid))
+            ]
+            conn.execute(table.delete().where(table.c.series_id == sid))
+            conn.execute(table.insert(), [{**r, **{c: r[c] + years for c in cols}} for r in rows])
+    apart = run_evaluate(store)
+    assert apart.scored == both.scored > 0
+    assert apart.coverage == pytest.approx(both.coverage)
+    assert store.calibration_for("v1") == pytest.approx(corrections)
+    with store.engine.connect() as conn:
+        acc = conn.execute(
+            sa.select(
+                schema.series_accuracy.c.series_id, schema.series_accuracy.c.window_end
+            ).where(schema.series_accuracy.c.model == "v1")
+        ).all()
+    assert len(acc) == 2 and acc[0][1] != acc[1][1], acc  # each its own window
+    store.close()
