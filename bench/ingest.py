@@ -12,6 +12,9 @@ Each figure is the best of --repeat runs into a fresh table. Rows are observatio
 - store (re-upsert): the same rows again, every one a conflict (idempotent re-ingest).
 - ingest_batch: the whole job from raw text rows (parse, dedupe, resample, windows,
           watermarks, cursor), for scale.
+- window of N series (--series, default 10,000): the job as the daemon runs it at scale,
+          one day-long window of hourly points for every series, timed after one such
+          window is stored (series known, watermarks set); seconds, not rows/s.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
@@ -140,6 +143,39 @@ def job(url: str, rows: pl.DataFrame) -> float:
     return dt
 
 
+def window_batches(n_series: int) -> list[Batch]:
+    """Two consecutive day-long windows of hourly points for n_series series, as raw text."""
+    start = datetime(2013, 1, 1, tzinfo=UTC)
+    out = []
+    for day in range(2):
+        ts = pl.datetime_range(
+            start + day * timedelta(days=1),
+            start + day * timedelta(days=1) + timedelta(hours=23),
+            "1h",
+            eager=True,
+            time_zone="UTC",
+        ).dt.to_string("%Y-%m-%dT%H:%M:%SZ")
+        names = pl.Series([f"s{i}" for i in range(n_series)]).repeat_by(24).explode()
+        values = (pl.int_range(n_series * 24, eager=True) % 97).cast(pl.Utf8)
+        raw = raw_frame(names.to_list(), pl.concat([ts] * n_series), values, "bench")
+        out.append(Batch(raw, {"day": day}))
+    return out
+
+
+def window_job(url: str, n_series: int) -> float:
+    """Seconds to ingest the second window of n_series series, the first one stored."""
+    first, second = window_batches(n_series)
+    st = Store(url)
+    st.upgrade()
+    now = datetime.now(UTC)
+    ingest_batch(st, "bench", first, SeriesDefaults(), now)
+    t = time.perf_counter()
+    ingest_batch(st, "bench", second, SeriesDefaults(), now)
+    dt = time.perf_counter() - t
+    st.close()
+    return dt
+
+
 def bench_pg(rows: pl.DataFrame, repeat: int, admin: str) -> dict[str, float]:
     import psycopg
 
@@ -182,6 +218,20 @@ def bench_pg(rows: pl.DataFrame, repeat: int, admin: str) -> dict[str, float]:
     return out
 
 
+def with_pg_db(admin: str, fn):
+    import psycopg
+
+    dsn = admin.replace("postgresql+psycopg://", "postgresql://")
+    name = f"fc_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    try:
+        return fn(dsn.rsplit("/", 1)[0] + "/" + name)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,6 +245,7 @@ def main() -> None:
         ),
     )
     ap.add_argument("--no-pg", action="store_true")
+    ap.add_argument("--series", type=int, default=10_000, help="series in the window job")
     args = ap.parse_args()
     rows = make_rows(args.rows)
     print(
@@ -214,6 +265,17 @@ def main() -> None:
             print(
                 f"| {db:<10} | {path:<18} | {rows.height / secs:>10,.0f} | {res['raw'] / secs:>5.2f}x |"
             )
+    n = args.series
+    print(
+        f"\n# one day-long window of {n:,} hourly series ({n * 24:,} rows), best of {args.repeat}"
+    )
+    print(f"| {'database':<10} | {'seconds':>8} |")
+    print(f"|{'-' * 12}|{'-' * 10}|")
+    sqlite = timed(lambda: window_job(f"sqlite:///{tempfile.mkdtemp()}/w.db", n), args.repeat)
+    print(f"| {'SQLite':<10} | {sqlite:>8.2f} |")
+    if "PostgreSQL" in results:
+        pg = timed(lambda: with_pg_db(args.pg, lambda u: window_job(u, n)), args.repeat)
+        print(f"| {'PostgreSQL':<10} | {pg:>8.2f} |")
 
 
 if __name__ == "__main__":

@@ -242,26 +242,28 @@ class IngestStore(StoreBase):
         )
         o, w = s.observations, s.watermarks
         counts: list[tuple[Any, ...]] = []
-        for chunk in ranges.iter_slices(200):
-            cond = sa.or_(
-                *(
-                    sa.and_(o.c.series_id == sid, o.c.window_id.between(lo, hi))
-                    for sid, lo, hi in chunk.rows()
+        # Series that share a range of windows (a batch usually brings the same span for
+        # every series) are recounted together: their ids in chunks, and the windows as a
+        # range of the primary key's ts, so each series is an index range scan (an OR of a
+        # term per series took PostgreSQL 30 s for 10,000 series).
+        for (lo, hi), group in ranges.group_by("lo", "hi"):
+            first = datetime.fromtimestamp(lo * window_seconds, UTC)
+            after = datetime.fromtimestamp((hi + 1) * window_seconds, UTC)
+            ids = sorted(group["series_id"].to_list())
+            for i in range(0, len(ids), 500):
+                q = (
+                    sa.select(
+                        o.c.series_id,
+                        o.c.window_id,
+                        sa.func.count(),
+                        sa.func.sum(sa.case((o.c.quality == "observed", 1), else_=0)),
+                        w.c.ts,
+                    )
+                    .join(w, w.c.series_id == o.c.series_id)
+                    .where(o.c.series_id.in_(ids[i : i + 500]), o.c.ts >= first, o.c.ts < after)
+                    .group_by(o.c.series_id, o.c.window_id, w.c.ts)
                 )
-            )
-            q = (
-                sa.select(
-                    o.c.series_id,
-                    o.c.window_id,
-                    sa.func.count(),
-                    sa.func.sum(sa.case((o.c.quality == "observed", 1), else_=0)),
-                    w.c.ts,
-                )
-                .join(w, w.c.series_id == o.c.series_id)
-                .where(cond)
-                .group_by(o.c.series_id, o.c.window_id, w.c.ts)
-            )
-            counts.extend(conn.execute(q))
+                counts.extend(conn.execute(q))
         wanted = set(touched.rows())
         now = datetime.now(UTC)
         n_expected = window_seconds // freq_seconds

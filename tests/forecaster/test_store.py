@@ -148,6 +148,39 @@ def test_windows_count_points_and_completeness(store):
     assert [tuple(r) for r in rows] == [(24, 20, True), (6, 0, False)]
 
 
+def test_windows_recount_every_stored_point_of_the_touched_windows_only(store):
+    """Series touched over different spans: each touched window is recounted from all its
+    stored points (not only the batch's), an untouched window between two touched ones is
+    left alone, and one series' range never counts another's points."""
+    a, b = _sid(store, "a"), _sid(store, "b")
+    stored = pl.concat([_obs(a, range(72), [1.0] * 72), _obs(b, range(48), [2.0] * 48)])
+    with store.begin() as conn:
+        store.upsert_observations(conn, stored)
+        store.upsert_watermarks(
+            conn,
+            pl.DataFrame(
+                {
+                    "series_id": [a, b],
+                    "ts": [stored["ts"].max(), stored.filter(pl.col("series_id") == b)["ts"].max()],
+                    "last_value": [None, None],
+                }
+            ),
+        )
+        touched = pl.concat([_obs(a, [0, 50], [1.0, 1.0]), _obs(b, [30], [2.0])])
+        assert store.refresh_windows(conn, touched, freq_seconds=3600, window_seconds=DAY) == 3
+    w = schema.windows
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(w.c.series_id, w.c.n_points, w.c.complete).order_by(
+                w.c.series_id, w.c.window_id
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [(a, 24, True), (a, 24, True), (b, 24, True)]
+    with store.engine.connect() as conn:
+        ids = conn.execute(sa.select(w.c.window_id).where(w.c.series_id == a)).scalars().all()
+    assert sorted(ids)[1] - sorted(ids)[0] == 2  # windows 0 and 2 of a; 1 untouched
+
+
 def test_quarantine_stores_each_row_once(store):
     bad = pl.DataFrame(
         {
