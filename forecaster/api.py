@@ -110,9 +110,9 @@ class Forecaster:
     kind, horizon, level (the central band, 0.8 = the 10% and 90% quantiles), freq (seconds,
     a timedelta or text such as '30min'; inferred when None), seasons ((short, long) periods
     in steps; None: a day and a week of freq) and any TrainConfig field as a keyword
-    (epochs, hidden, window, device, seed, ...). prior_weight, score_window (scores kept
-    per horizon step) and calibration_window (the span the served band's misses are tracked
-    over) set the bands' calibration, as the evaluate job's settings do for the service."""
+    (epochs, hidden, window, device, seed, ...). prior_weight and score_window (scores kept
+    per horizon step) set the bands' calibration, as the evaluate job's settings do for the
+    service."""
 
     def __init__(
         self,
@@ -124,7 +124,6 @@ class Forecaster:
         seasons: tuple[int, int] | None = None,
         prior_weight: int = calibration.PRIOR_WEIGHT,
         score_window: int = 1000,
-        calibration_window: timedelta = timedelta(days=28),
         **options: Any,
     ) -> None:
         if not 0 < level < 1:
@@ -135,15 +134,12 @@ class Forecaster:
         self.kind, self.horizon, self.level = kind, horizon, level
         self.freq, self.seasons, self.options = freq, seasons, options
         self.prior_weight, self.score_window = prior_weight, score_window
-        self.calibration_window = calibration_window
         self.model: TrainedModel | None = None
         self.result: TrainResult | None = None
         self._series: dict[str, _SeriesState] = {}
         self._scores: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=score_window))
-        # The served band's record for the pooled offset, per series (series may lie in
-        # different years): per horizon-long block of target time, [block, actuals scored,
-        # of them inside the band served], oldest first.
-        self._tracked: dict[str, deque[list[int]]] = defaultdict(deque)
+        # The pooled offset: the integral of the served band's excess misses so far.
+        self._offset = 0.0
 
     # -- fitting ------------------------------------------------------------------------
 
@@ -169,7 +165,7 @@ class Forecaster:
         result = train(Panel.from_frame(frame, freq), self.config, on_progress=on_progress)
         self.result, self.model = result, trained_model(result)
         self._series, self._scores = {}, defaultdict(lambda: deque(maxlen=self.score_window))
-        self._tracked = defaultdict(deque)
+        self._offset = 0.0
         self._absorb(frame)
         return self
 
@@ -278,8 +274,7 @@ class Forecaster:
         corrections = None  # computed once, and only when there is something to score
         trained = self._need_model()
         floor = 0.0 if trained.nonnegative else -math.inf
-        vals, block = values.numpy(), self.horizon * step
-        window = int(self.calibration_window.total_seconds() // block)
+        vals, n_new, n_inside = values.numpy(), 0, 0
         for i, name in enumerate(names):
             have = self._series.get(name)
             if have is None or have.quantiles is None:
@@ -288,7 +283,6 @@ class Forecaster:
                 corrections = self.corrections()
             first = (have.last + step - start) // step  # the column of horizon step 1
             mid = have.quantiles.shape[1] // 2
-            record = self._tracked[name]
             for h in range(1, min(self.horizon, vals.shape[1] - first) + 1):
                 y = float(vals[i, first + h - 1])
                 if math.isnan(y):
@@ -296,14 +290,14 @@ class Forecaster:
                 lo, med, hi = (float(have.quantiles[h - 1, j]) for j in (0, mid, -1))
                 c, width = corrections[h - 1], max(hi - lo, 0.0)
                 served_lo = max(floor, min(med, lo - c * width))  # as calibration.apply
-                k = (have.last + h * step) // block
-                if not record or record[-1][0] != k:
-                    record.append([k, 0, 0])
-                record[-1][1] += 1
-                record[-1][2] += served_lo <= y <= max(med, hi + c * width)
+                n_new += 1
+                n_inside += served_lo <= y <= max(med, hi + c * width)
                 self._scores[h].append(calibration.band_score(lo, hi, y))
-            while record and record[0][0] <= record[-1][0] - window:  # past the window
-                record.popleft()
+        # One forecast per series and target: a horizon of time brings series x H actuals.
+        n_series = sum(s.quantiles is not None for s in self._series.values())
+        self._offset = calibration.tracked_offset(
+            self._offset, n_new, n_inside, n_series * self.horizon, self.level
+        )
 
     # -- forecasting --------------------------------------------------------------------
 
@@ -315,16 +309,7 @@ class Forecaster:
             calibration.blend(list(self._scores[h]), self.level, prior.get(h), self.prior_weight)
             for h in range(1, self.horizon + 1)
         ]
-        # The pooled offset tracks the served band's misses over the calibration window, per
-        # horizon of time: n actuals of n_series series with one forecast each span
-        # n / (n_series * H) horizons.
-        n = sum(b[1] for record in self._tracked.values() for b in record)
-        n_in = sum(b[2] for record in self._tracked.values() for b in record)
-        n_series = sum(s.quantiles is not None for s in self._series.values())
-        horizons = n / (max(n_series, 1) * self.horizon)
-        return calibration.shifted(
-            per_step, calibration.tracked_offset(n, n_in, horizons, self.level)
-        )
+        return calibration.shifted(per_step, self._offset)
 
     def forecast(self) -> pl.DataFrame:
         """The newest forecast of every series from its last point: series, origin_ts, ts,
@@ -423,7 +408,6 @@ def replace_fitted(fc: Forecaster) -> Forecaster:
         seasons=fc.seasons,
         prior_weight=fc.prior_weight,
         score_window=fc.score_window,
-        calibration_window=fc.calibration_window,
         **fc.options,
     )
 

@@ -13,8 +13,8 @@ Those per-step quantiles assume the recent scores look like the coming ones. Whe
 not (drift, a holdout unlike the test period, a mass of ties such as night-time zeros
 inside a zero-width band), the band served drifts off its level, so one pooled offset is
 added to every step's c: online quantile tracking of the served band's misses, an integral
-over the calibration window of (share of actuals outside the band - (1 - level)) per
-horizon of time, times a gain. While the band misses too often it widens, while it covers
+of (share of actuals outside the band - (1 - level)) per horizon of time, times a gain,
+carried from one scoring to the next (the store keeps it between evaluate runs). While the band misses too often it widens, while it covers
 too much it narrows, until the long-run coverage of what was served is the level. The
 offset is pooled over series and steps (each forecast brings H actuals, so a fleet of one
 series adapts after a few forecasts) and is counted per horizon of time, so it moves as fast
@@ -60,16 +60,19 @@ def conformal_quantile(scores: list[float], level: float) -> float:
     return sorted(scores)[rank - 1]
 
 
-def tracked_offset(n: int, n_inside: int, horizons: float, level: float) -> float:
-    """The pooled offset (band widths) added to every step's correction, from the served
-    band's record over the calibration window: n actuals scored, n_inside of them inside the
-    band served, spanning `horizons` horizons of time per series. OFFSET_GAIN times the
-    summed excess miss rate per horizon, gain * horizons * (misses / n - (1 - level)),
-    within OFFSET_BOUNDS."""
-    if n <= 0 or horizons <= 0:
-        return 0.0
-    excess = (n - n_inside) / n - (1 - level)
-    return min(OFFSET_BOUNDS[1], max(OFFSET_BOUNDS[0], OFFSET_GAIN * horizons * excess))
+def tracked_offset(
+    previous: float, n_new: int, n_new_inside: int, per_horizon: float, level: float
+) -> float:
+    """The pooled offset (band widths) added to every step's correction, carried forward
+    over newly scored actuals: n_new of them, n_new_inside inside the band served, where a
+    horizon of time brings `per_horizon` actuals (series x steps x forecasts per target).
+    previous + OFFSET_GAIN * (misses - (1 - level) * n_new) / per_horizon, within
+    OFFSET_BOUNDS: an integral of the served band's excess miss rate per horizon."""
+    if n_new <= 0 or per_horizon <= 0:
+        return previous
+    excess = (n_new - n_new_inside) - (1 - level) * n_new
+    step = OFFSET_GAIN * excess / per_horizon
+    return min(OFFSET_BOUNDS[1], max(OFFSET_BOUNDS[0], previous + step))
 
 
 def shifted(corrections: list[float], offset: float) -> list[float]:

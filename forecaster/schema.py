@@ -272,6 +272,27 @@ calibration = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
+# The pooled offset added to every step's correction of a model (forecaster.calibration):
+# an integral of the served band's excess misses, carried from one evaluate run to the next.
+# calibration_tracking says, per series, up to which target time the actuals are in it.
+# Migration 0008.
+calibration_offsets = sa.Table(
+    "calibration_offsets",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("offset", sa.Float, nullable=False),  # band widths, each side
+    sa.Column("n_tracked", sa.BigInteger, nullable=False),  # actuals counted into it
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+calibration_tracking = sa.Table(
+    "calibration_tracking",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    _series_id(primary_key=True),
+    sa.Column("tracked_until", UTCDateTime, nullable=False),
+)
+
 # An actual outside the calibrated band of the newest forecast for its time.
 anomalies = sa.Table(
     "anomalies",

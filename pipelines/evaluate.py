@@ -11,8 +11,9 @@ raw quantiles did. A model starts from the correction measured on its training h
 blends it with the recent scores' correction, the holdout weighing as much as `prior_weight`
 scored forecasts, so a small fleet is calibrated at once and a large one soon follows what
 it sees. On top of those per-step corrections, one pooled offset tracks the served band's
-misses over the window (forecaster.calibration.tracked_offset), so the coverage of what was
-served comes back to the level under drift. The next predict run serves the sum.
+misses, carried from run to run over the actuals each run newly scores
+(forecaster.calibration.tracked_offset), so the coverage of what was served comes back to
+the level under drift. The next predict run serves the sum.
 
 An anomaly is an actual outside the band served by the newest forecast for its time. Both
 writes are idempotent: running twice stores the same rows.
@@ -96,18 +97,27 @@ def run_evaluate(
             pl.lit(calibration.BAND_SCORE_CAP),
         ).alias("score")
     )
-    # One offset for every step: the served band's misses over the window, per horizon of
-    # target time (distinct series and target times over series times horizon steps).
+    # One offset for every step, carried between runs: the actuals scored since the last
+    # run (per series, targets after the newest one counted) move it by their excess miss
+    # rate per horizon of time. A horizon brings as many scored rows as the window holds
+    # per horizon (distinct series and target times over series times horizon steps).
     horizon = max([int(scored["horizon_step"].max()), *prior])
-    targets = scored.select("series_id", "target_ts").unique().height
-    n_series = scored["series_id"].n_unique()
     level = float(scored["interval_level"].max())
+    horizons = scored.select("series_id", "target_ts").unique().height / (
+        scored["series_id"].n_unique() * horizon
+    )
+    tracked = store.calibration_tracking(model)
+    new = scored.join(tracked, on="series_id", how="left").filter(
+        pl.col("tracked_until").is_null() | (pl.col("target_ts") > pl.col("tracked_until"))
+    )
     offset = calibration.tracked_offset(
-        scored.height,
-        int(scored.select(inside.sum()).item()),
-        targets / (n_series * horizon),
+        store.calibration_offset(model),
+        new.height,
+        int(new.select(inside.sum()).item()),
+        scored.height / horizons,
         level,
     )
+    tracked_until = new.group_by("series_id").agg(pl.col("target_ts").max().alias("tracked_until"))
     by_step = {int(step): group for (step,), group in scores.group_by("horizon_step")}
     rows = []
     for step in sorted(set(by_step) | set(prior)):  # every step the offset applies to
@@ -147,6 +157,7 @@ def run_evaluate(
     summary.mase = _pooled_mase(accuracy, model)
     with store.begin() as conn:
         store.save_calibration(conn, model, sorted(rows, key=lambda r: r["horizon_step"]))
+        store.save_calibration_offset(conn, model, offset, new.height, tracked_until)
         summary.new_anomalies = store.insert_anomalies(conn, anomalies)
         store.save_series_accuracy(
             conn, [{k: v for k, v in r.items() if k != "_scale"} for r in accuracy]
@@ -171,9 +182,7 @@ def _holdout_calibration(version: dict) -> dict[int, float]:
 BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
 
 
-def _recent_scored(
-    store: Store, model: str, ends: pl.DataFrame, window: timedelta
-) -> pl.DataFrame:
+def _recent_scored(store: Store, model: str, ends: pl.DataFrame, window: timedelta) -> pl.DataFrame:
     """The scored forecasts of `model` whose targets lie in the last `window` before each
     series' own newest point (series may end years apart: a window counted from the newest
     of all would leave the others out). Series whose ends lie within a window of each other

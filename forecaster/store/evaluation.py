@@ -109,6 +109,59 @@ class EvaluationStore(StoreBase):
             value = datetime.fromisoformat(value)
         return None if value is None else _utc(value)
 
+    def calibration_offset(self, model: str) -> float:
+        """The pooled offset carried for a model (band widths); 0 before its first."""
+        c = s.calibration_offsets
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(c.c.offset).where(c.c.model == model)
+            ).scalar_one_or_none()
+        return 0.0 if value is None else float(value)
+
+    def calibration_tracking(self, model: str) -> pl.DataFrame:
+        """series_id, tracked_until: per series, the newest target time whose actuals are
+        counted into the model's offset."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
+        t = s.calibration_tracking
+        raw = sa.types.NullType()
+        q = sa.select(t.c.series_id, sa.type_coerce(t.c.tracked_until, raw)).where(
+            t.c.model == model
+        )
+        return self._frame(q, {"series_id": pl.Int64, "tracked_until": TS_DTYPE})
+
+    def save_calibration_offset(
+        self, conn: Connection, model: str, offset: float, n_new: int, tracked: pl.DataFrame
+    ) -> None:
+        """Store the model's offset after counting n_new more actuals, and each series'
+        newest target counted (`tracked`: series_id, tracked_until)."""
+        o = s.calibration_offsets
+        now = datetime.now(UTC)
+        before = conn.execute(sa.select(o.c.n_tracked).where(o.c.model == model)).scalar()
+        stmt = self._upsert(o, ("offset", "n_tracked", "updated_at"))
+        conn.execute(
+            stmt,
+            [
+                {
+                    "model": model,
+                    "offset": offset,
+                    "n_tracked": (before or 0) + n_new,
+                    "updated_at": now,
+                }
+            ],
+        )
+        if not tracked.is_empty():
+            stmt = self._upsert(s.calibration_tracking, ("tracked_until",))
+            conn.execute(
+                stmt,
+                [
+                    {"model": model, "series_id": sid, "tracked_until": until}
+                    for sid, until in tracked.select("series_id", "tracked_until").rows()
+                ],
+            )
+
     def save_calibration(
         self, conn: Connection, model: str, rows: Sequence[Mapping[str, Any]]
     ) -> None:
@@ -133,6 +186,16 @@ class EvaluationStore(StoreBase):
         ]
         if rows:
             conn.execute(sa.insert(c), rows)
+        # ... and the pooled offset, which its own evaluate runs then carry on from.
+        o = s.calibration_offsets
+        offset = conn.execute(sa.select(o.c.offset).where(o.c.model == source)).scalar()
+        has = conn.execute(sa.select(o.c.model).where(o.c.model == target)).scalar()
+        if offset is not None and has is None:
+            now = datetime.now(UTC)
+            conn.execute(
+                sa.insert(o),
+                [{"model": target, "offset": offset, "n_tracked": 0, "updated_at": now}],
+            )
         return len(rows)
 
     def save_series_accuracy(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -147,10 +147,9 @@ def test_cross_validation_counts_back_from_each_series_own_end():
     assert cv["y"].null_count() == 0 and all(math.isfinite(x) for x in cv["yhat"])
 
 
-def test_the_pooled_offset_counts_horizons_of_time(fitted):
-    """One forecast brings H actuals: a fleet forecast once a horizon whose served band missed
-    every actual of its last three forecasts widens every step's next band by 3 x 0.8 band
-    widths at once (per-step scores alone would take weeks to move)."""
+def test_the_pooled_offset_widens_every_step(fitted):
+    """The offset the served band's misses have built up is added to every step's blended
+    correction."""
     from collections import deque
 
     from forecaster import calibration
@@ -159,46 +158,37 @@ def test_the_pooled_offset_counts_horizons_of_time(fitted):
     scores = [0.1 * k for k in range(10)]
     for h in range(1, fc.horizon + 1):
         fc._scores[h] = deque(scores)
-    for name in ("s0", "s1"):  # three horizons, every actual of both series outside
-        fc._tracked[name] = deque([k, fc.horizon, 0] for k in range(3))
+    fc._offset = 2.4
     prior = fc.model.holdout_corrections
     want = [
-        calibration.blend(scores, 0.8, prior.get(h), fc.prior_weight) + 3 * 0.8
+        calibration.blend(scores, 0.8, prior.get(h), fc.prior_weight) + 2.4
         for h in range(1, fc.horizon + 1)
     ]
     assert fc.corrections() == pytest.approx(want)
-    for name in ("s0", "s1"):  # ... and as many that covered about their level: no offset
-        fc._tracked[name] = deque([k, fc.horizon, round(0.8 * fc.horizon)] for k in range(3))
-    assert fc.corrections()[0] == pytest.approx(want[0] - 3 * 0.8, abs=0.05)
 
 
-def test_update_tracks_the_served_band_over_the_calibration_window(fitted):
-    """update() records each scored actual against the band served, per horizon-long block
-    of target time, and forgets blocks older than the calibration window."""
+def test_each_missed_horizon_adds_to_the_offset_and_a_covered_one_takes_off(fitted):
+    """A fleet forecast once a horizon whose served band missed every actual of a day moves
+    the offset by 1 x (1 - 0.2) band widths at once; a second such day doubles it (an
+    integral: per-step scores alone would take weeks to move); days inside the band bring
+    it back down."""
+    from forecaster.calibration import OFFSET_GAIN
+
     fc, data = copy.deepcopy(fitted[0]), fitted[1]
-    fc.calibration_window = timedelta(days=2)
-    assert not fc._tracked
-    for day in range(30, 34):
-        span = (START + timedelta(days=day), START + timedelta(days=day + 1))
-        fc.update(data.filter(pl.col("ts").is_between(*span, "left")))
-    record = [b for blocks in fc._tracked.values() for b in blocks]
-    assert sum(b[1] for b in record) == 2 * 24 * 2, record  # 2 days of 2 series
-    assert 0 < sum(b[2] for b in record) <= 2 * 24 * 2
+    assert fc._offset == 0.0
 
+    def day(d: int, shift: float = 0.0) -> pl.DataFrame:
+        span = (START + timedelta(days=d), START + timedelta(days=d + 1))
+        return data.filter(pl.col("ts").is_between(*span, "left")).with_columns(
+            pl.col("value") + shift
+        )
 
-def test_series_in_different_years_keep_their_own_calibration_window(fitted):
-    """The window counts back from each series' own newest scored block: a series that
-    ended years before another keeps its record (a window counted from the newest block of
-    all would drop it, and the offset would follow the newest series alone)."""
-    fc, data = copy.deepcopy(fitted[0]), fitted[1]
-    years = timedelta(days=3 * 365)
-    moved = data.with_columns(
-        pl.when(pl.col("series") == "s1").then(pl.col("ts") + years).otherwise(pl.col("ts"))
-    )
-    fc._series["s1"].last += int(years.total_seconds())
-    own = pl.col("ts") - pl.when(pl.col("series") == "s1").then(years).otherwise(timedelta(0))
-    for day in range(30, 33):
-        span = (START + timedelta(days=day), START + timedelta(days=day + 1))
-        fc.update(moved.filter(own.is_between(*span, "left")))
-    assert [len(fc._tracked[n]) for n in ("s0", "s1")] == [3, 3]
-    assert sum(b[1] for n in ("s0", "s1") for b in fc._tracked[n]) == 3 * 24 * 2
+    fc.update(day(30, 1e4))
+    assert fc._offset == pytest.approx(OFFSET_GAIN * 0.8)
+    fc.update(day(31, -1e4))  # the forecasts from the shifted point miss again
+    assert fc._offset == pytest.approx(OFFSET_GAIN * 1.6)
+    wide = copy.deepcopy(fitted[0])
+    wide._offset = 2.0  # bands 2 widths wider each side cover (nearly) every actual
+    for d in (30, 31, 32):
+        wide.update(day(d))
+    assert 2.0 - 3 * 0.2 * OFFSET_GAIN - 1e-9 <= wide._offset < 2.0 - 0.5

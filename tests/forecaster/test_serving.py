@@ -55,12 +55,12 @@ def test_a_trained_version_records_a_choice_per_series():
 def test_the_tracked_offset_follows_the_served_bands_misses():
     from forecaster.calibration import OFFSET_BOUNDS, shifted, tracked_offset
 
-    assert tracked_offset(0, 0, 0.0, 0.8) == 0.0  # nothing scored yet
-    assert tracked_offset(100, 80, 3.0, 0.8) == pytest.approx(0.0)  # on level: no offset
-    # Three horizons' worth, 40% missed instead of 20%: 3 x 0.2 widths wider.
-    assert tracked_offset(100, 60, 3.0, 0.8) == pytest.approx(0.6)
-    assert tracked_offset(100, 100, 3.0, 0.8) == pytest.approx(-0.6)  # covers all: narrower
-    assert tracked_offset(10**6, 0, 10**4, 0.8) == OFFSET_BOUNDS[1]  # no wind-up
+    assert tracked_offset(0.3, 0, 0, 24, 0.8) == 0.3  # nothing newly scored: carried as is
+    assert tracked_offset(0.3, 24, 19, 24, 0.8) == pytest.approx(0.3 + (5 - 0.2 * 24) / 24)
+    # One horizon of actuals, 40% missed instead of 20%: 0.2 widths wider.
+    assert tracked_offset(0.0, 100, 60, 100, 0.8) == pytest.approx(0.2)
+    assert tracked_offset(0.0, 300, 300, 100, 0.8) == pytest.approx(-0.6)  # 3 covered all
+    assert tracked_offset(4.9, 10**6, 0, 100, 0.8) == OFFSET_BOUNDS[1]  # no wind-up
     assert shifted([0.1, -0.3], -0.4) == pytest.approx([-0.3, -0.5])  # never inside out
 
 
@@ -74,10 +74,10 @@ def _served_coverage(make_y, lower, upper, level=0.8, horizons=60, h=24, seed=0)
 
     rng = random.Random(seed)
     scores: dict[int, list[float]] = {k: [] for k in range(h)}
-    n = n_in = 0
+    offset, n, n_in = 0.0, 0, 0
     for t in range(horizons):
-        base = [blend(scores[k][-1000:], level, 0.0, 30) for k in range(h)]
-        corr = shifted(base, tracked_offset(n, n_in, t, level))
+        corr = shifted([blend(scores[k][-1000:], level, 0.0, 30) for k in range(h)], offset)
+        inside = 0
         for k in range(h):
             y = make_y(t, k, rng)
             lo, hi = apply(
@@ -87,8 +87,10 @@ def _served_coverage(make_y, lower, upper, level=0.8, horizons=60, h=24, seed=0)
                 torch.tensor(corr[k]),
                 floor=0.0,
             )
-            n, n_in = n + 1, n_in + int(lo.item() <= y <= hi.item())
+            inside += int(lo.item() <= y <= hi.item())
             scores[k].append(band_score(lower(k), upper(k), y))
+        offset = tracked_offset(offset, h, inside, h, level)
+        n, n_in = n + h, n_in + inside
     return n_in / n
 
 

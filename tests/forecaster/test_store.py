@@ -221,3 +221,22 @@ def test_a_failed_transaction_writes_nothing(store):
         raise RuntimeError("crash inside the transaction")
     assert store.read_observations().height == 0
     assert store.get_cursor("s") is None
+
+
+def test_a_new_champion_starts_from_the_old_ones_corrections_and_offset(store):
+    """copy_calibration gives the target the source's per-step corrections and pooled
+    offset where it has none of its own, and never overwrites what it has."""
+    with store.begin() as conn:
+        store.save_calibration(
+            conn, "v1", [{"horizon_step": h, "correction": 0.1 * h, "n_scored": 5} for h in (1, 2)]
+        )
+        store.save_calibration_offset(conn, "v1", 0.7, 10, pl.DataFrame())
+        assert store.copy_calibration(conn, "v1", "v2") == 2
+    assert store.calibration_for("v2") == pytest.approx({1: 0.1, 2: 0.2})
+    assert store.calibration_offset("v2") == pytest.approx(0.7)
+    with store.begin() as conn:
+        store.save_calibration_offset(conn, "v2", -0.3, 4, pl.DataFrame())
+        store.save_calibration_offset(conn, "v1", 0.9, 1, pl.DataFrame())
+        assert store.copy_calibration(conn, "v1", "v2") == 0
+    assert store.calibration_offset("v2") == pytest.approx(-0.3)
+    assert store.calibration_offset("v3") == 0.0

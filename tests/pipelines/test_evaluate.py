@@ -243,6 +243,20 @@ def test_a_day_the_band_missed_widens_every_step_by_the_tracked_offset(sqlite_ur
         ]
         want = blend(score, 0.8, prior[step - 1], 30) + OFFSET_GAIN * 0.8
         assert corrections[step] == pytest.approx(want), step
+    # Carried, not recomputed: running again counts nothing twice; a second missed day
+    # adds as much again, and the sum outlives the window the scores are read from.
+    assert run_evaluate(store).offset == pytest.approx(OFFSET_GAIN * 0.8)
+    run_predict(store, warmup_steps=WARMUP)
+    _ingest_days(store, 21, 22)
+    with store.begin() as conn:
+        conn.execute(
+            sa.update(o).where(o.c.ts >= START + timedelta(days=21)).values(value=o.c.value + 2e4)
+        )
+    assert run_evaluate(store).offset == pytest.approx(OFFSET_GAIN * 1.6)
+    assert run_evaluate(store, window=timedelta(hours=1)).offset == pytest.approx(
+        OFFSET_GAIN * 1.6
+    )
+    assert store.calibration_offset("v1") == pytest.approx(OFFSET_GAIN * 1.6)
     store.close()
 
 
@@ -269,6 +283,7 @@ def test_series_that_end_years_apart_are_each_scored_over_their_own_window(
             (schema.observations, ("ts",)),
             (schema.watermarks, ("ts",)),
             (schema.forecasts, ("origin_ts", "target_ts")),
+            (schema.calibration_tracking, ("tracked_until",)),
         ):
             rows = [
                 r._asdict() for r in conn.execute(table.select().where(table.c.series_id == sid))
