@@ -10,15 +10,28 @@ a small per-series state, advanced over new points only, like the network's:
 
 - level and trend of the ETS recursion on the deseasonalised series, with the smoothing
   parameters (alpha, beta, phi) the fit chose;
-- one seasonal profile of the longest season's length P (the seasons summed, each repeated
-  from its last cycle), indexed by the step's position on the epoch grid, and corrected at
-  each new point by `gamma` times the one-step error (the Holt-Winters update), so the
-  shape follows the data between retrains.
+- a smooth level: a one-day exponential average of the deseasonalised series, what STL's
+  trend is to its seasonal components;
+- one seasonal profile per season (its component's last cycle at the fit), indexed by the
+  step's position on the epoch grid. At each new point each season's value for that slot
+  moves `gamma` of the way towards what the point says it is: the point less the smooth
+  level and the other seasons. So the shape follows the data between retrains as a refit's
+  decomposition would.
 
-A forecast from step g is `level + (phi + ... + phi^h) * trend + profile[(g + h) mod P]`.
+The profiles are corrected against the smooth level, not against the ETS level: the fit's
+alpha is often near 1 (the level follows every point), and a Holt-Winters correction by the
+one-step error then leaves the seasonal shape where the fit left it (the level absorbs the
+error). Kept as a state that way, MSTL lost to its own refit by 40-75% on smooth series
+(half-hourly demand, hourly temperatures: 0.26 against 0.15, 1.39 against 1.02 MASE); with
+the smooth level it is level with the refit on the first and ahead on the second (0.15,
+0.93), and within 10% of the refit on each of the accuracy bench's eight datasets.
+
+A forecast from step g is `level + (phi + ... + phi^h) * trend + the profiles at g + h`.
 Cost: O(new points) to update, O(H) to forecast, per series. The state is a float32 row
-(level, trend, P profile values) stored beside the network's state, so snapshots, rewinds
-after late data and exactly-once commits cover it as they cover the network.
+(level, trend, smooth level, the profiles) stored beside the network's state, so snapshots,
+rewinds after late data and exactly-once commits cover it as they cover the network. A
+version fitted before the smooth level (its params carry no smooth_rate) keeps its row
+layout and its update, the Holt-Winters correction by the one-step error.
 
 `gamma` is chosen per series from GAMMAS on held-out data (the early-stopping tail), and a
 missing point (NaN) advances the recursion without correcting it.
@@ -47,21 +60,32 @@ class StatParams:
     alpha: np.ndarray
     beta: np.ndarray
     phi: np.ndarray
-    gamma: np.ndarray  # (S, k): each season's profile correction per unit of one-step error
+    gamma: np.ndarray  # (S, k): each season's profile correction rate
+    # The smooth level's rate per step (1 / the daily season); None: a version fitted before
+    # the smooth level, whose rows hold no smooth level and whose update is Holt-Winters'.
+    smooth_rate: float | None = None
+
+    @property
+    def base(self) -> int:
+        """Floats in a state row before the profiles: level, trend (and the smooth level)."""
+        return 2 if self.smooth_rate is None else 3
 
     @property
     def width(self) -> int:
-        """Floats in one series' state row: level, trend, then each season's profile."""
-        return 2 + sum(self.seasons)
+        """Floats in one series' state row: level, trend, smooth level, each profile."""
+        return self.base + sum(self.seasons)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "seasons": list(self.seasons),
             **{
                 k: getattr(self, k).astype(float).tolist()
                 for k in ("alpha", "beta", "phi", "gamma")
             },
         }
+        if self.smooth_rate is not None:
+            out["smooth_rate"] = float(self.smooth_rate)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> StatParams:
@@ -70,18 +94,24 @@ class StatParams:
         return cls(
             seasons=seasons,
             gamma=gamma,
+            smooth_rate=d.get("smooth_rate"),
             **{k: np.asarray(d[k], dtype=np.float64) for k in ("alpha", "beta", "phi")},
         )
 
     def take(self, rows: np.ndarray) -> StatParams:
         """The parameters of the series at `rows`, in that order."""
         return StatParams(
-            self.seasons, self.alpha[rows], self.beta[rows], self.phi[rows], self.gamma[rows]
+            self.seasons,
+            self.alpha[rows],
+            self.beta[rows],
+            self.phi[rows],
+            self.gamma[rows],
+            self.smooth_rate,
         )
 
     def offsets(self) -> list[int]:
         """Where each season's profile starts in a state row."""
-        out, at = [], 2
+        out, at = [], self.base
         for s in self.seasons:
             out.append(at)
             at += s
@@ -118,6 +148,7 @@ def fit(
         np.zeros(n_series),
         np.ones(n_series),
         np.zeros((n_series, len(seasons))),
+        smooth_rate=1.0 / max(day, 1),
     )
     state = np.zeros((n_series, params.width))
     for i in range(n_series):
@@ -138,6 +169,7 @@ def fit(
         last = model["states"][-1]
         state[i, 0] = last[0]
         state[i, 1] = last[1] if has_trend else 0.0
+        state[i, 2] = last[0]  # the smooth level starts at the ETS level
         # Each season's profile: its component's last cycle, by position on the epoch grid.
         for at, period, comp in zip(params.offsets(), seasons, components, strict=True):
             steps = start_step + np.arange(hi - period, hi)
@@ -197,11 +229,25 @@ def update(
         season = sum((state[rows, c] for c in cols), np.zeros(n_series))
         fitted = state[:, 0] + params.phi * state[:, 1]
         y = values[:, t]
-        err = np.where(np.isnan(y) | ~act, 0.0, y - season - fitted)
+        seen = ~np.isnan(y) & act
+        err = np.where(seen, y - season - fitted, 0.0)
         state[:, 0] = np.where(act, fitted + params.alpha * err, state[:, 0])
         state[:, 1] = np.where(act, params.phi * state[:, 1] + params.beta * err, state[:, 1])
-        for j, c in enumerate(cols):
-            state[rows, c] += params.gamma[:, j] * err
+        if params.smooth_rate is None:  # a version from before the smooth level
+            for j, c in enumerate(cols):
+                state[rows, c] += params.gamma[:, j] * err
+        else:
+            y0 = np.where(seen, y, 0.0)
+            smooth = state[:, 2]
+            own = [state[rows, c] for c in cols]  # each season's value before this point
+            state[:, 2] = np.where(
+                seen, smooth + params.smooth_rate * (y0 - season - smooth), smooth
+            )
+            for j, c in enumerate(cols):
+                # What the point says season j is: itself less the smooth level and the others.
+                target = y0 - state[:, 2] - (season - own[j])
+                moved = own[j] + params.gamma[:, j] * (target - own[j])
+                state[rows, c] = np.where(seen, moved, own[j])
         if out is not None:
             out[:, t] = forecast(params, state, g, horizon)
             out[g < lo - 1, t] = np.nan
@@ -233,6 +279,7 @@ def choose_gamma(
         params.beta[rep],
         params.phi[rep],
         np.tile(grid, (n_series, 1)),
+        params.smooth_rate,
     )
     _, pred = update(
         trial,

@@ -156,3 +156,54 @@ def test_a_series_the_challenger_forecasts_best_is_served_by_it():
     none.fit(data.filter(pl.col("ts") < cut))
     assert not {"mstl", "mean_mstl"} & set(none.model.meta["serving"].values())
     assert "mstl" not in none.result.metrics
+
+
+def test_the_profiles_follow_a_changing_seasonal_shape():
+    """Fitted while the daily swing was 4, then advanced over two weeks where it is 12: the
+    state's next day follows the new swing (the profile moves against the smooth level). The
+    Holt-Winters correction by the one-step error, which a fit whose level follows every
+    point (alpha near 1) leaves where it was, misses it by far more."""
+    t = np.arange(8 * WEEK + DAY)
+    amp = np.where(t < 6 * WEEK, 4.0, 12.0)
+    rng = np.random.default_rng(4)
+    y = (50 + amp * np.sin(2 * math.pi * t / DAY) + rng.normal(0, 0.2, t.size))[None, :]
+    fit_end = 6 * WEEK
+    params, state = stats.fit(y, np.array([0]), np.array([fit_end]), 0, DAY, WEEK)
+    params.gamma[:] = [0.2, 0.0]
+    params.alpha[:] = 0.99  # as fits on real data often choose: the level follows every point
+    truth = y[0, 8 * WEEK :]
+
+    def next_day_error(p: stats.StatParams, s: np.ndarray) -> float:
+        moved, _ = stats.update(p, s, y[:, fit_end : 8 * WEEK], fit_end)
+        return float(np.abs(stats.forecast(p, moved, 8 * WEEK - 1, DAY)[0] - truth).mean())
+
+    new = next_day_error(params, state)
+    assert new < 1.0, new  # swing 12: a day's profile two weeks old would miss by ~5
+    old = stats.StatParams(
+        params.seasons, params.alpha, params.beta, params.phi, params.gamma, smooth_rate=None
+    )
+    old_state = np.delete(state, 2, axis=1)  # the same fit in the old row layout
+    assert next_day_error(old, old_state) > 2 * new
+
+
+def test_a_version_fitted_before_the_smooth_level_keeps_its_layout_and_update():
+    """Params stored without smooth_rate (checkpoints from before it) read back as the old
+    layout (level, trend, profiles) and advance with the Holt-Winters correction."""
+    y = seasonal(3 * WEEK, seed=5)[None, :]
+    params, state = stats.fit(y, np.array([0]), np.array([2 * WEEK]), 0, DAY, WEEK)
+    assert params.smooth_rate == 1 / DAY and state.shape[1] == 3 + DAY + WEEK
+    stored = params.to_dict()
+    assert stats.StatParams.from_dict(stored).smooth_rate == params.smooth_rate
+    del stored["smooth_rate"]
+    old = stats.StatParams.from_dict(stored)
+    assert old.smooth_rate is None and old.width == 2 + DAY + WEEK
+    old.gamma[:] = 0.1
+    old_state = np.delete(state, 2, axis=1)
+    moved, _ = stats.update(old, old_state, y[:, 2 * WEEK : 2 * WEEK + 5], 2 * WEEK)
+    # By hand, the old rule at the first point: every profile slot moves by gamma * error.
+    g = 2 * WEEK
+    season = old_state[0, 2 + g % DAY] + old_state[0, 2 + DAY + g % WEEK]
+    err = y[0, g] - season - (old_state[0, 0] + old.phi[0] * old_state[0, 1])
+    first, _ = stats.update(old, old_state, y[:, g : g + 1], g)
+    assert first[0, 2 + g % DAY] == np.float64(old_state[0, 2 + g % DAY] + 0.1 * err)
+    assert moved.shape == old_state.shape
