@@ -11,6 +11,7 @@ Every statement binds its values; no value is ever formatted into SQL text.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import json
 import re
@@ -50,13 +51,14 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, *, busy_timeout: bool = True) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets readers (a dashboard, `series list`) run while an ingest writes.
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    if busy_timeout:
+        cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 
 
@@ -64,7 +66,12 @@ def create_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = sa.create_engine(url)
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        # Waiting for another writer's lock: 30 s, or the URL's own `?timeout=SECONDS` (which
+        # the driver passes to sqlite3.connect; the pragma would override it).
+        given = "timeout" in sa.engine.make_url(url).query
+        sa.event.listen(
+            engine, "connect", functools.partial(_sqlite_pragmas, busy_timeout=not given)
+        )
         return engine
     if url.startswith("postgresql"):
         return sa.create_engine(url, pool_pre_ping=True)

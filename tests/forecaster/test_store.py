@@ -240,3 +240,14 @@ def test_a_new_champion_starts_from_the_old_ones_corrections_and_offset(store):
         assert store.copy_calibration(conn, "v1", "v2") == 0
     assert store.calibration_offset("v2") == pytest.approx(-0.3)
     assert store.calibration_offset("v3") == 0.0
+
+
+def test_sqlite_waits_30_s_for_a_lock_unless_the_url_says_how_long(tmp_path):
+    """A URL's own ?timeout=SECONDS is the driver's, and no pragma overrides it."""
+    from forecaster.store import create_engine
+
+    for query, waits_ms in (("", 30000), ("?timeout=1.5", 1500)):
+        engine = create_engine(f"sqlite:///{tmp_path / 'w.db'}{query}")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == waits_ms
+        engine.dispose()
