@@ -53,10 +53,15 @@ VOLATILE = {"created_at", "updated_at", "started_at", "finished_at", "uri", "det
 
 
 def write_config(
-    tmp: Path, *, end: str = "2013-02-24T00:00:00Z", extra: str = "", url: str | None = None
+    tmp: Path,
+    *,
+    end: str = "2013-02-24T00:00:00Z",
+    extra: str = "",
+    url: str | None = None,
+    training: str = "",
 ) -> Path:
     """Three series; daily jobs, a retrain every two weeks, no accuracy-triggered retrain
-    (its timing would depend on where a kill lands)."""
+    (its timing would depend on where a kill lands). training: more lines of [training]."""
     path = tmp / "forecaster.toml"
     path.write_text(
         f"""database_url = "{url or f"sqlite:///{tmp / 'store.db'}"}"
@@ -68,6 +73,7 @@ series_filter = {SERIES}
 end = {end}
 [training]
 hidden = 8
+{training}
 [retrain]
 epochs = 2
 degrade_ratio = 100.0

@@ -33,9 +33,9 @@ def _libpq(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://")
 
 
-@pytest.fixture
-def pg_databases() -> Iterator[callable]:
-    """Make fresh PostgreSQL databases of the test's own; all dropped at the end."""
+@contextmanager
+def _databases() -> Iterator[Callable[[], str]]:
+    """Make fresh PostgreSQL databases of the caller's own; all dropped at the end."""
     reason = _pg_unavailable_reason()
     if reason:
         if IN_CI:
@@ -53,11 +53,39 @@ def pg_databases() -> Iterator[callable]:
         made.append(name)
         return f"{base}/{name}"
 
-    yield make
-    with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True) as conn:
-        for name in made:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield make
+    finally:
+        with psycopg.connect(_libpq(PG_ADMIN_URL), autocommit=True) as conn:
+            for name in made:
+                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_databases() -> Iterator[Callable[[], str]]:
+    """Make fresh PostgreSQL databases of the test's own; all dropped at the end."""
+    with _databases() as make:
+        yield make
+
+
+# No statistical challenger in these backtests: what they check is the store after a
+# database fault (tests/pipelines/test_daemon.py kills backtests that fit it).
+TRAINING = 'challenger = "none"'
+
+
+@pytest.fixture(scope="module")
+def pg_reference(tmp_path_factory) -> dict[str, list[tuple]]:
+    """An uninterrupted backtest on PostgreSQL (run once for the module's faults): the
+    store each faulted run must end as."""
+    tmp = tmp_path_factory.mktemp("reference")
+    with _databases() as make:
+        url = make()
+        chaos.upgrade(tmp, url)
+        cfg = chaos.write_config(tmp, url=url, training=TRAINING)
+        done = subprocess.run(chaos.backtest_cmd(cfg), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:]
+        return chaos.snapshot(url)
 
 
 @contextmanager
@@ -131,20 +159,14 @@ def _succeeded(url: str, job: str) -> int:
 
 
 @pytest.mark.parametrize("kind", ["database_away", "server_restart"])
-def test_postgresql_going_away_mid_run_loses_nothing(kind, pg_databases, tmp_path):
+def test_postgresql_going_away_mid_run_loses_nothing(kind, pg_databases, tmp_path, request):
     fault = _fault(kind)
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "outage"
-    ref_dir.mkdir()
+    reference = request.getfixturevalue("pg_reference")  # once the fault is known to run
+    run_dir = tmp_path / "outage"
     run_dir.mkdir()
-    ref_url, url = pg_databases(), pg_databases()
-    chaos.upgrade(ref_dir, ref_url)
-    cfg = chaos.write_config(ref_dir, url=ref_url)
-    done = subprocess.run(chaos.backtest_cmd(cfg), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:]
-    reference = chaos.snapshot(ref_url)
-
+    url = pg_databases()
     chaos.upgrade(run_dir, url)
-    cfg = chaos.write_config(run_dir, url=url)
+    cfg = chaos.write_config(run_dir, url=url, training=TRAINING)
     log = run_dir / "backtest.log"
     with log.open("w") as out:
         proc = subprocess.Popen(chaos.backtest_cmd(cfg), stdout=out, stderr=subprocess.STDOUT)
@@ -171,7 +193,7 @@ def test_postgresql_going_away_mid_run_loses_nothing(kind, pg_databases, tmp_pat
 def test_readyz_says_not_ready_while_postgresql_is_away(pg_databases, tmp_path):
     url = pg_databases()
     chaos.upgrade(tmp_path, url)
-    cfg = chaos.write_config(tmp_path, url=url, end="2013-02-12T00:00:00Z")
+    cfg = chaos.write_config(tmp_path, url=url, end="2013-02-12T00:00:00Z", training=TRAINING)
     # The demo keeps its own SQLite file unless told the database on the command line.
     args = ["--config", str(cfg), "--database-url", url]
     with serving_demo(args, tmp_path) as (_, lines):
@@ -209,9 +231,11 @@ def _count(db: Path, table: str) -> int:
 
 
 def test_a_locked_sqlite_database_gives_a_clear_error_and_writes_nothing(tmp_path):
-    cfg = chaos.write_config(tmp_path, end="2013-01-10T00:00:00Z")
-    chaos.upgrade(tmp_path)
     db = tmp_path / "store.db"
+    # The URL's timeout: wait 2 s for the writer's lock, not the default 30 s.
+    url = f"sqlite:///{db}?timeout=2"
+    cfg = chaos.write_config(tmp_path, end="2013-01-10T00:00:00Z", url=url)
+    chaos.upgrade(tmp_path)
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another writer, holding the lock
     try:
