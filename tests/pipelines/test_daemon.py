@@ -184,12 +184,9 @@ _snapshot = chaos.snapshot
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, list[tuple]]:
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    cfg = _config_backtest(tmp)
-    _upgrade(tmp)
-    done = subprocess.run(_backtest_cmd(cfg), cwd=tmp, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:]
+def uninterrupted(chaos_backtest) -> dict[str, list[tuple]]:
+    """The store of the uninterrupted backtest (_config_backtest's: tests/pipelines/conftest)."""
+    tmp, _ = chaos_backtest
     return _snapshot(tmp / "store.db")
 
 

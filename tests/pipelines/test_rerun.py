@@ -167,16 +167,10 @@ def test_ingest_run_again_on_an_ingested_file_is_a_no_op(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def backtested(tmp_path_factory) -> tuple[Path, Path]:
-    """A finished backtest (the chaos suite's): its folder and config."""
-    tmp = tmp_path_factory.mktemp("backtest")
-    cfg = chaos.write_config(tmp)
-    chaos.upgrade(tmp)
-    done = subprocess.run(
-        chaos.backtest_cmd(cfg), cwd=tmp, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
-    return tmp, cfg
+def backtested(chaos_backtest) -> tuple[Path, Path]:
+    """A finished backtest (the chaos suite's, tests/pipelines/conftest): its folder and
+    config."""
+    return chaos_backtest
 
 
 @pytest.fixture
