@@ -1,6 +1,7 @@
 """A new user's first hour, through the real `forecaster` executable: the quickstart in a
 terminal, then the commands that follow it, then a demo stopped with Ctrl-C and run again.
-The replay is narrowed by ./forecaster.toml (three series, seven weeks) to stay quick."""
+The replay is narrowed by ./forecaster.toml (three series, seven weeks, no statistical
+challenger: tests/pipelines/test_daemon.py's demo fits it) to stay quick."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ series_filter = ["flights.JFK", "flights.LGA", "flights.EWR"]
 end = 2013-02-20T00:00:00Z
 [training]
 hidden = 8
+challenger = "none"
 [retrain]
 epochs = 2
 [http]

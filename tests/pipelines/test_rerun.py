@@ -217,7 +217,7 @@ def test_predict_and_evaluate_run_again_with_nothing_new_change_nothing(finished
 
 @pytest.mark.slow
 def test_the_demo_run_again_until_its_end_changes_nothing(tmp_path):
-    cfg = chaos.write_config(tmp_path, end="2013-02-16T00:00:00Z")
+    cfg = chaos.write_config(tmp_path, end="2013-02-16T00:00:00Z", training='challenger = "none"')
     db = tmp_path / "store.db"
     cmd = [chaos.FORECASTER, "--config", str(cfg), "--database-url", f"sqlite:///{db}"]
     cmd += ["run", "--demo", "--until-end"]
