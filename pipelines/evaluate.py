@@ -201,9 +201,6 @@ def _recent_scored(store: Store, model: str, ends: pl.DataFrame, window: timedel
     )
 
 
-BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
-
-
 def _series_accuracy(
     store: Store, model: str, scored: pl.DataFrame, ends: pl.DataFrame, window: timedelta
 ) -> list[dict]:

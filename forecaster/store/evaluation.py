@@ -96,19 +96,6 @@ class EvaluationStore(StoreBase):
         q = sa.select(w.c.series_id, sa.type_coerce(w.c.ts, raw).label("end"))
         return self._frame(q, {"series_id": pl.Int64, "end": TS_DTYPE})
 
-    def newest_scored_target(self, model: str) -> datetime | None:
-        f, o = s.forecasts, s.observations
-        q = (
-            sa.select(sa.func.max(f.c.target_ts))
-            .join(o, sa.and_(o.c.series_id == f.c.series_id, o.c.ts == f.c.target_ts))
-            .where(f.c.model == model, o.c.quality == "observed")
-        )
-        with self.engine.connect() as conn:
-            value = conn.execute(q).scalar_one_or_none()
-        if isinstance(value, str):  # max() over SQLite text
-            value = datetime.fromisoformat(value)
-        return None if value is None else _utc(value)
-
     def calibration_offset(self, model: str) -> float:
         """The pooled offset carried for a model (band widths); 0 before its first."""
         c = s.calibration_offsets
