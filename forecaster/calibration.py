@@ -14,8 +14,9 @@ not (drift, a holdout unlike the test period, a mass of ties such as night-time 
 inside a zero-width band), the band served drifts off its level, so one pooled offset is
 added to every step's c: online quantile tracking of the served band's misses, an integral
 of (share of actuals outside the band - (1 - level)) per horizon of time, times a gain,
-carried from one scoring to the next (the store keeps it between evaluate runs). While the band misses too often it widens, while it covers
-too much it narrows, until the long-run coverage of what was served is the level. The
+carried from one scoring to the next (the store keeps it between evaluate runs). While the
+band misses too often it widens, while it covers too much it narrows, until the long-run
+coverage of what was served is the level. The
 offset is pooled over series and steps (each forecast brings H actuals, so a fleet of one
 series adapts after a few forecasts) and is counted per horizon of time, so it moves as fast
 for one series as for ten thousand, and whatever the prediction cadence.
