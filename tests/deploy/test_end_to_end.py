@@ -1,12 +1,11 @@
 """The deploy/ files against the real thing: the demo daemon on a small replay, scraped by a
 real Prometheus that runs deploy/prometheus/prometheus.yml (intervals shortened to 1 s) with
 both rule files. Every rule loads and evaluates without error, every dashboard query returns
-data, and the alerts that must stay silent on a healthy daemon do. One daemon and one
-Prometheus for the whole module."""
+data, and the alerts that must stay silent on a healthy daemon do. One Prometheus for the
+whole module, and one daemon (tests/deploy/conftest.py's, which the browser tests read too)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -17,13 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import served_url, serving_demo, stop
-from tests.deploy.conftest import PROMETHEUS, binary, dashboard_queries
+from tests.conftest import served_url, stop
+from tests.deploy.conftest import DEMO_SERIES, DISRUPTED, PROMETHEUS, binary, dashboard_queries
 from tests.pipelines.sources.conftest import free_port
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
-SERIES = ["flights.EWR", "flights.JFK", "flights.LGA"]
-DISRUPTED = "flights.LGA"
+SERIES = DEMO_SERIES
 BAND_ALERT_FOR = "expr: forecaster_outside_band == 1\n        for: 30m\n"
 SILENT_WHEN_HEALTHY = {
     "ForecasterForecastsStale",
@@ -32,37 +30,6 @@ SILENT_WHEN_HEALTHY = {
     "ForecasterDown",
     "ForecasterTargetMissing",
 }
-
-
-def _config(tmp: Path) -> Path:
-    """Three series up to 2013-02-20, the last twelve hours of flights.LGA disrupted (ten
-    times its values). No accuracy-triggered retrain: one that finished at the end of the
-    replay would leave a champion with nothing scored yet (no MASE, no coverage), depending
-    on timing."""
-    path = tmp / "forecaster.toml"
-    path.write_text(
-        f"""database_url = "sqlite:///{tmp / "store.db"}"
-checkpoint_dir = "{tmp / "checkpoints"}"
-[sources.nycflights]
-kind = "replay"
-interval = "1d"
-series_filter = {json.dumps(SERIES)}
-end = 2013-02-20T00:00:00Z
-[[sources.nycflights.disruptions]]
-series = ["{DISRUPTED}"]
-start = 2013-02-19T12:00:00Z
-end = 2013-02-20T00:00:00Z
-scale = 10.0
-[training]
-hidden = 8
-[retrain]
-epochs = 2
-degrade_ratio = 100.0
-[http]
-port = 0
-"""
-    )
-    return path
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float, log: Path | None = None) -> Any:
@@ -82,12 +49,12 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, log: Path | None 
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory) -> Iterator[str]:
-    """`forecaster run --demo` serving after its replay: host:port of /metrics."""
-    tmp = tmp_path_factory.mktemp("daemon")
-    with serving_demo(["--config", str(_config(tmp))], tmp, timeout=180) as (_, lines):
-        url = served_url(lines, "serving")
-        yield url.removeprefix("http://").removesuffix("/metrics")
+def daemon(demo_lines) -> str:
+    """`forecaster run --demo` serving after its replay (tests/deploy/conftest.py's, three
+    series up to 2013-02-20, the last twelve hours of flights.LGA ten times their values):
+    host:port of /metrics."""
+    url = served_url(demo_lines, "serving")
+    return url.removeprefix("http://").removesuffix("/metrics")
 
 
 def _scrape_config(daemon: str) -> str:

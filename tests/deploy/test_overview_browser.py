@@ -1,64 +1,38 @@
-"""The overview page in a real browser: `forecaster run --demo` on a small replay, then
-headless Chromium (through selenium and chromedriver) opens the URL the demo printed and
-reads the rendered DOM: the chart's SVG has a size and holds the actuals, the median and
-the band with points, and the series table lists the demo's series. A screenshot is kept
-in tmp_path and, with FORECASTER_SCREENSHOT=path, there too (docs/overview.png is made
-this way)."""
+"""The overview page in a real browser: `forecaster run --demo` on a small replay (the one
+test_end_to_end's Prometheus scrapes, tests/deploy/conftest.py), then headless Chromium
+(through selenium and chromedriver) opens the URL the demo printed and reads the rendered
+DOM: the chart's SVG has a size and holds the actuals, the median and the band with points,
+and the series table lists the demo's series. A screenshot is kept in tmp_path and, with
+FORECASTER_SCREENSHOT=path, there too (docs/overview.png is made this way)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, require_binary, served_url, serving_demo
-from tests.deploy.conftest import ROOT
+from tests.conftest import IN_CI, require_binary, served_url
+from tests.deploy.conftest import DEMO_SERIES, ROOT
 
 pytestmark = pytest.mark.slow
 FORECASTER = str(Path(sys.executable).with_name("forecaster"))
-SERIES = ["flights.EWR", "flights.JFK", "flights.LGA"]
+SERIES = DEMO_SERIES
 SHOWN = "flights.JFK"
 WINDOW = (1280, 1000)
 
 
-def _config(tmp: Path) -> Path:
-    """Three series up to 2013-02-20: the first model is trained on 2013-02-06 and serves
-    for two weeks, so there are forecasts, scores and anomalies to show."""
-    path = tmp / "forecaster.toml"
-    path.write_text(
-        f"""database_url = "sqlite:///{tmp / "store.db"}"
-checkpoint_dir = "{tmp / "checkpoints"}"
-[sources.nycflights]
-kind = "replay"
-interval = "1d"
-series_filter = {json.dumps(SERIES)}
-end = 2013-02-20T00:00:00Z
-[training]
-hidden = 8
-[retrain]
-epochs = 2
-degrade_ratio = 100.0
-[http]
-port = 0
-"""
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
-def overview_url(tmp_path_factory) -> Iterator[str]:
-    """`forecaster run --demo` serving after its replay: the overview URL it printed."""
-    tmp = tmp_path_factory.mktemp("overview")
-    with serving_demo(["--config", str(_config(tmp))], tmp, timeout=180) as (_, lines):
-        assert served_url(lines, "serving").endswith("/metrics")
-        yield served_url(lines, "overview")
+def overview_url(demo_lines) -> str:
+    """`forecaster run --demo` serving after its replay (tests/deploy/conftest.py's: three
+    series up to 2013-02-20, so there are forecasts, scores and anomalies to show): the
+    overview URL it printed."""
+    assert served_url(demo_lines, "serving").endswith("/metrics")
+    return served_url(demo_lines, "overview")
 
 
 def _chrome() -> Any:
