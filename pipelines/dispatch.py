@@ -13,8 +13,10 @@ rolling prediction fanned out over series shards as Ray tasks and retraining on 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
+import gc
 import multiprocessing
 import os
 import signal
@@ -98,7 +100,7 @@ class InlineBackend:
                 self._procs = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_die_with_parent,
+                    initializer=_init_worker,
                     initargs=(os.getpid(),),
                 )
             return self._procs.submit(_run_in_child, job, self._settings, self._simulated)
@@ -140,6 +142,14 @@ def _die_with_parent(parent: int) -> None:
         pass
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
+    """The retrain process's start: _die_with_parent, and an exit that skips the collector
+    (a second and more once torch is loaded, which the daemon's shutdown waits for; see
+    pipelines.cli)."""
+    _die_with_parent(parent)
+    atexit.register(gc.freeze)
 
 
 def _run_in_child(job: Job, settings: Settings, simulated: bool) -> JobOutcome:
