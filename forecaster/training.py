@@ -250,8 +250,16 @@ def replay(
 
     Returns (origins (T,), predictions (S, T, H, Q)) in scaled units."""
     model.eval()
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    # A window wholly before from_origin only carries the state on: the recurrence alone
+    # (the same state as the full forward), not the head, whose forecasts would be dropped.
+    # Most of the history, when scoring a tail.
+    advance = None if getattr(core, "last_origin_only", False) else getattr(core, "advance", None)
     state, preds, origins = None, [], []
     for a, b in _windows(0, scaled.shape[1], window):
+        if advance is not None and b - 1 < from_origin:
+            _, state = advance(F.step_inputs(spec, scaled, start, a, b).to(scaled.device), state)
+            continue
         pred, state, org = forward_window(model, spec, scaled, start, a, b, state)
         keep = org >= from_origin
         if keep.any():
