@@ -272,8 +272,7 @@ class Forecaster:
         """Score each series' previous forecast against the actuals now known, and note
         whether each fell inside the band that was served."""
         corrections = None  # computed once, and only when there is something to score
-        trained = self._need_model()
-        floor = 0.0 if trained.nonnegative else -math.inf
+        floor = 0.0 if self._need_model().nonnegative else None
         vals, n_new, n_inside = values.numpy(), 0, 0
         for i, name in enumerate(names):
             have = self._series.get(name)
@@ -288,10 +287,11 @@ class Forecaster:
                 if math.isnan(y):
                     continue
                 lo, med, hi = (float(have.quantiles[h - 1, j]) for j in (0, mid, -1))
-                c, width = corrections[h - 1], max(hi - lo, 0.0)
-                served_lo = max(floor, min(med, lo - c * width))  # as calibration.apply
+                served_lo, served_hi = calibration.served_band(
+                    lo, hi, med, corrections[h - 1], floor
+                )
                 n_new += 1
-                n_inside += served_lo <= y <= max(med, hi + c * width)
+                n_inside += served_lo <= y <= served_hi
                 self._scores[h].append(calibration.band_score(lo, hi, y))
         # One forecast per series and target: a horizon of time brings series x H actuals.
         n_series = sum(s.quantiles is not None for s in self._series.values())

@@ -93,6 +93,16 @@ def blend(recent: list[float], level: float, prior: float | None, prior_weight: 
     return (n * q + prior_weight * prior) / (n + prior_weight)
 
 
+def served_band(
+    lower: float, upper: float, median: float, correction: float, floor: float | None = None
+) -> tuple[float, float]:
+    """apply() for one forecast step, on floats: the band served from the raw one."""
+    width = max(upper - lower, 0.0)
+    lo = min(median, lower - correction * width)
+    hi = max(median, upper + correction * width)
+    return (lo if floor is None else max(floor, lo)), hi
+
+
 def apply(
     lower: Tensor, upper: Tensor, median: Tensor, corrections: Tensor, floor: float | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -193,9 +193,13 @@ def _recent_scored(store: Store, model: str, ends: pl.DataFrame, window: timedel
     for (_,), members in ends.with_columns(group=group).group_by("group", maintain_order=True):
         ids = None if members.height == ends.height else members["series_id"].to_list()
         parts.append(store.scored_forecasts(model, members["end"].min() - window, ids))
-    scored = pl.concat(parts)
+    return _in_window(pl.concat(parts), ends, window)
+
+
+def _in_window(frame: pl.DataFrame, ends: pl.DataFrame, window: timedelta) -> pl.DataFrame:
+    """The rows whose target lies in the last `window` before their series' end."""
     return (
-        scored.join(ends, on="series_id")
+        frame.join(ends, on="series_id")
         .filter(pl.col("target_ts") > pl.col("end") - window)
         .drop("end")
     )
@@ -211,8 +215,7 @@ def _series_accuracy(
     the rows keeps a model that has served only part of the window (a new champion) from
     being scaled by the rest. `_scale` (the naive's MAE on those rows) is for pooling and is
     not stored."""
-    recent = pl.col("target_ts") > pl.col("end") - window
-    frames = {model: scored.join(ends, on="series_id").filter(recent).drop("end")}
+    frames = {model: _in_window(scored, ends, window)}
     for name in BASELINE_MODELS:
         frames[name] = _recent_scored(store, name, ends, window)
     naive = frames["seasonal_naive_daily"]

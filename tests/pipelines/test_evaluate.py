@@ -218,7 +218,7 @@ def test_a_day_the_band_missed_widens_every_step_by_the_tracked_offset(sqlite_ur
     """Every actual of the first scored day far outside the band served: one horizon of
     time, all missed, so every step's correction is its blended per-step one plus
     1 x (1 - 0.2) band widths (forecaster.calibration.tracked_offset)."""
-    from forecaster.calibration import OFFSET_GAIN, blend
+    from forecaster.calibration import OFFSET_GAIN, band_score, blend
 
     store = _setup(sqlite_url, trained)
     _ingest_days(store, 0, 20)
@@ -238,7 +238,7 @@ def test_a_day_the_band_missed_widens_every_step_by_the_tracked_offset(sqlite_ur
     for step in range(1, 25):
         g = scored.filter(scored["horizon_step"] == step)
         score = [
-            min((a - hi) / max(hi - lo, 1e-9), 50.0)
+            band_score(lo, hi, a)
             for a, lo, hi in zip(g["actual"], g["raw_lower"], g["raw_upper"], strict=True)
         ]
         want = blend(score, 0.8, prior[step - 1], 30) + OFFSET_GAIN * 0.8
@@ -253,9 +253,7 @@ def test_a_day_the_band_missed_widens_every_step_by_the_tracked_offset(sqlite_ur
             sa.update(o).where(o.c.ts >= START + timedelta(days=21)).values(value=o.c.value + 2e4)
         )
     assert run_evaluate(store).offset == pytest.approx(OFFSET_GAIN * 1.6)
-    assert run_evaluate(store, window=timedelta(hours=1)).offset == pytest.approx(
-        OFFSET_GAIN * 1.6
-    )
+    assert run_evaluate(store, window=timedelta(hours=1)).offset == pytest.approx(OFFSET_GAIN * 1.6)
     assert store.calibration_offset("v1") == pytest.approx(OFFSET_GAIN * 1.6)
     store.close()
 
