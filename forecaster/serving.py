@@ -13,6 +13,7 @@ calibration applies to it unchanged.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 MEMBERS = (
@@ -66,6 +67,26 @@ def choose(errors: dict[str, Tensor]) -> list[str]:
     return out
 
 
+def served_point(
+    median: Tensor,
+    daily: Tensor,
+    weekly: Tensor,
+    members: list[str],
+    stat: Tensor | None = None,
+) -> Tensor:
+    """median (S, ...) of the network, naives and MSTL (S, ...) -> (S, ...) the point each
+    series' member serves: the network's where the member is unknown at a step (or the
+    version has no such member)."""
+    medians = member_medians(median, daily, weekly, stat)
+    out = median.clone()
+    for i, name in enumerate(members):
+        if name == "model" or name not in medians:
+            continue
+        point = medians[name][i]
+        out[i] = torch.where(torch.isnan(point), median[i], point)
+    return out
+
+
 def serve(
     quantiles: Tensor,
     daily: Tensor,
@@ -77,12 +98,6 @@ def serve(
     each series' quantiles moved by (its member's median - the network's), the network's
     where the member is unknown at a step (or the version has no such member)."""
     mid = quantiles.shape[-1] // 2
-    medians = member_medians(quantiles[..., mid], daily, weekly, stat)
-    out = quantiles.clone()
-    for i, name in enumerate(members):
-        if name == "model" or name not in medians:
-            continue
-        shift = medians[name][i] - quantiles[i, ..., mid]  # (...)
-        shift = shift.nan_to_num(0.0)
-        out[i] = quantiles[i] + shift.unsqueeze(-1)
-    return out
+    point = served_point(quantiles[..., mid], daily, weekly, members, stat)
+    shift = (point - quantiles[..., mid]).nan_to_num(0.0)
+    return quantiles + shift.unsqueeze(-1)

@@ -37,6 +37,7 @@ from forecaster import evaluation as ev
 from forecaster import features as F
 from forecaster import serving, stats
 from forecaster.calibration import band_scores, conformal_quantile
+from forecaster.holdout import ServedErrors, served_errors, stat_forecasts
 from forecaster.models import ModelConfig, Seq2SeqForecaster, build_model
 from forecaster.panel import Panel, Scalers
 from forecaster.trained import TrainedModel
@@ -133,6 +134,9 @@ class TrainResult:
     # The statistical challenger (forecaster.stats): params, per-series state and the epoch
     # step each state holds up to; None: no challenger.
     stat: dict[str, Any] | None = None
+    # What the version serves scored on its test tail, per series and origin (member chosen
+    # on the early-stopping tail alone): what retraining compares; not kept in the checkpoint.
+    served_holdout: ServedErrors | None = None
 
 
 def trained_model(result: TrainResult) -> TrainedModel:
@@ -369,6 +373,69 @@ def holdout_choice(
     return serving.choose(errors)
 
 
+def _served(
+    replayed: tuple[Tensor, Tensor],
+    first: int,
+    scalers: Scalers,
+    spec: F.FeatureSpec,
+    values: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    nonnegative: bool,
+    members: list[str],
+    stat: Tensor | None,
+) -> tuple[ServedErrors, float]:
+    """What `members` serve (forecaster.serving) from the replay's origins >= first, scored
+    on each series' targets in [lo, hi): the errors (forecaster.holdout) and the sMAPE.
+    `stat`: the challenger's forecasts (S, T, H) from those same origins, or None."""
+    origins, pred = _kept_from(replayed, first)
+    median = scalers.inverse(pred)[..., pred.shape[-1] // 2]
+    if nonnegative:
+        median = median.clamp_min(0.0)
+    daily = F.seasonal_naive(spec, values, origins, "daily")
+    weekly = F.seasonal_naive(spec, values, origins, "weekly")
+    point = serving.served_point(median, daily, weekly, members, stat)
+    actual = F.targets(spec, values, origins, hi, floor=lo)
+    scale = ev.mae_scale(_before(values, lo), spec.season_day)
+    return served_errors(point, actual, origins, scale), ev.smape(point, actual)
+
+
+@torch.no_grad()
+def version_served_errors(
+    trained: TrainedModel, panel: Panel, lo: Tensor, hi: Tensor | None = None
+) -> ServedErrors:
+    """What a registered version serves (its network, its challenger's state rolled on over
+    the panel, the naives, its per-series choice), scored on each series' targets in
+    [lo, hi) of `panel`, whose series the version must know."""
+    spec, n = trained.spec, panel.values.shape[0]
+    lo = _as_index(lo, n)
+    hi = _as_index(panel.n_steps if hi is None else hi, n)
+    scalers = Scalers.from_dict(trained.scalers.to_dict(trained.names), panel.names)
+    replayed = _replay_scaled(trained.model, spec, panel, scalers, trained.window, lo)
+    first = int(lo.min()) - 1
+    stat = None
+    if trained.stat is not None:
+        rows = np.asarray([trained.names.index(name) for name in panel.names])
+        c = trained.stat
+        stat = stat_forecasts(
+            c.params.take(rows),
+            c.state[rows],
+            c.step[rows],
+            panel.values,
+            panel.start // panel.freq_seconds,
+            replayed[0][replayed[0] >= first],
+            spec.horizon,
+        )
+        if trained.nonnegative:
+            stat = stat.clamp_min(0.0)
+    chosen = trained.meta.get("serving") or {}
+    members = [chosen.get(name, "model") for name in panel.names]
+    errors, _ = _served(
+        replayed, first, scalers, spec, panel.values, lo, hi, trained.nonnegative, members, stat
+    )
+    return errors
+
+
 def _replay_scaled(
     model: nn.Module, spec: F.FeatureSpec, panel: Panel, scalers: Scalers, window: int, lo: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -584,6 +651,7 @@ def train(
     calibration: list[float] = []
     choice: list[str] = []
     stat_kept: dict[str, Any] | None = None
+    served_holdout: ServedErrors | None = None
     if parallel is None or parallel.main:
         cpu_model = copy.deepcopy(model).cpu().eval()
         # One replay of the whole history serves the scores, the choice and the calibration
@@ -619,6 +687,39 @@ def train(
             replayed=replayed,
             stat=stat_pred,
         )
+        # What this version serves, scored as retraining compares versions: each series'
+        # member chosen on the early-stopping tail alone, scored on the test tail.
+        honest = holdout_choice(
+            cpu_model,
+            spec,
+            panel,
+            scalers,
+            window,
+            spans.train_end,
+            spans.test_start,
+            nonnegative,
+            replayed=replayed,
+            stat=stat_pred,
+        )
+        first = int(spans.test_start.min()) - 1
+        served_holdout, served_smape = _served(
+            replayed,
+            first,
+            scalers,
+            spec,
+            panel.values,
+            spans.test_start,
+            spans.end,
+            nonnegative,
+            honest,
+            None if stat_pred is None else stat_pred[:, replayed[0] >= first],
+        )
+        served_mase = served_holdout.mase()
+        metrics["served"] = {
+            "mase": float("nan") if served_mase is None else served_mase,
+            "smape": served_smape,
+            "coverage": None,
+        }
         calibration = holdout_calibration(
             cpu_model,
             spec,
@@ -677,6 +778,7 @@ def train(
         refit_epochs=refit_epochs,
         serving=choice,
         stat=stat_kept,
+        served_holdout=served_holdout,
     )
 
 

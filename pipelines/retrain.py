@@ -1,5 +1,5 @@
 """The retrain job: train a challenger, score it against the champion on a recent holdout,
-and promote it only if it is better, after its states are built.
+and promote it only if what it serves is better, after its states are built.
 
 1. Read the last `retrain.history` of every stored series (nothing before `min_history` is
    stored: skipped).
@@ -7,8 +7,11 @@ and promote it only if it is better, after its states are built.
    champion's weights by default (`retrain.fine_tune`, or full=True for a fresh start); its
    last `holdout` of steps is a test tail that no choice sees, the week before it picks the
    epoch.
-3. Score champion and challenger on that same holdout (same series, same origins, same
-   MASE scale). The challenger is registered either way (a candidate, for the record).
+3. Score what each version serves (forecaster.holdout: its per-series member, the network,
+   a naive or its MSTL state) on that same holdout (same series, same origins, same MASE
+   scale), from the champion's newest training point on, so neither is scored on forecasts
+   it learnt from; the challenger as it stood before its refit through the tail. The
+   challenger is registered either way (a candidate, for the record).
 4. If it beats the champion by `min_gain` (or there is no champion yet), build its states
    from recent history through the predict job (forecasts included, so it serves at once),
    then promote it in one transaction: the old champion serves until that commit.
@@ -33,16 +36,16 @@ import torch
 from forecaster.checkpoints import load_checkpoint, save_checkpoint
 from forecaster.config import Settings
 from forecaster.errors import ConfigError
-from forecaster.panel import Panel, Scalers
+from forecaster.panel import Panel
 from forecaster.store import Store
 from forecaster.trained import TrainedModel
 from forecaster.training import (
     Progress,
     TrainConfig,
     TrainResult,
-    evaluate,
     train,
     trained_model,
+    version_served_errors,
 )
 from pipelines.predict import run_predict
 from pipelines.train import data_until, load_panel, register_trained, train_config
@@ -186,16 +189,31 @@ def run_retrain(
     result.metrics = _finite(result.metrics)  # a diverged run scores NaN: JSON has no NaN
     result.history = _finite(result.history)
     challenger = trained_model(result)
-    # Each series' own test tail (series may end at different times).
+    # Both scored on what they serve (forecaster.holdout): the series the champion knows,
+    # each series' own test tail (series may end at different times), the same origins and
+    # MASE scale, and only forecasts neither version has learnt from.
     assert result.spans is not None
-    test_start = result.spans.test_start
-
-    # Both on the same holdout: the series the champion knows, the same origins and scale.
     known = [n for n in panel.names if champ_model is None or n in champ_model.names]
-    sub = _subpanel(panel, known)
-    test_start = test_start[[panel.names.index(n) for n in known]]
-    challenger_mase = _holdout_mase(challenger, sub, test_start)
-    champion_mase = _holdout_mase(champ_model, sub, test_start) if champ_model else None
+    rows = torch.tensor([panel.names.index(n) for n in known], dtype=torch.long)
+    test_start = result.spans.test_start[rows]
+    challenger_errors = result.served_holdout
+    if challenger_errors is None:  # a trainer that does not score it: the refit network's
+        challenger_errors = version_served_errors(challenger, panel, result.spans.test_start)
+    from_origin = test_start - 1
+    champion_mase, unseen = None, True
+    if champ_model is not None:
+        sub = _subpanel(panel, known)
+        champion_errors = version_served_errors(champ_model, sub, test_start)
+        seen = _grid_index(panel, (champion["metrics"] or {}).get("data_until"))
+        after = from_origin.clamp(min=seen)
+        # Forecasts from before the champion's newest training point are partly in-sample
+        # for it; they are left out unless too little would be left (a champion trained
+        # moments ago: then both are scored on the whole tail).
+        unseen = champion_errors.scored(None, after) >= len(known) * challenger.spec.horizon
+        if unseen:
+            from_origin = after
+        champion_mase = champion_errors.mase(None, from_origin)
+    challenger_mase = challenger_errors.mase(rows, from_origin)
 
     uri, sha = save_checkpoint(challenger.to_checkpoint(), settings.checkpoint_dir)
     with store.begin() as conn:
@@ -214,6 +232,8 @@ def run_retrain(
                         "challenger": challenger_mase,
                         "champion": champion_mase,
                         "champion_id": champion_id,
+                        "measure": "served",  # what each version serves, not its network
+                        "unseen_by_champion": unseen,
                     },
                     "run": run_key,
                 }
@@ -288,19 +308,12 @@ def _subpanel(panel: Panel, names: list[str]) -> Panel:
     )
 
 
-def _holdout_mase(model: TrainedModel, panel: Panel, test_start: torch.Tensor) -> float:
-    scalers = Scalers.from_dict(model.scalers.to_dict(model.names), panel.names)
-    metrics = evaluate(
-        model.model,
-        model.spec,
-        panel,
-        scalers,
-        model.model_config.quantiles,
-        model.window,
-        test_start,
-        model.nonnegative,
-    )
-    return float(metrics["model"]["mase"])
+def _grid_index(panel: Panel, iso: str | None) -> int:
+    """The panel's grid index of an ISO time (a version's data_until); -1 for None."""
+    if not iso:
+        return -1
+    epoch = datetime.fromisoformat(iso).timestamp()
+    return int((epoch - panel.start) // panel.freq_seconds)
 
 
 def _finite(value: Any) -> Any:

@@ -59,6 +59,7 @@ from forecaster.checkpoints import load_checkpoint, save_checkpoint
 from forecaster.clock import Clock, FixedClock
 from forecaster.config import ComputeSettings, Settings
 from forecaster.errors import ConfigError
+from forecaster.holdout import ServedErrors
 from forecaster.panel import Panel
 from forecaster.store import Store
 from forecaster.trained import TrainedModel
@@ -304,6 +305,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         plain = {k: getattr(result, k) for k in _PLAIN}
         spans = {f.name: getattr(result.spans, f.name) for f in dataclasses.fields(result.spans)}
         plain["spans"] = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in spans.items()}
+        served = result.served_holdout
+        plain["served_holdout"] = None if served is None else served.to_dict()
         Path(d, _RESULT_FILE).write_text(json.dumps({"sha256": sha, **plain, **metrics}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -379,6 +382,7 @@ class RayTrain:
             trained = TrainedModel.from_checkpoint(load_checkpoint(path.as_uri(), sha))
         self.last_world_size = plain.pop("world_size")
         spans = plain.pop("spans")
+        served = plain.pop("served_holdout", None)
         return TrainResult(
             spans=Spans(
                 **{k: torch.tensor(v) if isinstance(v, list) else v for k, v in spans.items()}
@@ -389,6 +393,7 @@ class RayTrain:
             scalers=trained.scalers,
             names=trained.names,
             nonnegative=trained.nonnegative,
+            served_holdout=None if served is None else ServedErrors.from_dict(served),
             **{k: plain[k] for k in _PLAIN},
         )
 
