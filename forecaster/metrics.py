@@ -114,6 +114,7 @@ class ServiceMetrics:
         self._missed.labels(job).inc()
 
 
+UNTRAINED = "model_untrained"  # served_by's member for a series new to the champion
 PREDECESSORS = 2  # retired versions whose forecasts may still be the ones served
 
 
@@ -212,6 +213,11 @@ class SqlCollector:
             if coverage is not None:
                 fam["coverage"].add_metric([model], coverage)
         serving = ((champion or {}).get("metrics") or {}).get("serving") or {}
+        if champion is not None:  # series that came after training: the network serves them
+            serving = {
+                **serving,
+                **dict.fromkeys(store.untrained_series(champion["id"]), UNTRAINED),
+            }
         for _, name in chosen:
             if name in serving:
                 fam["served_by"].add_metric([name, serving[name]], 1)
@@ -297,7 +303,8 @@ class SqlCollector:
                 "1 for what serves the series under the champion: model (the network), "
                 "naive_daily, naive_weekly, mstl (the statistical challenger), or "
                 "mean_daily / mean_weekly / mean_mstl (its mean with that member), chosen per "
-                "series on the holdout at training.",
+                "series on the holdout at training; model_untrained: the network, for a series "
+                "the champion was not trained on (scaled from its own points).",
                 labels=["series", "member"],
             ),
             "model_info": g(

@@ -201,6 +201,26 @@ series_states = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
+# A series a version was not trained on, served by it all the same (a new series): the
+# robust scaler (median, IQR) fitted on its own stored points the first time it was served,
+# kept so that every later state of it is in the same units. Migration 0009.
+series_scalers = sa.Table(
+    "series_scalers",
+    metadata,
+    sa.Column(
+        "model_version_id",
+        sa.Integer,
+        sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    _series_id(primary_key=True),
+    sa.Column("center", sa.Float, nullable=False),
+    sa.Column("scale", sa.Float, nullable=False),
+    sa.Column("n_points", sa.Integer, nullable=False),  # the stored points it was fitted on
+    sa.Column("fitted_to", UTCDateTime, nullable=False),  # the newest of them
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
 # The state at each window edge for the last K windows (late data restores one of these).
 state_snapshots = sa.Table(
     "state_snapshots",

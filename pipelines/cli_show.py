@@ -117,19 +117,32 @@ def models_list(kind: Annotated[str | None, typer.Option(help="only this kind")]
     with _errors():
         with _store(_database_url()) as store:
             rows = store.list_model_versions(kind)
+            untrained = {r["id"]: len(store.untrained_series(r["id"])) for r in rows}
         table = Table(
-            "version", "kind", "stage", "trained to", "val MASE", "naive MASE", "created", "sha256"
+            "version",
+            "kind",
+            "stage",
+            "trained to",
+            "val MASE",
+            "served MASE",
+            "naive MASE",
+            "serves, not trained on",
+            "created",
+            "sha256",
         )
         for r in rows:
             m = r["metrics"] or {}
             naive = [v["mase"] for k, v in m.items() if k.startswith("seasonal_naive")]
+            served = (m.get("served") or {}).get("mase")
             table.add_row(
                 f"v{r['id']}",
                 r["kind"],
                 r["stage"],
                 _ts(r["trained_to"]),
                 f"{m['model']['mase']:.3f}" if "model" in m else "-",
+                f"{served:.3f}" if served is not None else "-",
                 f"{min(naive):.3f}" if naive else "-",
+                f"{untrained[r['id']]} series",
                 _ts(r["created_at"]),
                 r["sha256"][:12],
             )

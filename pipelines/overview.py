@@ -222,7 +222,11 @@ class Overview:
         origins = store.newest_origins(model, ids) if model is not None else {}
         anomaly_n = store.anomaly_counts(ids)
         # What serves each series under the champion (forecaster.serving).
-        serving = ((store.champion() or {}).get("metrics") or {}).get("serving") or {}
+        champion = store.champion()
+        serving = ((champion or {}).get("metrics") or {}).get("serving") or {}
+        if champion is not None:  # series that came after training: the network serves them
+            new = store.untrained_series(champion["id"])
+            serving = {**serving, **dict.fromkeys(new, "model (not trained on it)")}
         mase = {(r["series_id"], r["model"]): r["mase"] for r in accuracy}
         best_naive: dict[int, float] = {}
         for r in accuracy:

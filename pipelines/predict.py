@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -36,6 +36,7 @@ from forecaster.inference import (
     state_from_rows,
     state_to_rows,
 )
+from forecaster.panel import Scalers
 from forecaster.store import Store
 from forecaster.trained import TrainedModel
 from forecaster.training import resolve_device
@@ -57,14 +58,20 @@ class PredictSummary:
     points_absorbed: int = 0
     forecasts_written: int = 0
     series_rewound: int = 0  # late data: restored from a snapshot and re-advanced
-    skipped_unknown: list[str] = field(default_factory=list)  # series the model has no scaler for
+    # Series advanced that the version was not trained on (new series, own scalers).
+    untrained_advanced: int = 0
+    # Series stored at another step than the model's: it cannot serve them.
+    skipped_freq: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        extra = (
-            f"; {len(self.skipped_unknown)} series unknown to the model"
-            if self.skipped_unknown
-            else ""
-        )
+        extra = ""
+        if self.untrained_advanced:
+            extra += f" ({self.untrained_advanced} of them new to the model)"
+        if self.skipped_freq:
+            extra += (
+                f"; {len(self.skipped_freq)} series skipped: stored at another step than the "
+                "model's"
+            )
         if self.series_rewound:
             extra += f"; {self.series_rewound} series re-forecast after late points"
         return (
@@ -108,7 +115,6 @@ def run_predict(
     trained = load_trained(champion["uri"], champion["sha256"])
     trained.model.to(resolve_device(device))
     spec = trained.spec
-    step = timedelta(seconds=spec.freq_seconds)
     warmup_steps = warmup_steps_for(spec, warmup, warmup_steps)
     summary = PredictSummary(version_id=vid)
     row_of = {name: i for i, name in enumerate(trained.names)}
@@ -116,8 +122,83 @@ def run_predict(
     if series_ids is not None:
         wanted = set(series_ids)
         targets = [t for t in targets if t["id"] in wanted]
-    summary.skipped_unknown = [t["name"] for t in targets if t["name"] not in row_of]
-    targets = [t for t in targets if t["name"] in row_of and t["freq_seconds"] == spec.freq_seconds]
+    summary.skipped_freq = [t["name"] for t in targets if t["freq_seconds"] != spec.freq_seconds]
+    targets = [t for t in targets if t["freq_seconds"] == spec.freq_seconds]
+    known = [t for t in targets if t["name"] in row_of]
+    new = [t for t in targets if t["name"] not in row_of]
+    args = (store, vid, warmup_steps, chunk, keep_snapshots, summary)
+    if known:
+        _serve(trained, known, *args)
+    if new:  # series that came after training: the same network, their own scalers
+        before = summary.series_advanced + summary.series_rewound
+        _serve(_untrained_view(store, trained, vid, new, warmup_steps), new, *args)
+        summary.untrained_advanced = summary.series_advanced + summary.series_rewound - before
+    log.info("predict done", **{k: v for k, v in summary.__dict__.items() if k != "skipped_freq"})
+    return summary
+
+
+def _untrained_view(
+    store: Store, trained: TrainedModel, vid: int, targets: list[dict], warmup_steps: int
+) -> TrainedModel:
+    """The version as it serves series it was not trained on: the same network and band
+    corrections, each series scaled by the robust scaler of its own stored points (fitted
+    the first time it is served, from up to `warmup_steps` of them before its watermark,
+    and kept in series_scalers, so its states stay in the same units), the network serving
+    it (no member was chosen for it and the challenger has no fit for it)."""
+    ids = [t["id"] for t in targets]
+    have = store.series_scalers(vid, ids)
+    missing = [t for t in targets if t["id"] not in have]
+    if missing:
+        step_s = trained.spec.freq_seconds
+        rows = []
+        for t in missing:
+            first = t["watermark"] - timedelta(seconds=(warmup_steps - 1) * step_s)
+            values = _read_grid(
+                store,
+                [t["id"]],
+                [(first, t["watermark"])],
+                int(first.timestamp()),
+                step_s,
+                warmup_steps,
+            )
+            fitted = Scalers.fit(values)
+            rows.append(
+                {
+                    "series_id": t["id"],
+                    "center": float(fitted.center[0]),
+                    "scale": float(fitted.scale[0]),
+                    "n_points": int((~torch.isnan(values)).sum()),
+                    "fitted_to": t["watermark"],
+                }
+            )
+            log.info(
+                "serving a series the model was not trained on",
+                series=t["name"],
+                version_id=vid,
+                points=rows[-1]["n_points"],
+            )
+        store.save_series_scalers(vid, rows)
+        have = store.series_scalers(vid, ids)
+    scalers = Scalers(
+        center=torch.tensor([have[i]["center"] for i in ids], dtype=torch.float32),
+        scale=torch.tensor([have[i]["scale"] for i in ids], dtype=torch.float32),
+    )
+    meta = {k: v for k, v in trained.meta.items() if k not in ("stat", "serving")}
+    return replace(trained, scalers=scalers, names=[t["name"] for t in targets], meta=meta)
+
+
+def _serve(
+    trained: TrainedModel,
+    targets: list[dict],
+    store: Store,
+    vid: int,
+    warmup_steps: int,
+    chunk: int,
+    keep_snapshots: int,
+    summary: PredictSummary,
+) -> None:
+    """Advance and forecast `targets` (all known to `trained`: its scalers hold them)."""
+    step = timedelta(seconds=trained.spec.freq_seconds)
     states = store.load_states(vid, [t["id"] for t in targets])
 
     # Late data: a point changed at or before the time a state has absorbed. Such a series
@@ -184,10 +265,6 @@ def run_predict(
             summary.series_rewound += len(part)
             summary.points_absorbed += n_new * len(part)
             summary.forecasts_written += written
-    log.info(
-        "predict done", **{k: v for k, v in summary.__dict__.items() if k != "skipped_unknown"}
-    )
-    return summary
 
 
 def warmup_steps_for(

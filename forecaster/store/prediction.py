@@ -64,6 +64,48 @@ class PredictionStore(StoreBase):
                     out[sid] = (bytes(state), list(shape), ts)
         return out
 
+    def series_scalers(self, version_id: int, series_ids: Sequence[int]) -> dict[int, dict]:
+        """series_id -> its series_scalers row (center, scale, n_points, fitted_to) for the
+        series `version_id` serves without having been trained on them."""
+        sc = s.series_scalers
+        ids = sorted(set(series_ids))
+        out: dict[int, dict] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 500):
+                q = sa.select(sc).where(
+                    sc.c.model_version_id == version_id, sc.c.series_id.in_(ids[i : i + 500])
+                )
+                for r in conn.execute(q):
+                    out[r.series_id] = {**r._mapping, "fitted_to": _utc(r.fitted_to)}
+        return out
+
+    def save_series_scalers(self, version_id: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Record the scalers of series first served by `version_id` (series_id, center,
+        scale, n_points, fitted_to); a series that has one keeps it (a rerun after a crash
+        between this and the states changes nothing)."""
+        if not rows:
+            return
+        now = datetime.now(UTC)
+        stmt = self._insert(s.series_scalers).on_conflict_do_nothing(
+            index_elements=["model_version_id", "series_id"]
+        )
+        with self.begin() as conn:
+            conn.execute(
+                stmt, [{**r, "model_version_id": version_id, "created_at": now} for r in rows]
+            )
+
+    def untrained_series(self, version_id: int) -> list[str]:
+        """Names of the series `version_id` serves without having been trained on them."""
+        sc, se = s.series_scalers, s.series
+        q = (
+            sa.select(se.c.name)
+            .join(sc, sc.c.series_id == se.c.id)
+            .where(sc.c.model_version_id == version_id)
+            .order_by(se.c.name)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
     def recent_values(
         self, series_ids: Sequence[int], spans: Sequence[tuple[datetime, datetime]]
     ) -> pl.DataFrame:

@@ -180,7 +180,8 @@ def merge(parts: Sequence[PredictSummary], version_id: int) -> PredictSummary:
         out.points_absorbed += p.points_absorbed
         out.forecasts_written += p.forecasts_written
         out.series_rewound += p.series_rewound
-        out.skipped_unknown += p.skipped_unknown
+        out.untrained_advanced += p.untrained_advanced
+        out.skipped_freq += p.skipped_freq
     return out
 
 

@@ -676,7 +676,8 @@ def test_after_a_promotion_the_band_served_is_the_predecessors_until_the_champio
 
 def test_what_serves_each_series_is_exposed(tmp_path):
     """forecaster_series_served_by: the champion's per-series choice (model_versions.metrics
-    key "serving"), one sample per series shown, 1 for its member."""
+    key "serving"), one sample per series shown, 1 for its member; model_untrained for a
+    series it serves without having been trained on it (series_scalers)."""
     store = Store(f"sqlite:///{tmp_path / 'served.db'}")
     store.upgrade()
     with store.begin() as conn:
@@ -700,4 +701,12 @@ def test_what_serves_each_series_is_exposed(tmp_path):
     assert reg.get_sample_value(name, {"series": "b", "member": "naive_weekly"}) == 1
     assert reg.get_sample_value(name, {"series": "b", "member": "model"}) is None
     assert reg.get_sample_value(name, {"series": "c", "member": "model"}) is None  # not trained on
+    # Once predict serves "c" (a series the champion was not trained on), it says so.
+    (cid,) = [sid for sid, n in store.series_catalogue() if n == "c"]
+    store.save_series_scalers(
+        1, [{"series_id": cid, "center": 1.0, "scale": 2.0, "n_points": 5, "fitted_to": NOW}]
+    )
+    reg = _metrics(store, NOW).registry
+    assert reg.get_sample_value(name, {"series": "c", "member": "model_untrained"}) == 1
+    assert reg.get_sample_value(name, {"series": "a", "member": "model"}) == 1
     store.close()

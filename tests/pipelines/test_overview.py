@@ -420,3 +420,24 @@ def test_a_page_that_fails_is_a_500_with_a_log_line_and_no_traceback(serve, tmp_
     ]
     assert record.exc_info is not None and "no such table" in str(record.exc_info[1])
     unmigrated.close()
+
+
+def test_a_series_the_champion_was_not_trained_on_says_so(rolled):
+    """A series the champion serves with its own scaler (series_scalers: it came after
+    training) is shown as served by the model, not trained on it."""
+    import sqlalchemy as sa
+
+    from forecaster import schema
+
+    (sid,) = [i for i, n in rolled.series_catalogue() if n == "sine.1"]
+    vid = rolled.champion()["id"]
+    rolled.save_series_scalers(
+        vid, [{"series_id": sid, "center": 0.0, "scale": 1.0, "n_points": 3, "fitted_to": NEWEST}]
+    )
+    try:
+        rows = {r["series"]: r for r in _page(rolled)[1].table("series")}
+        assert rows["sine.1"]["served by"] == "model (not trained on it)"
+        assert rows["sine.0"]["served by"] != "model (not trained on it)"
+    finally:
+        with rolled.begin() as conn:
+            conn.execute(sa.delete(schema.series_scalers))

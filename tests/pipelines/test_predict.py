@@ -13,7 +13,7 @@ import torch
 from forecaster import schema
 from forecaster.checkpoints import save_checkpoint
 from forecaster.config import SeriesDefaults
-from forecaster.panel import Panel
+from forecaster.panel import Panel, Scalers
 from forecaster.store import Store
 from forecaster.training import TrainConfig, forward_window, train, trained_model
 from pipelines import predict as predict_job
@@ -508,3 +508,99 @@ def test_a_series_served_by_the_challenger_gets_its_forecast_from_a_state_saved_
         want = pred[0, t - held, step - 1]
         assert yhat == pytest.approx(max(want, 0.0) if result.nonnegative else want, rel=1e-5)
     store.close()
+
+
+def _ingest_series(store: Store, name: str, values: list[float], first: int, last: int) -> None:
+    """Hours first .. last - 1 of one series."""
+    hours = range(first, last)
+    ts = [(START + timedelta(hours=h)).isoformat() for h in hours]
+    ingest_batch(
+        store,
+        "t",
+        Batch(raw_frame([name] * len(ts), ts, [str(values[h]) for h in hours], "t"), {"h": last}),
+        SeriesDefaults(),
+        NOW,
+    )
+
+
+def test_a_series_new_to_the_model_is_served_at_once_with_its_own_scaler(db_url, trained):
+    """A series that appears after training is forecast at the next predict: the same
+    network, scaled by the robust scaler of its own stored points, fitted once and kept, so
+    each later window is absorbed from its saved state like any other series'."""
+    result, _, _ = trained
+    store = _setup(db_url, trained)
+    _ingest_days(store, 0, 30)
+    # The same shape in other units (x10 + 500), stored from day 20 on only.
+    new = [500 + 10 * v for v in _values()["sine.0"]]
+    _ingest_series(store, "other.0", new, 20 * 24, 30 * 24)
+    first = run_predict(store, warmup_steps=WARMUP)
+    assert first.series_advanced == 3 and first.untrained_advanced == 1
+    assert "1 of them new to the model" in first.line()
+    sid = {r["name"]: r["id"] for r in store.prediction_targets()}["other.0"]
+    scaler = store.series_scalers(1, [sid])[sid]
+    own = Scalers.fit(torch.tensor([new[30 * 24 - WARMUP : 30 * 24]]))
+    assert scaler["center"] == pytest.approx(float(own.center[0]), rel=1e-6)
+    assert scaler["scale"] == pytest.approx(float(own.scale[0]), rel=1e-6)
+    assert scaler["n_points"] == WARMUP
+    assert store.untrained_series(1) == ["other.0"]
+    for day in range(30, 33):
+        _ingest_days(store, day, day + 1)
+        _ingest_series(store, "other.0", new, day * 24, (day + 1) * 24)
+        s = run_predict(store, warmup_steps=WARMUP)
+        assert s.points_absorbed == 3 * 24 and s.untrained_advanced == 1
+    assert store.series_scalers(1, [sid])[sid] == scaler  # fitted once
+
+    # Oracle: one pass of the network over its values, scaled by that scaler.
+    start = int(START.timestamp())
+    lo, hi = 30 * 24 - WARMUP, 33 * 24
+    stored_values = torch.tensor([new])
+    stored_values[:, : 20 * 24] = float("nan")  # before the series was stored
+    scaled = (stored_values - scaler["center"]) / scaler["scale"]
+    with torch.no_grad():
+        pred, _, _ = forward_window(
+            trained_model(result).model, result.spec, scaled.float(), start, lo, hi, None
+        )
+    pred = pred * scaler["scale"] + scaler["center"]
+    stored = [r for r in _forecasts(store) if r[0] == sid and r[1] == "v1"]
+    assert len(stored) == 4 * 24  # day 30's end, then one origin per new day
+    for _, _, origin, step, _, yhat, *_ in stored:
+        t = (int(origin.replace(tzinfo=UTC).timestamp()) - start) // 3600
+        want = float(pred[0, t - lo, step - 1, 1].clamp_min(0))
+        assert yhat == pytest.approx(want, rel=1e-5, abs=1e-4)
+    store.close()
+
+
+def test_a_crash_after_a_new_series_scaler_is_kept_then_a_restart_equals_an_uninterrupted_run(
+    db_url, trained, monkeypatch, tmp_path
+):
+    new = [500 + 10 * v for v in _values()["sine.0"]]
+    reference = _setup(f"sqlite:///{tmp_path / 'ref.db'}", trained)
+    store = _setup(db_url, trained)
+    for s in (reference, store):
+        _ingest_days(s, 0, 30)
+        _ingest_series(s, "other.0", new, 20 * 24, 30 * 24)
+    run_predict(reference, warmup_steps=WARMUP)
+    real = Store.save_prediction
+
+    def crash_on_the_new_series(self, conn, **kw):
+        written = real(self, conn, **kw)
+        if self.untrained_series(1):  # its scaler is kept: its chunk is the one dying
+            raise RuntimeError("killed inside the new series' transaction")
+        return written
+
+    monkeypatch.setattr(Store, "save_prediction", crash_on_the_new_series)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_predict(store, warmup_steps=WARMUP)
+    monkeypatch.setattr(Store, "save_prediction", real)
+    assert store.untrained_series(1) == ["other.0"]  # kept, though its chunk rolled back
+    run_predict(store, warmup_steps=WARMUP)
+    assert _forecasts(store) == _forecasts(reference)
+    assert _states(store) == _states(reference)
+    for s in (reference, store):  # and from then on, window by window
+        _ingest_days(s, 30, 31)
+        _ingest_series(s, "other.0", new, 30 * 24, 31 * 24)
+        run_predict(s, warmup_steps=WARMUP)
+    assert _forecasts(store) == _forecasts(reference)
+    assert _states(store) == _states(reference)
+    store.close()
+    reference.close()
