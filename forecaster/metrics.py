@@ -1,12 +1,17 @@
-"""Prometheus metrics of the service: job health, and forecasts read from SQL at scrape time.
+"""Prometheus metrics of the service: job health, and forecasts read from SQL.
 
 The only module that imports prometheus_client (DESIGN.md decision 7). Two halves:
 - `ServiceMetrics` declares the job metrics once, every job's labels initialised up front,
   in a registry of its own (never the process-wide default one, so tests and two apps in
   one process never share state);
 - `SqlCollector` reads the latest forecasts, actuals, accuracy and ingest counts (and, for
-  staleness alerts, their times as values) through `forecaster.store.service` at each
-  scrape. Nothing is cached, so a series that vanished from SQL vanishes from /metrics.
+  staleness alerts, their times as values) through `forecaster.store.service`, and keeps
+  what it read, rendered, as a snapshot: a scrape serves the snapshot, which is read again
+  only when something it shows may have changed (a cheap marker query:
+  `Store.metrics_generation`, and the clock passing a step of the finest series). In the
+  daemon a background thread keeps the snapshot current (after every job, and every few
+  seconds), so a scrape of 10,000 series costs no SQL and no rendering; elsewhere the scrape
+  that finds it stale reads it. A series that vanished from SQL vanishes from /metrics.
   What it exposes is bounded by `MetricsSettings` (series by glob pattern and count,
   horizon steps), and no sample carries a timestamp: a forecast for 6 hours ahead is
   `forecaster_forecast{horizon_step="6"}` now, because Prometheus rejects samples stamped
@@ -16,9 +21,12 @@ The only module that imports prometheus_client (DESIGN.md decision 7). Two halve
 from __future__ import annotations
 
 import fnmatch
+import threading
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
     from forecaster.store import Store
 
 __all__ = ["JOB_KINDS", "ServiceMetrics", "SqlCollector", "render"]
+log = structlog.get_logger(__name__)
 
 JOB_KINDS = ("ingest", "predict", "evaluate", "retrain", "housekeeping")
 
@@ -70,38 +79,78 @@ class ServiceMetrics:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._jobs = CollectorRegistry()  # the job metrics alone: rendered at each scrape
         self._duration = Histogram(
             "forecaster_job_duration_seconds",
             "Wall time of a job run, successful or not.",
             ["job"],
             buckets=JOB_DURATION_BUCKETS,
-            registry=self.registry,
+            registry=self._jobs,
         )
         self._failures = Counter(
             "forecaster_job_failures_total",
             "Job runs that raised.",
             ["job"],
-            registry=self.registry,
+            registry=self._jobs,
         )
         self._missed = Counter(
             "forecaster_job_missed_total",
             "Scheduled job runs skipped because they fired later than the misfire grace time.",
             ["job"],
-            registry=self.registry,
+            registry=self._jobs,
         )
         self._last_success = Gauge(
             "forecaster_job_last_success_timestamp_seconds",
             "Unix wall time at which the job last finished without error (0 = never).",
             ["job"],
-            registry=self.registry,
+            registry=self._jobs,
         )
         for job in job_ids:
             self._duration.labels(job)
             self._failures.labels(job)
             self._missed.labels(job)
             self._last_success.labels(job)
+        for metric in (self._duration, self._failures, self._missed, self._last_success):
+            self.registry.register(metric)
         self.collector = SqlCollector(store, settings, clock)
         self.registry.register(self.collector)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def exposition(self) -> tuple[bytes, str]:
+        """What /metrics serves: the job metrics, then the SQL collector's snapshot."""
+        return generate_latest(self._jobs) + self.collector.exposition(), CONTENT_TYPE_PLAIN_0_0_4
+
+    def start_refresher(self, interval: float = 5.0) -> None:
+        """Keep the SQL snapshot current from a background thread: after each job, and every
+        `interval` seconds (a cheap marker query when nothing changed). Scrapes then serve
+        the last snapshot without waiting for SQL."""
+        if self._refresher is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.collector.refresh()
+                    self.collector.background = True
+                except Exception:  # noqa: BLE001 - a failed read is retried, scrapes go on
+                    log.exception("metrics refresh failed")
+                self._wake.wait(interval)
+                self._wake.clear()
+
+        self._refresher = threading.Thread(target=loop, name="metrics-refresh", daemon=True)
+        self._refresher.start()
+
+    def stop_refresher(self) -> None:
+        if self._refresher is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        self._refresher.join(timeout=30)
+        self._refresher = None
+        self.collector.background = False
 
     def job_finished(self, job: str, seconds: float, ok: bool, finished_at_unix: float) -> None:
         self._duration.labels(job).observe(seconds)
@@ -109,6 +158,7 @@ class ServiceMetrics:
             self._last_success.labels(job).set(finished_at_unix)
         else:
             self._failures.labels(job).inc()
+        self._wake.set()  # what the job wrote shows at the next scrape but one, at the latest
 
     def job_missed(self, job: str) -> None:
         self._missed.labels(job).inc()
@@ -118,13 +168,61 @@ UNTRAINED = "model_untrained"  # served_by's member for a series new to the cham
 PREDECESSORS = 2  # retired versions whose forecasts may still be the ones served
 
 
+@dataclass
+class _Snapshot:
+    key: tuple  # Store.metrics_generation() and the clock's step bucket when it was read
+    families: list[Metric]
+    text: bytes  # the families rendered in the Prometheus text format
+
+
+class _Families:
+    """Metric families in the shape generate_latest reads (a registry's collect())."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
 class SqlCollector:
-    """Yields the SQL-backed metric families at scrape time (a prometheus_client Collector)."""
+    """The SQL-backed metric families (a prometheus_client Collector), read into a snapshot
+    that is read again only when the store or the clock's step may have changed it."""
 
     def __init__(self, store: Store, settings: MetricsSettings, clock: Clock) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.background = False  # a refresher keeps the snapshot current: serve it as is
+        self._snapshot: _Snapshot | None = None
+        self._lock = threading.Lock()
+
+    def _key(self) -> tuple:
+        generation = self.store.metrics_generation()
+        step = max(60, int(generation[0] or 60))  # the finest series' step, at least a minute
+        return (*generation, int(self.clock.now().timestamp()) // step)
+
+    def refresh(self) -> _Snapshot:
+        """The snapshot of the store as it is now: the last one if its key is unchanged."""
+        with self._lock:
+            key = self._key()
+            if self._snapshot is None or self._snapshot.key != key:
+                families = list(self._read())
+                text = generate_latest(_Families(families))  # type: ignore[arg-type]
+                self._snapshot = _Snapshot(key, families, text)
+            return self._snapshot
+
+    def _current(self) -> _Snapshot:
+        snapshot = self._snapshot
+        if self.background and snapshot is not None:
+            return snapshot
+        return self.refresh()
+
+    def exposition(self) -> bytes:
+        return self._current().text
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._current().families)
 
     def describe(self) -> Iterable[Metric]:
         # Names without values: registering must not run SQL.
@@ -147,7 +245,7 @@ class SqlCollector:
         versions = self.store.list_model_versions()
         return [f"v{v['id']}" for v in versions if v["stage"] == "retired"][:PREDECESSORS]
 
-    def collect(self) -> Iterator[Metric]:
+    def _read(self) -> Iterator[Metric]:
         fam = self._families()
         store, settings = self.store, self.settings
         catalogue = store.series_catalogue()

@@ -223,6 +223,9 @@ class Daemon:
             threads=self.settings.schedule.workers + 1,  # one more waits on a retrain
         )
         if self.http is not None:
+            # Live: /metrics serves a snapshot kept current in the background (simulated runs
+            # read it at the scrape instead: their jobs follow each other too fast to chase).
+            self.metrics.start_refresher()
             self.http.start()
         self.scheduler.start()
         if on_started is not None:
@@ -249,6 +252,7 @@ class Daemon:
         self.backend.shutdown(wait=True)
         if self.http is not None:
             self.http.stop()
+        self.metrics.stop_refresher()
         log.info("stopped")
 
     # -- simulated (replay, demo, backtest) -----------------------------------------------

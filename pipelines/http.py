@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from forecaster.errors import ConfigError
-from forecaster.metrics import ServiceMetrics, render
+from forecaster.metrics import ServiceMetrics
 
 __all__ = ["HttpApp"]
 
@@ -116,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _metrics(self, app: HttpApp) -> None:
         try:
-            body, content_type = render(app.metrics.registry)
+            body, content_type = app.metrics.exposition()
         except Exception:
             log.exception("scrape of /metrics failed")
             self._send(500, b"scrape failed; see the service log\n", _TEXT)

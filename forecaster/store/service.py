@@ -35,6 +35,35 @@ def _current(f: sa.Table | sa.Alias, model: str) -> sa.ColumnElement[bool]:
 class ServiceStore(StoreBase):
     # -- what /metrics reads at scrape time ----------------------------------------------
 
+    def metrics_generation(self) -> tuple:
+        """A cheap marker of everything /metrics shows, changing whenever a job changes it:
+        series (the finest step first, then the count) and versions (counts, the champion),
+        ingest (watermarks, cursors, quarantine), predict (states), evaluate (calibration),
+        new-series scalers. One round trip of maxima and counts over small tables (none over
+        forecasts or observations)."""
+        mv = s.model_versions
+
+        def one(expr: Any, table: sa.Table, where: Any = None) -> sa.ScalarSelect:
+            q = sa.select(expr).select_from(table)
+            return (q.where(where) if where is not None else q).scalar_subquery()
+
+        q = sa.select(
+            one(sa.func.min(s.series.c.freq_seconds), s.series),  # first: the finest step
+            one(sa.func.count(), s.series),
+            one(sa.func.count(), mv),
+            one(sa.func.max(mv.c.id), mv, mv.c.stage == "champion"),
+            one(sa.func.count(), mv, mv.c.stage == "retired"),
+            one(sa.func.max(s.watermarks.c.updated_at), s.watermarks),
+            one(sa.func.max(s.source_cursors.c.updated_at), s.source_cursors),
+            one(sa.func.max(s.quarantine.c.id), s.quarantine),
+            one(sa.func.max(s.series_states.c.updated_at), s.series_states),
+            one(sa.func.max(s.calibration_offsets.c.updated_at), s.calibration_offsets),
+            one(sa.func.max(s.calibration.c.updated_at), s.calibration),
+            one(sa.func.count(), s.series_scalers),
+        )
+        with self.engine.connect() as conn:
+            return tuple(conn.execute(q).one())
+
     def series_catalogue(self) -> list[tuple[int, str]]:
         """(id, name) of every series: the metrics filter, sort and bound them."""
         se = s.series

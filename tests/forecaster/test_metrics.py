@@ -710,3 +710,82 @@ def test_what_serves_each_series_is_exposed(tmp_path):
     assert reg.get_sample_value(name, {"series": "c", "member": "model_untrained"}) == 1
     assert reg.get_sample_value(name, {"series": "a", "member": "model"}) == 1
     store.close()
+
+
+class _Statements:
+    """Counts the SQL statements an engine runs while active."""
+
+    def __init__(self, store: Store) -> None:
+        self.engine, self.n = store.engine, 0
+
+    def _count(self, *_a) -> None:
+        self.n += 1
+
+    def __enter__(self) -> _Statements:
+        sa.event.listen(self.engine, "before_cursor_execute", self._count)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._count)
+
+
+def test_a_scrape_serves_the_snapshot_until_what_it_shows_changes(db_url, trained):  # noqa: F811
+    """A scrape reads SQL only when a job changed something it shows (one marker query
+    tells) or the clock passed a step; what it serves always equals a fresh read."""
+    store = _setup(db_url, trained)
+    _ingest_days(store, 0, 8)
+    run_predict(store, warmup_steps=WARMUP)
+    now = START + timedelta(days=8, minutes=5)
+    m = _metrics(store, now)
+    first, _ = m.exposition()
+    with _Statements(store) as sql:
+        again, _ = m.exposition()
+    assert again == first and sql.n == 1  # the marker query alone
+
+    def fresh(at: datetime) -> dict:
+        return _exposed(_metrics(store, at).registry)
+
+    # A new day ingested and predicted: the next scrape reads it.
+    _ingest_days(store, 8, 9)
+    run_predict(store, warmup_steps=WARMUP)
+    with _Statements(store) as sql:
+        changed, _ = m.exposition()
+    assert sql.n > 1 and changed != first
+    assert _exposed(m.registry) == fresh(now)
+    # The clock passing an hour moves the band served for now, without any job running.
+    m.collector.clock.set(now + timedelta(hours=1))
+    assert _exposed(m.registry) == fresh(now + timedelta(hours=1))
+    assert _exposed(m.registry) != fresh(now)
+    store.close()
+
+
+def test_in_the_daemon_a_scrape_runs_no_sql_and_a_finished_job_refreshes_it(
+    db_url,
+    trained,  # noqa: F811
+):
+    """With the background refresher (the live daemon's), a scrape serves the snapshot with
+    no SQL at all; a finished job wakes the refresher, which reads what the job wrote."""
+    store = _setup(db_url, trained)
+    _ingest_days(store, 0, 8)
+    run_predict(store, warmup_steps=WARMUP)
+    now = START + timedelta(days=8, minutes=5)
+    m = _metrics(store, now)
+    m.start_refresher(interval=60)
+    try:
+        deadline = time.monotonic() + 30
+        while not m.collector.background and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = m.collector.exposition()
+        with _Statements(store) as sql:
+            for _ in range(3):
+                assert m.exposition()[0].endswith(before)
+        assert sql.n == 0
+        _ingest_days(store, 8, 9)
+        run_predict(store, warmup_steps=WARMUP)
+        m.job_finished("predict", 0.1, True, time.time())
+        while m.collector.exposition() == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _exposed(m.registry) == _exposed(_metrics(store, now).registry)
+    finally:
+        m.stop_refresher()
+    store.close()
