@@ -30,6 +30,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster.clock import Clock
 from forecaster.config import MetricsSettings
@@ -171,8 +172,8 @@ PREDECESSORS = 2  # retired versions whose forecasts may still be the ones serve
 @dataclass
 class _Snapshot:
     key: tuple  # Store.metrics_generation() and the clock's step bucket when it was read
-    families: list[Metric]
-    text: bytes  # the families rendered in the Prometheus text format
+    text: bytes  # what was read, rendered in the Prometheus text format (kept alone: the
+    # families' sample objects take several times its memory, 10,000 series: 20 MB of text)
 
 
 class _Families:
@@ -207,9 +208,8 @@ class SqlCollector:
         with self._lock:
             key = self._key()
             if self._snapshot is None or self._snapshot.key != key:
-                families = list(self._read())
-                text = generate_latest(_Families(families))  # type: ignore[arg-type]
-                self._snapshot = _Snapshot(key, families, text)
+                text = generate_latest(_Families(list(self._read())))  # type: ignore[arg-type]
+                self._snapshot = _Snapshot(key, text)
             return self._snapshot
 
     def _current(self) -> _Snapshot:
@@ -222,7 +222,9 @@ class SqlCollector:
         return self._current().text
 
     def collect(self) -> Iterator[Metric]:
-        return iter(self._current().families)
+        """The snapshot's families, parsed back from its text (the HTTP app serves the text
+        itself: `exposition`; this is for registries read in-process)."""
+        return text_string_to_metric_families(self._current().text.decode())
 
     def describe(self) -> Iterable[Metric]:
         # Names without values: registering must not run SQL.
