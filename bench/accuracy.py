@@ -222,6 +222,12 @@ MODELS: dict[str, Model] = {
             "over each block (the service's path), per-series serving choice included",
             stateful=lambda: Ours("lstm"),
         ),
+        Model(
+            name="lstm_stride4",
+            about="ours as lstm, trained with its loss taken from every 4th origin of a window "
+            "(origin_stride=4: the head at a quarter of the origins)",
+            stateful=lambda: Ours("lstm", origin_stride=4),
+        ),
     ]
 }
 

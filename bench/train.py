@@ -173,6 +173,27 @@ class Speed:
         return points / (time.perf_counter() - t0)
 
 
+def train_speed(panel: Panel, kind: str, device: torch.device, stride: int, repeat: int) -> float:
+    """points/s of train() itself (its own count: the training windows of each epoch, the
+    burn-in and the per-epoch validation replay not in the clock), `repeat` + 1 epochs on
+    the same training span, hyperparameters and device as the loops above."""
+    config = TrainConfig(
+        kind=kind,
+        hidden=HIDDEN,
+        horizon=HORIZON,
+        quantiles=QUANTILES,
+        window=WINDOW,
+        epochs=repeat + 1,
+        patience=repeat + 1,
+        refit_epochs=0,
+        val_steps=HOLDOUT,
+        challenger="none",
+        origin_stride=stride,
+        device=str(device),
+    )
+    return train(panel, config).points_per_s
+
+
 def bench_speed(panel: Panel, kinds: list[str], devices: list[torch.device], repeat: int) -> None:
     print(f"\n## Training speed (torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
     print(
@@ -185,6 +206,7 @@ def bench_speed(panel: Panel, kinds: list[str], devices: list[torch.device], rep
         "| bare + our QuantileHead | ours/that |"
     )
     print("|---|---|---:|---:|---:|---|---:|---:|")
+    timed: dict[tuple[str, str], float] = {}
     for device in devices:
         for kind in kinds:
             s = Speed(panel, kind, device)
@@ -198,6 +220,23 @@ def bench_speed(panel: Panel, kinds: list[str], devices: list[torch.device], rep
                 f"| {device_name(device)} ({device.type}) | {kind} | {ours:,.0f} | {bare:,.0f} "
                 f"| {ratio:.2f}x | {'yes' if ratio >= 0.9 else 'NO'} | {bare_head:,.0f} "
                 f"| {ours / bare_head:.2f}x |",
+                flush=True,
+            )
+            timed[(device.type, kind)] = bare
+    print(
+        "\ntrain() itself (its own points/s over the training windows; every origin, and the "
+        "loss from every 4th: `origin_stride = 4`), against the bare loop above:\n"
+    )
+    print("| device | kind | train() points/s | train()/bare | origin_stride 4 | its /bare |")
+    print("|---|---|---:|---:|---:|---:|")
+    for device in devices:
+        for kind in kinds:
+            bare = timed[(device.type, kind)]
+            every = train_speed(panel, kind, device, 1, repeat)
+            fourth = train_speed(panel, kind, device, 4, repeat)
+            print(
+                f"| {device_name(device)} ({device.type}) | {kind} | {every:,.0f} | "
+                f"{every / bare:.2f}x | {fourth:,.0f} | {fourth / bare:.2f}x |",
                 flush=True,
             )
 

@@ -77,6 +77,10 @@ class TrainConfig:
     burn_in_windows: int = 1
     teacher_forcing: tuple[float, float] = (1.0, 0.0)  # seq2seq ratio, first -> last epoch
     seq2seq_origin_stride: int = 4  # seq2seq trains from every k-th origin (decoding is costly)
+    # The other kinds: the loss is taken from every k-th origin of a window (a random phase
+    # per window, so every origin is used across epochs); the recurrence runs over every
+    # step either way. 1: every origin.
+    origin_stride: int = 1
     bidirectional: bool = False
     calendar: bool = True
     base: Literal["auto", "daily", "weekly"] = "auto"
@@ -212,16 +216,25 @@ def forward_window(
     targets: Tensor | None = None,
     teacher_ratio: float = 0.0,
     origin_stride: int = 1,
+    phase: int = 0,
 ) -> tuple[Tensor, Any, Tensor]:
     """Run the model over grid steps lo..hi-1 from `state`. Returns (predictions (S, T', H, Q),
     state after hi-1, origin indices (T',)). All inputs are on the model's device.
 
-    origin_stride > 1 decodes seq2seq from every k-th step only (ending at the last)."""
+    origin_stride > 1 decodes seq2seq from every k-th step only (ending at the last); the
+    other kinds forecast from every k-th step from `phase` on (the recurrence runs over
+    every step)."""
     device = scaled.device
     x = F.step_inputs(spec, scaled, start, lo, hi).to(device)
-    hx = F.head_inputs(spec, scaled, start, F.origins(lo, hi)).to(device)
     origins = torch.arange(lo, hi)
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if origin_stride > 1 and not isinstance(core, Seq2SeqForecaster):
+        steps = hi - lo  # a short last window still forecasts from one step at least
+        at = torch.arange(min(phase % origin_stride, steps - 1), steps, origin_stride)
+        hx = F.head_inputs(spec, scaled, start, origins[at]).to(device)
+        pred, state = model(x, hx, state, at=at.to(device))
+        return pred, state, origins[at]
+    hx = F.head_inputs(spec, scaled, start, F.origins(lo, hi)).to(device)
     if isinstance(core, Seq2SeqForecaster):
         at = None
         if origin_stride > 1 and not core.last_origin_only:
@@ -808,6 +821,8 @@ def _epoch(
     state, losses, points, t0 = None, [], 0, time.perf_counter()
     scaled_cpu = scaled.cpu() if scaled.device.type != "cpu" else scaled
     n_rows = scaled.shape[0]
+    # The origins' phase per window: the same on every rank (data parallel) and every rerun.
+    phases = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     for k, (a, b) in enumerate(windows):
         if k < config.burn_in_windows:  # warm the state up; no loss from a cold state
             with torch.no_grad():
@@ -826,7 +841,12 @@ def _epoch(
                 state,
                 targets=y,
                 teacher_ratio=ratio,
-                origin_stride=config.seq2seq_origin_stride,
+                origin_stride=(
+                    config.seq2seq_origin_stride
+                    if config.kind == "seq2seq"
+                    else config.origin_stride
+                ),
+                phase=int(torch.randint(config.origin_stride, (1,), generator=phases)),
             )
         state = detach(state)  # truncated BPTT: the graph ends at the window edge
         y = y[:, origins - a]

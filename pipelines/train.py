@@ -58,6 +58,7 @@ def train_config(
         "stop_steps": t.stop_steps,
         "refit_epochs": t.refit_epochs,
         "bidirectional": t.bidirectional,
+        "origin_stride": t.origin_stride,
         "challenger": t.challenger,
         "seed": t.seed,
         "device": settings.device,

@@ -74,21 +74,26 @@ class RecurrentForecaster(nn.Module):
         self.head = QuantileHead(config, config.hidden)
 
     def forward(
-        self, x: Tensor, head_x: Tensor, state: State | None = None
+        self, x: Tensor, head_x: Tensor, state: State | None = None, *, at: Tensor | None = None
     ) -> tuple[Tensor, State]:
         """x (B, T, F) step inputs; head_x (B, T, H, K); state from the previous window or None.
 
         Returns (B, T, H, Q) quantile forecasts from every step as origin, and the state after
-        the last step (not detached: the training loop decides where to cut the graph)."""
+        the last step (not detached: the training loop decides where to cut the graph).
+        at (T',): forecast from those steps only (head_x (B, T', H, K) holds theirs): the
+        recurrence still runs over every step, the head only where asked."""
         cfg = self.config
         assert x.dim() == 3 and x.shape[-1] == cfg.n_inputs, (
             f"x must be (B, T, {cfg.n_inputs}), got {tuple(x.shape)}"
         )
-        assert head_x.shape[:2] == x.shape[:2] and head_x.shape[-1] == cfg.n_head_features, (
-            f"head_x must be (B, T, H, {cfg.n_head_features}) matching x, got {tuple(head_x.shape)}"
-        )
+        steps = x.shape[1] if at is None else at.shape[0]
+        assert (
+            head_x.shape[:2] == (x.shape[0], steps) and head_x.shape[-1] == cfg.n_head_features
+        ), f"head_x must be (B, {steps}, H, {cfg.n_head_features}), got {tuple(head_x.shape)}"
         assert head_x.shape[2] <= cfg.horizon, f"at most {cfg.horizon} horizon steps"
         out, state = self.rnn(x, state)  # (B, T, hidden)
+        if at is not None:
+            out = out[:, at]
         return self.head(out, head_x), state
 
     def advance(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:

@@ -128,3 +128,23 @@ def test_input_shape_errors_say_what_was_expected():
     x, hx = _inputs(values, 0, 10)
     with pytest.raises(AssertionError, match=r"x must be \(B, T, 6\)"):
         model(x[..., :3], hx)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_forecasting_from_some_steps_equals_those_steps_of_every_step(kind):
+    """`at`: the recurrence over every step, the head only at the steps asked for (what
+    training with origin_stride > 1 runs); the forecasts and the state are those of the full
+    forward at those steps."""
+    model, values = _model(kind), _series()
+    x, hx = _inputs(values, 0, 60)
+    at = torch.arange(2, 60, 4)
+    with torch.no_grad():
+        every, state = model(x, hx, None)
+        some, state_some = model(x, hx[:, at], None, at=at)
+    torch.testing.assert_close(some, every[:, at])
+    for s_a, s_b in zip(
+        state if isinstance(state, tuple) else (state,),
+        state_some if isinstance(state_some, tuple) else (state_some,),
+        strict=True,
+    ):
+        torch.testing.assert_close(s_a, s_b)
