@@ -24,7 +24,7 @@ import functools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -349,41 +349,59 @@ def evaluate(
 
 
 @torch.no_grad()
-def holdout_choice(
+def holdout_choices(
     model: nn.Module,
     spec: F.FeatureSpec,
     panel: Panel,
     scalers: Scalers,
     window: int,
     lo: Tensor,
-    hi: Tensor,
+    his: Sequence[Tensor],
     nonnegative: bool = False,
     replayed: tuple[Tensor, Tensor] | None = None,
     stat: Tensor | None = None,
-) -> list[str]:
-    """Per series, what serves it (forecaster.serving): the member with the lowest MAE on
-    its forecasts whose targets lie in its held-out [lo, hi). `stat`: the challenger's
+) -> list[list[str]]:
+    """For each limit hi of `his`, per series, what serves it (forecaster.serving): the
+    member with the lowest MAE on its forecasts whose targets lie in its held-out [lo, hi).
+    The members' forecasts are built once for all the limits. `stat`: the challenger's
     forecasts (S, T, H) from the origins of `replayed`, NaN where it has none."""
     replayed = replayed or _replay_scaled(model, spec, panel, scalers, window, lo)
-    keep = replayed[0] >= int(lo.min()) - 1
-    origins, pred = _kept_from(replayed, int(lo.min()) - 1)
-    median = scalers.inverse(pred)[..., pred.shape[-1] // 2]  # (S, T, H)
-    if nonnegative:
-        median = median.clamp_min(0.0)
-    actual = F.targets(spec, panel.values, origins, hi, floor=lo)
-    medians = serving.member_medians(
-        median,
-        F.seasonal_naive(spec, panel.values, origins, "daily"),
-        F.seasonal_naive(spec, panel.values, origins, "weekly"),
-        None if stat is None else stat[:, keep],
+    first = int(lo.min()) - 1
+    keep = replayed[0] >= first
+    origins, median, daily, weekly = _members_from(
+        replayed, first, scalers, spec, panel.values, nonnegative
     )
+    medians = serving.member_medians(median, daily, weekly, None if stat is None else stat[:, keep])
     # Scored only where every member has a forecast, so all face the same targets.
     unknown = torch.isnan(sum(m for name, m in medians.items() if name != "model"))
-    errors = {}
-    for name, point in medians.items():
-        err = torch.where(unknown, torch.nan, (point - actual).abs())
-        errors[name] = torch.nanmean(err.flatten(1), dim=1)
-    return serving.choose(errors)
+    choices = []
+    for hi in his:
+        actual = F.targets(spec, panel.values, origins, hi, floor=lo)
+        errors = {}
+        for name, point in medians.items():
+            err = torch.where(unknown, torch.nan, (point - actual).abs())
+            errors[name] = torch.nanmean(err.flatten(1), dim=1)
+        choices.append(serving.choose(errors))
+    return choices
+
+
+def _members_from(
+    replayed: tuple[Tensor, Tensor],
+    first: int,
+    scalers: Scalers,
+    spec: F.FeatureSpec,
+    values: Tensor,
+    nonnegative: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The replay's origins >= first (T,), the network's median from each (S, T, H) in the
+    series' units (floored at 0 for a nonnegative panel) and both seasonal naives'."""
+    origins, pred = _kept_from(replayed, first)
+    median = scalers.inverse(pred[..., pred.shape[-1] // 2])
+    if nonnegative:
+        median = median.clamp_min(0.0)
+    daily = F.seasonal_naive(spec, values, origins, "daily")
+    weekly = F.seasonal_naive(spec, values, origins, "weekly")
+    return origins, median, daily, weekly
 
 
 def _served(
@@ -401,12 +419,9 @@ def _served(
     """What `members` serve (forecaster.serving) from the replay's origins >= first, scored
     on each series' targets in [lo, hi): the errors (forecaster.holdout) and the sMAPE.
     `stat`: the challenger's forecasts (S, T, H) from those same origins, or None."""
-    origins, pred = _kept_from(replayed, first)
-    median = scalers.inverse(pred)[..., pred.shape[-1] // 2]
-    if nonnegative:
-        median = median.clamp_min(0.0)
-    daily = F.seasonal_naive(spec, values, origins, "daily")
-    weekly = F.seasonal_naive(spec, values, origins, "weekly")
+    origins, median, daily, weekly = _members_from(
+        replayed, first, scalers, spec, values, nonnegative
+    )
     point = serving.served_point(median, daily, weekly, members, stat)
     actual = F.targets(spec, values, origins, hi, floor=lo)
     scale = ev.mae_scale(_before(values, lo), spec.season_day)
@@ -688,28 +703,17 @@ def train(
             replayed=replayed,
             stat=stat_pred,
         )
-        choice = holdout_choice(
+        # Per series, what serves it, chosen on both held-out tails; and, to score this
+        # version as retraining compares versions, chosen on the early-stopping tail alone
+        # (scored on the test tail below).
+        choice, honest = holdout_choices(
             cpu_model,
             spec,
             panel,
             scalers,
             window,
             spans.train_end,
-            spans.end,
-            nonnegative,
-            replayed=replayed,
-            stat=stat_pred,
-        )
-        # What this version serves, scored as retraining compares versions: each series'
-        # member chosen on the early-stopping tail alone, scored on the test tail.
-        honest = holdout_choice(
-            cpu_model,
-            spec,
-            panel,
-            scalers,
-            window,
-            spans.train_end,
-            spans.test_start,
+            (spans.end, spans.test_start),
             nonnegative,
             replayed=replayed,
             stat=stat_pred,

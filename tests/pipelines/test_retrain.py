@@ -34,7 +34,11 @@ def _serving(monkeypatch, member: str):
     """Within: a trained version serves `member` for every series (instead of the
     per-series choice); a wrecked network must be what is served to lose."""
     with monkeypatch.context() as m:
-        m.setattr(training, "holdout_choice", lambda *a, **k: [member] * len(a[2].names))
+        m.setattr(
+            training,
+            "holdout_choices",
+            lambda *a, **k: [[member] * len(a[2].names) for _ in a[6]],
+        )
         yield
 
 
