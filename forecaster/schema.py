@@ -50,6 +50,16 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _model_version_id() -> sa.Column:
+    """A model_version_id key column of a per-version table: rows go when the version goes."""
+    return sa.Column(
+        "model_version_id",
+        sa.Integer,
+        sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+
+
 def _series_id(primary_key: bool = False) -> sa.Column:
     """A series_id column: rows go when their series goes."""
     return sa.Column(
@@ -188,12 +198,7 @@ model_versions = sa.Table(
 series_states = sa.Table(
     "series_states",
     metadata,
-    sa.Column(
-        "model_version_id",
-        sa.Integer,
-        sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _model_version_id(),
     _series_id(primary_key=True),
     sa.Column("state", sa.LargeBinary, nullable=False),
     sa.Column("shape", sa.JSON, nullable=False),
@@ -207,12 +212,7 @@ series_states = sa.Table(
 series_scalers = sa.Table(
     "series_scalers",
     metadata,
-    sa.Column(
-        "model_version_id",
-        sa.Integer,
-        sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _model_version_id(),
     _series_id(primary_key=True),
     sa.Column("center", sa.Float, nullable=False),
     sa.Column("scale", sa.Float, nullable=False),
@@ -225,12 +225,7 @@ series_scalers = sa.Table(
 state_snapshots = sa.Table(
     "state_snapshots",
     metadata,
-    sa.Column(
-        "model_version_id",
-        sa.Integer,
-        sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _model_version_id(),
     _series_id(primary_key=True),
     # The state after this window's last point.
     sa.Column("window_id", sa.BigInteger, primary_key=True),
