@@ -150,33 +150,38 @@ def _untrained_view(
     missing = [t for t in targets if t["id"] not in have]
     if missing:
         step_s = trained.spec.freq_seconds
-        rows = []
+        by_watermark: dict[datetime, list[dict]] = defaultdict(list)
         for t in missing:
-            first = t["watermark"] - timedelta(seconds=(warmup_steps - 1) * step_s)
+            by_watermark[t["watermark"]].append(t)
+        rows = []
+        for watermark, group in by_watermark.items():  # one read per shared watermark
+            first = watermark - timedelta(seconds=(warmup_steps - 1) * step_s)
             values = _read_grid(
                 store,
-                [t["id"]],
-                [(first, t["watermark"])],
+                [t["id"] for t in group],
+                [(first, watermark)],
                 int(first.timestamp()),
                 step_s,
                 warmup_steps,
             )
             fitted = Scalers.fit(values)
-            rows.append(
-                {
-                    "series_id": t["id"],
-                    "center": float(fitted.center[0]),
-                    "scale": float(fitted.scale[0]),
-                    "n_points": int((~torch.isnan(values)).sum()),
-                    "fitted_to": t["watermark"],
-                }
-            )
-            log.info(
-                "serving a series the model was not trained on",
-                series=t["name"],
-                version_id=vid,
-                points=rows[-1]["n_points"],
-            )
+            counts = (~torch.isnan(values)).sum(dim=1)
+            for i, t in enumerate(group):
+                rows.append(
+                    {
+                        "series_id": t["id"],
+                        "center": float(fitted.center[i]),
+                        "scale": float(fitted.scale[i]),
+                        "n_points": int(counts[i]),
+                        "fitted_to": watermark,
+                    }
+                )
+                log.info(
+                    "serving a series the model was not trained on",
+                    series=t["name"],
+                    version_id=vid,
+                    points=int(counts[i]),
+                )
         store.save_series_scalers(vid, rows)
         have = store.series_scalers(vid, ids)
     scalers = Scalers(
