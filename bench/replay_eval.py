@@ -7,7 +7,8 @@ The model is trained once on the data before --train-until (one week for early s
 and one held out inside that span) and is not retrained: that is the daemon's job. Every
 later day is ingested, predicted from saved state and scored, as the service would. Printed:
 coverage of the calibrated 80% band over the last four weeks, accuracy per model over the
-same span, and the anomalies on the days of the February 2013 blizzard.
+same span, the anomalies, incidents and fleet events, and how the February 2013 blizzard
+was seen.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--kind", default="lstm")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--db", default=None, help="store URL (default: a temporary SQLite file)")
+    ap.add_argument("--until", default=None, help="last day replayed (default: the data's end)")
     args = ap.parse_args()
     configure_logging("warning")  # a line per job and day would bury the tables
     cut = datetime.fromisoformat(args.train_until).replace(tzinfo=UTC)
@@ -73,7 +75,10 @@ def main() -> None:
             )
         _ingest(store, history, now)
         run_predict(store)
-        days = pl.datetime_range(cut, data["ts"].max(), "1d", eager=True, time_zone="UTC")
+        last = data["ts"].max()
+        if args.until:
+            last = min(last, datetime.fromisoformat(args.until).replace(tzinfo=UTC))
+        days = pl.datetime_range(cut, last, "1d", eager=True, time_zone="UTC")
         t0 = time.perf_counter()
         for day in days:
             chunk = data.filter((pl.col("ts") >= day) & (pl.col("ts") < day + timedelta(days=1)))
@@ -93,16 +98,25 @@ def main() -> None:
             cov = "-" if r["coverage"] is None else f"{r['coverage']:.1%}"
             print(f"| {r['model']} | {r['n']:,} | {r['mae']:.3f} | {r['mae'] / best - 1:+.1%} | {cov} |")
 
-        blizzard = [a for a in store.list_anomalies(limit=100_000)
-                    if datetime(2013, 2, 8, 17, tzinfo=UTC) <= a["ts"] < datetime(2013, 2, 10, 5, tzinfo=UTC)]
-        all_anoms = store.list_anomalies(limit=1_000_000)
-        print(f"\n## Anomalies: {len(all_anoms):,} in the whole replay, {len(blizzard)} during the blizzard "
-              "(2013-02-08 12:00 to 2013-02-10 00:00 New York time)\n")
-        per_series: dict[str, int] = {}
-        for a in blizzard:
-            per_series[a["series"]] = per_series.get(a["series"], 0) + 1
-        for name, n in sorted(per_series.items(), key=lambda kv: -kv[1])[:10]:
-            print(f"- {name}: {n} hours flagged")
+        start, end = datetime(2013, 2, 8, 17, tzinfo=UTC), datetime(2013, 2, 10, 5, tzinfo=UTC)
+        anomalies = store.list_anomalies(limit=1_000_000)
+        incidents = store.list_incidents(limit=1_000_000)
+        threshold = store.anomaly_threshold(f"v{store.champion()['id']}") or {}
+        weeks = threshold.get("series_weeks") or 0
+        print(f"\n## Anomalies: {len(anomalies):,} anomalous hours, {len(incidents):,} incidents in "
+              f"the whole replay; threshold {threshold.get('threshold', float('nan')):.2f} band widths, "
+              f"{threshold.get('rate_seen') or 0:.2f} incidents per series-week seen over the last "
+              f"{weeks:.0f} series-weeks (target {threshold.get('rate_target', float('nan'))})\n")
+        print("| fleet event start | end | series | peak share |")
+        print("|---|---|---:|---:|")
+        for e in sorted(store.list_fleet_events(limit=1000), key=lambda e: e["start_ts"]):
+            print(f"| {e['start_ts']:%Y-%m-%d %H:%M} | {e['end_ts']:%Y-%m-%d %H:%M} | {e['n_series']} | "
+                  f"{e['peak_share']:.0%} |")
+        during = [i for i in incidents if i["start_ts"] <= end and i["end_ts"] >= start]
+        linked = {i["event_start"] for i in during if i["event_start"] is not None}
+        print(f"\nThe blizzard (2013-02-08 12:00 to 2013-02-10 00:00 New York time): {len(during)} "
+              f"incidents over {len({i['series'] for i in during})} series, linked to "
+              f"{len(linked)} fleet event(s).")
         store.close()
 
 

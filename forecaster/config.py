@@ -406,6 +406,39 @@ class RetrainSettings(_Model):
     )
 
 
+class AnomalySettings(_Model):
+    """What the evaluate job pages on: scores, incidents and fleet-wide events (the
+    [anomalies] table; forecaster.anomaly has the definitions)."""
+
+    incidents_per_week: float = Field(
+        0.5,  # forecaster.anomaly.DEFAULT_RATE (a test keeps them equal)
+        gt=0,
+        description="false-alarm rate you accept: incidents per series per week over the "
+        "recent window; the score threshold is set to meet it",
+    )
+    gap: int = Field(
+        2,  # forecaster.anomaly.DEFAULT_GAP
+        ge=0,
+        description="most normal steps inside one incident: anomalous points closer than this "
+        "plus one step are one incident",
+    )
+    fleet_share: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="share of the series scored at a time that must be inside an incident for "
+        "a fleet-wide event",
+    )
+    fleet_min_series: int = Field(
+        3, ge=1, description="and at least this many series (a smaller fleet has no events)"
+    )
+    fleet_merge: Duration = Field(
+        timedelta(hours=12),
+        description="fleet events less than this apart are one event (a storm paused by a "
+        "night when the series are quiet anyway)",
+    )
+
+
 class RetentionSettings(_Model):
     """What housekeeping deletes. None keeps everything."""
 
@@ -487,6 +520,7 @@ class Settings(BaseSettings):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    anomalies: AnomalySettings = Field(default_factory=AnomalySettings)
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
 
     @classmethod

@@ -57,6 +57,7 @@ SETTINGS_KEYS = frozenset(
         "schedule",
         "retrain",
         "retention",
+        "anomalies",
         "compute",
     }
 )

@@ -306,6 +306,23 @@ class SqlCollector:
                 fam["outside"].add_metric([names[sid]], float(not lo <= r["value"] <= hi))
         for sid, n in store.anomaly_counts(ids).items():
             fam["anomalies"].add_metric([names[sid]], n)
+        for sid, n in store.incident_counts(ids).items():
+            fam["incidents"].add_metric([names[sid]], n)
+        if model is not None:
+            for r in store.anomaly_state(model, ids):
+                fam["score"].add_metric([names[r["series_id"]]], r["score"])
+                fam["incident_open"].add_metric([names[r["series_id"]]], float(r["incident_open"]))
+            fleet = store.fleet_summary(model)
+            fam["fleet_events"].add_metric([], fleet["events"])
+            fam["in_incident"].add_metric([], fleet["in_incident"])
+            running = fleet["newest"] is not None and fleet["newest_event_end"] == fleet["newest"]
+            fam["fleet_event_open"].add_metric([], float(running))
+            threshold = store.anomaly_threshold(model)
+            if threshold is not None:
+                fam["threshold"].add_metric([model], threshold["threshold"])
+                fam["incident_rate"].add_metric([model, "target"], threshold["rate_target"])
+                if threshold["rate_seen"] is not None:
+                    fam["incident_rate"].add_metric([model, "seen"], threshold["rate_seen"])
         for sid, scored_model, mase in store.mase_by_series(ids):
             fam["mase"].add_metric([names[sid], scored_model], mase)
         if model is not None:
@@ -383,8 +400,53 @@ class SqlCollector:
             ),
             "anomalies": c(
                 "forecaster_anomalies",
-                "Actuals recorded as anomalies (outside the served band).",
+                "Actuals recorded as anomalous (anomaly score above 1).",
                 labels=["series"],
+            ),
+            "score": g(
+                "forecaster_anomaly_score",
+                "Anomaly score of the series' newest scored actual under the champion: its "
+                "evidence (distance from the median in half-band widths, alone or over a run) "
+                "over the series' threshold; above 1 is anomalous.",
+                labels=["series"],
+            ),
+            "incident_open": g(
+                "forecaster_incident_open",
+                "1 while the series has an incident open (an anomalous actual within the last "
+                "[anomalies].gap + 1 steps), else 0.",
+                labels=["series"],
+            ),
+            "incidents": c(
+                "forecaster_incidents",
+                "Incidents recorded for the series (runs of anomalous actuals).",
+                labels=["series"],
+            ),
+            "in_incident": g(
+                "forecaster_series_in_incident",
+                "Series with an incident open under the champion, over every series (not only "
+                "those exposed).",
+            ),
+            "fleet_event_open": g(
+                "forecaster_fleet_event_open",
+                "1 while a fleet-wide event is running at the newest scored time (a share of the "
+                "fleet in incidents at once), else 0.",
+            ),
+            "fleet_events": c(
+                "forecaster_fleet_events",
+                "Fleet-wide events recorded (every model).",
+            ),
+            "threshold": g(
+                "forecaster_anomaly_threshold",
+                "The fleet's pooled anomaly threshold (evidence that scores 1), set from the "
+                "false-alarm rate chosen ([anomalies].incidents_per_week); series with enough "
+                "history have their own.",
+                labels=["model"],
+            ),
+            "incident_rate": g(
+                "forecaster_incident_rate",
+                "Incidents per series per week: the rate chosen (kind=target) and the rate seen "
+                "over the evaluate window (kind=seen).",
+                labels=["model", "kind"],
             ),
             "mase": g(
                 "forecaster_mase",

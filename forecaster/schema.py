@@ -308,7 +308,9 @@ calibration_tracking = sa.Table(
     sa.Column("tracked_until", UTCDateTime, nullable=False),
 )
 
-# An actual outside the calibrated band of the newest forecast for its time.
+# An anomalous actual: its score against the band served by the newest forecast for its time
+# was above 1 (forecaster.anomaly). Rows from before migration 0010 have no score: they were
+# every actual outside the band.
 anomalies = sa.Table(
     "anomalies",
     metadata,
@@ -321,6 +323,62 @@ anomalies = sa.Table(
     sa.Column("yhat_upper", sa.Float, nullable=False),
     sa.Column("origin_ts", UTCDateTime, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("score", sa.Float, nullable=True),  # evidence over the threshold: > 1 anomalous
+    sa.Column("threshold", sa.Float, nullable=True),  # the series' threshold when scored
+)
+
+# Consecutive anomalous points of one series (at most [anomalies].gap normal steps inside).
+incidents = sa.Table(
+    "incidents",
+    metadata,
+    _series_id(primary_key=True),
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("start_ts", UTCDateTime, primary_key=True),
+    sa.Column("end_ts", UTCDateTime, nullable=False),  # its last anomalous point
+    sa.Column("peak_ts", UTCDateTime, nullable=False),
+    sa.Column("peak_score", sa.Float, nullable=False),
+    sa.Column("n_points", sa.Integer, nullable=False),
+    sa.Column("event_start", UTCDateTime, nullable=True),  # its fleet event, if any
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Index("ix_incidents_start_ts", "start_ts"),
+)
+
+# Times at which a share of the fleet was inside incidents at once, one row per event.
+fleet_events = sa.Table(
+    "fleet_events",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("start_ts", UTCDateTime, primary_key=True),
+    sa.Column("end_ts", UTCDateTime, nullable=False),
+    sa.Column("n_series", sa.Integer, nullable=False),
+    sa.Column("peak_share", sa.Float, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Per model: the fleet's evidence threshold in force (forecaster.anomaly), the false-alarm rate it was
+# set for and the rate of incidents seen over the window (per series per week).
+anomaly_thresholds = sa.Table(
+    "anomaly_thresholds",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("measured", sa.Boolean, nullable=False),  # False: too little data, the default
+    sa.Column("rate_target", sa.Float, nullable=False),
+    sa.Column("rate_seen", sa.Float, nullable=True),
+    sa.Column("series_weeks", sa.Float, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Per model and series: the score of its newest scored point, and whether an incident is open.
+anomaly_state = sa.Table(
+    "anomaly_state",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    _series_id(primary_key=True),
+    sa.Column("ts", UTCDateTime, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("incident_open", sa.Boolean, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
 # Rolling accuracy per series and model over the evaluate job's recent window: what the

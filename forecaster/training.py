@@ -133,6 +133,9 @@ class TrainResult:
     points_per_s: float = 0.0
     spans: Spans | None = None
     calibration: list[float] = field(default_factory=list)  # per horizon step, band widths
+    # Anomaly thresholds measured on the holdout (training._holdout_thresholds): rate, gap,
+    # pooled, series (name -> threshold); empty when there was no holdout.
+    anomaly_thresholds: dict[str, Any] = field(default_factory=dict)
     refit_epochs: int = 0
     serving: list[str] = field(default_factory=list)  # per series (names' order): what serves it
     # The statistical challenger (forecaster.stats): params, per-series state and the epoch
@@ -157,6 +160,7 @@ def trained_model(result: TrainResult) -> TrainedModel:
             "best_epoch": result.best_epoch,
             "history": result.history,
             "calibration": list(result.calibration),
+            "anomaly_thresholds": result.anomaly_thresholds,
             "serving": dict(zip(result.names, result.serving, strict=True))
             if result.serving
             else {},
@@ -677,6 +681,7 @@ def train(
     nonnegative = bool(torch.nan_to_num(train_values, nan=0.0).min() >= 0)
     metrics: dict[str, dict[str, float | None]] = {}
     calibration: list[float] = []
+    thresholds: dict[str, Any] = {}
     choice: list[str] = []
     stat_kept: dict[str, Any] | None = None
     served_holdout: ServedErrors | None = None
@@ -751,6 +756,7 @@ def train(
             stat=None
             if stat_pred is None
             else (stat_pred - scalers.center.view(-1, 1, 1)) / scalers.scale.view(-1, 1, 1),
+            thresholds=thresholds,
         )
 
     # Refit: fine-tune the chosen model through every point, newest included.
@@ -792,6 +798,11 @@ def train(
         points_per_s=points / max(train_seconds, 1e-9),  # training windows only
         spans=spans,
         calibration=calibration,
+        anomaly_thresholds=(
+            {**thresholds, "series": {panel.names[i]: v for i, v in thresholds["series"].items()}}
+            if thresholds
+            else {}
+        ),
         refit_epochs=refit_epochs,
         serving=choice,
         stat=stat_kept,
@@ -907,6 +918,7 @@ def holdout_calibration(
     replayed: tuple[Tensor, Tensor] | None = None,
     served: list[str] | None = None,
     stat: Tensor | None = None,
+    thresholds: dict[str, Any] | None = None,
 ) -> list[float]:
     """Per horizon step, the conformal correction of the raw band in band widths, from the
     forecasts whose targets lie in each series' held-out [lo, hi) (the early-stopping and
@@ -914,7 +926,8 @@ def holdout_calibration(
     of any size: served = [lower - c * width, upper + c * width]. With `served` (each
     series' member, forecaster.serving) the band is measured where it is served: moved to
     that member's median (`stat`: the challenger's forecasts from the replay's origins, in
-    the same scaled units)."""
+    the same scaled units). Given a `thresholds` dict, fills it with the anomaly thresholds
+    measured on the same forecasts (_holdout_thresholds; series by row)."""
     replayed = replayed or replay(model, spec, scaled, start, window, int(lo.min()) - 1)
     keep = replayed[0] >= int(lo.min()) - 1
     origins, pred = _kept_from(replayed, int(lo.min()) - 1)
@@ -935,7 +948,63 @@ def holdout_calibration(
         col = scores[:, :, h]
         col = col[~torch.isnan(col)]
         out.append(conformal_quantile(col.tolist(), level) if col.numel() else 0.0)
+    if thresholds is not None:
+        thresholds.update(_holdout_thresholds(origins, pred, actual, out, spec, start))
     return out
+
+
+def _holdout_thresholds(
+    origins: Tensor, pred: Tensor, actual: Tensor, corrections: list[float], spec: F.FeatureSpec,
+    start: int,
+) -> dict[str, Any]:
+    """Anomaly thresholds measured on the holdout, per series (by row) and pooled: the
+    forecasts from every horizon-th origin (each target forecast once, as predict does
+    window by window), their band corrected as served, the evidence of each actual
+    (forecaster.anomaly) and the threshold meeting the default false-alarm rate. They serve
+    a new model's series until each has two weeks of its own scored points."""
+    import polars as pl
+
+    from forecaster import anomaly
+
+    h = spec.horizon
+    take = torch.arange(0, origins.numel(), h)
+    o, p, a = origins[take], pred[:, take], actual[:, take]  # (T',), (S, T', H, Q), (S, T', H)
+    c = torch.tensor(corrections, dtype=p.dtype).view(1, 1, -1)
+    lo, hi, mid = p[..., 0], p[..., -1], p[..., p.shape[-1] // 2]
+    width = hi - lo
+    lower, upper = lo - c * width, hi + c * width
+    steps = (o.view(-1, 1) + torch.arange(1, h + 1).view(1, -1)).flatten()  # (T' * H,)
+    n_series = p.shape[0]
+    frame = pl.DataFrame(
+        {
+            "series_id": np.repeat(np.arange(n_series), steps.numel()),
+            "ts": np.tile(((start + steps.numpy() * spec.freq_seconds) * 1_000_000), n_series),
+            "actual": a.reshape(n_series, -1).double().numpy().ravel(),
+            "yhat": mid.reshape(n_series, -1).double().numpy().ravel(),
+            "yhat_lower": lower.reshape(n_series, -1).double().numpy().ravel(),
+            "yhat_upper": upper.reshape(n_series, -1).double().numpy().ravel(),
+            "freq_s": np.full(n_series * steps.numel(), spec.freq_seconds),
+        }
+    )
+    frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+    frame = frame.filter(pl.col("actual").is_not_nan()).sort("series_id", "ts")
+    if frame.is_empty():
+        return {}
+    frame = frame.with_columns(anomaly.deviation(frame))
+    frame = frame.with_columns(anomaly.evidence(frame))
+    rate, gap = anomaly.DEFAULT_RATE, anomaly.DEFAULT_GAP
+    per = {}
+    for (row,), mine in frame.partition_by("series_id", as_dict=True).items():
+        th = anomaly.choose_threshold(mine, rate, gap)
+        if th.measured:
+            per[int(row)] = th.value
+    pooled = anomaly.choose_threshold(frame, rate, gap)
+    return {
+        "rate": rate,
+        "gap": gap,
+        "pooled": pooled.value if pooled.measured else None,
+        "series": per,
+    }
 
 
 def rescale_calibration(

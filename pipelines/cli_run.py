@@ -254,12 +254,18 @@ def evaluate_cmd(
         bool, typer.Option("--once", help="one pass over the forecasts with new actuals")
     ] = True,
 ) -> None:
-    """Score forecasts whose actuals arrived, recalibrate the bands, record anomalies."""
+    """Score forecasts whose actuals arrived, recalibrate the bands, record anomalies and
+    incidents."""
     from pipelines.evaluate import run_evaluate
 
     with _errors():
-        with _store(_settings()) as store:
-            summary = run_evaluate(store)
+        settings = _settings()
+        with _store(settings) as store:
+            summary = run_evaluate(
+                store,
+                accuracy_window=settings.retrain.degrade_window,
+                anomalies=settings.anomalies,
+            )
         out.print(summary.line())
 
 

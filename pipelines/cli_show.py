@@ -242,11 +242,11 @@ def anomalies_cmd(
     series: Annotated[str | None, typer.Option(help="only this series")] = None,
     limit: Annotated[int, typer.Option(help="rows to show")] = 20,
 ) -> None:
-    """Actuals that left the calibrated forecast band, newest first."""
+    """Anomalous actuals (anomaly score above 1), newest first."""
     with _errors():
         with _store(_database_url()) as store:
             rows = store.list_anomalies(series, limit)
-        table = Table("series", "time", "actual", "forecast", "band", "model")
+        table = Table("series", "time", "actual", "forecast", "band", "score", "model")
         for r in rows:
             table.add_row(
                 r["series"],
@@ -254,9 +254,63 @@ def anomalies_cmd(
                 f"{r['actual']:.2f}",
                 f"{r['yhat']:.2f}",
                 f"{r['yhat_lower']:.2f} .. {r['yhat_upper']:.2f}",
+                "-" if r["score"] is None else f"{r['score']:.1f}",
                 r["model"],
             )
         out.print(table)
+
+
+@app.command("incidents")
+def incidents_cmd(
+    series: Annotated[str | None, typer.Option(help="only this series")] = None,
+    limit: Annotated[int, typer.Option(help="rows to show")] = 20,
+) -> None:
+    """Incidents (runs of anomalous actuals of one series) and the fleet-wide events they
+    belong to, newest first; then the threshold and the false-alarm rate seen."""
+    with _errors():
+        with _store(_database_url()) as store:
+            rows = store.list_incidents(series, limit)
+            events = store.list_fleet_events(limit) if series is None else []
+            champion = store.champion()
+            threshold = store.anomaly_threshold(f"v{champion['id']}") if champion else None
+        table = Table("series", "start", "end", "points", "peak score", "fleet event", "model")
+        for r in rows:
+            event = (
+                "-"
+                if r["event_start"] is None
+                else f"{_ts(r['event_start'])} ({r['event_series'] or '?'} series)"
+            )
+            table.add_row(
+                r["series"],
+                _ts(r["start_ts"]),
+                _ts(r["end_ts"]),
+                str(r["n_points"]),
+                f"{r['peak_score']:.1f}",
+                event,
+                r["model"],
+            )
+        out.print(table)
+        if events:
+            ev = Table("fleet event start", "end", "series", "peak share", "model")
+            for e in events:
+                ev.add_row(
+                    _ts(e["start_ts"]),
+                    _ts(e["end_ts"]),
+                    str(e["n_series"]),
+                    f"{e['peak_share']:.0%}",
+                    e["model"],
+                )
+            out.print(ev)
+        if threshold is not None:
+            seen = threshold["rate_seen"]
+            out.print(
+                f"threshold {threshold['threshold']:.2f} band widths"
+                f"{'' if threshold['measured'] else ' (default: too little data yet)'}; "
+                f"incidents per series per week: chosen {threshold['rate_target']:g}, seen "
+                f"{'-' if seen is None else f'{seen:.2f}'} over the evaluate window",
+                markup=False,
+                highlight=False,
+            )
 
 
 @app.command("plot")

@@ -232,16 +232,29 @@ def summary_tables(daemon: Daemon, store: Store) -> list[Table]:
     tables.append(acc)
 
     anomalies = store.list_anomalies(limit=1_000_000)
-    blizzard = [a for a in anomalies if BLIZZARD[0] <= a["ts"] < BLIZZARD[1]]
-    an = Table(title="Anomalies (actuals outside the calibrated 80% band)")
+    incidents = store.list_incidents(limit=1_000_000)
+    blizzard = [i for i in incidents if i["start_ts"] < BLIZZARD[1] and i["end_ts"] >= BLIZZARD[0]]
+    events = {i["event_start"] for i in blizzard if i["event_start"] is not None}
+    linked = [i for i in incidents if i["event_start"] in events]
+    an = Table(title="Anomalies (score above 1: further out than the false-alarm threshold)")
     an.add_column("span")
-    an.add_column("anomaly hours", justify="right")
-    an.add_column("series flagged", justify="right")
-    an.add_row("whole replay", f"{len(anomalies):,}", str(len({a["series"] for a in anomalies})))
+    an.add_column("anomalous hours", justify="right")
+    an.add_column("incidents", justify="right")
+    an.add_column("series", justify="right")
+    an.add_column("fleet events", justify="right")
+    an.add_row(
+        "whole replay",
+        f"{len(anomalies):,}",
+        f"{len(incidents):,}",
+        str(len({i["series"] for i in incidents})),
+        str(len(store.list_fleet_events(limit=100_000))),
+    )
     an.add_row(
         "2013-02-08 12:00 .. 02-10 00:00 New York (blizzard)",
+        f"{sum(BLIZZARD[0] <= a['ts'] < BLIZZARD[1] for a in anomalies):,}",
         f"{len(blizzard):,}",
-        str(len({a["series"] for a in blizzard})),
+        str(len({i["series"] for i in blizzard})),
+        f"{len(events)} ({len({i['series'] for i in linked})} series linked)",
     )
     tables.append(an)
 

@@ -15,8 +15,14 @@ misses, carried from run to run over the actuals each run newly scores
 (forecaster.calibration.tracked_offset), so the coverage of what was served comes back to
 the level under drift. The next predict run serves the sum.
 
-An anomaly is an actual outside the band served by the newest forecast for its time. Both
-writes are idempotent: running twice stores the same rows.
+Anomalies (forecaster.anomaly has the definitions): each newly scored actual gets a score
+from how far it lies outside the band served by the newest forecast for its time, over a
+threshold set so the recent window would have had at most [anomalies].incidents_per_week
+incidents per series per week; a score above 1 is anomalous. Anomalous points of a series
+close together are one incident, incidents overlapping while a share of the fleet is in
+trouble are linked as one fleet event. Every write is idempotent: running twice stores the
+same rows, and the actuals judged are those counted into the offset, in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from datetime import timedelta
 import polars as pl
 import structlog
 
-from forecaster import calibration
+from forecaster import anomaly, calibration
+from forecaster.config import AnomalySettings
 from forecaster.store import Store
 from pipelines.predict import BASELINES
 
@@ -43,6 +50,10 @@ class EvaluateSummary:
     steps_calibrated: int = 0
     offset: float = 0.0  # the pooled offset added to every step's correction (band widths)
     new_anomalies: int = 0
+    new_incidents: int = 0  # incidents that began in this run's new actuals
+    incidents_open: int = 0  # series with an incident open after this run
+    fleet_events: int = 0  # fleet events over the window
+    threshold: float | None = None  # the fleet's evidence that scores 1 (series may have their own)
     # The champion's MAE over the last accuracy_window relative to the daily seasonal naive's
     # on the same forecasts (pooled over series); None until both have been scored.
     mase: float | None = None
@@ -56,7 +67,8 @@ class EvaluateSummary:
         return (
             f"model {self.model}: {self.scored} forecasts scored, band coverage {cov} (raw {raw}), "
             f"{self.steps_calibrated} horizon steps recalibrated (pooled offset "
-            f"{self.offset:+.2f} band widths), {self.new_anomalies} new anomalies"
+            f"{self.offset:+.2f} band widths), {self.new_anomalies} new anomalies, "
+            f"{self.new_incidents} new incidents, {self.incidents_open} open"
         )
 
 
@@ -66,11 +78,12 @@ def run_evaluate(
     window: timedelta = timedelta(days=28),
     prior_weight: int = calibration.PRIOR_WEIGHT,
     accuracy_window: timedelta = timedelta(days=7),
+    anomalies: AnomalySettings | None = None,
 ) -> EvaluateSummary:
     champion = store.champion()
     if champion is None:
         return EvaluateSummary()
-    prior = _holdout_calibration(champion)
+    prior, holdout = _holdout_priors(champion)
     model = f"v{champion['id']}"
     summary = EvaluateSummary(model=model)
     ends = store.series_ends()
@@ -136,47 +149,41 @@ def run_evaluate(
         )
     summary.steps_calibrated, summary.offset = len(rows), offset
 
-    # Anomalies: judged against the newest forecast for each (series, time), as served.
-    newest_rows = scored.sort("origin_ts").group_by("series_id", "target_ts").last()
-    outside = newest_rows.filter(~inside)
-    anomalies = [
-        {
-            "series_id": r["series_id"],
-            "ts": r["target_ts"],
-            "model": model,
-            "actual": r["actual"],
-            "yhat": r["yhat"],
-            "yhat_lower": r["yhat_lower"],
-            "yhat_upper": r["yhat_upper"],
-            "origin_ts": r["origin_ts"],
-        }
-        for r in outside.iter_rows(named=True)
-    ]
+    # Anomalies: the newly scored actuals, judged against the newest forecast for each
+    # (series, time), as served; incidents and fleet events follow (forecaster.anomaly).
+    newest = scored.sort("origin_ts").group_by("series_id", "target_ts").last()
+    judged = _judge(store, model, newest, tracked, anomalies, holdout)
     accuracy = _series_accuracy(store, model, scored, ends, accuracy_window)
     summary.accuracy_window = accuracy_window
     summary.mase = _pooled_mase(accuracy, model)
     with store.begin() as conn:
         store.save_calibration(conn, model, sorted(rows, key=lambda r: r["horizon_step"]))
         store.save_calibration_offset(conn, model, offset, new.height, tracked_until)
-        summary.new_anomalies = store.insert_anomalies(conn, anomalies)
+        summary.new_anomalies = store.insert_anomalies(conn, judged.anomalies)
+        judged.save(store, conn, model)
         store.save_series_accuracy(
             conn, [{k: v for k, v in r.items() if k != "_scale"} for r in accuracy]
         )
+    summary.threshold = judged.threshold.value
+    summary.incidents_open = sum(r["incident_open"] for r in judged.state)
+    summary.new_incidents = judged.new_incidents
+    summary.fleet_events = judged.events.height
     log.info("evaluate done", **summary.__dict__)
     return summary
 
 
-def _holdout_calibration(version: dict) -> dict[int, float]:
-    """horizon step -> the correction measured on the version's training holdout; empty for
-    a checkpoint from before holdout calibration, or one that cannot be read."""
+def _holdout_priors(version: dict) -> tuple[dict[int, float], dict]:
+    """What the version measured on its training holdout: horizon step -> band correction,
+    and its anomaly thresholds (training._holdout_thresholds). Both empty for a checkpoint
+    from before them, or one that cannot be read."""
     from pipelines.predict import load_trained
 
     try:
         trained = load_trained(version["uri"], version["sha256"])
     except Exception as exc:  # noqa: BLE001 - the bands then follow the scores alone
         log.warning("no holdout calibration", model=f"v{version['id']}", error=str(exc))
-        return {}
-    return trained.holdout_corrections
+        return {}, {}
+    return trained.holdout_corrections, trained.meta.get("anomaly_thresholds") or {}
 
 
 BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
@@ -259,3 +266,200 @@ def _pooled_mase(rows: list[dict], model: str) -> float | None:
     mine = [r for r in rows if r["model"] == model]
     naive = sum(r["_scale"] * r["n_scored"] for r in mine)
     return sum(r["mae"] * r["n_scored"] for r in mine) / naive if naive > 0 else None
+
+
+@dataclass
+class _Judged:
+    """What one evaluate run writes about anomalies."""
+
+    threshold: anomaly.Threshold
+    anomalies: list[dict]
+    old_incidents: pl.DataFrame  # (series_id, start_ts) replaced by `incidents`
+    incidents: pl.DataFrame
+    state: list[dict]
+    after: object  # events after this time are rewritten
+    events: pl.DataFrame
+    links: pl.DataFrame
+    new_incidents: int
+    rate_seen: float | None
+    rate_target: float
+    new_points: int
+
+    def save(self, store: Store, conn, model: str) -> None:  # noqa: ANN001
+        store.replace_incidents(conn, model, self.old_incidents, self.incidents)
+        store.save_anomaly_state(conn, model, self.state)
+        store.replace_fleet_events(conn, model, self.after, self.events, self.links)
+        if self.new_points == 0:
+            return  # nothing judged: the threshold row stays as the last judgement left it
+        store.save_anomaly_threshold(
+            conn,
+            model,
+            {
+                "threshold": self.threshold.value,
+                "measured": self.threshold.measured,
+                "rate_target": self.rate_target,
+                "rate_seen": self.rate_seen,
+                "series_weeks": self.threshold.series_weeks,
+            },
+        )
+
+
+def _judge(
+    store: Store,
+    model: str,
+    newest: pl.DataFrame,
+    tracked: pl.DataFrame,
+    cfg: AnomalySettings | None,
+    holdout: dict | None = None,
+) -> _Judged:
+    """Score the window's newest forecasts, judge the actuals not judged before, and fold the
+    anomalous ones into incidents and fleet events."""
+    cfg = cfg or AnomalySettings()
+    gap = cfg.gap
+    points = (
+        newest.rename({"target_ts": "ts"})
+        .join(store.series_freqs(), on="series_id")
+        .sort("series_id", "ts")
+    )
+    points = points.with_columns(anomaly.deviation(points))
+    points = points.with_columns(anomaly.evidence(points)).join(
+        tracked, on="series_id", how="left"
+    )
+    is_new = pl.col("tracked_until").is_null() | (pl.col("ts") > pl.col("tracked_until"))
+    after = points["ts"].min()
+    # Thresholds are read from the points judged before, out of sample as the bands'
+    # calibration is, and without the times of fleet events: a storm over the whole fleet
+    # is no sample of normal data, and would lift the threshold over the next one.
+    past = points.filter(~is_new)
+    for event in store.fleet_events_since(model, after):
+        past = past.filter(~pl.col("ts").is_between(event["start_ts"], event["end_ts"]))
+    stored = store.anomaly_threshold(model)
+    nothing_new = points.filter(is_new).is_empty()
+    if nothing_new and stored is not None:  # a re-run: what was judged stays judged
+        threshold = anomaly.Threshold(
+            float(stored["threshold"]), float(stored["series_weeks"]), 0, stored["measured"]
+        )
+    else:
+        threshold = anomaly.choose_threshold(past, cfg.incidents_per_week, gap)
+    # What the model measured on its training holdout, at the same rate and gap: serves
+    # each series until it has enough scored points of its own.
+    holdout = holdout or {}
+    same = holdout.get("rate") == cfg.incidents_per_week and holdout.get("gap") == gap
+    from_holdout = holdout.get("series", {}) if same else {}
+    if not threshold.measured and not (nothing_new and stored is not None):
+        before = store.anomaly_threshold()  # a new model: its predecessor's, if any
+        if same and holdout.get("pooled") is not None:
+            value = float(holdout["pooled"])
+        elif before is not None:
+            value = float(before["threshold"])
+        else:
+            value = threshold.value
+        threshold = anomaly.Threshold(value, threshold.series_weeks, 0, measured=False)
+    # Each series with enough history of its own gets its own threshold, one known to the
+    # model its holdout's; the rest, the fleet's. (Only where there is something new to
+    # judge: the others keep theirs.)
+    own: dict[int, float] = {}
+    if not nothing_new:
+        judged_ids = set(points.filter(is_new)["series_id"].unique().to_list())
+        if from_holdout:
+            # The holdout's thresholds differ between series as the served ones will; their
+            # level follows the window's pooled threshold once there is one (bands served
+            # live are not the holdout's).
+            pooled = holdout.get("pooled")
+            level = threshold.value / pooled if threshold.measured and pooled else 1.0
+            for sid, name in store.series_catalogue():
+                if sid in judged_ids and name in from_holdout:
+                    own[sid] = max(float(from_holdout[name]) * level, anomaly.MIN_THRESHOLD)
+        for (sid,), mine in past.partition_by("series_id", as_dict=True).items():
+            if sid in judged_ids and anomaly.series_weeks(mine) >= anomaly.MIN_SERIES_WEEKS:
+                own[sid] = anomaly.choose_threshold(mine, cfg.incidents_per_week, gap).value
+    points = points.with_columns(
+        pl.col("series_id")
+        .replace_strict(own, default=threshold.value, return_dtype=pl.Float64)
+        .alias("threshold")
+    ).with_columns((pl.col("evidence") / pl.col("threshold")).alias("score"))
+    new = points.filter(is_new)
+    hits = new.filter(pl.col("score") > 1)
+    rows = [
+        {
+            "series_id": r["series_id"],
+            "ts": r["ts"],
+            "model": model,
+            "actual": r["actual"],
+            "yhat": r["yhat"],
+            "yhat_lower": r["yhat_lower"],
+            "yhat_upper": r["yhat_upper"],
+            "origin_ts": r["origin_ts"],
+            "score": r["score"],
+            "threshold": r["threshold"],
+        }
+        for r in hits.iter_rows(named=True)
+    ]
+    window = store.incidents_since(model, after)
+    # The incidents the new points may extend or join: those of their series ending within
+    # reach of the series' first new anomalous point.
+    reach = pl.duration(seconds=pl.col("freq_s") * (gap + 1))
+    firsts = hits.group_by("series_id").agg(
+        pl.col("ts").min().alias("_first"), pl.col("freq_s").first()
+    )
+    touching = (
+        window.join(firsts, on="series_id")
+        .filter(pl.col("end_ts") >= pl.col("_first") - reach)
+        .drop("_first")
+    )
+    merged = anomaly.merge_incidents(
+        pl.concat(
+            [
+                anomaly.point_intervals(hits.select("series_id", "ts", "score", "freq_s")),
+                touching.select(*anomaly.INCIDENT_COLUMNS, "freq_s"),
+            ],
+            how="vertical_relaxed",
+        ),
+        gap,
+    )
+    kept = window.join(
+        touching.select("series_id", "start_ts"), on=["series_id", "start_ts"], how="anti"
+    )
+    incidents = pl.concat([kept.select(*anomaly.INCIDENT_COLUMNS), merged], how="vertical_relaxed")
+    # Each series' newest point: its score, and whether an incident is still open there.
+    last = (
+        new.group_by("series_id")
+        .agg(
+            pl.col("ts").max().alias("ts"),
+            pl.col("score").sort_by("ts").last(),
+            pl.col("freq_s").first(),
+        )
+        .join(
+            incidents.group_by("series_id").agg(pl.col("end_ts").max()), on="series_id", how="left"
+        )
+        .with_columns(
+            (
+                pl.col("end_ts").is_not_null()
+                & (pl.col("ts") - pl.col("end_ts") <= pl.duration(seconds=pl.col("freq_s") * gap))
+            ).alias("incident_open")
+        )
+    )
+    state = last.select("series_id", "ts", "score", "incident_open").to_dicts()
+    counts = points.group_by("ts").agg(pl.col("series_id").n_unique().alias("n_series"))
+    events = anomaly.fleet_events(
+        counts, incidents, cfg.fleet_share, cfg.fleet_min_series, cfg.fleet_merge
+    )
+    events = events.filter(pl.col("start_ts") > after)
+    links = anomaly.link_events(incidents.select("series_id", "start_ts", "end_ts"), events)
+    in_window = incidents.filter(pl.col("start_ts") >= after).height
+    return _Judged(
+        threshold=threshold,
+        anomalies=rows,
+        old_incidents=touching.select("series_id", "start_ts"),
+        incidents=merged,
+        state=state,
+        after=after,
+        events=events,
+        links=links.select("series_id", "start_ts", "event_start"),
+        new_incidents=merged.join(
+            touching.select("series_id", "start_ts"), on=["series_id", "start_ts"], how="anti"
+        ).height,
+        rate_seen=in_window / weeks if (weeks := anomaly.series_weeks(points)) > 0 else None,
+        rate_target=cfg.incidents_per_week,
+        new_points=new.height,
+    )

@@ -221,7 +221,9 @@ def _evaluate(job: Job, ctx: JobContext, outcome: JobOutcome) -> None:
     from pipelines.evaluate import run_evaluate
 
     r = ctx.settings.retrain
-    summary = run_evaluate(ctx.store, accuracy_window=r.degrade_window)
+    summary = run_evaluate(
+        ctx.store, accuracy_window=r.degrade_window, anomalies=ctx.settings.anomalies
+    )
     outcome.summary = summary.line()
     outcome.mase = summary.mase
     outcome.degraded = summary.mase is not None and summary.mase > r.degrade_ratio

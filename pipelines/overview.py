@@ -181,6 +181,7 @@ class Overview:
         if selected is not None:
             parts.append(self._chart(selected, accuracy, model))
         parts.append(self._accuracy(selected, accuracy, model))
+        parts.append(self._incidents())
         parts.append(self._anomalies())
         parts.append(self._jobs())
         name = escape(selected["name"]) if selected else "overview"
@@ -380,15 +381,42 @@ class Overview:
             f"{_table(pooled_headers, pooled, cls='pooled')}</div></div>"
         )
 
+    def _incidents(self) -> str:
+        """Fleet events, then incidents, newest first (forecaster.anomaly)."""
+        store, lim = self.store, self.limits.anomalies
+        parts = ["<h2>Incidents</h2>"]
+        events = [
+            [_ts(e["start_ts"]), _ts(e["end_ts"]), str(e["n_series"]), f"{e['peak_share']:.0%}",
+             e["model"]]
+            for e in store.list_fleet_events(limit=lim)
+        ]  # fmt: skip
+        if events:
+            headers = ["fleet event start (UTC)", "end", "series ", "peak share ", "model"]
+            parts.append(_table(headers, events, cls="events"))
+        rows = [
+            [_link(i["series"]), _ts(i["start_ts"]), _ts(i["end_ts"]), str(i["n_points"]),
+             _num(i["peak_score"]),
+             "-" if i["event_start"] is None else f"fleet event {_ts(i['event_start'])}",
+             i["model"]]
+            for i in store.list_incidents(limit=lim)
+        ]  # fmt: skip
+        if not rows:
+            parts.append("<p>None recorded.</p>")
+        else:
+            headers = ["series", "start (UTC)", "end", "points ", "peak score ", "event", "model"]
+            parts.append(_table(headers, rows, cls="incidents"))
+        return "".join(parts)
+
     def _anomalies(self) -> str:
         rows = [
             [_link(a["series"]), _ts(a["ts"]), a["model"], _num(a["actual"]), _num(a["yhat"]),
-             f"{_num(a['yhat_lower'])} .. {_num(a['yhat_upper'])}"]
+             f"{_num(a['yhat_lower'])} .. {_num(a['yhat_upper'])}",
+             "-" if a["score"] is None else _num(a["score"])]
             for a in self.store.list_anomalies(limit=self.limits.anomalies)
         ]  # fmt: skip
         if not rows:
             return "<h2>Newest anomalies</h2><p>None recorded.</p>"
-        headers = ["series", "time (UTC)", "model", "actual ", "median ", "band "]
+        headers = ["series", "time (UTC)", "model", "actual ", "median ", "band ", "score "]
         return f"<h2>Newest anomalies</h2>{_table(headers, rows, cls='anomalies')}"
 
     def _jobs(self) -> str:

@@ -253,13 +253,38 @@ def _panels() -> list[tuple[dict[str, Any], int, int]]:
         (
             _timeseries(
                 "Anomalies per hour: $series",
-                "Actuals recorded outside the band in the last hour (by the time evaluate "
-                "recorded them), for the series and over all series.",
+                "Anomalous actuals (score above 1) recorded in the last hour (by the time "
+                "evaluate recorded them), for the series and over all series.",
                 [
                     (f"increase(forecaster_anomalies_total{{{S}}}[1h])", "$series"),
                     ("sum(increase(forecaster_anomalies_total[1h]))", "all series"),
                 ],
                 bars=True,
+            ),
+            12,
+            8,
+        ),
+        (
+            _timeseries(
+                "Anomaly score: $series",
+                "The score of the series' newest scored actual: its evidence (how far, alone or "
+                "over a run, it lies from the median in half-band widths) over the threshold set "
+                "from the false-alarm rate chosen. Above 1 is anomalous; 0 inside the band.",
+                [(f"forecaster_anomaly_score{{{S}}}", "$series")],
+                thresholds=[("transparent", None), ("red", 1)],
+            ),
+            12,
+            8,
+        ),
+        (
+            _timeseries(
+                "Series in incidents",
+                "Series with an incident open (every series, not only those exposed), and 1 "
+                "while a fleet-wide event runs (a share of the fleet in incidents at once).",
+                [
+                    ("forecaster_series_in_incident", "series in incidents"),
+                    ("forecaster_fleet_event_open", "fleet event running"),
+                ],
             ),
             12,
             8,

@@ -96,6 +96,14 @@ class EvaluationStore(StoreBase):
         q = sa.select(w.c.series_id, sa.type_coerce(w.c.ts, raw).label("end"))
         return self._frame(q, {"series_id": pl.Int64, "end": TS_DTYPE})
 
+    def series_freqs(self) -> pl.DataFrame:
+        """series_id and freq_s, the step in seconds, of every series."""
+        import polars as pl
+
+        se = s.series
+        q = sa.select(se.c.id, se.c.freq_seconds)
+        return self._frame(q, {"series_id": pl.Int64, "freq_s": pl.Int64})
+
     def calibration_offset(self, model: str) -> float:
         """The pooled offset carried for a model (band widths); 0 before its first."""
         c = s.calibration_offsets
@@ -217,6 +225,184 @@ class EvaluationStore(StoreBase):
             .returning(s.anomalies.c.series_id)
         )
         return len(conn.execute(stmt, [{**r, "created_at": now} for r in rows]).all())
+
+    # -- incidents and fleet events (forecaster.anomaly) ----------------------------------
+
+    def incidents_since(self, model: str, since: datetime) -> pl.DataFrame:
+        """The model's incidents whose last point is at or after `since`: series_id,
+        start_ts, end_ts, peak_ts, peak_score, n_points, event_start."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
+        i = s.incidents
+        raw = sa.types.NullType()
+        q = sa.select(
+            i.c.series_id,
+            *(sa.type_coerce(i.c[c], raw) for c in ("start_ts", "end_ts", "peak_ts")),
+            i.c.peak_score,
+            i.c.n_points,
+            sa.type_coerce(i.c.event_start, raw),
+        ).where(i.c.model == model, i.c.end_ts >= since)
+        return self._frame(
+            q,
+            {
+                "series_id": pl.Int64,
+                "start_ts": TS_DTYPE,
+                "end_ts": TS_DTYPE,
+                "peak_ts": TS_DTYPE,
+                "peak_score": pl.Float64,
+                "n_points": pl.Int64,
+                "event_start": TS_DTYPE,
+            },
+        )
+
+    def replace_incidents(
+        self, conn: Connection, model: str, old: pl.DataFrame, new: pl.DataFrame
+    ) -> None:
+        """Delete the model's incidents keyed by `old` (series_id, start_ts) and store `new`
+        (forecaster.anomaly.INCIDENT_COLUMNS, event_start optional)."""
+        i = s.incidents
+        if not old.is_empty():
+            conn.execute(
+                sa.delete(i).where(
+                    i.c.model == model,
+                    i.c.series_id == sa.bindparam("sid"),
+                    i.c.start_ts == sa.bindparam("start"),
+                ),
+                [
+                    {"sid": sid, "start": start}
+                    for sid, start in old.select("series_id", "start_ts").rows()
+                ],
+            )
+        if not new.is_empty():
+            now = datetime.now(UTC)
+            rows = [
+                {"event_start": None, **r, "model": model, "updated_at": now}
+                for r in new.iter_rows(named=True)
+            ]
+            conn.execute(sa.insert(i), rows)
+
+    def replace_fleet_events(
+        self,
+        conn: Connection,
+        model: str,
+        after: datetime,
+        events: pl.DataFrame,
+        links: pl.DataFrame,
+    ) -> None:
+        """The model's fleet events starting after `after` become `events` (start_ts, end_ts,
+        n_series, peak_share), and the incidents linked to them are those `links` names
+        (series_id, start_ts, event_start); events from before are left as they are."""
+        f, i = s.fleet_events, s.incidents
+        conn.execute(sa.delete(f).where(f.c.model == model, f.c.start_ts > after))
+        now = datetime.now(UTC)
+        if not events.is_empty():
+            conn.execute(
+                sa.insert(f),
+                [{**r, "model": model, "updated_at": now} for r in events.iter_rows(named=True)],
+            )
+        conn.execute(
+            sa.update(i).where(i.c.model == model, i.c.event_start > after).values(event_start=None)
+        )
+        linked = links.filter(links["event_start"].is_not_null()) if not links.is_empty() else links
+        if not linked.is_empty():
+            conn.execute(
+                sa.update(i)
+                .where(
+                    i.c.model == model,
+                    i.c.series_id == sa.bindparam("sid"),
+                    i.c.start_ts == sa.bindparam("start"),
+                )
+                .values(event_start=sa.bindparam("event"), updated_at=now),
+                [
+                    {"sid": sid, "start": start, "event": event}
+                    for sid, start, event in linked.select(
+                        "series_id", "start_ts", "event_start"
+                    ).rows()
+                ],
+            )
+
+    def save_anomaly_threshold(self, conn: Connection, model: str, row: Mapping[str, Any]) -> None:
+        """Upsert the model's threshold row (threshold, measured, rate_target, rate_seen,
+        series_weeks)."""
+        cols = ("threshold", "measured", "rate_target", "rate_seen", "series_weeks", "updated_at")
+        stmt = self._upsert(s.anomaly_thresholds, cols)
+        conn.execute(stmt, [{**row, "model": model, "updated_at": datetime.now(UTC)}])
+
+    def anomaly_threshold(self, model: str | None = None) -> dict[str, Any] | None:
+        """The threshold row of `model`; with None, the newest measured one of any model
+        (what a new champion starts from)."""
+        t = s.anomaly_thresholds
+        q = sa.select(t)
+        if model is not None:
+            q = q.where(t.c.model == model)
+        else:
+            q = q.where(t.c.measured.is_(True)).order_by(t.c.updated_at.desc()).limit(1)
+        with self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        return None if row is None else dict(row._mapping)
+
+    def save_anomaly_state(
+        self, conn: Connection, model: str, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Upsert per series (series_id, ts, score, incident_open) the newest scored point."""
+        if not rows:
+            return
+        stmt = self._upsert(s.anomaly_state, ("ts", "score", "incident_open", "updated_at"))
+        now = datetime.now(UTC)
+        conn.execute(stmt, [{**r, "model": model, "updated_at": now} for r in rows])
+
+    def anomaly_state(
+        self, model: str, series_ids: Sequence[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows of anomaly_state of `model` (series_id, ts, score, incident_open)."""
+        a = s.anomaly_state
+        q = sa.select(a.c.series_id, a.c.ts, a.c.score, a.c.incident_open).where(a.c.model == model)
+        if series_ids is not None:
+            q = q.where(a.c.series_id.in_(list(series_ids)))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def list_incidents(
+        self, series_name: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Incidents, newest first, with their series' name and their fleet event's size."""
+        i, se, f = s.incidents, s.series, s.fleet_events
+        q = (
+            sa.select(
+                se.c.name.label("series"),
+                i.c.model,
+                i.c.start_ts,
+                i.c.end_ts,
+                i.c.peak_ts,
+                i.c.peak_score,
+                i.c.n_points,
+                i.c.event_start,
+                f.c.n_series.label("event_series"),
+            )
+            .join(se, se.c.id == i.c.series_id)
+            .outerjoin(f, sa.and_(f.c.model == i.c.model, f.c.start_ts == i.c.event_start))
+        )
+        if series_name is not None:
+            q = q.where(se.c.name == series_name)
+        q = q.order_by(i.c.start_ts.desc(), se.c.name).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def fleet_events_since(self, model: str, since: datetime) -> list[dict[str, Any]]:
+        """The model's fleet events ending at or after `since` (start_ts, end_ts)."""
+        f = s.fleet_events
+        q = sa.select(f.c.start_ts, f.c.end_ts).where(f.c.model == model, f.c.end_ts >= since)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q.order_by(f.c.start_ts))]
+
+    def list_fleet_events(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Fleet-wide events, newest first."""
+        f = s.fleet_events
+        q = sa.select(f).order_by(f.c.start_ts.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
 
     def list_anomalies(
         self, series_name: str | None = None, limit: int = 50

@@ -38,8 +38,8 @@ class ServiceStore(StoreBase):
     def metrics_generation(self) -> tuple:
         """A cheap marker of everything /metrics shows, changing whenever a job changes it:
         series (the finest step first, then the count) and versions (counts, the champion),
-        ingest (watermarks, cursors, quarantine), predict (states), evaluate (calibration),
-        new-series scalers. One round trip of maxima and counts over small tables (none over
+        ingest (watermarks, cursors, quarantine), predict (states), evaluate (calibration,
+        anomaly thresholds, states, incidents, fleet events), new-series scalers. One round trip of maxima and counts over small tables (none over
         forecasts or observations)."""
         mv = s.model_versions
 
@@ -60,6 +60,10 @@ class ServiceStore(StoreBase):
             one(sa.func.max(s.calibration_offsets.c.updated_at), s.calibration_offsets),
             one(sa.func.max(s.calibration.c.updated_at), s.calibration),
             one(sa.func.count(), s.series_scalers),
+            one(sa.func.max(s.anomaly_thresholds.c.updated_at), s.anomaly_thresholds),
+            one(sa.func.max(s.anomaly_state.c.updated_at), s.anomaly_state),
+            one(sa.func.count(), s.incidents),
+            one(sa.func.count(), s.fleet_events),
         )
         with self.engine.connect() as conn:
             return tuple(conn.execute(q).one())
@@ -281,6 +285,45 @@ class ServiceStore(StoreBase):
             with self.engine.connect() as conn:
                 out.update({sid: int(n) for sid, n in conn.execute(q)})
         return out
+
+    def incident_counts(self, series_ids: Sequence[int]) -> dict[int, int]:
+        """series_id -> rows in `incidents` (every model), for the series that have any."""
+        i = s.incidents
+        out: dict[int, int] = {}
+        for ids in _chunks(series_ids):
+            q = (
+                sa.select(i.c.series_id, sa.func.count())
+                .where(i.c.series_id.in_(ids))
+                .group_by(i.c.series_id)
+            )
+            with self.engine.connect() as conn:
+                out.update({sid: int(n) for sid, n in conn.execute(q)})
+        return out
+
+    def fleet_summary(self, model: str) -> dict[str, Any]:
+        """For the metrics, over every series of `model`: series (with a scored point),
+        in_incident (of them, with an incident open), newest (their newest scored time),
+        events (fleet events of every model), newest_event_end (the model's newest event's
+        end)."""
+        a, f = s.anomaly_state, s.fleet_events
+        q = sa.select(
+            sa.select(sa.func.count()).where(a.c.model == model).scalar_subquery(),
+            sa.select(sa.func.count())
+            .where(a.c.model == model, a.c.incident_open.is_(True))
+            .scalar_subquery(),
+            sa.select(sa.func.max(a.c.ts)).where(a.c.model == model).scalar_subquery(),
+            sa.select(sa.func.count()).select_from(f).scalar_subquery(),
+            sa.select(sa.func.max(f.c.end_ts)).where(f.c.model == model).scalar_subquery(),
+        )
+        with self.engine.connect() as conn:
+            n, open_, newest, events, event_end = conn.execute(q).one()
+        return {
+            "series": int(n),
+            "in_incident": int(open_),
+            "newest": newest,
+            "events": int(events),
+            "newest_event_end": event_end,
+        }
 
     def mase_by_series(self, series_ids: Sequence[int]) -> list[tuple[int, str, float]]:
         """(series_id, model, mase) rows of series_accuracy; rows without a MASE are left out."""

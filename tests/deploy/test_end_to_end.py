@@ -22,7 +22,7 @@ from tests.pipelines.sources.conftest import free_port
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
 SERIES = DEMO_SERIES
-BAND_ALERT_FOR = "expr: forecaster_outside_band == 1\n        for: 30m\n"
+INCIDENT_ALERT_FOR = "expr: forecaster_incident_open == 1\n        for: 5m\n"
 SILENT_WHEN_HEALTHY = {
     "ForecasterForecastsStale",
     "ForecasterIngestionStale",
@@ -79,11 +79,11 @@ def prometheus(request, tmp_path_factory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("prometheus")
     (tmp / "prometheus.yml").write_text(_scrape_config(daemon))
     shutil.copy(PROMETHEUS / "recording_rules.yml", tmp)  # both relative to the config
-    # The band alert's 30 minutes become 3 seconds: the test waits for firing, not 30 min.
+    # The incident alert's 5 minutes become 3 seconds: the test waits for firing, not 5 min.
     alerts = (PROMETHEUS / "alert_rules.yml").read_text()
-    assert alerts.count(BAND_ALERT_FOR) == 1, "alert_rules.yml: the band alert changed"
-    short = BAND_ALERT_FOR.replace("for: 30m", "for: 3s")
-    (tmp / "alert_rules.yml").write_text(alerts.replace(BAND_ALERT_FOR, short))
+    assert alerts.count(INCIDENT_ALERT_FOR) == 1, "alert_rules.yml: the incident alert changed"
+    short = INCIDENT_ALERT_FOR.replace("for: 5m", "for: 3s")
+    (tmp / "alert_rules.yml").write_text(alerts.replace(INCIDENT_ALERT_FOR, short))
     url = f"http://127.0.0.1:{free_port()}"
     log = tmp / "prometheus.log"
     with log.open("wb") as err:
@@ -188,23 +188,29 @@ def test_the_alerts_a_healthy_daemon_must_not_raise_are_silent(prometheus):
     assert 0 <= float(age[0]["value"][1]) < 600
 
 
-def test_the_band_alert_fires_for_the_disrupted_series(prometheus):
-    """The injected disruption (ten times flights.LGA's values) is outside the band the
-    model served for it, and Prometheus takes the alert through pending to firing."""
-    outside = _query(prometheus, "forecaster_outside_band == 1")
-    assert DISRUPTED in {r["metric"]["series"] for r in outside}
+def test_the_incident_alert_fires_for_the_disrupted_series_only(prometheus):
+    """The injected disruption (ten times flights.LGA's values for its last twelve hours)
+    scores far above 1: an incident is open for it, and for no other series, and Prometheus
+    takes the alert through pending to firing."""
+    score = {
+        r["metric"]["series"]: float(r["value"][1])
+        for r in _query(prometheus, "forecaster_anomaly_score")
+    }
+    assert score[DISRUPTED] > 1 and set(score) == set(SERIES)
+    open_ = _query(prometheus, "forecaster_incident_open == 1")
+    assert {r["metric"]["series"] for r in open_} == {DISRUPTED}
 
     def firing() -> list[dict[str, Any]]:
         alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
         return [
             a
             for a in alerts
-            if a["labels"]["alertname"] == "ForecasterActualOutsideBand"
+            if a["labels"]["alertname"] == "ForecasterAnomalyIncident"
             and a["labels"]["series"] == DISRUPTED
             and a["state"] == "firing"
         ]
 
-    alert = _wait("the band alert firing", firing, 60)[0]
+    alert = _wait("the incident alert firing", firing, 60)[0]
     assert alert["labels"]["severity"] == "warning"
-    assert alert["annotations"]["runbook"].endswith("#forecasteractualoutsideband")
+    assert alert["annotations"]["runbook"].endswith("#forecasteranomalyincident")
     assert DISRUPTED in alert["annotations"]["summary"]

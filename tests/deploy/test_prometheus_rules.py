@@ -34,7 +34,8 @@ def _slug(heading: str) -> str:
 
 def test_the_rule_files_hold_the_alerts_and_records_described():
     assert _names("alert", ALERTS) == [
-        "ForecasterActualOutsideBand",
+        "ForecasterAnomalyIncident",
+        "ForecasterFleetEvent",
         "ForecasterForecastsStale",
         "ForecasterIngestionStale",
         "ForecasterJobFailing",

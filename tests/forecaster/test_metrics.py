@@ -47,6 +47,14 @@ SQL_FAMILIES = {
     "forecaster_forecast_origin_timestamp_seconds",
     "forecaster_outside_band",
     "forecaster_anomalies_total",
+    "forecaster_incidents_total",
+    "forecaster_anomaly_score",
+    "forecaster_incident_open",
+    "forecaster_series_in_incident",
+    "forecaster_fleet_event_open",
+    "forecaster_fleet_events_total",
+    "forecaster_anomaly_threshold",
+    "forecaster_incident_rate",
     "forecaster_mase",
     "forecaster_band_coverage_ratio",
     "forecaster_series",
@@ -87,6 +95,14 @@ def _roll(url: str, trained) -> Store:  # noqa: F811
     run_predict(store, warmup_steps=WARMUP)
     for day in range(20, LAST_DAY):
         _ingest_days(store, day, day + 1)
+        if day == 21:  # a spike: an anomaly, an incident
+            with store.begin() as conn:
+                o = schema.observations
+                conn.execute(
+                    sa.update(o)
+                    .where(o.c.series_id == 1, o.c.ts == START + timedelta(days=day, hours=12))
+                    .values(value=o.c.value + 100)
+                )
         if day == LAST_DAY - 1:  # a late correction inside an absorbed window
             late = START + timedelta(days=day, hours=-3)
             batch = Batch(raw_frame(["sine.0"], [late.isoformat()], ["40.0"], "t"), {"late": 1})
@@ -153,6 +169,10 @@ def _expected(store: Store, settings: MetricsSettings, now: datetime) -> dict[tu
         ).all()
         acc = conn.execute(sa.select(schema.series_accuracy)).mappings().all()
         anomalies = conn.execute(sa.select(schema.anomalies.c.series_id)).scalars().all()
+        incidents = conn.execute(sa.select(schema.incidents.c.series_id)).scalars().all()
+        states = conn.execute(sa.select(schema.anomaly_state)).mappings().all()
+        events = conn.execute(sa.select(schema.fleet_events)).mappings().all()
+        thresholds = conn.execute(sa.select(schema.anomaly_thresholds)).mappings().all()
         versions = conn.execute(sa.select(schema.model_versions)).mappings().all()
         cursors = conn.execute(sa.select(schema.source_cursors)).mappings().all()
         quarantine = conn.execute(
@@ -214,6 +234,13 @@ def _expected(store: Store, settings: MetricsSettings, now: datetime) -> dict[tu
                     break
         if sid in anomalies:
             out[_key("forecaster_anomalies_total", {"series": name})] = anomalies.count(sid)
+        if sid in incidents:
+            out[_key("forecaster_incidents_total", {"series": name})] = incidents.count(sid)
+        for st in states:
+            if st["series_id"] == sid and st["model"] == model:
+                out[_key("forecaster_anomaly_score", {"series": name})] = st["score"]
+                open_key = _key("forecaster_incident_open", {"series": name})
+                out[open_key] = float(st["incident_open"])
         for a in acc:
             if a["series_id"] == sid and a["mase"] is not None:
                 out[_key("forecaster_mase", {"series": name, "model": a["model"]})] = a["mase"]
@@ -225,6 +252,23 @@ def _expected(store: Store, settings: MetricsSettings, now: datetime) -> dict[tu
     if pooled:
         coverage = sum(c * n for c, n in pooled) / sum(n for _, n in pooled)
         out[_key("forecaster_band_coverage_ratio", {"model": model})] = coverage
+    if model is not None:
+        mine = [st for st in states if st["model"] == model]
+        open_ = sum(st["incident_open"] for st in mine)
+        out[_key("forecaster_series_in_incident", {})] = open_
+        out[_key("forecaster_fleet_events_total", {})] = len(events)
+        newest = max((st["ts"] for st in mine), default=None)
+        ends = [e["end_ts"] for e in events if e["model"] == model]
+        running = newest is not None and bool(ends) and max(ends) == newest
+        out[_key("forecaster_fleet_event_open", {})] = float(running)
+        for t in thresholds:
+            if t["model"] == model:
+                labels = {"model": model}
+                out[_key("forecaster_anomaly_threshold", labels)] = t["threshold"]
+                rate = "forecaster_incident_rate"
+                out[_key(rate, {**labels, "kind": "target"})] = t["rate_target"]
+                if t["rate_seen"] is not None:
+                    out[_key(rate, {**labels, "kind": "seen"})] = t["rate_seen"]
     for v in versions:
         if v["stage"] != "retired":
             labels = {"version": f"v{v['id']}", "kind": v["kind"], "stage": v["stage"]}

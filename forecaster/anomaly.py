@@ -1,0 +1,311 @@
+"""Anomaly scores, the threshold that meets a chosen false-alarm rate, incidents and fleet-wide
+events: the arithmetic of the evaluate job's anomaly detection, on frames, shared with
+bench/anomalies.py.
+
+Deviation. An actual's signed distance from the median served for it, in half-widths of the
+band on its side: 0 at the median, +1 at the upper edge, -1 at the lower one (the calibrated
+80% band covers |d| <= 1 four times in five). The half-width is floored at WIDTH_FLOOR times
+the series' median half-width over the frame, so a band of zero width (a series at zero at
+night) does not turn a miss of one unit into an outage.
+
+Evidence. The largest of |d| and |mean of the last k deviations| * sqrt(k) for k in RUNS
+(consecutive points of the series), a run counting only while the actual itself is outside
+the band on the run's side: one actual far out, or several moderately out on the same side
+(a storm that halves traffic for hours lies barely outside wide bands hour by hour, and is
+plain over six of them), without a spike lingering in the runs after it. For errors that
+are independent and normal each mean term is about |N(0, 0.78)|, whatever k.
+
+Score. The evidence over the threshold in force for the series when the point was scored:
+above 1 is anomalous, 2 is twice the threshold, one scale for every series and model, so
+one alert rule (`score > 1`) serves them all.
+
+Threshold. Set by the rate of incidents a user accepts on normal data, not by a band level.
+Over the recent window, count for every candidate threshold the incidents its points would
+have formed (as below: a point starts one when no point of its series in the `gap` + 1
+steps before it was above the threshold). The least threshold meeting `rate` incidents per
+series per week would do on clean data, but a window also holds whatever real trouble it
+had, and there one real incident is a large share of the budget. So the tail is read where
+it is dense, at the thresholds meeting TAIL_REACH and twice TAIL_REACH times the rate, and
+extrapolated as exponential to the rate (T = u + (u - u2) / ln 2 * ln TAIL_REACH); when too
+few points lie out to read a tail, the least threshold meeting the rate serves. Never below
+MIN_THRESHOLD; until a window holds MIN_SERIES_WEEKS of points, DEFAULT_THRESHOLD. The
+evaluate job sets one per series from its own points (series differ: an hourly count of
+one or two flights jumps far out of a narrow band on normal days, a busy airport does not),
+the fleet's pooled one serving series with too little history.
+
+Incidents. The anomalous points of one series with at most `gap` normal steps between two
+of them are one incident (start, end, peak score, points). An incident is open while its
+last anomalous point is within `gap` steps of the series' newest scored point.
+
+Fleet events. At a time where at least `share` of the series scored at that time, and at
+least `min_series` of them, are inside an incident, the fleet has an event; consecutive such
+times are one event, as are events less than `merge` apart (a storm paused by a night when
+the series are quiet anyway), and the incidents overlapping it are linked to it. Counting series in
+an incident at a time, rather than incidents starting together, keeps an event whole when
+its series break one after another over hours (a storm that reaches one airport after
+another), and keeps chance from chaining the incidents of a large fleet into one event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+
+DEFAULT_RATE = 0.5  # incidents per series per week ([anomalies].incidents_per_week)
+DEFAULT_GAP = 2  # [anomalies].gap
+WIDTH_FLOOR = 0.25
+RUNS = (1, 3, 6)
+MIN_THRESHOLD = 2.0
+DEFAULT_THRESHOLD = 4.0
+MIN_SERIES_WEEKS = 2.0
+TAIL_REACH = 4.0
+EVIDENCE_CAP = 1000.0
+WEEK_S = 7 * 86400
+
+INCIDENT_COLUMNS = ("series_id", "start_ts", "end_ts", "peak_ts", "peak_score", "n_points")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The threshold chosen over a window and what it measured."""
+
+    value: float  # evidence that scores 1
+    series_weeks: float  # scored points of the window, in series-weeks
+    incidents: int  # incidents the window would have had at that threshold
+    measured: bool  # False: too little data, the default served
+
+    @property
+    def rate(self) -> float | None:
+        """Incidents per series per week over the window at that threshold."""
+        return self.incidents / self.series_weeks if self.series_weeks > 0 else None
+
+
+def deviation(
+    frame: pl.DataFrame,
+    *,
+    series: str = "series_id",
+    actual: str = "actual",
+    median: str = "yhat",
+    lower: str = "yhat_lower",
+    upper: str = "yhat_upper",
+) -> pl.Series:
+    """Per row, the actual's signed distance from the median in (floored) half-widths of the
+    band on its side."""
+    above = pl.col(actual) >= pl.col(median)
+    half = (
+        pl.when(above)
+        .then(pl.col(upper) - pl.col(median))
+        .otherwise(pl.col(median) - pl.col(lower))
+    )
+    both = (pl.col(upper) - pl.col(lower)) / 2
+    floor = WIDTH_FLOOR * both.median().over(series)
+    d = (pl.col(actual) - pl.col(median)) / pl.max_horizontal(half, floor, pl.lit(1e-9))
+    return frame.select(d.clip(-EVIDENCE_CAP, EVIDENCE_CAP).alias("deviation"))["deviation"]
+
+
+def evidence(frame: pl.DataFrame, *, series: str = "series_id", d: str = "deviation") -> pl.Series:
+    """Per row of `frame` (sorted by series and time), max over k in RUNS of
+    |sum of the series' last k deviations| / sqrt(k) (= |mean| * sqrt(k); over the n < k
+    points there are at a series' start, / sqrt(n)); a run of k > 1 counts only where the
+    actual itself is outside the band (|d| >= 1) on the run's side."""
+    seen = pl.int_range(1, pl.len() + 1).over(series)  # points of the series so far
+    terms = [pl.col(d).abs()]
+    for k in RUNS[1:]:
+        total = pl.col(d).rolling_sum(k, min_samples=1).over(series)
+        # A run counts only while it goes on: the actual itself outside the band on the
+        # run's side (else a spike would linger in the runs after it).
+        going_on = (pl.col(d).abs() >= 1) & (pl.col(d).sign() == total.sign())
+        run = total.abs() / pl.min_horizontal(seen, pl.lit(k)).sqrt()
+        terms.append(pl.when(going_on).then(run).otherwise(0.0))
+    return frame.select(pl.max_horizontal(*terms).alias("evidence"))["evidence"]
+
+
+def prior_max(
+    frame: pl.DataFrame,
+    value: str,
+    gap: int,
+    *,
+    series: str = "series_id",
+    ts: str = "ts",
+    freq: str = "freq_s",
+) -> pl.Series:
+    """Per row of `frame` (sorted by series and ts), the largest `value` of the same series
+    in the gap + 1 steps before it (0 when none)."""
+    reach = pl.duration(seconds=pl.col(freq) * (gap + 1))
+    parts = []
+    for k in range(1, gap + 2):
+        prev_v = pl.col(value).shift(k).over(series)
+        prev_t = pl.col(ts).shift(k).over(series)
+        parts.append(
+            pl.when(prev_t.is_not_null() & (pl.col(ts) - prev_t <= reach))
+            .then(prev_v)
+            .otherwise(0.0)
+        )
+    return frame.select(pl.max_horizontal(*parts).fill_null(0.0).alias("m"))["m"]
+
+
+def series_weeks(frame: pl.DataFrame, *, freq: str = "freq_s") -> float:
+    """The scored points of `frame` in series-weeks (a point is one step of its series)."""
+    return float(frame[freq].cast(pl.Float64).sum()) / WEEK_S if frame.height else 0.0
+
+
+def choose_threshold(
+    frame: pl.DataFrame,
+    rate: float,
+    gap: int,
+    *,
+    series: str = "series_id",
+    ts: str = "ts",
+    freq: str = "freq_s",
+) -> Threshold:
+    """The threshold of evidence meeting `rate` incidents per series per week over `frame`
+    (series, ts, evidence, freq_s: one row per scored point, the newest forecast of its
+    time); see the module docstring."""
+    weeks = series_weeks(frame, freq=freq)
+    if weeks < MIN_SERIES_WEEKS:
+        return Threshold(DEFAULT_THRESHOLD, weeks, 0, measured=False)
+    frame = frame.sort(series, ts)
+    e = frame["evidence"].to_numpy().astype(np.float64)
+    m = prior_max(frame, "evidence", gap, series=series, ts=ts, freq=freq).to_numpy()
+    # Candidates: the floor and every evidence above it (anomalous: evidence > threshold).
+    cand = np.unique(np.r_[MIN_THRESHOLD, e[e >= MIN_THRESHOLD]])
+    # A point starts an incident at threshold T when e > T >= m: count(e > T) - count(min > T).
+    n = e.size
+    starts = (n - np.searchsorted(np.sort(e), cand, "right")) - (
+        n - np.searchsorted(np.sort(np.minimum(e, m)), cand, "right")
+    )
+    # The smallest candidate from which on every higher one also meets a budget (a higher
+    # threshold can split an incident in two, so the count is not monotone). The largest
+    # candidate leaves no point above it, so one always does.
+    suffix_max = np.maximum.accumulate(starts[::-1])[::-1]
+
+    def least(budget: float) -> int:
+        return int(np.argmax(suffix_max <= budget))
+
+    budget = rate * weeks
+    exact = least(budget)
+    # The tail read where it holds many incidents (TAIL_REACH and twice that many times the
+    # budget), then extrapolated as exponential: a few real incidents in the window (one
+    # is a large share of a small fleet's budget) barely move it.
+    u, u2 = cand[least(TAIL_REACH * budget)], cand[least(2 * TAIL_REACH * budget)]
+    if u2 >= u or u2 <= MIN_THRESHOLD:  # too few points outside the band to read a tail
+        return Threshold(float(cand[exact]), weeks, int(starts[exact]), measured=True)
+    value = float(u + (u - u2) / np.log(2) * np.log(TAIL_REACH))
+    at = int(np.searchsorted(cand, value, "right")) - 1
+    return Threshold(max(value, MIN_THRESHOLD), weeks, int(starts[max(at, 0)]), measured=True)
+
+
+def merge_incidents(intervals: pl.DataFrame, gap: int) -> pl.DataFrame:
+    """Merge per series the intervals (INCIDENT_COLUMNS plus freq_s; a single anomalous point
+    is an interval from its ts to its ts with n_points 1) that lie within gap + 1 steps of
+    each other into incidents (INCIDENT_COLUMNS, sorted by series and start)."""
+    if intervals.is_empty():
+        return pl.DataFrame(schema={c: intervals.schema[c] for c in INCIDENT_COLUMNS})
+    reach = pl.duration(seconds=pl.col("freq_s") * (gap + 1))
+    reached = pl.col("end_ts").cum_max().shift(1).over("series_id") + reach
+    grouped = intervals.sort("series_id", "start_ts").with_columns(
+        (pl.col("start_ts") > reached).fill_null(True).cum_sum().alias("_incident")
+    )
+    return (
+        grouped.group_by("series_id", "_incident", maintain_order=True)
+        .agg(
+            pl.col("start_ts").min(),
+            pl.col("end_ts").max(),
+            pl.col("peak_ts").sort_by("peak_score").last(),
+            pl.col("peak_score").max(),
+            pl.col("n_points").sum(),
+        )
+        .select(*INCIDENT_COLUMNS)
+    )
+
+
+def point_intervals(points: pl.DataFrame) -> pl.DataFrame:
+    """Anomalous points (series_id, ts, score, freq_s) as one-point intervals."""
+    return points.select(
+        "series_id",
+        pl.col("ts").alias("start_ts"),
+        pl.col("ts").alias("end_ts"),
+        pl.col("ts").alias("peak_ts"),
+        pl.col("score").alias("peak_score"),
+        pl.lit(1, pl.Int64).alias("n_points"),
+        "freq_s",
+    )
+
+
+def fleet_events(
+    scored: pl.DataFrame,
+    incidents: pl.DataFrame,
+    share: float,
+    min_series: int,
+    merge: timedelta = timedelta(0),
+) -> pl.DataFrame:
+    """Fleet-wide events (start_ts, end_ts, n_series, peak_share) over the times of `scored`
+    (ts, n_series: how many series were scored at each time) from `incidents` (series_id,
+    start_ts, end_ts; one series' incidents do not overlap)."""
+    empty = pl.DataFrame(
+        schema={
+            "start_ts": scored.schema["ts"],
+            "end_ts": scored.schema["ts"],
+            "n_series": pl.Int64,
+            "peak_share": pl.Float64,
+        }
+    )
+    if scored.is_empty() or incidents.is_empty():
+        return empty
+    scored = scored.sort("ts")
+    ts = scored["ts"].to_physical().to_numpy()
+    starts = np.sort(incidents["start_ts"].to_physical().to_numpy())
+    ends = np.sort(incidents["end_ts"].to_physical().to_numpy())
+    inside = np.searchsorted(starts, ts, "right") - np.searchsorted(ends, ts, "left")
+    total = scored["n_series"].to_numpy()
+    frac = inside / np.maximum(total, 1)
+    active = (inside >= min_series) & (frac >= share)
+    if not active.any():
+        return empty
+    run = np.cumsum(np.r_[True, active[1:] != active[:-1]])
+    frame = scored.with_columns(
+        pl.Series("_run", run), pl.Series("_active", active), pl.Series("_share", frac)
+    ).filter("_active")
+    runs = frame.group_by("_run", maintain_order=True).agg(
+        pl.col("ts").min().alias("start_ts"),
+        pl.col("ts").max().alias("end_ts"),
+        pl.col("_share").max().alias("peak_share"),
+    )
+    # Runs less than `merge` apart are one event (a storm paused by a night when the series
+    # are quiet anyway).
+    apart = (pl.col("start_ts") - pl.col("end_ts").shift(1)) > merge
+    events = (
+        runs.with_columns(apart.fill_null(True).cum_sum().alias("_event"))
+        .group_by("_event", maintain_order=True)
+        .agg(pl.col("start_ts").min(), pl.col("end_ts").max(), pl.col("peak_share").max())
+    )
+    linked = link_events(incidents, events)
+    counts = linked.group_by("event_start").agg(pl.col("series_id").n_unique().alias("n_series"))
+    return (
+        events.join(counts, left_on="start_ts", right_on="event_start", how="left")
+        .select("start_ts", "end_ts", pl.col("n_series").fill_null(0).cast(pl.Int64), "peak_share")
+        .sort("start_ts")
+    )
+
+
+def link_events(incidents: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
+    """`incidents` with event_start: the start of the event it overlaps (None if none)."""
+    if events.is_empty() or incidents.is_empty():
+        return incidents.with_columns(
+            pl.lit(None, incidents.schema["start_ts"]).alias("event_start")
+        )
+    ev = events.select(pl.col("start_ts").alias("event_start"), pl.col("end_ts").alias("event_end"))
+    pairs = (
+        incidents.with_row_index("_i")
+        .join(ev, how="cross")
+        .filter(
+            (pl.col("start_ts") <= pl.col("event_end"))
+            & (pl.col("end_ts") >= pl.col("event_start"))
+        )
+        .group_by("_i")
+        .agg(pl.col("event_start").min())
+    )
+    return incidents.with_row_index("_i").join(pairs, on="_i", how="left").drop("_i")

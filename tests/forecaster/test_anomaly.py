@@ -1,0 +1,192 @@
+"""forecaster.anomaly: deviation, evidence, the threshold from a false-alarm rate, incidents, fleet events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from forecaster import anomaly
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+HOUR = 3600
+
+
+def _ts(hours) -> list[datetime]:
+    return [T0 + timedelta(hours=int(h)) for h in hours]
+
+
+def test_deviation_is_half_widths_from_the_median_and_floors_a_zero_width():
+    frame = pl.DataFrame(
+        {
+            "series_id": [1, 1, 1, 1, 1],
+            "actual": [5.0, 12.0, 0.0, 3.0, 1.0],
+            "yhat": [5.0, 6.0, 6.0, 0.0, 6.0],
+            "yhat_lower": [0.0, 2.0, 2.0, 0.0, 2.0],
+            "yhat_upper": [10.0, 10.0, 10.0, 0.0, 10.0],
+        }
+    )
+    d = anomaly.deviation(frame).to_list()
+    assert d[0] == 0.0  # at the median
+    assert d[1] == pytest.approx(6 / 4) and d[2] == pytest.approx(-6 / 4)  # each side's half
+    assert d[4] == pytest.approx(-5 / 4)
+    # A band of zero width counts as a quarter of the series' median half-width (4): 3 / 1.
+    assert d[3] == pytest.approx(3 / (anomaly.WIDTH_FLOOR * 4))
+
+
+def test_evidence_adds_up_a_run_of_moderate_deviations_while_it_goes_on():
+    d = [0.5, -0.3, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 6.0, 0.2, -1.2]
+    frame = pl.DataFrame({"series_id": [1] * len(d), "deviation": d})
+    x = anomaly.evidence(frame).to_list()
+    assert x[0] == pytest.approx(0.5)  # one point: |d|
+    # Six points at 1.5, each just outside the band's edge: 1.5 * sqrt(6) over six.
+    assert x[7] == pytest.approx(1.5 * 6**0.5)
+    assert x[8] == pytest.approx(max(6.0, (1.5 * 2 + 6) / 3 * 3**0.5, (1.5 * 5 + 6) / 6 * 6**0.5))
+    # Back inside the band: the spike does not linger in the runs; on the other side, the
+    # runs' sums point the other way and do not count either.
+    assert x[9] == pytest.approx(0.2) and x[10] == pytest.approx(1.2)
+    # Runs never mix series.
+    two = pl.DataFrame({"series_id": [1, 1, 2], "deviation": [3.0, 3.0, 0.1]})
+    assert anomaly.evidence(two).to_list()[2] == pytest.approx(0.1)
+
+
+def _points(excess: np.ndarray, n_series: int) -> pl.DataFrame:
+    per = excess.size // n_series
+    return pl.DataFrame(
+        {
+            "series_id": np.repeat(np.arange(n_series), per),
+            "ts": _ts(np.tile(np.arange(per), n_series)),
+            "evidence": excess,
+            "freq_s": np.full(excess.size, HOUR),
+        }
+    )
+
+
+def _incidents_at(points: pl.DataFrame, threshold: float, gap: int) -> int:
+    """Incidents counted the slow way: cluster the points above the threshold."""
+    hits = points.filter(pl.col("evidence") > threshold).with_columns(
+        pl.col("evidence").alias("score")
+    )
+    return anomaly.merge_incidents(anomaly.point_intervals(hits), gap).height
+
+
+def _band_excess(x: np.ndarray) -> np.ndarray:
+    """The evidence of single errors x against a calibrated central 80% band (|x| <= q0.8
+    is |d| <= 1)."""
+    return np.abs(x) / np.quantile(np.abs(x), 0.8)
+
+
+@pytest.mark.parametrize("dist", ["normal", "laplace", "t3"])
+@pytest.mark.parametrize("rate", [0.25, 1.0, 3.0])
+def test_the_threshold_meets_the_rate_on_clean_data_within_a_factor_two(dist, rate):
+    rng = np.random.default_rng(5)
+    n_series, hours = 6, 4 * 168
+    draw = {
+        "normal": rng.standard_normal,
+        "laplace": lambda n: rng.laplace(size=n),
+        "t3": lambda n: rng.standard_t(3, n),
+    }
+    points = _points(_band_excess(draw[dist](n_series * hours)), n_series)
+    gap = 2
+    th = anomaly.choose_threshold(points, rate, gap)
+    weeks = n_series * 4
+    assert th.measured and th.series_weeks == pytest.approx(weeks)
+    seen = _incidents_at(points, th.value, gap) / weeks
+    # Extrapolating the tail as exponential errs by less than a factor two, the heavy
+    # tails of t(3) towards more alarms.
+    assert rate / 2 <= seen <= 2 * rate, (th, seen)
+    assert th.incidents == _incidents_at(points, th.value, gap)
+
+
+def test_too_little_data_serves_the_default_threshold():
+    points = _points(np.linspace(0, 5, 100), 1)  # 100 hours: under two series-weeks
+    th = anomaly.choose_threshold(points, 1.0, 2)
+    assert not th.measured and th.value == anomaly.DEFAULT_THRESHOLD
+
+
+def test_points_close_together_are_one_incident_and_an_old_one_extends():
+    points = pl.DataFrame(
+        {
+            "series_id": [1, 1, 1, 1, 2],
+            "ts": _ts([10, 11, 14, 30, 11]),  # 11 -> 14: two normal steps inside, one incident
+            "score": [1.5, 3.0, 1.2, 2.0, 1.1],
+            "freq_s": [HOUR] * 5,
+        }
+    )
+    inc = anomaly.merge_incidents(anomaly.point_intervals(points), gap=2)
+    assert inc.select("series_id", "start_ts", "end_ts", "n_points", "peak_score").rows() == [
+        (1, *_ts([10, 14]), 3, 3.0),
+        (1, *_ts([30, 30]), 1, 2.0),
+        (2, *_ts([11, 11]), 1, 1.1),
+    ]
+    assert inc["peak_ts"][0] == _ts([11])[0]
+    # A later point three steps after the first incident's end joins it; four would not.
+    more = anomaly.point_intervals(
+        pl.DataFrame({"series_id": [1], "ts": _ts([17]), "score": [4.0], "freq_s": [HOUR]})
+    )
+    old = inc.filter(pl.col("series_id") == 1).head(1).with_columns(pl.lit(HOUR).alias("freq_s"))
+    merged = anomaly.merge_incidents(pl.concat([old, more], how="vertical_relaxed"), gap=2)
+    assert merged.select("start_ts", "end_ts", "n_points", "peak_score").rows() == [
+        (*_ts([10, 17]), 4, 4.0)
+    ]
+    apart = anomaly.point_intervals(
+        pl.DataFrame({"series_id": [1], "ts": _ts([18]), "score": [4.0], "freq_s": [HOUR]})
+    )
+    assert anomaly.merge_incidents(pl.concat([old, apart], how="vertical_relaxed"), 2).height == 2
+
+
+def test_config_defaults_are_the_module_defaults():
+    from forecaster.config import AnomalySettings
+
+    cfg = AnomalySettings()
+    assert (cfg.incidents_per_week, cfg.gap) == (anomaly.DEFAULT_RATE, anomaly.DEFAULT_GAP)
+
+
+def test_a_fleet_event_is_the_time_a_share_of_the_fleet_is_in_incidents():
+    hours = np.arange(0, 48)
+    scored = pl.DataFrame({"ts": _ts(hours), "n_series": [10] * hours.size})
+    # Ten series; from hour 20 on, series break one after another (a storm moving on), each
+    # for a few hours; two unrelated incidents elsewhere.
+    starts = [20, 21, 21, 22, 23, 24]
+    incidents = pl.DataFrame(
+        {
+            "series_id": [0, 1, 2, 3, 4, 5, 6, 7],
+            "start_ts": _ts([*starts, 2, 40]),
+            "end_ts": _ts([26, 25, 27, 26, 28, 27, 3, 41]),
+        }
+    )
+    events = anomaly.fleet_events(scored, incidents, share=0.3, min_series=3)
+    # From hour 21 (3 of 10 inside) to 27 (3 of 10 inside: series 2, 4 and 5).
+    assert events.rows() == [(*_ts([21, 27]), 6, 0.6)]
+    linked = anomaly.link_events(incidents, events)
+    assert linked.filter(pl.col("event_start").is_not_null())["series_id"].to_list() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    # Two bursts nine hours apart (a night between): one event when merged within 12 hours.
+    later = pl.concat(
+        [
+            incidents,
+            pl.DataFrame(
+                {
+                    "series_id": [8, 9, 0],
+                    "start_ts": _ts([36, 36, 37]),
+                    "end_ts": _ts([38, 38, 38]),
+                }
+            ),
+        ]
+    )
+    apart = anomaly.fleet_events(scored, later, share=0.3, min_series=3)
+    assert apart["start_ts"].to_list() == _ts([21, 37])  # three series in incidents from 37
+    (merged,) = anomaly.fleet_events(
+        scored, later, share=0.3, min_series=3, merge=timedelta(hours=12)
+    ).rows()
+    assert merged[:3] == (*_ts([21, 38]), 8)  # series 0 counted once
+    # A smaller share of the fleet is no event.
+    assert anomaly.fleet_events(scored, incidents, share=0.7, min_series=3).is_empty()

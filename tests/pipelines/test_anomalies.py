@@ -1,0 +1,186 @@
+"""The evaluate job's anomalies: scores, incidents, fleet events, the threshold from a
+false-alarm rate; idempotent, and a crash then a restart equals an uninterrupted run."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from forecaster import schema
+from forecaster.config import AnomalySettings
+from pipelines.evaluate import run_evaluate
+from pipelines.predict import run_predict
+from tests.pipelines.test_predict import (  # noqa: F401
+    START,
+    WARMUP,
+    _ingest_days,
+    _setup,
+    trained,
+)
+
+# Two series: an event is both at once; events are not merged (a day later, the echo of a
+# disruption where the forecast copies it, would join it).
+CFG = AnomalySettings(fleet_min_series=2, fleet_share=0.5, fleet_merge=timedelta(0))
+TABLES = ("anomalies", "incidents", "fleet_events", "anomaly_state", "anomaly_thresholds")
+
+
+def _disrupt(store, series: str | None, day: int, hours: range, add: float) -> None:
+    """Add `add` to the stored values of `series` (None: every series) at those hours."""
+    o, se = schema.observations, schema.series
+    times = [START + timedelta(days=day, hours=h) for h in hours]
+    q = sa.update(o).where(o.c.ts.in_(times)).values(value=o.c.value + add)
+    if series is not None:
+        q = q.where(
+            o.c.series_id == sa.select(se.c.id).where(se.c.name == series).scalar_subquery()
+        )
+    with store.begin() as conn:
+        conn.execute(q)
+
+
+def _day(store, day: int, disrupt=None, cfg: AnomalySettings = CFG):
+    _ingest_days(store, day, day + 1)
+    if disrupt is not None:
+        disrupt(store)
+    run_predict(store, warmup_steps=WARMUP)
+    return run_evaluate(store, prior_weight=10, anomalies=cfg)
+
+
+def _rows(store, table: str) -> list[tuple]:
+    t = schema.metadata.tables[table]
+    skip = {"created_at", "updated_at"}
+    cols = [c for c in t.columns if c.name not in skip]
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(*cols)).all()
+    return sorted(tuple(round(v, 9) if isinstance(v, float) else v for v in r) for r in rows)
+
+
+def _replay(store, last: int, disruptions: dict[int, object]):
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    summary = None
+    for day in range(20, last):
+        summary = _day(store, day, disruptions.get(day))
+    return summary
+
+
+def _shift_one(store) -> None:
+    _disrupt(store, "sine.0", 34, range(10, 16), 30.0)
+
+
+def _shift_all(store) -> None:
+    _disrupt(store, None, 36, range(5, 13), -40.0)
+
+
+def test_a_shift_is_one_incident_scored_above_one_and_a_fleet_shift_one_event(db_url, trained):  # noqa: F811
+    store = _setup(db_url, trained)
+    summary = _replay(store, 38, {34: _shift_one, 36: _shift_all})
+    threshold = store.anomaly_threshold("v1")
+    assert threshold["measured"] and threshold["threshold"] >= 0.25
+    assert threshold["rate_target"] == CFG.incidents_per_week
+    # Normal days brought fewer incidents than the two disruptions did.
+    incidents = store.list_incidents(limit=100)
+    shift = [i for i in incidents if i["series"] == "sine.0" and i["start_ts"].day == 4]
+    assert len(shift) == 1, incidents
+    (one,) = shift
+    assert one["start_ts"] == START + timedelta(days=34, hours=10)
+    assert one["end_ts"] >= START + timedelta(days=34, hours=14) and one["n_points"] >= 5
+    assert one["peak_score"] > 3 and one["event_start"] is None
+    scores = [a["score"] for a in store.list_anomalies("sine.0", limit=100)]
+    assert scores and all(s > 1 for s in scores)
+    # Both series down together for 8 hours: one fleet event, both incidents linked to it.
+    events = {e["start_ts"]: e for e in store.list_fleet_events()}
+    event = events[START + timedelta(days=36, hours=5)]
+    assert event["end_ts"] == START + timedelta(days=36, hours=12)
+    assert event["n_series"] == 2 and event["peak_share"] == 1.0
+    linked = [i for i in incidents if i["event_start"] == event["start_ts"]]
+    assert sorted(i["series"] for i in linked) == ["sine.0", "sine.1"]
+    assert all(i["event_series"] == 2 for i in linked)
+    with store.engine.connect() as conn:
+        view = conn.execute(
+            sa.text("SELECT series, n_points, event_series FROM anomaly_incidents")
+        ).all()
+    assert len(view) == len(incidents)
+    # The model reads yesterday's values: each disruption echoes a day later, where the
+    # forecast copies it (a known false alarm). Besides those, once the window's threshold
+    # is measured (two series-weeks scored: from day 27), the normal days brought at most
+    # twice the 0.5 incidents per series-week chosen. (Before, this toy model's holdout
+    # thresholds, measured on bands tighter than those served, let through about twice as
+    # many.)
+    disrupted = {(34, "sine.0"), (35, "sine.0"), (36, "sine.0"), (36, "sine.1")}
+    disrupted |= {(37, "sine.0"), (37, "sine.1")}
+    normal = [
+        i
+        for i in incidents
+        if ((i["start_ts"] - START).days, i["series"]) not in disrupted
+        and i["start_ts"] >= START + timedelta(days=27)
+    ]
+    assert len(normal) <= 2 * 0.5 * (2 * 11 / 7), normal
+    assert threshold["rate_seen"] is not None
+    assert summary.fleet_events == len(events) >= 1
+    # Running again stores the same rows.
+    before = {t: _rows(store, t) for t in TABLES}
+    again = run_evaluate(store, prior_weight=10, anomalies=CFG)
+    assert again.new_anomalies == 0 and again.new_incidents == 0
+    after = {t: _rows(store, t) for t in TABLES}
+    assert after == before
+    store.close()
+
+
+def test_an_open_incident_is_in_the_state_and_closes(sqlite_url, trained):  # noqa: F811
+    store = _setup(sqlite_url, trained)
+
+    def tail(store) -> None:  # the last hours of the day: still going at its end
+        _disrupt(store, "sine.1", 30, range(20, 24), 50.0)
+
+    _replay(store, 31, {30: tail})
+    state = store.anomaly_state("v1")
+    assert sum(r["incident_open"] for r in state) == 1
+    (open_,) = [r for r in state if r["incident_open"]]
+    assert open_["score"] > 1 and open_["ts"] == START + timedelta(days=30, hours=23)
+    _day(store, 31)
+    # That incident ended with the disruption; the series' state is open again only if a
+    # later incident (the echo a day later, where the forecast copies the disruption)
+    # reaches the newest hour.
+    (ended,) = [
+        i
+        for i in store.list_incidents("sine.1")
+        if i["start_ts"] == START + timedelta(days=30, hours=20)
+    ]
+    assert ended["end_ts"] == START + timedelta(days=30, hours=23) and ended["n_points"] == 4
+    newest = max(i["end_ts"] for i in store.list_incidents("sine.1"))
+    (now,) = [r for r in store.anomaly_state("v1") if r["series_id"] == open_["series_id"]]
+    assert now["ts"] == START + timedelta(days=31, hours=23)
+    assert now["incident_open"] == (now["ts"] - newest <= timedelta(hours=2))
+    store.close()
+
+
+@pytest.mark.parametrize("fail_at", ["replace_incidents", "replace_fleet_events"])
+def test_a_crash_inside_evaluate_then_a_rerun_equals_an_uninterrupted_run(
+    sqlite_url,
+    trained,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    fail_at,  # noqa: F811
+):
+    reference = _setup(f"sqlite:///{tmp_path / 'ref.db'}", trained)
+    _replay(reference, 37, {34: _shift_one, 36: _shift_all})
+    store = _setup(sqlite_url, trained)
+    _replay(store, 36, {34: _shift_one})
+    _ingest_days(store, 36, 37)
+    _shift_all(store)
+    run_predict(store, warmup_steps=WARMUP)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(store), fail_at, boom)
+        with pytest.raises(RuntimeError):
+            run_evaluate(store, prior_weight=10, anomalies=CFG)
+    run_evaluate(store, prior_weight=10, anomalies=CFG)
+    for table in TABLES:
+        assert _rows(store, table) == _rows(reference, table), table
+    store.close()
+    reference.close()
