@@ -9,8 +9,8 @@ the series' median half-width over the frame, so a band of zero width (a series 
 night) does not turn a miss of one unit into an outage.
 
 Evidence. The largest of |d| and |mean of the last k deviations| * sqrt(k) for k in RUNS
-(consecutive points of the series), a run counting only while the actual itself is outside
-the band on the run's side: one actual far out, or several moderately out on the same side
+(consecutive points of the series; in a run each deviation counts at most RUN_CLIP), a run
+counting only while the actual itself is outside the band on the run's side: one actual far out, or several moderately out on the same side
 (a storm that halves traffic for hours lies barely outside wide bands hour by hour, and is
 plain over six of them), without a spike lingering in the runs after it. For errors that
 are independent and normal each mean term is about |N(0, 0.78)|, whatever k.
@@ -38,7 +38,13 @@ of them are one incident (start, end, peak score, points). An incident is open w
 last anomalous point is within `gap` steps of the series' newest scored point.
 
 Fleet events. At a time where at least `share` of the series scored at that time, and at
-least `min_series` of them, are inside an incident, the fleet has an event; consecutive such
+least `min_series` of them, are inside an incident, the fleet has an event; so it has where
+many more series than usual lie beyond the same edge of their bands together, even if each
+alone is no incident (the February 2013 blizzard put 8 to 16 of 23 series below their
+bands hour after hour; about 2 lie there at a normal hour): per time, that share
+in standard deviations over the window's usual one, per side (the deviation measured: the
+series of a fleet err together), as evidence over runs of times like a series', reaching
+FLEET_THRESHOLD; consecutive such
 times are one event, as are events less than `merge` apart (a storm paused by a night when
 the series are quiet anyway), and the incidents overlapping it are linked to it. Counting series in
 an incident at a time, rather than incidents starting together, keeps an event whole when
@@ -48,8 +54,9 @@ another), and keeps chance from chaining the incidents of a large fleet into one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -63,6 +70,10 @@ DEFAULT_THRESHOLD = 4.0
 MIN_SERIES_WEEKS = 2.0
 TAIL_REACH = 4.0
 EVIDENCE_CAP = 1000.0
+FLEET_THRESHOLD = 6.0
+RUN_CLIP = 3.0  # each deviation's share in a run's sum is at most this (half-widths)
+CLEAR = 2.0  # an incident peaking at twice the threshold is no sample of normal data
+MIN_EDGE_TIMES = 48  # past times before the usual share beyond an edge is trusted
 WEEK_S = 7 * 86400
 
 INCIDENT_COLUMNS = ("series_id", "start_ts", "end_ts", "peak_ts", "peak_score", "n_points")
@@ -106,15 +117,24 @@ def deviation(
     return frame.select(d.clip(-EVIDENCE_CAP, EVIDENCE_CAP).alias("deviation"))["deviation"]
 
 
-def evidence(frame: pl.DataFrame, *, series: str = "series_id", d: str = "deviation") -> pl.Series:
+def evidence(
+    frame: pl.DataFrame,
+    *,
+    series: str = "series_id",
+    d: str = "deviation",
+    clip: float | None = RUN_CLIP,
+) -> pl.Series:
     """Per row of `frame` (sorted by series and time), max over k in RUNS of
     |sum of the series' last k deviations| / sqrt(k) (= |mean| * sqrt(k); over the n < k
-    points there are at a series' start, / sqrt(n)); a run of k > 1 counts only where the
-    actual itself is outside the band (|d| >= 1) on the run's side."""
+    points there are at a series' start, / sqrt(n)); in a run of k > 1 each deviation
+    counts at most RUN_CLIP, and the run counts only where the actual itself is outside the
+    band (|d| >= 1) on the run's side."""
     seen = pl.int_range(1, pl.len() + 1).over(series)  # points of the series so far
     terms = [pl.col(d).abs()]
+    clipped = pl.col(d) if clip is None else pl.col(d).clip(-clip, clip)  # one far-out point
+    # does not make a run
     for k in RUNS[1:]:
-        total = pl.col(d).rolling_sum(k, min_samples=1).over(series)
+        total = clipped.rolling_sum(k, min_samples=1).over(series)
         # A run counts only while it goes on: the actual itself outside the band on the
         # run's side (else a spike would linger in the runs after it).
         going_on = (pl.col(d).abs() >= 1) & (pl.col(d).sign() == total.sign())
@@ -235,16 +255,75 @@ def point_intervals(points: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def edge_counts(points: pl.DataFrame) -> pl.DataFrame:
+    """Per time of `points` (series_id, ts, deviation): n_series scored, n_low and n_high
+    beyond the band's lower / upper edge (d < -1, d > 1: an actual on the edge, such as a
+    zero on a band clipped at zero, is not beyond it)."""
+    return points.group_by("ts").agg(
+        pl.col("series_id").n_unique().alias("n_series"),
+        (pl.col("deviation") < -1).sum().alias("n_low"),
+        (pl.col("deviation") > 1).sum().alias("n_high"),
+    )
+
+
+def edge_shares(counts: pl.DataFrame) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """From past edge_counts, per side (low, high): the mean and the standard deviation over
+    times of the share of series beyond that edge; None before MIN_EDGE_TIMES times. The deviation is read, not assumed
+    binomial: series of one fleet err together (one airport's carriers, the same evening
+    rush), which a binomial count would take for events."""
+    if counts.height < MIN_EDGE_TIMES:
+        return None
+    out = []
+    for col in ("n_low", "n_high"):
+        share = (counts[col] / counts["n_series"].clip(lower_bound=1)).cast(pl.Float64)
+        out.append((float(share.mean()), float(share.std())))  # type: ignore[arg-type]
+    return out[0], out[1]
+
+
+def fleet_evidence(
+    counts: pl.DataFrame, low: tuple[float, float], high: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per time of `counts` (ts-sorted edge_counts): how many standard deviations more
+    series than usual lie beyond one edge of their bands (per side; the deviation at least
+    the binomial one), as evidence over runs of times like a series' (0 where fewer than
+    usual are); the larger side's, and that side (-1 low, +1 high)."""
+    sides = []
+    for col, (mean, sd) in (("n_low", low), ("n_high", high)):
+        n = pl.col("n_series").cast(pl.Float64).clip(lower_bound=1)
+        p = min(max(mean, 0.01), 0.99)
+        scale = pl.max_horizontal(pl.lit(sd), (p * (1 - p) / n).sqrt())
+        z = (pl.col(col) / n - mean) / scale  # signed: runs of it are unbiased
+        frame = counts.select(pl.lit(0).alias("series_id"), z.alias("deviation"))
+        more = (frame["deviation"] > 0).to_numpy()  # fewer than usual beyond it is no event
+        ev = evidence(frame, clip=None).to_numpy()  # a fleet's z is not bounded like a band
+        sides.append(pl.Series(np.where(more, ev, 0.0)))
+    lo, hi = sides[0].to_numpy(), sides[1].to_numpy()
+    return np.maximum(lo, hi), np.where(hi > lo, 1, -1)
+
+
 def fleet_events(
     scored: pl.DataFrame,
     incidents: pl.DataFrame,
     share: float,
     min_series: int,
     merge: timedelta = timedelta(0),
+    *,
+    edges: tuple[tuple[float, float], tuple[float, float]] | None = None,
+    threshold: float = FLEET_THRESHOLD,
+    edge_points: pl.DataFrame | None = None,
+    judge_from: datetime | None = None,
+    known: Sequence[tuple[datetime, datetime]] = (),
 ) -> pl.DataFrame:
     """Fleet-wide events (start_ts, end_ts, n_series, peak_share) over the times of `scored`
-    (ts, n_series: how many series were scored at each time) from `incidents` (series_id,
-    start_ts, end_ts; one series' incidents do not overlap)."""
+    (ts, n_series: how many series were scored at each time; with `edges` = the usual shares
+    beyond each edge (edge_shares), also n_low and n_high as edge_counts gives) from `incidents` (series_id,
+    start_ts, end_ts; one series' incidents do not overlap). A time is in an event when a
+    share of the fleet is inside incidents, or when its fleet evidence (fleet_evidence)
+    reaches `threshold`. n_series counts the series of the linked incidents and, at the
+    times the fleet went beyond one edge together, those of `edge_points` (series_id, ts,
+    deviation: points beyond an edge) beyond that edge. With `judge_from`, only times from
+    then on are judged by their evidence (once, when new); the spans of `known` events
+    (recorded before) stay events."""
     empty = pl.DataFrame(
         schema={
             "start_ts": scored.schema["ts"],
@@ -253,16 +332,40 @@ def fleet_events(
             "peak_share": pl.Float64,
         }
     )
-    if scored.is_empty() or incidents.is_empty():
+    if scored.is_empty() or (incidents.is_empty() and edges is None):
         return empty
     scored = scored.sort("ts")
     ts = scored["ts"].to_physical().to_numpy()
     starts = np.sort(incidents["start_ts"].to_physical().to_numpy())
     ends = np.sort(incidents["end_ts"].to_physical().to_numpy())
     inside = np.searchsorted(starts, ts, "right") - np.searchsorted(ends, ts, "left")
-    total = scored["n_series"].to_numpy()
-    frac = inside / np.maximum(total, 1)
+    total = np.maximum(scored["n_series"].to_numpy(), 1)
+    frac = inside / total
     active = (inside >= min_series) & (frac >= share)
+    if edges is not None:
+        ev, side = fleet_evidence(scored, *edges)
+        at_edge = np.where(side > 0, scored["n_high"].to_numpy(), scored["n_low"].to_numpy())
+        together = (ev >= threshold) & (at_edge >= min_series)
+        judged = together
+        if judge_from is not None:  # each time judged once, against the times before it
+            judged = together & (
+                scored["ts"].to_numpy() >= np.datetime64(judge_from.replace(tzinfo=None))
+            )
+        active |= judged
+    for start, end in known:  # recorded before: an event stays one
+        active |= scored["ts"].is_between(start, end).to_numpy()
+    if edges is not None:
+        together &= active
+        frac = np.maximum(frac, np.where(together, at_edge / total, 0.0))
+        if edge_points is not None:  # only those beyond the edge the fleet went to, then
+            when = pl.DataFrame({"ts": scored["ts"], "_side": side, "_together": together})
+            edge_points = (
+                edge_points.join(when, on="ts")
+                .filter(pl.col("_together") & (pl.col("deviation").sign() == pl.col("_side")))
+                .select("series_id", "ts")
+            )
+    else:
+        edge_points = None
     if not active.any():
         return empty
     run = np.cumsum(np.r_[True, active[1:] != active[:-1]])
@@ -282,8 +385,20 @@ def fleet_events(
         .group_by("_event", maintain_order=True)
         .agg(pl.col("start_ts").min(), pl.col("end_ts").max(), pl.col("peak_share").max())
     )
-    linked = link_events(incidents, events)
-    counts = linked.group_by("event_start").agg(pl.col("series_id").n_unique().alias("n_series"))
+    members = [link_events(incidents, events).select("series_id", "event_start")]
+    if edge_points is not None and not edge_points.is_empty():
+        at = edge_points.select(
+            "series_id",
+            pl.col("ts").alias("start_ts"),
+            pl.col("ts").alias("end_ts"),
+        )
+        members.append(link_events(at, events).select("series_id", "event_start"))
+    counts = (
+        pl.concat(members, how="vertical_relaxed")
+        .drop_nulls("event_start")
+        .group_by("event_start")
+        .agg(pl.col("series_id").n_unique().alias("n_series"))
+    )
     return (
         events.join(counts, left_on="start_ts", right_on="event_start", how="left")
         .select("start_ts", "end_ts", pl.col("n_series").fill_null(0).cast(pl.Int64), "peak_share")

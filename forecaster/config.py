@@ -423,14 +423,20 @@ class AnomalySettings(_Model):
         "plus one step are one incident",
     )
     fleet_share: float = Field(
-        0.2,
+        0.4,
         gt=0,
         le=1,
-        description="share of the series scored at a time that must be inside an incident for "
-        "a fleet-wide event",
+        description="a fleet-wide event: at least this share of the series scored at a time "
+        "inside incidents at once",
     )
     fleet_min_series: int = Field(
         3, ge=1, description="and at least this many series (a smaller fleet has no events)"
+    )
+    fleet_evidence: float = Field(
+        6.0,  # forecaster.anomaly.FLEET_THRESHOLD
+        gt=0,
+        description="or where this many standard errors more series than usual sit at the "
+        "same edge of their bands at once (over runs of times, as a series' evidence)",
     )
     fleet_merge: Duration = Field(
         timedelta(hours=12),

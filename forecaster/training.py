@@ -954,7 +954,11 @@ def holdout_calibration(
 
 
 def _holdout_thresholds(
-    origins: Tensor, pred: Tensor, actual: Tensor, corrections: list[float], spec: F.FeatureSpec,
+    origins: Tensor,
+    pred: Tensor,
+    actual: Tensor,
+    corrections: list[float],
+    spec: F.FeatureSpec,
     start: int,
 ) -> dict[str, Any]:
     """Anomaly thresholds measured on the holdout, per series (by row) and pooled: the

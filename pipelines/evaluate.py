@@ -186,6 +186,8 @@ def _holdout_priors(version: dict) -> tuple[dict[int, float], dict]:
     return trained.holdout_corrections, trained.meta.get("anomaly_thresholds") or {}
 
 
+ECHO = (timedelta(days=1), timedelta(weeks=1))  # the seasonal lags the models read
+
 BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
 
 
@@ -288,9 +290,9 @@ class _Judged:
     def save(self, store: Store, conn, model: str) -> None:  # noqa: ANN001
         store.replace_incidents(conn, model, self.old_incidents, self.incidents)
         store.save_anomaly_state(conn, model, self.state)
-        store.replace_fleet_events(conn, model, self.after, self.events, self.links)
         if self.new_points == 0:
-            return  # nothing judged: the threshold row stays as the last judgement left it
+            return  # nothing judged: events and threshold stay as the last judgement left them
+        store.replace_fleet_events(conn, model, self.after, self.events, self.links)
         store.save_anomaly_threshold(
             conn,
             model,
@@ -322,17 +324,32 @@ def _judge(
         .sort("series_id", "ts")
     )
     points = points.with_columns(anomaly.deviation(points))
-    points = points.with_columns(anomaly.evidence(points)).join(
-        tracked, on="series_id", how="left"
-    )
+    points = points.with_columns(anomaly.evidence(points)).join(tracked, on="series_id", how="left")
     is_new = pl.col("tracked_until").is_null() | (pl.col("ts") > pl.col("tracked_until"))
     after = points["ts"].min()
     # Thresholds are read from the points judged before, out of sample as the bands'
     # calibration is, and without the times of fleet events: a storm over the whole fleet
     # is no sample of normal data, and would lift the threshold over the next one.
     past = points.filter(~is_new)
-    for event in store.fleet_events_since(model, after):
+    known = store.fleet_events_since(model, after)
+    for event in known:
         past = past.filter(~pl.col("ts").is_between(event["start_ts"], event["end_ts"]))
+    # Nor with the incidents that were clear anomalies (peak score CLEAR or more): disruptions
+    # more frequent than the rate chosen would otherwise lift the threshold over themselves.
+    # Marginal incidents stay in, so the threshold cannot talk itself down.
+    window = store.incidents_since(model, after)
+    clear = window.filter(pl.col("peak_score") >= anomaly.CLEAR).select(
+        "series_id", pl.col("start_ts").alias("_from"), pl.col("end_ts").alias("_to")
+    )
+    if not clear.is_empty():
+        inside = (
+            past.select("series_id", "ts")
+            .join(clear, on="series_id")
+            .filter(pl.col("ts").is_between(pl.col("_from"), pl.col("_to")))
+            .select("series_id", "ts")
+            .unique()
+        )
+        past = past.join(inside, on=["series_id", "ts"], how="anti")
     stored = store.anomaly_threshold(model)
     nothing_new = points.filter(is_new).is_empty()
     if nothing_new and stored is not None:  # a re-run: what was judged stays judged
@@ -379,6 +396,25 @@ def _judge(
         .alias("threshold")
     ).with_columns((pl.col("evidence") / pl.col("threshold")).alias("score"))
     new = points.filter(is_new)
+    # An echo: the models read the values a day and a week back, so an anomalous actual
+    # then makes the forecast for now wrong the other way. Such an actual is no evidence
+    # of trouble now: its score is 0.
+    before = store.anomalies_since(model, after - ECHO[-1])
+    raw = new.filter(pl.col("score") > 1).select("series_id", "ts", "deviation")
+    seen = pl.concat(
+        [before, raw.select("series_id", "ts", pl.col("deviation").sign().alias("sign"))],
+        how="vertical_relaxed",
+    )
+    echo = pl.lit(False)
+    for lag in ECHO:
+        earlier = seen.select(
+            "series_id", (pl.col("ts") + lag).alias("ts"), pl.col("sign").alias(f"_s{lag}")
+        ).unique(["series_id", "ts"])
+        new = new.join(earlier, on=["series_id", "ts"], how="left")
+        echo = echo | (pl.col(f"_s{lag}") == -pl.col("deviation").sign()).fill_null(False)
+    new = new.with_columns(pl.when(echo).then(0.0).otherwise(pl.col("score")).alias("score")).drop(
+        [f"_s{lag}" for lag in ECHO]
+    )
     hits = new.filter(pl.col("score") > 1)
     rows = [
         {
@@ -395,7 +431,6 @@ def _judge(
         }
         for r in hits.iter_rows(named=True)
     ]
-    window = store.incidents_since(model, after)
     # The incidents the new points may extend or join: those of their series ending within
     # reach of the series' first new anomalous point.
     reach = pl.duration(seconds=pl.col("freq_s") * (gap + 1))
@@ -440,9 +475,22 @@ def _judge(
         )
     )
     state = last.select("series_id", "ts", "score", "incident_open").to_dicts()
-    counts = points.group_by("ts").agg(pl.col("series_id").n_unique().alias("n_series"))
+    # Fleet events: a share of the fleet in incidents, or far more series than usual beyond
+    # the same edge of their bands at once (the usual share read from the points judged
+    # before, fleet events left out).
     events = anomaly.fleet_events(
-        counts, incidents, cfg.fleet_share, cfg.fleet_min_series, cfg.fleet_merge
+        anomaly.edge_counts(points),
+        incidents,
+        cfg.fleet_share,
+        cfg.fleet_min_series,
+        cfg.fleet_merge,
+        edges=anomaly.edge_shares(anomaly.edge_counts(past)),
+        threshold=cfg.fleet_evidence,
+        edge_points=points.filter(pl.col("deviation").abs() > 1).select(
+            "series_id", "ts", "deviation"
+        ),
+        judge_from=new["ts"].min() if new.height else None,
+        known=[(e["start_ts"], e["end_ts"]) for e in known if e["start_ts"] > after],
     )
     events = events.filter(pl.col("start_ts") > after)
     links = anomaly.link_events(incidents.select("series_id", "start_ts", "end_ts"), events)

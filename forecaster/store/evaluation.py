@@ -390,6 +390,20 @@ class EvaluationStore(StoreBase):
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
+    def anomalies_since(self, model: str, since: datetime) -> pl.DataFrame:
+        """series_id, ts and sign (of actual - yhat) of the model's anomalies from `since`."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
+        a = s.anomalies
+        raw = sa.types.NullType()
+        sign = sa.case((a.c.actual > a.c.yhat, 1), (a.c.actual < a.c.yhat, -1), else_=0)
+        q = sa.select(a.c.series_id, sa.type_coerce(a.c.ts, raw), sign).where(
+            a.c.model == model, a.c.ts >= since
+        )
+        return self._frame(q, {"series_id": pl.Int64, "ts": TS_DTYPE, "sign": pl.Float64})
+
     def fleet_events_since(self, model: str, since: datetime) -> list[dict[str, Any]]:
         """The model's fleet events ending at or after `since` (start_ts, end_ts)."""
         f = s.fleet_events

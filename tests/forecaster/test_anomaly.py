@@ -190,3 +190,63 @@ def test_a_fleet_event_is_the_time_a_share_of_the_fleet_is_in_incidents():
     assert merged[:3] == (*_ts([21, 38]), 8)  # series 0 counted once
     # A smaller share of the fleet is no event.
     assert anomaly.fleet_events(scored, incidents, share=0.7, min_series=3).is_empty()
+
+
+def _fleet_points(n_series: int, hours: int, storm: range, rng) -> pl.DataFrame:
+    """Deviations of a fleet whose series err together (a shared term) and, in `storm`,
+    fall below their bands together, each alone not far: -1.5 half-widths."""
+    shared = np.repeat(rng.normal(0, 0.25, hours), n_series).reshape(hours, n_series)
+    d = rng.normal(0, 0.7, (hours, n_series)) + shared
+    d[list(storm)] = -1.5 + rng.normal(0, 0.2, (len(storm), n_series))
+    return pl.DataFrame(
+        {
+            "series_id": np.tile(np.arange(n_series), hours),
+            "ts": pl.Series([t for t in _ts(np.arange(hours)) for _ in range(n_series)]),
+            "deviation": d.ravel(),
+        }
+    )
+
+
+def test_a_fleet_beyond_the_same_edge_together_is_an_event_though_no_series_is_alone():
+    rng = np.random.default_rng(11)
+    points = _fleet_points(23, 10 * 24, range(200, 206), rng)
+    past = anomaly.edge_counts(points.filter(pl.col("ts") < _ts([190])[0]))
+    usual = anomaly.edge_shares(past)
+    assert usual is not None
+    (low_mean, low_sd), _ = usual
+    # The shared term makes the share beyond an edge vary more than a binomial would.
+    assert low_sd > np.sqrt(low_mean * (1 - low_mean) / 23)
+    counts = anomaly.edge_counts(points)
+    no_incidents = pl.DataFrame(
+        schema={
+            "series_id": pl.Int64,
+            "start_ts": counts.schema["ts"],
+            "end_ts": counts.schema["ts"],
+        }
+    )
+    edge = points.filter(pl.col("deviation").abs() > 1)
+    events = anomaly.fleet_events(
+        counts, no_incidents, 0.4, 3, edges=usual, edge_points=edge, judge_from=_ts([190])[0]
+    )
+    assert events.height == 1
+    start, end, n_series, peak = events.row(0)
+    assert _ts([200])[0] <= start <= _ts([202])[0] and _ts([205])[0] <= end <= _ts([207])[0]
+    assert n_series == 23 and peak > 0.8
+    # Times before judge_from are not judged again by their evidence: a storm there is no
+    # event unless it was recorded (known) when it was new.
+    early = _fleet_points(23, 10 * 24, range(100, 106), np.random.default_rng(11))
+    counts = anomaly.edge_counts(early)
+    late = anomaly.fleet_events(counts, no_incidents, 0.4, 3, edges=usual, judge_from=_ts([190])[0])
+    assert late.is_empty()
+    kept = anomaly.fleet_events(
+        counts,
+        no_incidents,
+        0.4,
+        3,
+        edges=usual,
+        judge_from=_ts([190])[0],
+        known=[(_ts([100])[0], _ts([105])[0])],
+    )
+    assert kept.select("start_ts", "end_ts").rows() == [tuple(_ts([100, 105]))]
+    # Too little history: no usual share yet.
+    assert anomaly.edge_shares(past.head(anomaly.MIN_EDGE_TIMES - 1)) is None
