@@ -218,6 +218,82 @@ def choose_threshold(
     return Threshold(max(value, MIN_THRESHOLD), weeks, int(starts[max(at, 0)]), measured=True)
 
 
+def choose_thresholds(
+    frame: pl.DataFrame,
+    rate: float,
+    gap: int,
+    *,
+    series: str = "series_id",
+    ts: str = "ts",
+    freq: str = "freq_s",
+) -> dict[int, float]:
+    """choose_threshold(...).value for each series of `frame` with MIN_SERIES_WEEKS of
+    points, computed for all of them in one pass (10,000 series: one sort, not 10,000)."""
+    weeks = frame.group_by(series).agg(
+        (pl.col(freq).cast(pl.Float64).sum() / WEEK_S).alias("_weeks")
+    )
+    frame = frame.join(weeks.filter(pl.col("_weeks") >= MIN_SERIES_WEEKS), on=series)
+    if frame.is_empty():
+        return {}
+    frame = frame.sort(series, ts).with_columns(
+        pl.col(series).rank("dense").cast(pl.Int64).alias("_s") - 1
+    )
+    m = prior_max(frame, "evidence", gap, series=series, ts=ts, freq=freq)
+    frame = frame.with_columns(pl.min_horizontal(pl.col("evidence"), m).alias("_min"))
+    # Each series' values offset into a band of their own: one sort ranks them all.
+    off = 4 * EVIDENCE_CAP + 16
+    sid = frame["_s"].to_numpy()
+    key_e = np.sort(frame["evidence"].to_numpy() + sid * off)
+    key_m = np.sort(frame["_min"].to_numpy() + sid * off)
+    ends = np.cumsum(np.bincount(sid))  # one past each series' last row in those sorts
+    floor = frame.select("_s").unique().with_columns(pl.lit(MIN_THRESHOLD).alias("_c"))
+    cand = (
+        pl.concat(
+            [
+                frame.filter(pl.col("evidence") >= MIN_THRESHOLD).select(
+                    "_s", pl.col("evidence").alias("_c")
+                ),
+                floor,
+            ]
+        )
+        .unique()
+        .sort("_s", "_c")
+    )
+    cs, cv = cand["_s"].to_numpy(), cand["_c"].to_numpy()
+    key_c = cv + cs * off
+    starts = (ends[cs] - np.searchsorted(key_e, key_c, "right")) - (
+        ends[cs] - np.searchsorted(key_m, key_c, "right")
+    )
+    budget = frame.group_by("_s").agg(pl.col("_weeks").first() * rate, pl.col(series).first())
+    cand = (
+        cand.with_columns(pl.Series("_starts", starts))
+        .with_columns(pl.col("_starts").reverse().cum_max().reverse().over("_s").alias("_suffix"))
+        .join(budget.rename({"_weeks": "_budget"}), on="_s")
+    )
+
+    def least(mult: float, name: str) -> pl.DataFrame:
+        return (
+            cand.filter(pl.col("_suffix") <= mult * pl.col("_budget"))
+            .group_by("_s")
+            .agg(pl.col("_c").first().alias(name))
+        )
+
+    out = (
+        budget.join(least(1, "_exact"), on="_s")
+        .join(least(TAIL_REACH, "_u"), on="_s")
+        .join(least(2 * TAIL_REACH, "_u2"), on="_s")
+    )
+    u, u2 = pl.col("_u"), pl.col("_u2")
+    tail = (u2 >= u) | (u2 <= MIN_THRESHOLD)
+    value = (
+        pl.when(tail)
+        .then(pl.col("_exact"))
+        .otherwise(u + (u - u2) / np.log(2) * np.log(TAIL_REACH))
+    )
+    out = out.select(series, pl.max_horizontal(value, pl.lit(MIN_THRESHOLD)).alias("_t"))
+    return dict(zip(out[series].to_list(), out["_t"].to_list(), strict=True))
+
+
 def merge_incidents(intervals: pl.DataFrame, gap: int) -> pl.DataFrame:
     """Merge per series the intervals (INCIDENT_COLUMNS plus freq_s; a single anomalous point
     is an interval from its ts to its ts with n_points 1) that lie within gap + 1 steps of

@@ -997,11 +997,7 @@ def _holdout_thresholds(
     frame = frame.with_columns(anomaly.deviation(frame))
     frame = frame.with_columns(anomaly.evidence(frame))
     rate, gap = anomaly.DEFAULT_RATE, anomaly.DEFAULT_GAP
-    per = {}
-    for (row,), mine in frame.partition_by("series_id", as_dict=True).items():
-        th = anomaly.choose_threshold(mine, rate, gap)
-        if th.measured:
-            per[int(row)] = th.value
+    per = {int(row): value for row, value in anomaly.choose_thresholds(frame, rate, gap).items()}
     pooled = anomaly.choose_threshold(frame, rate, gap)
     return {
         "rate": rate,

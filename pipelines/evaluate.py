@@ -387,9 +387,8 @@ def _judge(
             for sid, name in store.series_catalogue():
                 if sid in judged_ids and name in from_holdout:
                     own[sid] = max(float(from_holdout[name]) * level, anomaly.MIN_THRESHOLD)
-        for (sid,), mine in past.partition_by("series_id", as_dict=True).items():
-            if sid in judged_ids and anomaly.series_weeks(mine) >= anomaly.MIN_SERIES_WEEKS:
-                own[sid] = anomaly.choose_threshold(mine, cfg.incidents_per_week, gap).value
+        mine = past.filter(pl.col("series_id").is_in(list(judged_ids)))
+        own.update(anomaly.choose_thresholds(mine, cfg.incidents_per_week, gap))
     points = points.with_columns(
         pl.col("series_id")
         .replace_strict(own, default=threshold.value, return_dtype=pl.Float64)

@@ -100,6 +100,22 @@ def test_the_threshold_meets_the_rate_on_clean_data_within_a_factor_two(dist, ra
     assert th.incidents == _incidents_at(points, th.value, gap)
 
 
+def test_thresholds_of_many_series_at_once_equal_one_by_one():
+    rng = np.random.default_rng(3)
+    n_series, hours = 40, 3 * 168
+    scale = rng.uniform(0.5, 2, n_series).repeat(hours)  # series with tails of their own
+    points = _points(np.abs(rng.standard_t(3, n_series * hours)) * scale, n_series)
+    points = points.filter(~((pl.col("series_id") == 7) & (pl.col("ts") > _ts([200])[0])))
+    one_by_one = {
+        sid: th.value
+        for (sid,), mine in points.partition_by("series_id", as_dict=True).items()
+        if (th := anomaly.choose_threshold(mine, 0.5, 2)).measured
+    }
+    at_once = anomaly.choose_thresholds(points, 0.5, 2)
+    assert 7 not in at_once and len(at_once) == n_series - 1  # series 7: too short
+    assert at_once == pytest.approx(one_by_one)
+
+
 def test_too_little_data_serves_the_default_threshold():
     points = _points(np.linspace(0, 5, 100), 1)  # 100 hours: under two series-weeks
     th = anomaly.choose_threshold(points, 1.0, 2)
