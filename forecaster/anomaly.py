@@ -482,6 +482,19 @@ def fleet_events(
     )
 
 
+def new_events(
+    events: pl.DataFrame, after: datetime, recorded: Sequence[tuple[datetime, datetime]]
+) -> pl.DataFrame:
+    """The `events` a run over a window starting at `after` may (re)write: those starting
+    after it that overlap no event `recorded` before it began (the window's first hours
+    would otherwise cut a second, clipped copy of an event that runs into it)."""
+    events = events.filter(pl.col("start_ts") > after)
+    for start, end in recorded:
+        if start <= after:
+            events = events.filter((pl.col("start_ts") > end) | (pl.col("end_ts") < start))
+    return events
+
+
 def link_events(incidents: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
     """`incidents` with event_start: the start of the event it overlaps (None if none)."""
     if events.is_empty() or incidents.is_empty():

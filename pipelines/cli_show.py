@@ -304,7 +304,7 @@ def incidents_cmd(
         if threshold is not None:
             seen = threshold["rate_seen"]
             out.print(
-                f"threshold {threshold['threshold']:.2f} band widths"
+                f"fleet threshold {threshold['threshold']:.2f} (evidence that scores 1)"
                 f"{'' if threshold['measured'] else ' (default: too little data yet)'}; "
                 f"incidents per series per week: chosen {threshold['rate_target']:g}, seen "
                 f"{'-' if seen is None else f'{seen:.2f}'} over the evaluate window",

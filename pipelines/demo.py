@@ -234,8 +234,8 @@ def summary_tables(daemon: Daemon, store: Store) -> list[Table]:
     anomalies = store.list_anomalies(limit=1_000_000)
     incidents = store.list_incidents(limit=1_000_000)
     blizzard = [i for i in incidents if i["start_ts"] < BLIZZARD[1] and i["end_ts"] >= BLIZZARD[0]]
-    events = {i["event_start"] for i in blizzard if i["event_start"] is not None}
-    linked = [i for i in incidents if i["event_start"] in events]
+    fleet = store.list_fleet_events(limit=100_000)
+    storm = [e for e in fleet if e["start_ts"] < BLIZZARD[1] and e["end_ts"] >= BLIZZARD[0]]
     an = Table(title="Anomalies (score above 1: further out than the false-alarm threshold)")
     an.add_column("span")
     an.add_column("anomalous hours", justify="right")
@@ -247,14 +247,14 @@ def summary_tables(daemon: Daemon, store: Store) -> list[Table]:
         f"{len(anomalies):,}",
         f"{len(incidents):,}",
         str(len({i["series"] for i in incidents})),
-        str(len(store.list_fleet_events(limit=100_000))),
+        str(len(fleet)),
     )
     an.add_row(
         "2013-02-08 12:00 .. 02-10 00:00 New York (blizzard)",
         f"{sum(BLIZZARD[0] <= a['ts'] < BLIZZARD[1] for a in anomalies):,}",
         f"{len(blizzard):,}",
         str(len({i["series"] for i in blizzard})),
-        f"{len(events)} ({len({i['series'] for i in linked})} series linked)",
+        f"{len(storm)} ({max((e['n_series'] for e in storm), default=0)} series)",
     )
     tables.append(an)
 

@@ -491,7 +491,7 @@ def _judge(
         judge_from=new["ts"].min() if new.height else None,
         known=[(e["start_ts"], e["end_ts"]) for e in known if e["start_ts"] > after],
     )
-    events = events.filter(pl.col("start_ts") > after)
+    events = anomaly.new_events(events, after, [(e["start_ts"], e["end_ts"]) for e in known])
     links = anomaly.link_events(incidents.select("series_id", "start_ts", "end_ts"), events)
     in_window = incidents.filter(pl.col("start_ts") >= after).height
     return _Judged(

@@ -266,3 +266,17 @@ def test_a_fleet_beyond_the_same_edge_together_is_an_event_though_no_series_is_a
     assert kept.select("start_ts", "end_ts").rows() == [tuple(_ts([100, 105]))]
     # Too little history: no usual share yet.
     assert anomaly.edge_shares(past.head(anomaly.MIN_EDGE_TIMES - 1)) is None
+
+
+def test_a_run_rewrites_only_events_that_start_in_its_window_and_overlap_none_before():
+    events = pl.DataFrame(
+        {
+            "start_ts": _ts([1, 4, 20, 30]),
+            "end_ts": _ts([2, 6, 22, 31]),
+            "n_series": [3, 3, 3, 3],
+            "peak_share": [0.5, 0.5, 0.5, 0.5],
+        }
+    )
+    # Window from hour 3; an event recorded from hour 0 to 5 runs into it.
+    kept = anomaly.new_events(events, _ts([3])[0], [tuple(_ts([0, 5])), tuple(_ts([20, 22]))])
+    assert kept["start_ts"].to_list() == _ts([20, 30])  # 1: before; 4: a clipped copy
