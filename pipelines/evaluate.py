@@ -363,12 +363,15 @@ def _judge(
     holdout = holdout or {}
     same = holdout.get("rate") == cfg.incidents_per_week and holdout.get("gap") == gap
     from_holdout = holdout.get("series", {}) if same else {}
+    served = threshold.measured  # the fleet's level read from what is served
     if not threshold.measured and not (nothing_new and stored is not None):
-        before = store.anomaly_threshold()  # a new model: its predecessor's, if any
-        if same and holdout.get("pooled") is not None:
+        # A new model: the level its predecessor measured on what it served, else the one
+        # its own holdout measured (holdout bands are tighter than served ones: it runs low).
+        before = store.anomaly_threshold()
+        if before is not None:
+            value, served = float(before["threshold"]), True
+        elif same and holdout.get("pooled") is not None:
             value = float(holdout["pooled"])
-        elif before is not None:
-            value = float(before["threshold"])
         else:
             value = threshold.value
         threshold = anomaly.Threshold(value, threshold.series_weeks, 0, measured=False)
@@ -380,10 +383,10 @@ def _judge(
         judged_ids = set(points.filter(is_new)["series_id"].unique().to_list())
         if from_holdout:
             # The holdout's thresholds differ between series as the served ones will; their
-            # level follows the window's pooled threshold once there is one (bands served
-            # live are not the holdout's).
+            # level follows the fleet's served one where there is one (bands served live are
+            # not the holdout's).
             pooled = holdout.get("pooled")
-            level = threshold.value / pooled if threshold.measured and pooled else 1.0
+            level = threshold.value / pooled if served and pooled else 1.0
             for sid, name in store.series_catalogue():
                 if sid in judged_ids and name in from_holdout:
                     own[sid] = max(float(from_holdout[name]) * level, anomaly.MIN_THRESHOLD)
