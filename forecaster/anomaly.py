@@ -10,9 +10,10 @@ night) does not turn a miss of one unit into an outage.
 
 Evidence. The largest of |d| and |mean of the last k deviations| * sqrt(k) for k in RUNS
 (consecutive points of the series; in a run each deviation counts at most RUN_CLIP), a run
-counting only while the actual itself is outside the band on the run's side: one actual far out, or several moderately out on the same side
-(a storm that halves traffic for hours lies barely outside wide bands hour by hour, and is
-plain over six of them), without a spike lingering in the runs after it. For errors that
+counting only while the actual itself is outside the band on the run's side: one actual
+far out, or several moderately out on the same side (a storm that halves traffic for hours
+lies barely outside wide bands hour by hour, and is plain over six of them), without a
+spike lingering in the runs after it. For errors that
 are independent and normal each mean term is about |N(0, 0.78)|, whatever k.
 
 Score. The evidence over the threshold in force for the series when the point was scored:
@@ -42,15 +43,15 @@ Fleet events. At a time where at least `share` of the series scored at that time
 least `min_series` of them, are inside an incident, the fleet has an event; so it has where
 many more series than usual lie beyond the same edge of their bands together, even if each
 alone is no incident (the February 2013 blizzard put 8 to 16 of 23 series below their
-bands hour after hour; about 2 lie there at a normal hour): per time, that share
-in standard deviations over the window's usual one, per side (the deviation measured: the
+bands hour after hour; about 2 lie there at a normal hour): per time, that share in
+standard deviations over the window's usual one, per side (the deviation measured: the
 series of a fleet err together), as evidence over runs of times like a series', reaching
-FLEET_THRESHOLD; consecutive such
-times are one event, as are events less than `merge` apart (a storm paused by a night when
-the series are quiet anyway), and the incidents overlapping it are linked to it. Counting series in
-an incident at a time, rather than incidents starting together, keeps an event whole when
-its series break one after another over hours (a storm that reaches one airport after
-another), and keeps chance from chaining the incidents of a large fleet into one event.
+FLEET_THRESHOLD. Consecutive such times are one event, as are events less than `merge`
+apart (a storm paused by a night when the series are quiet anyway), and the incidents
+overlapping it are linked to it. Counting series in an incident at a time, rather than
+incidents starting together, keeps an event whole when its series break one after another
+over hours (a storm that reaches one airport after another), and keeps chance from chaining
+the incidents of a large fleet into one event.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -209,17 +211,12 @@ def choose_threshold(
     budget = rate * weeks
     exact = least(budget)
     # The tail read where it holds many incidents (TAIL_REACH and twice that many times the
-    # budget), then extrapolated as exponential: a few real incidents in the window (one
-    # is a large share of a small fleet's budget) barely move it.
+    # budget), then extrapolated (_extrapolate): a few real incidents in the window (one is
+    # a large share of a small fleet's budget) barely move it.
     u, u2 = cand[least(TAIL_REACH * budget)], cand[least(2 * TAIL_REACH * budget)]
     if u2 >= u or u2 <= MIN_THRESHOLD:  # too few points outside the band to read a tail
         return Threshold(float(cand[exact]), weeks, int(starts[exact]), measured=True)
-    # Exponential and power-law tails through (u2, u), extrapolated by TAIL_REACH: the first
-    # alarms too often on heavy tails (t with 3 degrees of freedom: 1.4 times the rate), the
-    # second too rarely on Laplace ones (0.7); their mean stays within 0.8-1.2 on both.
-    t_exp = float(u + (u - u2) / np.log(2) * np.log(TAIL_REACH))
-    t_pow = float(u * np.exp((np.log(u) - np.log(u2)) / np.log(2) * np.log(TAIL_REACH)))
-    value = (t_exp + t_pow) / 2
+    value = float(_extrapolate(u, u2))
     at = int(np.searchsorted(cand, value, "right")) - 1
     return Threshold(max(value, MIN_THRESHOLD), weeks, int(starts[max(at, 0)]), measured=True)
 
@@ -289,14 +286,24 @@ def choose_thresholds(
         .join(least(TAIL_REACH, "_u"), on="_s")
         .join(least(2 * TAIL_REACH, "_u2"), on="_s")
     )
-    u, u2 = pl.col("_u"), pl.col("_u2")
-    tail = (u2 >= u) | (u2 <= MIN_THRESHOLD)
+    exact, u, u2 = (out[c].to_numpy() for c in ("_exact", "_u", "_u2"))
+    no_tail = (u2 >= u) | (u2 <= MIN_THRESHOLD)  # as in choose_threshold
+    with np.errstate(divide="ignore", invalid="ignore"):  # no_tail rows are not read
+        value = np.where(no_tail, exact, _extrapolate(u, u2))
+    value = np.maximum(value, MIN_THRESHOLD)
+    return dict(zip(out[series].to_list(), value.tolist(), strict=True))
+
+
+def _extrapolate(u: Any, u2: Any) -> Any:
+    """The threshold meeting the rate from the tail read at u (TAIL_REACH times the budget)
+    and u2 (twice that), floats or arrays: the mean of an exponential and a power-law tail
+    through them. Exponential alone alarms too often on heavy tails (t with 3 degrees of
+    freedom: 1.4 times the rate), power-law alone too rarely on Laplace ones (0.7); their
+    mean stays within 0.8-1.2 on both."""
     reach = np.log(TAIL_REACH) / np.log(2)
-    # As choose_threshold: the mean of the exponential and the power-law extrapolation.
-    extrapolated = ((u + (u - u2) * reach) + u * ((u.log() - u2.log()) * reach).exp()) / 2
-    value = pl.when(tail).then(pl.col("_exact")).otherwise(extrapolated)
-    out = out.select(series, pl.max_horizontal(value, pl.lit(MIN_THRESHOLD)).alias("_t"))
-    return dict(zip(out[series].to_list(), out["_t"].to_list(), strict=True))
+    exponential = u + (u - u2) * reach
+    power = u * np.exp((np.log(u) - np.log(u2)) * reach)
+    return (exponential + power) / 2
 
 
 def merge_incidents(intervals: pl.DataFrame, gap: int) -> pl.DataFrame:
@@ -349,9 +356,10 @@ def edge_counts(points: pl.DataFrame) -> pl.DataFrame:
 
 def edge_shares(counts: pl.DataFrame) -> tuple[tuple[float, float], tuple[float, float]] | None:
     """From past edge_counts, per side (low, high): the mean and the standard deviation over
-    times of the share of series beyond that edge; None before MIN_EDGE_TIMES times. The deviation is read, not assumed
-    binomial: series of one fleet err together (one airport's carriers, the same evening
-    rush), which a binomial count would take for events."""
+    times of the share of series beyond that edge; None before MIN_EDGE_TIMES times. The
+    deviation is read, not assumed binomial: series of one fleet err together (one
+    airport's carriers, the same evening rush), which a binomial count would take for
+    events."""
     if counts.height < MIN_EDGE_TIMES:
         return None
     out = []
@@ -377,8 +385,8 @@ def fleet_evidence(
         frame = counts.select(pl.lit(0).alias("series_id"), z.alias("deviation"))
         more = (frame["deviation"] > 0).to_numpy()  # fewer than usual beyond it is no event
         ev = evidence(frame, clip=None).to_numpy()  # a fleet's z is not bounded like a band
-        sides.append(pl.Series(np.where(more, ev, 0.0)))
-    lo, hi = sides[0].to_numpy(), sides[1].to_numpy()
+        sides.append(np.where(more, ev, 0.0))
+    lo, hi = sides
     return np.maximum(lo, hi), np.where(hi > lo, 1, -1)
 
 
@@ -397,10 +405,10 @@ def fleet_events(
 ) -> pl.DataFrame:
     """Fleet-wide events (start_ts, end_ts, n_series, peak_share) over the times of `scored`
     (ts, n_series: how many series were scored at each time; with `edges` = the usual shares
-    beyond each edge (edge_shares), also n_low and n_high as edge_counts gives) from `incidents` (series_id,
-    start_ts, end_ts; one series' incidents do not overlap). A time is in an event when a
-    share of the fleet is inside incidents, or when its fleet evidence (fleet_evidence)
-    reaches `threshold`. n_series counts the series of the linked incidents and, at the
+    beyond each edge (edge_shares), also n_low and n_high as edge_counts gives) from
+    `incidents` (series_id, start_ts, end_ts; one series' incidents do not overlap). A time
+    is in an event when a share of the fleet is inside incidents, or when its fleet
+    evidence (fleet_evidence) reaches `threshold`. n_series counts the series of the linked incidents and, at the
     times the fleet went beyond one edge together, those of `edge_points` (series_id, ts,
     deviation: points beyond an edge) beyond that edge. With `judge_from`, only times from
     then on are judged by their evidence (once, when new); the spans of `known` events
