@@ -351,7 +351,8 @@ def _judge(
         )
         past = past.join(inside, on=["series_id", "ts"], how="anti")
     stored = store.anomaly_threshold(model)
-    nothing_new = points.filter(is_new).is_empty()
+    judged_ids = set(points.filter(is_new)["series_id"].unique().to_list())
+    nothing_new = not judged_ids
     if nothing_new and stored is not None:  # a re-run: what was judged stays judged
         threshold = anomaly.Threshold(
             float(stored["threshold"]), float(stored["series_weeks"]), 0, stored["measured"]
@@ -380,7 +381,6 @@ def _judge(
     # judge: the others keep theirs.)
     own: dict[int, float] = {}
     if not nothing_new:
-        judged_ids = set(points.filter(is_new)["series_id"].unique().to_list())
         if from_holdout:
             # The holdout's thresholds differ between series as the served ones will; their
             # level follows the fleet's served one where there is one (bands served live are
@@ -401,10 +401,10 @@ def _judge(
     # An echo: the models read the values a day and a week back, so an anomalous actual
     # then makes the forecast for now wrong the other way. Such an actual is no evidence
     # of trouble now: its score is 0.
-    before = store.anomalies_since(model, after - ECHO[-1])
+    earlier_hits = store.anomalies_since(model, after - ECHO[-1])
     raw = new.filter(pl.col("score") > 1).select("series_id", "ts", "deviation")
     seen = pl.concat(
-        [before, raw.select("series_id", "ts", pl.col("deviation").sign().alias("sign"))],
+        [earlier_hits, raw.select("series_id", "ts", pl.col("deviation").sign().alias("sign"))],
         how="vertical_relaxed",
     )
     echo = pl.lit(False)
@@ -418,21 +418,12 @@ def _judge(
         [f"_s{lag}" for lag in ECHO]
     )
     hits = new.filter(pl.col("score") > 1)
-    rows = [
-        {
-            "series_id": r["series_id"],
-            "ts": r["ts"],
-            "model": model,
-            "actual": r["actual"],
-            "yhat": r["yhat"],
-            "yhat_lower": r["yhat_lower"],
-            "yhat_upper": r["yhat_upper"],
-            "origin_ts": r["origin_ts"],
-            "score": r["score"],
-            "threshold": r["threshold"],
-        }
-        for r in hits.iter_rows(named=True)
-    ]
+    rows = hits.select(
+        "series_id",
+        "ts",
+        pl.lit(model).alias("model"),
+        *("actual", "yhat", "yhat_lower", "yhat_upper", "origin_ts", "score", "threshold"),
+    ).to_dicts()
     # The incidents the new points may extend or join: those of their series ending within
     # reach of the series' first new anomalous point.
     reach = pl.duration(seconds=pl.col("freq_s") * (gap + 1))
