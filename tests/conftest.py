@@ -3,15 +3,22 @@
 PostgreSQL: FORECASTER_TEST_PG (default postgresql+psycopg://postgres@127.0.0.1:5432/postgres)
 names an admin connection; a fresh database is created per session and dropped after. Without
 a reachable server the tests skip with the reason, except under CI=true, where they fail.
+
+The suite runs in parallel processes (pytest-xdist, `-n auto` in pyproject.toml), each with
+its own session database. The one test that stops the whole PostgreSQL server takes the
+server for itself (`server_to_myself`): every test holds a shared lock on a file while it
+runs (set-up and tear-down included), that test an exclusive one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +32,40 @@ PG_ADMIN_URL = os.environ.get(
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
 FORECASTER = str(Path(sys.executable).with_name("forecaster"))
+
+# One lock file per user, shared by every pytest process on the machine (xdist workers, and
+# a second suite run beside the first).
+_SERVER_LOCK = Path(tempfile.gettempdir()) / f"forecaster-tests-{os.getuid()}.lock"
+_server_lock_fd: int | None = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test (set-up, call, tear-down) under a shared lock: none runs while a test that
+    stops the PostgreSQL server holds it exclusively (server_to_myself)."""
+    global _server_lock_fd
+    _server_lock_fd = os.open(_SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(_server_lock_fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        # LOCK_UN releases it even where a forked child still holds a copy of the fd.
+        fcntl.flock(_server_lock_fd, fcntl.LOCK_UN)
+        os.close(_server_lock_fd)
+        _server_lock_fd = None
+
+
+@contextmanager
+def server_to_myself() -> Iterator[None]:
+    """The calling test alone on the machine's services while the block runs: its shared
+    lock becomes an exclusive one once every other test that holds it has finished, and no
+    other test starts meanwhile."""
+    assert _server_lock_fd is not None, "only inside a test"
+    fcntl.flock(_server_lock_fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(_server_lock_fd, fcntl.LOCK_SH)
 
 
 def stop(proc: subprocess.Popen) -> None:

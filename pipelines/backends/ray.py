@@ -296,7 +296,13 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     parallel = data_parallel(
         len(panel.names), rank=rank, world=world, device=device, kind=config.kind
     )
-    result = train(panel, config, init_state_dict=cfg["init"], parallel=parallel)
+    result = train(
+        panel,
+        config,
+        init_state_dict=cfg["init"],
+        parallel=parallel,
+        on_progress=cfg.get("worker_progress"),
+    )
     metrics = {"best_epoch": result.best_epoch, "world_size": world}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
@@ -333,12 +339,19 @@ _PLAIN = (
 class RayTrain:
     """`forecaster.training.train` on Ray Train's TorchTrainer (same signature), DDP across
     `compute.train_workers` workers, each reserving (num_cpus, num_gpus). Progress is not
-    forwarded (the workers are other processes); `last_world_size` says how many ranks the
-    last run had."""
+    forwarded (the workers are other processes); `worker_progress`, a picklable callable, is
+    called with each Progress inside every worker (tests inject faults with it, as RayPredict's
+    shard_fn). `last_world_size` says how many ranks the last run had."""
 
-    def __init__(self, compute: ComputeSettings) -> None:
+    def __init__(
+        self,
+        compute: ComputeSettings,
+        *,
+        worker_progress: Callable[[Any], None] | None = None,
+    ) -> None:
         check_resources(compute, count=compute.train_workers)
         self.compute = compute
+        self.worker_progress = worker_progress
         self.last_world_size = 0
 
     def __call__(
@@ -363,6 +376,7 @@ class RayTrain:
                 "config": config,
                 "init": init_state_dict,
                 "threads": max(1, int(c.num_cpus)),
+                "worker_progress": self.worker_progress,
             },
             scaling_config=ScalingConfig(
                 num_workers=workers, use_gpu=c.num_gpus > 0, resources_per_worker=resources

@@ -17,13 +17,20 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, PG_ADMIN_URL, _pg_unavailable_reason, served_url, serving_demo
+from tests.conftest import (
+    IN_CI,
+    PG_ADMIN_URL,
+    _pg_unavailable_reason,
+    served_url,
+    server_to_myself,
+    serving_demo,
+)
 from tests.pipelines import chaos
 
 pytestmark = pytest.mark.slow
@@ -162,9 +169,21 @@ def _succeeded(url: str, job: str) -> int:
 def test_postgresql_going_away_mid_run_loses_nothing(kind, pg_databases, tmp_path, request):
     fault = _fault(kind)
     reference = request.getfixturevalue("pg_reference")  # once the fault is known to run
+    # A server restart cuts every test's connections: the other test processes wait.
+    with server_to_myself() if kind == "server_restart" else nullcontext():
+        _run_through(fault, pg_databases(), tmp_path, reference)
+
+
+def _run_through(
+    fault: Callable[[str], AbstractContextManager[None]],
+    url: str,
+    tmp_path: Path,
+    reference: dict[str, list[tuple]],
+) -> None:
+    """A backtest on `url` with `fault` for 4 s after its fifth predict: it retries through
+    and ends with the store of the uninterrupted reference."""
     run_dir = tmp_path / "outage"
     run_dir.mkdir()
-    url = pg_databases()
     chaos.upgrade(run_dir, url)
     cfg = chaos.write_config(run_dir, url=url, training=TRAINING)
     log = run_dir / "backtest.log"

@@ -1,0 +1,193 @@
+"""The Ray backend past one node: a real multi-node cluster on this machine (Ray's own
+`ray.cluster_utils.Cluster`: a head that runs no task and worker nodes of one CPU each, every
+one its own raylet). A worker node is killed (its raylet and every process on it, no graceful
+exit) in the middle of a sharded predict, and in the middle of a retrain on Ray Train across
+two workers on two nodes: each job finishes, and the store equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from forecaster.clock import FixedClock
+from pipelines.dispatch import build_backend
+from pipelines.jobs import Job
+from pipelines.predict import PredictSummary, run_predict
+from tests.pipelines.test_ray_backend import (  # the single-node module's data and oracle
+    NOW,
+    _assert_same,
+    _rows,
+    _settings,
+    _store,
+    bundled,  # noqa: F401 - fixture
+    model,  # noqa: F401 - fixture
+)
+
+ray = pytest.importorskip("ray")  # test_ray_backend fails under CI=true without it
+
+from pipelines.backends.ray import RayPredict, Shard, predict_shard  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Node failure noticed within about a second (Ray's defaults take about 15 s).
+_FAST_FAILURE = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 200,
+    "health_check_failure_threshold": 5,
+}
+
+
+@pytest.fixture
+def cluster():
+    """A head with no CPU (the driver's node: it runs no task) and two worker nodes of one
+    CPU each; the test may remove and add nodes."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={"num_cpus": 0, "_system_config": _FAST_FAILURE},
+    )
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the faulty hooks
+    try:
+        for _ in range(2):
+            c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def _alive_workers() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0)
+
+
+def _kill_node(cluster, node_id: str) -> None:
+    """The worker node `node_id` killed: raylet, object store and every worker on it."""
+    node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+    cluster.remove_node(node, allow_graceful=False)
+
+
+def _stalls_once(shard: Shard, *, marker: str, victim: int) -> PredictSummary:
+    """A task body whose first attempt on the shard holding series `victim` commits the
+    first half of its shard, writes its node's id to the marker file and waits there to be
+    killed with its node; the retry (the marker exists) predicts the shard."""
+    if victim not in shard.series_ids:
+        return predict_shard(shard)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return predict_shard(shard)
+    half = shard.series_ids[: len(shard.series_ids) // 2]
+    predict_shard(Shard(**{**shard.__dict__, "series_ids": half}))
+    Path(marker + ".node").write_text(ray.get_runtime_context().get_node_id())
+    time.sleep(90)  # the test kills this node long before
+    raise AssertionError("the node was not killed")
+
+
+def test_a_node_killed_mid_predict_loses_and_duplicates_nothing(cluster, bundled, model, tmp_path):  # noqa: F811
+    reference = _store(f"sqlite:///{tmp_path / 'ref.db'}", bundled, model)
+    run_predict(reference, warmup_steps=72)
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    store = _store(url, bundled, model)
+    marker = str(tmp_path / "stalled")
+    victim = min(t["id"] for t in store.prediction_targets())  # in the first shard of 5
+    body = functools.partial(_stalls_once, marker=marker, victim=victim)
+    predict = RayPredict(_settings(url, tmp_path, max_retries=2).compute, url, shard_fn=body)
+
+    killed: list[str] = []
+
+    def killer() -> None:
+        node_file = Path(marker + ".node")
+        deadline = time.monotonic() + 120
+        while not node_file.exists() or not node_file.read_text():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+        killed.append(node_file.read_text())
+        _kill_node(cluster, killed[0])
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = predict(store, warmup_steps=72)
+    thread.join(timeout=10)
+    assert killed, "the stalled task never reported its node"
+    assert _alive_workers() == 1  # the shard's retry ran on the other node
+    # The killed attempt committed half a shard (2 of 5 series), which its retry found done.
+    assert summary.series_advanced == 23 - 2
+    _assert_same(_rows(store), _rows(reference))
+    store.close()
+    reference.close()
+
+
+def _stalls_mid_training(progress, *, marker: str) -> None:
+    """A training worker's progress hook: at the first window of the first attempt, write
+    this node's id to the marker file and wait there to be killed with the node (the other
+    rank waits on it in DDP's all-reduce); once the marker exists, nothing."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    Path(marker + ".node").write_text(ray.get_runtime_context().get_node_id())
+    time.sleep(90)  # the test kills this node long before
+    raise AssertionError("the node was not killed")
+
+
+def _retrain(cluster, url: str, tmp_path: Path, bundled, model, *, kill: bool) -> dict:  # noqa: F811
+    """A retrain job on Ray Train across two workers, one per node: registered and
+    promoted, its states built by Ray predict tasks. With `kill`, the node of a training
+    worker is killed in the middle of its first epoch and a fresh node joins (as a
+    cluster's autoscaler would replace it); Ray Train starts the worker group again. (The
+    job runs on a thread: Ray starts a node from the main thread only.)"""
+    store = _store(url, bundled, model, champion=False)
+    settings = _settings(url, tmp_path, train_workers=2, num_cpus=1, max_retries=2)
+    backend = build_backend(settings, store, FixedClock(NOW), workers=1)
+    marker = str(tmp_path / f"{Path(url).stem}.stalled")
+    if kill:
+        backend.trainer.worker_progress = functools.partial(_stalls_mid_training, marker=marker)
+    node_file = Path(marker + ".node")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(backend.run, Job(kind="retrain", scheduled_at=NOW))
+        killed = None
+        while kill and killed is None and not running.done():
+            if node_file.exists() and (node_id := node_file.read_text()):
+                killed = node_id
+                _kill_node(cluster, node_id)
+                cluster.add_node(num_cpus=1)
+            time.sleep(0.05)
+        outcome = running.result(timeout=600)
+    backend.shutdown(wait=True)
+    assert not kill or killed is not None, "no training worker reported its node"
+    assert outcome.status == "succeeded", outcome.summary
+    assert backend.trainer.last_world_size == 2
+    version = store.model_version(outcome.detail["challenger_id"])
+    rows = _rows(store)
+    store.close()
+    return {"version": version, "decision": outcome.detail["decision"], "rows": rows}
+
+
+def test_a_node_killed_mid_retrain_on_ray_train_ends_as_an_uninterrupted_run(
+    cluster,
+    bundled,  # noqa: F811
+    model,  # noqa: F811
+    tmp_path,
+):
+    clean = _retrain(
+        cluster, f"sqlite:///{tmp_path / 'clean.db'}", tmp_path, bundled, model, kill=False
+    )
+    hit = _retrain(cluster, f"sqlite:///{tmp_path / 'hit.db'}", tmp_path, bundled, model, kill=True)
+    assert hit["decision"] == clean["decision"] == "promoted"
+    # The same weights (trained again from the start, rank by rank on the same rows)...
+    assert hit["version"]["sha256"] == clean["version"]["sha256"]
+    assert hit["version"]["metrics"] == clean["version"]["metrics"]
+    # ...and the same states and forecasts from them.
+    _assert_same(hit["rows"], clean["rows"])
