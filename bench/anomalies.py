@@ -526,8 +526,13 @@ class Score:
     incidents: int = 0
     true_incidents: int = 0
     events: int = 0  # fleet-wide events the run recorded (the service's only)
+    # The false incidents by where they start relative to their series' latest disruption
+    # before them (false_where): what a false alarm in a disrupted run is.
+    false_at: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Score) -> None:
+        for k, v in other.false_at.items():
+            self.false_at[k] = self.false_at.get(k, 0) + v
         self.disruptions += other.disruptions
         self.detected_soon += other.detected_soon
         self.detected += other.detected
@@ -588,7 +593,26 @@ def match(found: Found, disruptions: list[Disruption], data: Data) -> Score:
             score.detected_soon += delay <= DETECT_STEPS
             score.delays.append(delay)
     score.true_incidents = len(true)
+    for s, a, _ in found.incidents.select("series", "start_ts", "end_ts").iter_rows():
+        if (s, a) not in true:
+            where = false_where(a, [d for d in disruptions if d.series == s], data)
+            score.false_at[where] = score.false_at.get(where, 0) + 1
     return score
+
+
+def false_where(start: int, disruptions: list[Disruption], data: Data) -> str:
+    """Where a false incident starting at `start` lies: "day echo" / "week echo" (within 3
+    steps of a day or a week after a step of its series' latest disruption before it),
+    "2 days after" (within 2 days of that disruption's end otherwise: its aftermath, the
+    forecasts from a state that absorbed it), "elsewhere" (what the clean run would show)."""
+    before = [d for d in disruptions if d.start <= start]
+    if not before:
+        return "elsewhere"
+    d = max(before, key=lambda x: x.start)
+    for name, lag in (("day echo", data.per_day), ("week echo", 7 * data.per_day)):
+        if d.start + lag - 3 <= start <= d.start + d.length - 1 + lag + 3:
+            return name
+    return "2 days after" if start <= d.start + d.length - 1 + 2 * data.per_day else "elsewhere"
 
 
 @dataclass(frozen=True)
@@ -620,9 +644,17 @@ HEADER = (
 )
 
 
+def size_cell(size: float | None) -> str:
+    return "level" if size is None else f"{size:g}"
+
+
+def false_line(score: Score) -> str:
+    where = ("day echo", "week echo", "2 days after", "elsewhere")
+    return ", ".join(f"{score.false_at.get(w, 0)} {w}" for w in where)
+
+
 def row(kind: str, size: float | None, ours: Score, ref: Score) -> str:
-    size_cell = "level" if size is None else f"{size:g}"
-    cells = [kind, size_cell, str(ours.disruptions), *ours.cells(), str(ours.events)]
+    cells = [kind, size_cell(size), str(ours.disruptions), *ours.cells(), str(ours.events)]
     cells += ref.cells()
     return "| " + " | ".join(cells) + " |"
 
@@ -718,6 +750,7 @@ def run_dataset(
     events = 0 if clean.found.events is None else clean.found.events.height
     print(clean_line(ours_clean, ref_clean, statistics.median(widths.values()), events))
     print(f"\n{HEADER}")
+    false_lines: list[str] = []
     for i, (kind, size) in enumerate(scenarios(args.quick)):
         disruptions = plan(data, kind, size or 0.0, widths, args.seed * 1000 + i, args.per_week)
         values = inject(data.replay, kind, disruptions)
@@ -731,6 +764,9 @@ def run_dataset(
         pooled[(kind, size)][0].add(ours)
         pooled[(kind, size)][1].add(ref)
         print(row(kind, size, ours, ref), flush=True)
+        false_lines.append(f"{kind} {size_cell(size)}: {false_line(ours)}")
+    print("\nour false incidents by where they start (false_where):")
+    print("\n".join(f"- {line}" for line in false_lines))
     print(f"\n{data.name}: {time.perf_counter() - t0:.0f} s wall")
 
 
@@ -848,6 +884,9 @@ def main() -> None:
         print(f"\n## overall: {len(names)} datasets pooled\n\n{HEADER}")
         for (kind, size), (ours, ref) in pooled.items():
             print(row(kind, size, ours, ref))
+        print("\nour false incidents by where they start (false_where):")
+        for (kind, size), (ours, _) in pooled.items():
+            print(f"- {kind} {size_cell(size)}: {false_line(ours)}")
 
 
 if __name__ == "__main__":

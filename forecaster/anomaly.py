@@ -330,6 +330,35 @@ def merge_incidents(intervals: pl.DataFrame, gap: int) -> pl.DataFrame:
     )
 
 
+def aftermath(points: pl.DataFrame, incidents: pl.DataFrame, gap: int, horizon: int) -> pl.Series:
+    """Per point (series_id, ts, origin_ts, freq_s), the largest peak score (0 where none)
+    of the incidents (INCIDENT_COLUMNS) of its series that its forecast's state absorbed and
+    that had closed by then: the origin at or after the incident's start and at most
+    `horizon` steps after its end, the point more than `gap` steps after that end. Such a
+    forecast is off because of that incident (the recurrent state carries it on for a while,
+    whichever step of the forecast the point is): a miss smaller than the incident itself
+    is no evidence of a new one. While the incident is open, its points continue it."""
+    none = pl.Series("aftermath", [0.0] * points.height, dtype=pl.Float64)
+    if incidents.is_empty() or points.is_empty():
+        return none
+    step = pl.duration(seconds=pl.col("freq_s"))
+    keyed = points.select("series_id", "ts", "origin_ts", "freq_s").with_row_index("_row")
+    peak = (
+        keyed.join(
+            incidents.select("series_id", "start_ts", "end_ts", "peak_score"), on="series_id"
+        )
+        .filter(
+            (pl.col("origin_ts") >= pl.col("start_ts"))
+            & (pl.col("origin_ts") <= pl.col("end_ts") + step * horizon)
+            & (pl.col("ts") > pl.col("end_ts") + step * gap)
+        )
+        .group_by("_row")
+        .agg(pl.col("peak_score").max().alias("_peak"))
+    )
+    flagged = keyed.select("_row").join(peak, on="_row", how="left").sort("_row")
+    return flagged["_peak"].fill_null(0.0).cast(pl.Float64).alias("aftermath")
+
+
 def point_intervals(points: pl.DataFrame) -> pl.DataFrame:
     """Anomalous points (series_id, ts, score, freq_s) as one-point intervals."""
     return points.select(

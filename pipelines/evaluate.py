@@ -152,7 +152,7 @@ def run_evaluate(
     # Anomalies: the newly scored actuals, judged against the newest forecast for each
     # (series, time), as served; incidents and fleet events follow (forecaster.anomaly).
     newest = scored.sort("origin_ts").group_by("series_id", "target_ts").last()
-    judged = _judge(store, model, newest, tracked, anomalies, holdout)
+    judged = _judge(store, model, newest, tracked, anomalies, holdout, horizon)
     accuracy = _series_accuracy(store, model, scored, ends, accuracy_window)
     summary.accuracy_window = accuracy_window
     summary.mase = _pooled_mase(accuracy, model)
@@ -313,6 +313,7 @@ def _judge(
     tracked: pl.DataFrame,
     cfg: AnomalySettings | None,
     holdout: dict | None = None,
+    horizon: int | None = None,
 ) -> _Judged:
     """Score the window's newest forecasts, judge the actuals not judged before, and fold the
     anomalous ones into incidents and fleet events."""
@@ -416,6 +417,23 @@ def _judge(
         echo = echo | (pl.col(f"_s{lag}") == -pl.col("deviation").sign()).fill_null(False)
     new = new.with_columns(pl.when(echo).then(0.0).otherwise(pl.col("score")).alias("score")).drop(
         [f"_s{lag}" for lag in ECHO]
+    )
+    # An aftermath: a forecast made from a state that absorbed an incident of its series
+    # (the stored ones and those the new points form) is off because of it; once that
+    # incident has closed, misses that score no more than it did score 0
+    # (forecaster.anomaly.aftermath).
+    raw_incidents = anomaly.merge_incidents(
+        anomaly.point_intervals(
+            new.filter(pl.col("score") > 1).select("series_id", "ts", "score", "freq_s")
+        ),
+        gap,
+    )
+    sources = pl.concat(
+        [window.select(*anomaly.INCIDENT_COLUMNS), raw_incidents], how="vertical_relaxed"
+    )
+    shadow = anomaly.aftermath(new, sources, gap, horizon or int(newest["horizon_step"].max()))
+    new = new.with_columns(
+        pl.when(pl.col("score") <= shadow).then(0.0).otherwise(pl.col("score")).alias("score")
     )
     hits = new.filter(pl.col("score") > 1)
     rows = hits.select(

@@ -280,3 +280,36 @@ def test_a_run_rewrites_only_events_that_start_in_its_window_and_overlap_none_be
     # Window from hour 3; an event recorded from hour 0 to 5 runs into it.
     kept = anomaly.new_events(events, _ts([3])[0], [tuple(_ts([0, 5])), tuple(_ts([20, 22]))])
     assert kept["start_ts"].to_list() == _ts([20, 30])  # 1: before; 4: a clipped copy
+
+
+def test_the_aftermath_of_a_closed_incident_is_its_own_series_forecasts_from_a_state_that_saw_it():
+    # Series 1 had incidents from hour 10 to 12 (peak 3) and at hour 30 (peak 1.5). Hourly
+    # data, gap 2, a 24-step horizon.
+    incidents = pl.DataFrame(
+        {
+            "series_id": [1, 1],
+            "start_ts": _ts([10, 30]),
+            "end_ts": _ts([12, 30]),
+            "peak_score": [3.0, 1.5],
+        },
+    )
+    cases = [  # (series, ts, origin) -> the peak of the incident in its state's past
+        (1, 20, 12, 3.0),  # origin inside the incident, the point after it closed
+        (1, 40, 36, 3.0),  # origin a horizon after the end (and after the second one's)
+        (1, 40, 37, 1.5),  # past a horizon after the first's end: only the second's
+        (1, 28, 9, 0.0),  # origin before the incident: the state never saw it
+        (1, 14, 12, 0.0),  # within gap steps of the end: it continues the incident
+        (1, 15, 12, 3.0),  # past gap steps of the end
+        (2, 20, 12, 0.0),  # another series
+    ]
+    points = pl.DataFrame(
+        {
+            "series_id": [c[0] for c in cases],
+            "ts": _ts([c[1] for c in cases]),
+            "origin_ts": _ts([c[2] for c in cases]),
+            "freq_s": [HOUR] * len(cases),
+        }
+    )
+    got = anomaly.aftermath(points, incidents, gap=2, horizon=24).to_list()
+    assert got == [c[3] for c in cases]
+    assert anomaly.aftermath(points, incidents.clear(), gap=2, horizon=24).to_list() == [0.0] * 7
