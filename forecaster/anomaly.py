@@ -56,6 +56,7 @@ the incidents of a large fleet into one event.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -168,6 +169,24 @@ def prior_max(
             .otherwise(0.0)
         )
     return frame.select(pl.max_horizontal(*parts).fill_null(0.0).alias("m"))["m"]
+
+
+# A series' own threshold is read from a few weeks of its own points: a noisy estimate of a
+# far tail. It is shrunk towards the fleet's, in logs, with the weight of SHRINK_WEEKS
+# series-weeks of the fleet's (2 weeks of its own: half its own).
+SHRINK_WEEKS = 2.0
+
+
+def shrunk_thresholds(
+    own: dict[int, float], weeks: dict[int, float], pooled: float
+) -> dict[int, float]:
+    """Each series' threshold `own` moved towards the fleet's `pooled`: the geometric mean
+    weighted by the series' scored weeks against SHRINK_WEEKS."""
+    out = {}
+    for sid, value in own.items():
+        w = weeks.get(sid, 0.0) / (weeks.get(sid, 0.0) + SHRINK_WEEKS)
+        out[sid] = max(math.exp(w * math.log(value) + (1 - w) * math.log(pooled)), MIN_THRESHOLD)
+    return out
 
 
 def series_weeks(frame: pl.DataFrame, *, freq: str = "freq_s") -> float:

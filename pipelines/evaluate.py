@@ -392,7 +392,18 @@ def _judge(
                 if sid in judged_ids and name in from_holdout:
                     own[sid] = max(float(from_holdout[name]) * level, anomaly.MIN_THRESHOLD)
         mine = past.filter(pl.col("series_id").is_in(list(judged_ids)))
-        own.update(anomaly.choose_thresholds(mine, cfg.incidents_per_week, gap))
+        weeks = dict(
+            mine.group_by("series_id")
+            .agg(pl.col("freq_s").cast(pl.Float64).sum() / anomaly.WEEK_S)
+            .iter_rows()
+        )
+        own.update(
+            anomaly.shrunk_thresholds(
+                anomaly.choose_thresholds(mine, cfg.incidents_per_week, gap),
+                weeks,
+                threshold.value,
+            )
+        )
     points = points.with_columns(
         pl.col("series_id")
         .replace_strict(own, default=threshold.value, return_dtype=pl.Float64)

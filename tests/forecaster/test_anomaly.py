@@ -313,3 +313,13 @@ def test_the_aftermath_of_a_closed_incident_is_its_own_series_forecasts_from_a_s
     got = anomaly.aftermath(points, incidents, gap=2, horizon=24).to_list()
     assert got == [c[3] for c in cases]
     assert anomaly.aftermath(points, incidents.clear(), gap=2, horizon=24).to_list() == [0.0] * 7
+
+
+def test_a_series_own_threshold_leans_on_the_fleet_s_while_its_history_is_short():
+    own = {1: 16.0, 2: 16.0, 3: 2.0}
+    weeks = {1: anomaly.SHRINK_WEEKS, 2: 1000 * anomaly.SHRINK_WEEKS, 3: anomaly.SHRINK_WEEKS}
+    got = anomaly.shrunk_thresholds(own, weeks, pooled=4.0)
+    assert got[1] == pytest.approx(8.0)  # as many weeks as the prior's: the geometric mean
+    assert got[2] == pytest.approx(16.0, rel=0.01)  # a long history: its own
+    assert got[3] == pytest.approx(max((2.0 * 4.0) ** 0.5, anomaly.MIN_THRESHOLD))
+    assert anomaly.shrunk_thresholds({}, {}, pooled=4.0) == {}
