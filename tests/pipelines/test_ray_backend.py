@@ -209,10 +209,10 @@ def test_sharded_rolling_prediction_equals_inline_row_by_row(cluster, bundled, m
         store.close()
 
 
-def _dies_once(shard: Shard, *, marker: str, victim: int) -> PredictSummary:
-    """A task body whose first attempt on the shard holding series `victim` commits the
-    first half of its shard, then its worker process dies (the marker file, created
-    atomically, tells the retry it is one)."""
+def first_attempt_half(shard: Shard, marker: str, victim: int) -> PredictSummary | None:
+    """The shard predicted whole, except at the first attempt on the shard holding series
+    `victim` (the marker file, created atomically, tells a retry it is one): there only its
+    first half is committed, and None returned for the caller to fail as it likes."""
     if victim not in shard.series_ids:
         return predict_shard(shard)
     try:
@@ -221,7 +221,16 @@ def _dies_once(shard: Shard, *, marker: str, victim: int) -> PredictSummary:
         return predict_shard(shard)
     half = shard.series_ids[: len(shard.series_ids) // 2]
     predict_shard(Shard(**{**shard.__dict__, "series_ids": half}))
-    os._exit(1)
+    return None
+
+
+def _dies_once(shard: Shard, *, marker: str, victim: int) -> PredictSummary:
+    """A task body whose first attempt on the victim's shard commits half of it, then its
+    worker process dies."""
+    done = first_attempt_half(shard, marker, victim)
+    if done is None:
+        os._exit(1)
+    return done
 
 
 @pytest.mark.slow

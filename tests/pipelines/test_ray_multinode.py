@@ -28,12 +28,13 @@ from tests.pipelines.test_ray_backend import (  # the single-node module's data 
     _settings,
     _store,
     bundled,  # noqa: F401 - fixture
+    first_attempt_half,
     model,  # noqa: F401 - fixture
 )
 
 ray = pytest.importorskip("ray")  # test_ray_backend fails under CI=true without it
 
-from pipelines.backends.ray import RayPredict, Shard, predict_shard  # noqa: E402
+from pipelines.backends.ray import RayPredict, Shard  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,8 @@ def cluster():
         connect=True,
         head_node_args={"num_cpus": 0, "_system_config": _FAST_FAILURE},
     )
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the faulty hooks
+    for module in (__name__, first_attempt_half.__module__):  # the faulty hooks
+        ray.cloudpickle.register_pickle_by_value(sys.modules[module])
     try:
         for _ in range(2):
             c.add_node(num_cpus=1)
@@ -78,17 +80,11 @@ def _kill_node(cluster, node_id: str) -> None:
 
 
 def _stalls_once(shard: Shard, *, marker: str, victim: int) -> PredictSummary:
-    """A task body whose first attempt on the shard holding series `victim` commits the
-    first half of its shard, writes its node's id to the marker file and waits there to be
-    killed with its node; the retry (the marker exists) predicts the shard."""
-    if victim not in shard.series_ids:
-        return predict_shard(shard)
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return predict_shard(shard)
-    half = shard.series_ids[: len(shard.series_ids) // 2]
-    predict_shard(Shard(**{**shard.__dict__, "series_ids": half}))
+    """A task body whose first attempt on the victim's shard commits half of it, writes its
+    node's id to a file and waits there to be killed with its node."""
+    done = first_attempt_half(shard, marker, victim)
+    if done is not None:
+        return done
     Path(marker + ".node").write_text(ray.get_runtime_context().get_node_id())
     time.sleep(90)  # the test kills this node long before
     raise AssertionError("the node was not killed")
