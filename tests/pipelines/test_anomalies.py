@@ -184,3 +184,61 @@ def test_a_crash_inside_evaluate_then_a_rerun_equals_an_uninterrupted_run(
         assert _rows(store, table) == _rows(reference, table), table
     store.close()
     reference.close()
+
+
+def _move_forecasts(store, series: str, day: int, hours: range, half_widths: float) -> None:
+    """Move the champion's stored forecasts (median and band) of `series` for those hours
+    of `day` down by `half_widths` of each one's band: the actual then lies that far above."""
+    f, se = schema.forecasts, schema.series
+    times = [START + timedelta(days=day, hours=h) for h in hours]
+    shift = (f.c.yhat_upper - f.c.yhat_lower) / 2 * half_widths
+    with store.begin() as conn:
+        conn.execute(
+            sa.update(f)
+            .where(
+                f.c.model == "v1",
+                f.c.target_ts.in_(times),
+                f.c.series_id == sa.select(se.c.id).where(se.c.name == series).scalar_subquery(),
+            )
+            .values(
+                yhat=f.c.yhat - shift,
+                yhat_lower=f.c.yhat_lower - shift,
+                yhat_upper=f.c.yhat_upper - shift,
+            )
+        )
+
+
+def test_the_aftermath_of_a_closed_incident_opens_no_new_one_unless_it_is_larger(
+    sqlite_url,
+    trained,  # noqa: F811
+):
+    store = _setup(sqlite_url, trained)
+    _replay(store, 31, {})
+    # Day 31, hours 2-4: the forecasts (made the day before) miss by 60 half-widths: an
+    # incident, closed by the day's end. The forecasts for day 32 come from the state at
+    # day 31's end, which absorbed it (origin within a horizon after its end).
+    _ingest_days(store, 31, 32)
+    _move_forecasts(store, "sine.0", 31, range(2, 5), 60.0)
+    run_predict(store, warmup_steps=WARMUP)
+    run_evaluate(store, prior_weight=10, anomalies=CFG)
+    # Day 32: those forecasts miss by 20 half-widths at hours 8-10 (anomalous, but less
+    # than the incident that made them) and by 120 at hours 16-18 (more than it).
+    _ingest_days(store, 32, 33)
+    _move_forecasts(store, "sine.0", 32, range(8, 11), 20.0)
+    _move_forecasts(store, "sine.0", 32, range(16, 19), 120.0)
+    run_predict(store, warmup_steps=WARMUP)
+    run_evaluate(store, prior_weight=10, anomalies=CFG)
+    starts = sorted(
+        (i["start_ts"] - START) // timedelta(hours=1)
+        for i in store.list_incidents(limit=100)
+        if i["series"] == "sine.0" and i["start_ts"] >= START + timedelta(days=31)
+    )
+    assert starts == [31 * 24 + 2, 32 * 24 + 16], starts
+    # The moderate misses were scored (they are stored for what they are) as 0.
+    hours = {
+        (a["ts"] - START) // timedelta(hours=1): a["score"]
+        for a in store.list_anomalies("sine.0", limit=200)
+    }
+    assert not any(32 * 24 + 8 <= h <= 32 * 24 + 10 for h in hours)
+    assert all(hours.get(32 * 24 + h, 0) > 1 for h in (16, 17, 18))
+    store.close()
