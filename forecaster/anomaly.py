@@ -56,7 +56,6 @@ the incidents of a large fleet into one event.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -177,16 +176,12 @@ def prior_max(
 SHRINK_WEEKS = 2.0
 
 
-def shrunk_thresholds(
-    own: dict[int, float], weeks: dict[int, float], pooled: float
-) -> dict[int, float]:
-    """Each series' threshold `own` moved towards the fleet's `pooled`: the geometric mean
-    weighted by the series' scored weeks against SHRINK_WEEKS."""
-    out = {}
-    for sid, value in own.items():
-        w = weeks.get(sid, 0.0) / (weeks.get(sid, 0.0) + SHRINK_WEEKS)
-        out[sid] = max(math.exp(w * math.log(value) + (1 - w) * math.log(pooled)), MIN_THRESHOLD)
-    return out
+def shrunk(value: Any, weeks: Any, pooled: float) -> Any:
+    """A series' threshold `value`, read from `weeks` of its points, moved towards the
+    fleet's `pooled`: the geometric mean weighted by its weeks against SHRINK_WEEKS (floats
+    or arrays); never below MIN_THRESHOLD."""
+    w = weeks / (weeks + SHRINK_WEEKS)
+    return np.maximum(np.exp(w * np.log(value) + (1 - w) * np.log(pooled)), MIN_THRESHOLD)
 
 
 def series_weeks(frame: pl.DataFrame, *, freq: str = "freq_s") -> float:
@@ -248,9 +243,11 @@ def choose_thresholds(
     series: str = "series_id",
     ts: str = "ts",
     freq: str = "freq_s",
+    shrink_to: float | None = None,
 ) -> dict[int, float]:
     """choose_threshold(...).value for each series of `frame` with MIN_SERIES_WEEKS of
-    points, computed for all of them in one pass (10,000 series: one sort, not 10,000)."""
+    points, computed for all of them in one pass (10,000 series: one sort, not 10,000);
+    with `shrink_to` (the fleet's threshold), each moved towards it by its weeks (shrunk)."""
     weeks = frame.group_by(series).agg(
         (pl.col(freq).cast(pl.Float64).sum() / WEEK_S).alias("_weeks")
     )
@@ -286,7 +283,11 @@ def choose_thresholds(
     starts = (ends[cs] - np.searchsorted(key_e, key_c, "right")) - (
         ends[cs] - np.searchsorted(key_m, key_c, "right")
     )
-    budget = frame.group_by("_s").agg(pl.col("_weeks").first() * rate, pl.col(series).first())
+    budget = frame.group_by("_s").agg(
+        pl.col("_weeks").first().alias("_n_weeks"),
+        pl.col("_weeks").first() * rate,
+        pl.col(series).first(),
+    )
     cand = (
         cand.with_columns(pl.Series("_starts", starts))
         .with_columns(pl.col("_starts").reverse().cum_max().reverse().over("_s").alias("_suffix"))
@@ -310,6 +311,8 @@ def choose_thresholds(
     with np.errstate(divide="ignore", invalid="ignore"):  # no_tail rows are not read
         value = np.where(no_tail, exact, _extrapolate(u, u2))
     value = np.maximum(value, MIN_THRESHOLD)
+    if shrink_to is not None:
+        value = shrunk(value, out["_n_weeks"].to_numpy(), shrink_to)
     return dict(zip(out[series].to_list(), value.tolist(), strict=True))
 
 
@@ -357,9 +360,8 @@ def aftermath(points: pl.DataFrame, incidents: pl.DataFrame, gap: int, horizon: 
     forecast is off because of that incident (the recurrent state carries it on for a while,
     whichever step of the forecast the point is): a miss smaller than the incident itself
     is no evidence of a new one. While the incident is open, its points continue it."""
-    none = pl.Series("aftermath", [0.0] * points.height, dtype=pl.Float64)
     if incidents.is_empty() or points.is_empty():
-        return none
+        return pl.Series("aftermath", [0.0] * points.height, dtype=pl.Float64)
     step = pl.duration(seconds=pl.col("freq_s"))
     keyed = points.select("series_id", "ts", "origin_ts", "freq_s").with_row_index("_row")
     peak = (

@@ -312,8 +312,8 @@ def _judge(
     newest: pl.DataFrame,
     tracked: pl.DataFrame,
     cfg: AnomalySettings | None,
-    holdout: dict | None = None,
-    horizon: int | None = None,
+    holdout: dict | None,
+    horizon: int,
 ) -> _Judged:
     """Score the window's newest forecasts, judge the actuals not judged before, and fold the
     anomalous ones into incidents and fleet events."""
@@ -392,17 +392,8 @@ def _judge(
                 if sid in judged_ids and name in from_holdout:
                     own[sid] = max(float(from_holdout[name]) * level, anomaly.MIN_THRESHOLD)
         mine = past.filter(pl.col("series_id").is_in(list(judged_ids)))
-        weeks = dict(
-            mine.group_by("series_id")
-            .agg(pl.col("freq_s").cast(pl.Float64).sum() / anomaly.WEEK_S)
-            .iter_rows()
-        )
         own.update(
-            anomaly.shrunk_thresholds(
-                anomaly.choose_thresholds(mine, cfg.incidents_per_week, gap),
-                weeks,
-                threshold.value,
-            )
+            anomaly.choose_thresholds(mine, cfg.incidents_per_week, gap, shrink_to=threshold.value)
         )
     points = points.with_columns(
         pl.col("series_id")
@@ -442,7 +433,7 @@ def _judge(
     sources = pl.concat(
         [window.select(*anomaly.INCIDENT_COLUMNS), raw_incidents], how="vertical_relaxed"
     )
-    shadow = anomaly.aftermath(new, sources, gap, horizon or int(newest["horizon_step"].max()))
+    shadow = anomaly.aftermath(new, sources, gap, horizon)
     new = new.with_columns(
         pl.when(pl.col("score") <= shadow).then(0.0).otherwise(pl.col("score")).alias("score")
     )

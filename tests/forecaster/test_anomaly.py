@@ -316,10 +316,18 @@ def test_the_aftermath_of_a_closed_incident_is_its_own_series_forecasts_from_a_s
 
 
 def test_a_series_own_threshold_leans_on_the_fleet_s_while_its_history_is_short():
-    own = {1: 16.0, 2: 16.0, 3: 2.0}
-    weeks = {1: anomaly.SHRINK_WEEKS, 2: 1000 * anomaly.SHRINK_WEEKS, 3: anomaly.SHRINK_WEEKS}
-    got = anomaly.shrunk_thresholds(own, weeks, pooled=4.0)
-    assert got[1] == pytest.approx(8.0)  # as many weeks as the prior's: the geometric mean
-    assert got[2] == pytest.approx(16.0, rel=0.01)  # a long history: its own
-    assert got[3] == pytest.approx(max((2.0 * 4.0) ** 0.5, anomaly.MIN_THRESHOLD))
-    assert anomaly.shrunk_thresholds({}, {}, pooled=4.0) == {}
+    own = np.array([16.0, 16.0, 2.0])
+    weeks = np.array([anomaly.SHRINK_WEEKS, 1000 * anomaly.SHRINK_WEEKS, anomaly.SHRINK_WEEKS])
+    got = anomaly.shrunk(own, weeks, pooled=4.0)
+    assert got[0] == pytest.approx(8.0)  # as many weeks as the prior's: the geometric mean
+    assert got[1] == pytest.approx(16.0, rel=0.01)  # a long history: its own
+    assert got[2] == pytest.approx(max((2.0 * 4.0) ** 0.5, anomaly.MIN_THRESHOLD))
+    assert anomaly.shrunk(np.array([]), np.array([]), pooled=4.0).size == 0
+    # choose_thresholds(shrink_to=) moves each series' own by the weeks it was read from.
+    rng = np.random.default_rng(3)
+    frame = _points(np.abs(rng.standard_t(3, 5 * 3 * 168)), 5)  # 5 series, 3 weeks each
+    plain = anomaly.choose_thresholds(frame, 0.5, 2)
+    leaning = anomaly.choose_thresholds(frame, 0.5, 2, shrink_to=4.0)
+    weeks_of = frame.group_by("series_id").agg(pl.col("freq_s").sum() / anomaly.WEEK_S)
+    for sid, w in weeks_of.iter_rows():
+        assert leaning[sid] == pytest.approx(anomaly.shrunk(plain[sid], w, 4.0))
