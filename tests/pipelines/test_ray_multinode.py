@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -37,6 +38,7 @@ ray = pytest.importorskip("ray")  # test_ray_backend fails under CI=true without
 from pipelines.backends.ray import RayPredict, Shard  # noqa: E402
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 # Node failure noticed within about a second (Ray's defaults take about 15 s).
 _FAST_FAILURE = {
@@ -79,15 +81,40 @@ def _kill_node(cluster, node_id: str) -> None:
     cluster.remove_node(node, allow_graceful=False)
 
 
-def _stalls_once(shard: Shard, *, marker: str, victim: int) -> PredictSummary:
-    """A task body whose first attempt on the victim's shard commits half of it, writes its
-    node's id to a file and waits there to be killed with its node."""
-    done = first_attempt_half(shard, marker, victim)
-    if done is not None:
-        return done
+def _wait_to_be_killed(marker: str) -> None:
+    """In a task or worker: write this node's id to the marker's .node file and wait there
+    to be killed with the node."""
     Path(marker + ".node").write_text(ray.get_runtime_context().get_node_id())
     time.sleep(90)  # the test kills this node long before
     raise AssertionError("the node was not killed")
+
+
+def _killing(cluster, job: Callable[[], T], marker: str, *, replace: bool) -> tuple[T, str | None]:
+    """`job` run on a thread while this one waits for a task or worker to report its node
+    (_wait_to_be_killed), kills that node and, with `replace`, adds a fresh one (as a
+    cluster's autoscaler would; Ray starts a node from the main thread only). Returns the
+    job's result and the killed node's id (None if none reported before the job ended)."""
+    node_file = Path(marker + ".node")
+    killed = None
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(job)
+        while killed is None and not running.done():
+            if node_file.exists() and (node_id := node_file.read_text()):
+                killed = node_id
+                _kill_node(cluster, node_id)
+                if replace:
+                    cluster.add_node(num_cpus=1)
+            time.sleep(0.05)
+        return running.result(timeout=600), killed
+
+
+def _stalls_once(shard: Shard, *, marker: str, victim: int) -> PredictSummary:
+    """A task body whose first attempt on the victim's shard commits half of it, then waits
+    to be killed with its node."""
+    done = first_attempt_half(shard, marker, victim)
+    if done is None:
+        _wait_to_be_killed(marker)
+    return done
 
 
 def test_a_node_killed_mid_predict_loses_and_duplicates_nothing(cluster, bundled, model, tmp_path):  # noqa: F811
@@ -99,23 +126,9 @@ def test_a_node_killed_mid_predict_loses_and_duplicates_nothing(cluster, bundled
     victim = min(t["id"] for t in store.prediction_targets())  # in the first shard of 5
     body = functools.partial(_stalls_once, marker=marker, victim=victim)
     predict = RayPredict(_settings(url, tmp_path, max_retries=2).compute, url, shard_fn=body)
-
-    killed: list[str] = []
-
-    def killer() -> None:
-        node_file = Path(marker + ".node")
-        deadline = time.monotonic() + 120
-        while not node_file.exists() or not node_file.read_text():
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.1)
-        killed.append(node_file.read_text())
-        _kill_node(cluster, killed[0])
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    summary = predict(store, warmup_steps=72)
-    thread.join(timeout=10)
+    summary, killed = _killing(
+        cluster, lambda: predict(store, warmup_steps=72), marker, replace=False
+    )
     assert killed, "the stalled task never reported its node"
     assert _alive_workers() == 1  # the shard's retry ran on the other node
     # The killed attempt committed half a shard (2 of 5 series), which its retry found done.
@@ -126,43 +139,33 @@ def test_a_node_killed_mid_predict_loses_and_duplicates_nothing(cluster, bundled
 
 
 def _stalls_mid_training(progress, *, marker: str) -> None:
-    """A training worker's progress hook: at the first window of the first attempt, write
-    this node's id to the marker file and wait there to be killed with the node (the other
-    rank waits on it in DDP's all-reduce); once the marker exists, nothing."""
+    """A training worker's progress hook: at the first window of the first attempt, wait to
+    be killed with the node (the other rank waits on it in DDP's all-reduce); once the
+    marker exists, nothing."""
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return
-    Path(marker + ".node").write_text(ray.get_runtime_context().get_node_id())
-    time.sleep(90)  # the test kills this node long before
-    raise AssertionError("the node was not killed")
+    _wait_to_be_killed(marker)
 
 
 def _retrain(cluster, url: str, tmp_path: Path, bundled, model, *, kill: bool) -> dict:  # noqa: F811
     """A retrain job on Ray Train across two workers, one per node: registered and
     promoted, its states built by Ray predict tasks. With `kill`, the node of a training
-    worker is killed in the middle of its first epoch and a fresh node joins (as a
-    cluster's autoscaler would replace it); Ray Train starts the worker group again. (The
-    job runs on a thread: Ray starts a node from the main thread only.)"""
+    worker is killed in the middle of its first epoch and a fresh node joins; Ray Train
+    starts the worker group again."""
     store = _store(url, bundled, model, champion=False)
     settings = _settings(url, tmp_path, train_workers=2, num_cpus=1, max_retries=2)
     backend = build_backend(settings, store, FixedClock(NOW), workers=1)
-    marker = str(tmp_path / f"{Path(url).stem}.stalled")
+    job = functools.partial(backend.run, Job(kind="retrain", scheduled_at=NOW))
     if kill:
+        marker = str(tmp_path / f"{Path(url).stem}.stalled")
         backend.trainer.worker_progress = functools.partial(_stalls_mid_training, marker=marker)
-    node_file = Path(marker + ".node")
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(backend.run, Job(kind="retrain", scheduled_at=NOW))
-        killed = None
-        while kill and killed is None and not running.done():
-            if node_file.exists() and (node_id := node_file.read_text()):
-                killed = node_id
-                _kill_node(cluster, node_id)
-                cluster.add_node(num_cpus=1)
-            time.sleep(0.05)
-        outcome = running.result(timeout=600)
+        outcome, killed = _killing(cluster, job, marker, replace=True)
+        assert killed is not None, "no training worker reported its node"
+    else:
+        outcome = job()
     backend.shutdown(wait=True)
-    assert not kill or killed is not None, "no training worker reported its node"
     assert outcome.status == "succeeded", outcome.summary
     assert backend.trainer.last_world_size == 2
     version = store.model_version(outcome.detail["challenger_id"])
