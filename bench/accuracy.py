@@ -1,6 +1,7 @@
 """Forecast accuracy on real public datasets (bench/accuracy_data.py), rolling origin.
 
     python bench/accuracy.py [--datasets taylor,temps] [--models naive_daily,mstl] [--quick]
+                             [--horizon H] [--history-weeks N]
 
 Protocol. The last `test_days` days of each series (28; m steps a day, so business-hours
 data count open days) are cut into non-overlapping blocks of H steps. At the start of each
@@ -15,6 +16,9 @@ loaders' interpolated slots are not scored):
 - cover: share of actuals inside the 10-90% band (0.80 is calibrated).
 - s/fit: fit + forecast seconds per series and origin; s/update (stateful models): the
   update + forecast seconds per series and origin after the one fit.
+
+`--history-weeks N` keeps only the N weeks (w steps each) before the first origin of each
+series, for every model: the short-history case (a service that has just started).
 
 A model plugs in (MODELS) as a `Candidate` function called at each origin with the
 training frame, or as a `Stateful` object fitted once on the rows before the first origin,
@@ -219,7 +223,7 @@ MODELS: dict[str, Model] = {
         Model(
             name="lstm",
             about="ours: the stateful LSTM through forecaster.api, fitted once, then updated "
-            "over each block (the service's path), per-series serving choice included",
+            "over each block (the service's path), per-series blend included",
             stateful=lambda: Ours("lstm"),
         ),
         Model(
@@ -348,11 +352,16 @@ def evaluate(
     *,
     max_origins: int | None = None,
     max_series: int | None = None,
+    history_weeks: int | None = None,
 ) -> tuple[list[Score], int, int]:
     frame = spec.load()
     if max_series:
         frame = frame.filter(pl.col("series").is_in(sorted(frame["series"].unique())[:max_series]))
     frame, blocks = _origins(frame, spec, max_origins)
+    if history_weeks:
+        # A short history: only the last weeks before the first origin are there at all.
+        keep = pl.col("i") >= pl.col("o0") - history_weeks * spec.seasons[1]
+        frame = _origins(frame.filter(keep).drop("i", "o0"), spec, max_origins)[0]
     scores = []
     for model in models:
         joined, spent = run_model(model, spec, frame, blocks)
@@ -409,13 +418,24 @@ def main() -> None:
         help="forecast this many steps at each origin instead of each dataset's own H (the "
         "origins stay 28 days' worth of non-overlapping blocks)",
     )
+    ap.add_argument(
+        "--history-weeks",
+        type=int,
+        default=0,
+        help="keep only this many weeks (w steps each, at least 2) before the first origin: "
+        "every model sees a short history",
+    )
     args = ap.parse_args()
+    if args.history_weeks and args.history_weeks < 2:
+        ap.error("--history-weeks must be at least 2 (the references need two weeks)")
     unknown = [d for d in args.datasets.split(",") if d not in DATASETS]
     unknown += [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         ap.error(f"unknown dataset(s) or model(s) {unknown}; see --help for the names")
     models = [MODELS[m] for m in args.models.split(",")]
-    limits = {"max_origins": 4, "max_series": 2} if args.quick else {}
+    limits: dict[str, int] = {"max_origins": 4, "max_series": 2} if args.quick else {}
+    if args.history_weeks:
+        limits["history_weeks"] = args.history_weeks
 
     import statsforecast
 

@@ -1,7 +1,7 @@
 """What a version serves, scored on a held-out tail: the measure retraining compares.
 
-A version serves, per series, a member (forecaster.serving): the network, a seasonal naive,
-the MSTL challenger or a mean of two. Comparing two versions' networks says little when
+A version serves, per series, a blend (forecaster.serving) of the network, the seasonal
+naives and the MSTL challenger. Comparing two versions' networks says little when
 most series are served by something else, so retraining compares what each one serves, on
 forecasts neither has learnt from. The errors are kept summed per series and forecast
 origin, so the same record can be scored from any per-series first origin (the newer of

@@ -337,7 +337,10 @@ class SqlCollector:
             }
         for _, name in chosen:
             if name in serving:
-                fam["served_by"].add_metric([name, serving[name]], 1)
+                entry = serving[name]
+                weights = {entry: 1.0} if isinstance(entry, str) else entry
+                for member, weight in weights.items():
+                    fam["served_by"].add_metric([name, member], weight)
         for mv in store.serving_models():
             fam["model_info"].add_metric([f"v{mv['id']}", mv["kind"], mv["stage"]], 1)
         for source, n in store.source_rows().items():
@@ -462,11 +465,12 @@ class SqlCollector:
             "series": g("forecaster_series", "Series in the store."),
             "served_by": g(
                 "forecaster_series_served_by",
-                "1 for what serves the series under the champion: model (the network), "
-                "naive_daily, naive_weekly, mstl (the statistical challenger), or "
-                "mean_daily / mean_weekly / mean_mstl (its mean with that member), chosen per "
-                "series on the holdout at training; model_untrained: the network, for a series "
-                "the champion was not trained on (scaled from its own points).",
+                "The weight of each member in what serves the series under the champion (they "
+                "sum to 1): model (the network), naive_daily, naive_weekly, mstl (the "
+                "statistical challenger), weighed per series on the holdout at training "
+                "(versions before the blend: 1 for one member, mean_daily / mean_weekly / "
+                "mean_mstl being its mean with the network); model_untrained: the network, "
+                "for a series the champion was not trained on (scaled from its own points).",
                 labels=["series", "member"],
             ),
             "model_info": g(

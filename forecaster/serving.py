@@ -1,102 +1,139 @@
-"""What serves each series: the model, a seasonal naive, the statistical challenger (MSTL,
-forecaster.stats), or the mean of the model and one of them.
+"""What serves each series: a blend of the network, the two seasonal naives and the
+statistical challenger (MSTL, forecaster.stats), weighted by how each did on that series'
+held-out tails.
 
 No single forecaster wins everywhere: on smooth series with a strong weekly shape a
-seasonal naive can beat the network, and the mean of the two can beat both. A trained
-version therefore carries, per series, the member that had the lowest error on that
-series' held-out tail (which the network's weights never learnt from, bar the epoch
-choice), and serves it; the network stays the default, and a member must beat it by
-MARGIN to be chosen, so noise on a short tail does not flip a series to a naive. The band
-served keeps the network's raw quantiles' shape around the member's median, so the
-calibration applies to it unchanged.
+seasonal naive can beat the network, MSTL can beat both on a series with steady seasons,
+and a mix can beat every member. Picking the one member with the lowest error on a short
+tail is a gamble that a short history loses often (on three weeks of data the member that
+won the tail was the worst of four on the next four weeks of one business-hours set). So a
+trained version carries, per series, weights for the members, proportional to the inverse
+of the fourth power of each member's mean absolute error on that series' held-out tails
+(which the network's weights never learnt from, bar the epoch choice): a member twice as
+accurate weighs 16 times as much, so a clear winner serves almost alone and near-equals
+share. (Powers 3 to 6 measured alike on bench/accuracy.py's eight datasets; 1 and 2 leave
+too much weight on a poor member; docs/architecture.md, decision 20.)
+
+A series' entry in a version's "serving" is those weights ({member: weight}, summing to 1)
+or, from versions before the blend and in tests, one named member of MEMBERS (the mean_*
+ones: the mean of the network and that member). Where a member is unknown at a step (a
+naive with no season back stored, a version with no challenger) the others share its
+weight. The band served keeps the network's raw quantiles' shape around the blended median,
+so the calibration applies to it unchanged.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
-MEMBERS = (
-    "model",
-    "naive_daily",
-    "naive_weekly",
-    "mean_daily",
-    "mean_weekly",
-    "mstl",
-    "mean_mstl",
-)
-MARGIN = 0.02
+# What a blend weighs, in this order.
+BASE = ("model", "naive_daily", "naive_weekly", "mstl")
+# Named members (versions before the blend): their weights over BASE.
+MEMBERS: dict[str, dict[str, float]] = {
+    "model": {"model": 1.0},
+    "naive_daily": {"naive_daily": 1.0},
+    "naive_weekly": {"naive_weekly": 1.0},
+    "mean_daily": {"model": 0.5, "naive_daily": 0.5},
+    "mean_weekly": {"model": 0.5, "naive_weekly": 0.5},
+    "mstl": {"mstl": 1.0},
+    "mean_mstl": {"model": 0.5, "mstl": 0.5},
+}
+POWER = 4  # weights proportional to MAE ** -POWER
+
+Entry = str | Mapping[str, float]
+
+
+def weights_of(entry: Entry) -> dict[str, float]:
+    """A series' serving entry as weights over BASE (a named member, or weights already)."""
+    if isinstance(entry, str):
+        if entry not in MEMBERS:
+            raise ValueError(f"unknown serving member {entry!r} (one of {sorted(MEMBERS)})")
+        return dict(MEMBERS[entry])
+    unknown = set(entry) - set(BASE)
+    if unknown:
+        raise ValueError(f"serving weights for unknown members {sorted(unknown)}")
+    return {k: float(v) for k, v in entry.items() if v > 0}
 
 
 def member_medians(
     median: Tensor, daily: Tensor, weekly: Tensor, stat: Tensor | None = None
 ) -> dict[str, Tensor]:
     """Each member's point forecast, (S, ...) like `median`; a naive unknown (NaN) where a
-    season back is not stored; the MSTL members only where the version has a challenger."""
-    out = {
-        "model": median,
-        "naive_daily": daily,
-        "naive_weekly": weekly,
-        "mean_daily": (median + daily) / 2,
-        "mean_weekly": (median + weekly) / 2,
-    }
+    season back is not stored; MSTL only where the version has a challenger."""
+    out = {"model": median, "naive_daily": daily, "naive_weekly": weekly}
     if stat is not None:
         out["mstl"] = stat
-        out["mean_mstl"] = (median + stat) / 2
     return out
 
 
-def choose(errors: dict[str, Tensor]) -> list[str]:
-    """Per series, the member with the lowest mean absolute error (S,) (NaN: no score),
-    the model unless another beats it by MARGIN."""
-    base = errors["model"]
+def blend_weights(errors: Mapping[str, Tensor], power: int = POWER) -> list[dict[str, float]]:
+    """Per series, weights over the members of `errors` (each (S,), NaN: not scored)
+    proportional to MAE ** -power; a member with no error at all takes it all; a series
+    with no score for any member is served by the network."""
+    names = [m for m in BASE if m in errors]
+    err = torch.stack([errors[m].double() for m in names], dim=1)  # (S, M)
     out = []
-    for i in range(base.shape[0]):
-        best, best_err = "model", float(base[i])
-        for name in MEMBERS[1:]:
-            if name not in errors:
-                continue
-            err = float(errors[name][i])
-            if (
-                err == err
-                and (best_err != best_err or err < best_err)
-                and (err < float(base[i]) * (1 - MARGIN) or base[i] != base[i])
-            ):
-                best, best_err = name, err
-        out.append(best)
+    for row in err.tolist():
+        scored = {m: e for m, e in zip(names, row, strict=True) if not math.isnan(e)}
+        if not scored:
+            out.append({"model": 1.0})
+            continue
+        exact = [m for m, e in scored.items() if e <= 0]
+        if exact:
+            out.append({m: 1.0 / len(exact) for m in exact})
+            continue
+        best = min(scored.values())  # relative errors: no overflow for tiny or huge units
+        raw = {m: (best / e) ** power for m, e in scored.items()}
+        total = sum(raw.values())
+        out.append({m: round(w / total, 6) for m, w in raw.items() if w / total >= 1e-6})
     return out
+
+
+def choose(errors: Mapping[str, Tensor]) -> list[dict[str, float]]:
+    """What serves each series, from its members' mean absolute errors (S,) on the held-out
+    tails: the blend's weights (blend_weights)."""
+    return blend_weights(errors)
 
 
 def served_point(
     median: Tensor,
     daily: Tensor,
     weekly: Tensor,
-    members: list[str],
+    members: list[Entry],
     stat: Tensor | None = None,
 ) -> Tensor:
     """median (S, ...) of the network, naives and MSTL (S, ...) -> (S, ...) the point each
-    series' member serves: the network's where the member is unknown at a step (or the
-    version has no such member)."""
+    series' entry serves: its members' weighted mean over those known at each step (the
+    network's where none is)."""
     medians = member_medians(median, daily, weekly, stat)
-    out = median.clone()
-    for i, name in enumerate(members):
-        if name == "model" or name not in medians:
-            continue
-        point = medians[name][i]
-        out[i] = torch.where(torch.isnan(point), median[i], point)
-    return out
+    weights = torch.zeros(len(members), len(BASE), dtype=median.dtype)
+    for i, entry in enumerate(members):
+        for name, w in weights_of(entry).items():
+            weights[i, BASE.index(name)] = w
+    if bool((weights[:, 0] == 1).all()):
+        return median.clone()  # the network serves every series
+    nan = torch.full_like(median, float("nan"))
+    points = torch.stack([medians.get(name, nan) for name in BASE], dim=-1)  # (S, ..., M)
+    w = weights.view(weights.shape[0], *([1] * (median.dim() - 1)), len(BASE))
+    known = ~torch.isnan(points)
+    mass = (known.to(median.dtype) * w).sum(-1)
+    total = (points.nan_to_num(0.0) * w).sum(-1)
+    return torch.where(mass > 0, total / mass.clamp_min(1e-12), median)
 
 
 def serve(
     quantiles: Tensor,
     daily: Tensor,
     weekly: Tensor,
-    members: list[str],
+    members: list[Entry],
     stat: Tensor | None = None,
 ) -> Tensor:
     """quantiles (S, ..., Q) of the network, naives and MSTL (S, ...) -> (S, ..., Q) served:
-    each series' quantiles moved by (its member's median - the network's), the network's
-    where the member is unknown at a step (or the version has no such member)."""
+    each series' quantiles moved by (its blended median - the network's)."""
     mid = quantiles.shape[-1] // 2
     point = served_point(quantiles[..., mid], daily, weekly, members, stat)
     shift = (point - quantiles[..., mid]).nan_to_num(0.0)

@@ -71,8 +71,8 @@ class TrainConfig:
     # a quarter of the chosen epoch count (at least one). 0 serves the early-stopped model.
     refit_epochs: int | None = None
     seasons: tuple[int, int] | None = None  # (daily, weekly) periods in steps; None: from freq
-    # The statistical challenger fitted beside the network (forecaster.stats), one of the
-    # members each series may be served by; "none": the network and the naives only.
+    # The statistical challenger fitted beside the network (forecaster.stats), a member of
+    # each series' blend (forecaster.serving); "none": the network and the naives only.
     challenger: Literal["mstl", "none"] = "mstl"
     burn_in_windows: int = 1
     teacher_forcing: tuple[float, float] = (1.0, 0.0)  # seq2seq ratio, first -> last epoch

@@ -117,6 +117,7 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Train one global model over the stored series and register it."""
+    from forecaster import serving
     from pipelines.train import run_training, train_config
 
     with _errors():
@@ -160,7 +161,9 @@ def train_cmd(
                 on_progress=on_progress,
             )
         r = version.result
-        served = Counter(r.serving)
+        weights = [serving.weights_of(e) for e in r.serving] or [{"model": 1.0}]
+        mean = {m: sum(w.get(m, 0.0) for w in weights) / len(weights) for m in serving.BASE}
+        heaviest = Counter(max(w, key=lambda m: w[m]) for w in weights)
         out.print(
             f"trained {config.kind} in {r.seconds:.0f} s ({r.points_per_s:,.0f} points/s), best epoch "
             f"{r.best_epoch} of {len(r.history)} run, then {r.refit_epochs} through the newest "
@@ -169,9 +172,11 @@ def train_cmd(
         )
         out.print(_accuracy_table(r.metrics, config.kind))
         out.print(
-            "served by: "
-            + ", ".join(f"{name} {n} series" for name, n in served.most_common())
-            + " (chosen per series on the holdout; `forecaster models list` has the version)"
+            "served by a blend per series, weighed on its holdout: mean weights "
+            + ", ".join(f"{m} {v:.2f}" for m, v in sorted(mean.items(), key=lambda kv: -kv[1]))
+            + "; heaviest: "
+            + ", ".join(f"{name} in {n} series" for name, n in heaviest.most_common())
+            + " (`forecaster models list` has the version)"
         )
         out.print(
             f"registered model version {version.version_id} as {version.stage}: {version.uri}"

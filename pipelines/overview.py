@@ -92,6 +92,18 @@ def _table(
     return _Html(f'<table class="{cls}"><tr>{head}</tr>{"".join(body)}</table>')
 
 
+def _served_by(entry: Any) -> str:
+    """A series' serving entry (forecaster.serving) in words: a member, or a blend's weights."""
+    if entry is None:
+        return "-"
+    if isinstance(entry, str):
+        return entry
+    weights = sorted(entry.items(), key=lambda kv: -kv[1])
+    if len(weights) == 1:
+        return str(weights[0][0])
+    return ", ".join(f"{m} {w:.2f}" for m, w in weights if w >= 0.005)
+
+
 def _num(v: float | None, digits: int = 2) -> str | None:
     return None if v is None or not math.isfinite(v) else f"{v:,.{digits}f}"
 
@@ -252,7 +264,7 @@ class Overview:
                  _num(value), _flag(band, inside), _ts(origin),
                  _flag(_age(behind), None if behind is None else behind <= late),
                  _flag(_num(ours), None if ours is None or best is None else ours <= best),
-                 _num(best), escape(serving.get(t["name"], "-")), anomaly_n.get(sid, 0)]
+                 _num(best), escape(_served_by(serving.get(t["name"]))), anomaly_n.get(sid, 0)]
             )  # fmt: skip
         headers = ["series", "last actual (UTC)", "age ", "value ", "band served for it ",
                    "newest origin", "origin behind ", "MASE champion ", "MASE best naive ",

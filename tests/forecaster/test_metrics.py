@@ -720,8 +720,9 @@ def test_after_a_promotion_the_band_served_is_the_predecessors_until_the_champio
 
 def test_what_serves_each_series_is_exposed(tmp_path):
     """forecaster_series_served_by: the champion's per-series choice (model_versions.metrics
-    key "serving"), one sample per series shown, 1 for its member; model_untrained for a
-    series it serves without having been trained on it (series_scalers)."""
+    key "serving"), per series shown one sample per member with its weight in the blend (1
+    for a version's named member); model_untrained for a series it serves without having
+    been trained on it (series_scalers)."""
     store = Store(f"sqlite:///{tmp_path / 'served.db'}")
     store.upgrade()
     with store.begin() as conn:
@@ -736,13 +737,14 @@ def test_what_serves_each_series_is_exposed(tmp_path):
             sha256="0" * 64,
             trained_from=None,
             trained_to=None,
-            metrics={"serving": {"a": "model", "b": "naive_weekly"}},
+            metrics={"serving": {"a": "model", "b": {"naive_weekly": 0.75, "mstl": 0.25}}},
             stage="champion",
         )
     reg = _metrics(store, NOW).registry
     name = "forecaster_series_served_by"
     assert reg.get_sample_value(name, {"series": "a", "member": "model"}) == 1
-    assert reg.get_sample_value(name, {"series": "b", "member": "naive_weekly"}) == 1
+    assert reg.get_sample_value(name, {"series": "b", "member": "naive_weekly"}) == 0.75
+    assert reg.get_sample_value(name, {"series": "b", "member": "mstl"}) == 0.25
     assert reg.get_sample_value(name, {"series": "b", "member": "model"}) is None
     assert reg.get_sample_value(name, {"series": "c", "member": "model"}) is None  # not trained on
     # Once predict serves "c" (a series the champion was not trained on), it says so.

@@ -15,16 +15,52 @@ from forecaster.training import TrainConfig, train, trained_model
 NAN = float("nan")
 
 
-def test_the_model_is_kept_unless_another_member_beats_it_by_the_margin():
+def test_the_blend_weighs_each_member_by_its_holdout_error_to_the_minus_fourth_power():
     errors = {
-        "model": torch.tensor([1.0, 1.0, 1.0, NAN]),
-        "naive_daily": torch.tensor([0.99, 0.5, 2.0, 1.0]),
-        "naive_weekly": torch.tensor([2.0, 0.6, 2.0, 2.0]),
-        "mean_daily": torch.tensor([2.0, 0.7, 0.9, 2.0]),
-        "mean_weekly": torch.tensor([NAN, 0.8, 2.0, 2.0]),
+        "model": torch.tensor([1.0, 1.0, NAN, 1.0, NAN]),
+        "naive_daily": torch.tensor([2.0, 1.0, 1.0, 0.0, NAN]),
+        "naive_weekly": torch.tensor([NAN, 1.0, 3.0, 1.0, NAN]),
+        "mstl": torch.tensor([NAN, 1.0, NAN, 2.0, NAN]),
     }
-    # 1% better is noise; 50% better wins; the best of several wins; no model score: the best.
-    assert serving.choose(errors) == ["model", "naive_daily", "mean_daily", "naive_daily"]
+    got = serving.choose(errors)
+    # Twice as accurate weighs 16 times as much; equals share; an unscored member has no
+    # say; a member without error takes it all; nothing scored: the network serves.
+    assert got[0] == pytest.approx({"model": 16 / 17, "naive_daily": 1 / 17}, abs=1e-6)
+    assert got[1] == pytest.approx(dict.fromkeys(serving.BASE, 0.25))
+    assert got[2] == pytest.approx({"naive_daily": 81 / 82, "naive_weekly": 1 / 82}, abs=1e-6)
+    assert got[3] == {"naive_daily": 1.0}
+    assert got[4] == {"model": 1.0}
+    # Errors in any units: the weights depend on their ratios only.
+    big = serving.choose({k: v * 1e12 for k, v in errors.items()})
+    assert big[0] == pytest.approx(got[0], abs=1e-6)
+    assert all(sum(w.values()) == pytest.approx(1.0, abs=1e-5) for w in got)
+
+
+def test_named_members_and_blends_serve_alike():
+    """A version from before the blend names one member per series (mean_daily: the mean of
+    the network and the daily naive); the same weights as a blend serve the same."""
+    assert serving.weights_of("mean_daily") == {"model": 0.5, "naive_daily": 0.5}
+    q = torch.tensor([[[1.0, 2.0, 4.0]], [[1.0, 2.0, 4.0]]])
+    daily, weekly = torch.tensor([[10.0], [10.0]]), torch.tensor([[6.0], [6.0]])
+    named = serving.serve(q, daily, weekly, ["mean_daily", "naive_weekly"])
+    blend = serving.serve(
+        q, daily, weekly, [{"model": 0.5, "naive_daily": 0.5}, {"naive_weekly": 1.0}]
+    )
+    assert torch.equal(named, blend)
+    with pytest.raises(ValueError, match="unknown serving member"):
+        serving.weights_of("mean_everything")
+
+
+def test_a_member_unknown_at_a_step_leaves_its_weight_to_the_others():
+    median = torch.tensor([[2.0, 2.0, 2.0]])
+    daily = torch.tensor([[10.0, NAN, NAN]])
+    weekly = torch.tensor([[6.0, 6.0, NAN]])
+    entry = {"model": 0.5, "naive_daily": 0.25, "naive_weekly": 0.25}
+    out = serving.served_point(median, daily, weekly, [entry])
+    assert out[0].tolist() == pytest.approx([(1 + 2.5 + 1.5), (1 + 1.5) / 0.75, 2.0])
+    # MSTL weighed but the version has no challenger: the rest share its weight.
+    out = serving.served_point(median, daily, weekly, [{"mstl": 0.5, "naive_weekly": 0.5}])
+    assert out[0].tolist() == pytest.approx([6.0, 6.0, 2.0])
 
 
 def test_serve_moves_the_quantiles_to_the_members_median():
@@ -37,17 +73,19 @@ def test_serve_moves_the_quantiles_to_the_members_median():
     assert out[2].tolist() == [[1.0, 2.0, 4.0]]  # the naive unknown: the network's
 
 
-def test_a_trained_version_records_a_choice_per_series():
-    """A series that repeats its week exactly is served by the weekly naive (or its mean
-    with the network) when the network is kept from learning; a noisy one by the model."""
+def test_a_trained_version_records_a_blend_per_series():
+    """A series that repeats its week exactly is served mostly by the weekly naive when the
+    network is kept from learning; the weights survive the checkpoint."""
     g = torch.Generator().manual_seed(0)
     t = torch.arange(8 * 168, dtype=torch.float32)
     week = 10 + 5 * torch.sin(2 * math.pi * t / 168) + 3 * (t % 168 > 100).float()
     values = torch.stack([week, 10 + torch.randn(t.numel(), generator=g)])
     panel = Panel(["weekly", "noise"], 1356998400, 3600, values)
     result = train(panel, TrainConfig(kind="gru", hidden=8, epochs=2, lr=1e-9, base="daily"))
-    assert len(result.serving) == 2 and set(result.serving) <= set(serving.MEMBERS)
-    assert result.serving[0] in ("naive_weekly", "mean_weekly"), result.serving
+    assert len(result.serving) == 2
+    for weights in result.serving:
+        assert set(weights) <= set(serving.BASE) and sum(weights.values()) == pytest.approx(1)
+    assert max(result.serving[0], key=result.serving[0].get) == "naive_weekly", result.serving
     again = TrainedModel.from_checkpoint(trained_model(result).to_checkpoint())
     assert again.meta["serving"] == dict(zip(["weekly", "noise"], result.serving, strict=True))
 

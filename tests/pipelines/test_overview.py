@@ -438,6 +438,20 @@ def test_a_series_the_champion_was_not_trained_on_says_so(rolled):
         rows = {r["series"]: r for r in _page(rolled)[1].table("series")}
         assert rows["sine.1"]["served by"] == "model (not trained on it)"
         assert rows["sine.0"]["served by"] != "model (not trained on it)"
+        # A blend (forecaster.serving) is shown by its weights, heaviest member first.
+        mv = schema.model_versions
+        with rolled.begin() as conn:
+            metrics = conn.execute(sa.select(mv.c.metrics).where(mv.c.id == vid)).scalar_one()
+            blend = {"sine.0": {"model": 0.3, "mstl": 0.7}}
+            conn.execute(
+                sa.update(mv).where(mv.c.id == vid).values(metrics={**metrics, "serving": blend})
+            )
+        try:
+            rows = {r["series"]: r for r in _page(rolled)[1].table("series")}
+            assert rows["sine.0"]["served by"] == "mstl 0.70, model 0.30"
+        finally:
+            with rolled.begin() as conn:
+                conn.execute(sa.update(mv).where(mv.c.id == vid).values(metrics=metrics))
     finally:
         with rolled.begin() as conn:
             conn.execute(sa.delete(schema.series_scalers))
