@@ -1,5 +1,5 @@
 """deploy/docker: the Dockerfile lints clean (hadolint), its install and start commands work in
-a fresh virtual environment (no engine runs here: the image itself is never built), the
+a fresh virtual environment (test_image.py builds and runs the image itself with buildah), the
 compose file is valid (Docker Compose's own `config`) and its services, mounts, Prometheus
 target and Grafana provisioning agree with each other and with the repository, and every
 YAML file under deploy/ passes yamllint."""
@@ -41,7 +41,7 @@ COMPOSE = DOCKER / "compose.yaml"
 # The one substitution the venv test makes: the Dockerfile installs torch from the PyTorch
 # CPU index; this machine has no route there, and `torch==<version>` alone takes the CPU
 # build that lies on its disk (the same version: the Dockerfile's ARG).
-TORCH_INDEX = '--index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" '
+TORCH_INDEX = '--index-url "${TORCH_INDEX_URL}" '
 
 
 def tool(name: str, install: str) -> str:
@@ -108,11 +108,29 @@ def _one(stage: str, op: str) -> str:
     return found[0]
 
 
-def _assignments(args: str) -> dict[str, str]:
-    """ENV/ARG `KEY=value ...` (quotes as the shell reads them)."""
+def _assignments(args: str, *, bare: bool = False) -> dict[str, str]:
+    """ENV/ARG `KEY=value ...` (quotes as the shell reads them). `bare`: an ARG may name a
+    key with no default (unset unless the build passes it), left out here."""
     pairs = [word.partition("=") for word in shlex.split(args)]
-    assert all(eq for _, eq, _ in pairs), f"KEY=value form only: {args}"
-    return {k: v for k, _, v in pairs}
+    assert bare or all(eq for _, eq, _ in pairs), f"KEY=value form only: {args}"
+    return {k: v for k, eq, v in pairs if eq}
+
+
+def _expand(value: str, known: dict[str, str]) -> str:
+    """${NAME} of ARGs declared before, as the builder expands an ARG default or a FROM."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: known[m[1]], value)
+
+
+GLOBAL_ARGS = _assignments(" ".join(_of("", "ARG")), bare=True)
+
+
+def base_image() -> str:
+    """The image both stages start from by default (the global ARG BASE)."""
+    stages = {
+        _expand(i.args, GLOBAL_ARGS).split()[0] for i in DOCKER_INSTRUCTIONS if i.op == "FROM"
+    }
+    assert len(stages) == 1, f"the runtime copies the builder's environment: one base, {stages}"
+    return stages.pop()
 
 
 def image_env() -> dict[str, str]:
@@ -187,8 +205,7 @@ def test_the_image_is_multi_stage_non_root_and_serves_on_all_interfaces():
     stages = [i.args for i in DOCKER_INSTRUCTIONS if i.op == "FROM"]
     assert [s.split()[-1] for s in stages] == ["builder", "runtime"]
     # The runtime copies the builder's environment, so both must be the same interpreter.
-    assert len({s.split()[0] for s in stages}) == 1, stages
-    assert re.fullmatch(r"python:\d+\.\d+-slim", stages[0].split()[0])
+    assert re.fullmatch(r"python:\d+\.\d+-slim", base_image())
     assert _of("runtime", "COPY") == ["--from=builder /opt/forecaster/.venv /opt/forecaster/.venv"]
     assert not any("pip" in r for r in _of("runtime", "RUN")), "the runtime installs nothing"
     assert re.fullmatch(r"\d+:\d+", _one("runtime", "USER")), "numeric, for runAsNonRoot"
@@ -201,8 +218,9 @@ def test_the_image_is_multi_stage_non_root_and_serves_on_all_interfaces():
     for key in ("FORECASTER_CHECKPOINT_DIR", "FORECASTER_DATABASE_URL"):
         assert volume[0] in env[key], f"{key} lies outside the volume"
     assert start_command() == ["forecaster", "run"]
-    variants = _assignments(" ".join(_of("builder", "ARG")))
+    variants = _assignments(" ".join(_of("builder", "ARG")), bare=True)
     assert variants["TORCH_VARIANT"] == "cpu", "CPU torch unless the build asks for CUDA"
+    assert _expand(variants["TORCH_INDEX_URL"], variants) == "https://download.pytorch.org/whl/cpu"
     assert sum(TORCH_INDEX in r for r in _of("builder", "RUN")) == 1
 
 
@@ -299,16 +317,17 @@ def _build_like_the_builder(tmp_path: Path) -> dict[str, str]:
     with /bin/sh -c as Docker does. Returns the image paths mapped."""
     paths = _image_paths(tmp_path)
     base = Path(sys._base_executable)  # the interpreter this environment was made from
-    image_python = re.match(r"python:(\d+\.\d+)-slim", _of("builder", "FROM")[0])[1]
+    image_python = re.match(r"python:(\d+\.\d+)-slim", base_image())[1]
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if image_python != here:
         reason = f"the image runs Python {image_python}, this test {here}"
         if IN_CI:
             pytest.fail(reason)
         pytest.skip(reason)
-    bin_dir = tmp_path / "bin"  # the image's `python`: the base interpreter, not this venv
+    bin_dir = tmp_path / "bin"  # the image's `python3`: the base interpreter, not this venv
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(base)
+    for name in ("python", "python3"):
+        (bin_dir / name).symlink_to(base)
     outer = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != Path(sys.prefix, "bin")]
     env = {
         k: v
@@ -322,7 +341,8 @@ def _build_like_the_builder(tmp_path: Path) -> dict[str, str]:
         if step.op in ("FROM",):
             continue
         if step.op == "ARG":
-            env.update(_assignments(step.args))
+            declared = _assignments(step.args, bare=True)
+            env.update({k: _expand(v, {**GLOBAL_ARGS, **env}) for k, v in declared.items()})
         elif step.op == "ENV":
             _assert_all_mapped(step.args, paths)
             for k, v in _assignments(_map(step.args, paths)).items():
@@ -570,7 +590,8 @@ def test_compose_services_reference_each_other_consistently():
     assert daemon["image"] == migrate["image"] and daemon["build"] == migrate["build"]
     assert (DOCKER / daemon["build"]["context"]).resolve() == ROOT
     assert (ROOT / daemon["build"]["dockerfile"]).resolve() == DOCKERFILE
-    assert set(daemon["build"]["args"]) <= set(_assignments(" ".join(_of("builder", "ARG"))))
+    declared = _assignments(" ".join(_of("builder", "ARG")), bare=True)
+    assert set(daemon["build"]["args"]) <= set(declared)
     # The database the URL names is the one postgres creates.
     url = daemon["environment"]["FORECASTER_DATABASE_URL"]
     pg = services["postgres"]["environment"]
