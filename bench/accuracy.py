@@ -265,6 +265,16 @@ def _origins(frame: pl.DataFrame, spec: Spec, max_origins: int | None) -> tuple[
     return frame, blocks
 
 
+def short_history(
+    frame: pl.DataFrame, spec: Spec, weeks: int, max_origins: int | None = None
+) -> pl.DataFrame:
+    """`frame` (with `i` and `o0`, from _origins) cut to the last `weeks` weeks (w steps
+    each) before each series' first origin: what a service that has just started holds.
+    The origins and the scored rows stay the same."""
+    keep = pl.col("i") >= pl.col("o0") - weeks * spec.seasons[1]
+    return _origins(frame.filter(keep).drop("i", "o0"), spec, max_origins)[0]
+
+
 def _check(fc: pl.DataFrame, actual: pl.DataFrame, model: str, spec: Spec) -> pl.DataFrame:
     missing = [c for c in ("series", "ts", *QUANTILES) if c not in fc.columns]
     if missing:
@@ -359,9 +369,7 @@ def evaluate(
         frame = frame.filter(pl.col("series").is_in(sorted(frame["series"].unique())[:max_series]))
     frame, blocks = _origins(frame, spec, max_origins)
     if history_weeks:
-        # A short history: only the last weeks before the first origin are there at all.
-        keep = pl.col("i") >= pl.col("o0") - history_weeks * spec.seasons[1]
-        frame = _origins(frame.filter(keep).drop("i", "o0"), spec, max_origins)[0]
+        frame = short_history(frame, spec, history_weeks, max_origins)
     scores = []
     for model in models:
         joined, spent = run_model(model, spec, frame, blocks)

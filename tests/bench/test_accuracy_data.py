@@ -92,3 +92,32 @@ def test_a_session_grid_skips_closed_hours():
     )
     with pytest.raises(ValueError, match="1 rows off the grid"):
         regularize(off, spec, max_gap=0)
+
+
+def test_a_short_history_keeps_the_weeks_before_the_first_origin_and_every_scored_row():
+    from bench.accuracy import _origins, short_history
+
+    spec = _spec()  # w = 4 steps; 28 days of m = 2 steps: 28 blocks of H = 2
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    frame = pl.concat(
+        pl.DataFrame(
+            {
+                "series": name,
+                "ts": pl.datetime_range(
+                    t0, t0 + (n - 1) * pl.duration(hours=1), "1h", eager=True, time_unit="us"
+                ).dt.replace_time_zone("UTC"),
+                "value": [float(i) for i in range(n)],
+                "filled": False,
+            }
+        )
+        for name, n in (("long", 100), ("short", 70))
+    )
+    full, blocks = _origins(frame, spec, None)
+    cut = short_history(full, spec, 3)
+    for name in ("long", "short"):
+        mine, was = cut.filter(pl.col("series") == name), full.filter(pl.col("series") == name)
+        assert mine.filter(pl.col("i") < pl.col("o0")).height == 3 * 4
+        scored = lambda f: f.filter(pl.col("i") >= pl.col("o0"))["ts"].to_list()  # noqa: E731
+        assert scored(mine) == scored(was) and len(scored(mine)) == blocks * spec.horizon
+    with pytest.raises(ValueError, match="too short"):
+        short_history(full, spec, 1)  # the references need two weeks
