@@ -110,10 +110,11 @@ def served_point(
     series' entry serves: its members' weighted mean over those known at each step (the
     network's where none is)."""
     medians = member_medians(median, daily, weekly, stat)
-    weights = torch.zeros(len(members), len(BASE), dtype=median.dtype)
-    for i, entry in enumerate(members):
-        for name, w in weights_of(entry).items():
-            weights[i, BASE.index(name)] = w
+    rows = []
+    for entry in members:
+        found = weights_of(entry)
+        rows.append([found.get(name, 0.0) for name in BASE])
+    weights = torch.tensor(rows, dtype=median.dtype).reshape(len(members), len(BASE))
     if bool((weights[:, 0] == 1).all()):
         return median.clone()  # the network serves every series
     nan = torch.full_like(median, float("nan"))
