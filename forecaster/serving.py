@@ -70,10 +70,11 @@ def member_medians(
     return out
 
 
-def blend_weights(errors: Mapping[str, Tensor], power: int = POWER) -> list[dict[str, float]]:
-    """Per series, weights over the members of `errors` (each (S,), NaN: not scored)
-    proportional to MAE ** -power; a member with no error at all takes it all; a series
-    with no score for any member is served by the network."""
+def choose(errors: Mapping[str, Tensor], power: int = POWER) -> list[dict[str, float]]:
+    """What serves each series, from its members' mean absolute errors on the held-out
+    tails (each (S,), NaN: not scored): weights over the members proportional to
+    MAE ** -power; a member with no error at all takes it all; a series with no score for
+    any member is served by the network."""
     names = [m for m in BASE if m in errors]
     err = torch.stack([errors[m].double() for m in names], dim=1)  # (S, M)
     out = []
@@ -91,12 +92,6 @@ def blend_weights(errors: Mapping[str, Tensor], power: int = POWER) -> list[dict
         total = sum(raw.values())
         out.append({m: round(w / total, 6) for m, w in raw.items() if w / total >= 1e-6})
     return out
-
-
-def choose(errors: Mapping[str, Tensor]) -> list[dict[str, float]]:
-    """What serves each series, from its members' mean absolute errors (S,) on the held-out
-    tails: the blend's weights (blend_weights)."""
-    return blend_weights(errors)
 
 
 def served_point(
