@@ -49,6 +49,12 @@ def parse_ts_expr(col: str = "ts", dtype: pl.DataType | None = None) -> pl.Expr:
         return c.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
     if dtype is not None and dtype.is_numeric():
         return (c.cast(pl.Float64) * 1e6).round(0).cast(pl.Int64, strict=False).cast(TS_DTYPE)
+    return pl.coalesce(_text_ts_parsers(c))
+
+
+def _text_ts_parsers(c: pl.Expr) -> list[pl.Expr]:
+    """Text -> Datetime("us", "UTC") by each accepted form in turn (null where it does not
+    read); the first that reads wins."""
     s = c.cast(pl.Utf8).str.strip_chars().str.replace(r"[zZ]$", "+00:00")
     parsed = [
         s.str.to_datetime(f, strict=False, time_unit="us").dt.convert_time_zone("UTC")
@@ -60,12 +66,23 @@ def parse_ts_expr(col: str = "ts", dtype: pl.DataType | None = None) -> pl.Expr:
     ]
     epoch = (s.cast(pl.Float64, strict=False) * 1e6).round(0).cast(pl.Int64, strict=False)
     parsed.append(pl.when(s.str.contains(r"^-?\d+(\.\d+)?$")).then(epoch.cast(TS_DTYPE)))
-    return pl.coalesce(parsed)
+    return parsed
 
 
 def parse_ts(values: pl.Series) -> pl.Series:
-    """parse_ts_expr applied to one Series (handy for sources computing a cursor)."""
-    return pl.DataFrame({"ts": values}).select(parse_ts_expr("ts", values.dtype)).to_series()
+    """parse_ts_expr applied to one Series. Text is read by the first form alone where it
+    reads (a batch usually has one form), and by the others only where it does not: a
+    coalesce of every form parses every row ten times."""
+    frame = pl.DataFrame({"ts": values})
+    if values.dtype != pl.Utf8:
+        return frame.select(parse_ts_expr("ts", values.dtype)).to_series().alias(values.name)
+    parsers = _text_ts_parsers(pl.col("ts"))
+    out = frame.select(parsers[0]).to_series()
+    rest = out.is_null() & values.is_not_null()
+    if rest.any():
+        idx = rest.arg_true()
+        out = out.scatter(idx, frame.filter(rest).select(pl.coalesce(parsers[1:])).to_series())
+    return out.alias(values.name)
 
 
 RAW_REQUIRED = ("series", "ts", "value")
@@ -116,9 +133,10 @@ def parse(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             .str.strip_chars()
             .cast(pl.Float64, strict=False)
         )
-    df = rows.with_columns(ts_in.alias("_ts_in")).with_columns(
+    df = rows.with_columns(ts_in.alias("_ts_in"))
+    df = df.with_columns(
         pl.col("series").cast(pl.Utf8).str.strip_chars().alias("series"),
-        parse_ts_expr("_ts_in", ts_dtype).alias("_ts"),
+        parse_ts(df["_ts_in"]).alias("_ts"),
         value.alias("_value"),
         _as_text("ts", ts_dtype).alias("ts_raw"),
         _as_text("value", value_dtype).alias("value_raw"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -148,6 +149,25 @@ def connection_lost(exc: BaseException) -> bool:
 
 def _utc(ts: datetime) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+# Timestamps as PostgreSQL reads them from CSV (UTC, microseconds).
+PG_CSV_TS_FORMAT = "%Y-%m-%d %H:%M:%S%.6f+00:00"
+
+
+def pg_copy_temp(conn: Connection, frame: pl.DataFrame, table: str, columns: str) -> None:
+    """PostgreSQL: `frame`'s columns, in order, COPYed as CSV into the temporary table
+    `table` (`columns`: its column definitions), created for the transaction if absent and
+    emptied first, for one INSERT ... SELECT ... ON CONFLICT on the server: no parameter is
+    bound per row, and no row makes a round trip of its own."""
+    buf = io.BytesIO()
+    frame.write_csv(buf, include_header=False, datetime_format=PG_CSV_TS_FORMAT, null_value="")
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DROP")
+    conn.exec_driver_sql(f"TRUNCATE {table}")
+    names = ", ".join(frame.columns)
+    with conn.connection.driver_connection.cursor() as cur:
+        with cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT csv)") as cp:
+            cp.write(buf.getvalue())
 
 
 def _fingerprint(source: str, row: Mapping[str, Any]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -19,10 +18,29 @@ from forecaster.store.base import (
     _fingerprint,
     _obs_raw,
     _utc,
+    pg_copy_temp,
 )
 
 if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
     import polars as pl
+
+
+# PostgreSQL: the touched windows (from _pg_refresh_windows' temp table) recounted and
+# upserted in one statement; a window with no stored point gets no row, as on SQLite.
+_PG_WINDOWS_UPSERT_SQL = (
+    "INSERT INTO windows (series_id, window_id, start_ts, end_ts, n_expected, n_points, "
+    "n_observed, complete, updated_at) "
+    "SELECT t.series_id, t.window_id, t.start_ts, t.end_ts, %(n_expected)s, c.n_points, "
+    "c.n_observed, w.ts >= t.last_slot, %(now)s "
+    "FROM _windows_in t JOIN watermarks w ON w.series_id = t.series_id "
+    "CROSS JOIN LATERAL (SELECT count(*) AS n_points, "
+    "count(*) FILTER (WHERE o.quality = 'observed') AS n_observed FROM observations o "
+    "WHERE o.series_id = t.series_id AND o.ts >= t.start_ts AND o.ts < t.end_ts) c "
+    "WHERE c.n_points > 0 "
+    "ON CONFLICT (series_id, window_id) DO UPDATE SET n_points = excluded.n_points, "
+    "n_observed = excluded.n_observed, complete = excluded.complete, "
+    "updated_at = excluded.updated_at"
+)
 
 
 class IngestStore(StoreBase):
@@ -97,6 +115,23 @@ class IngestStore(StoreBase):
         """marks: series_id, ts, last_value. Only ever moves a watermark forward."""
         if marks.is_empty():
             return
+        now = datetime.now(UTC)
+        if self.dialect == "postgresql":  # 10,000 series a batch: COPY, then one statement
+            pg_copy_temp(
+                conn,
+                marks.select("series_id", "ts", "last_value"),
+                "_marks_in",
+                "series_id integer, ts timestamptz, last_value double precision",
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO watermarks (series_id, ts, last_value, updated_at) "
+                "SELECT series_id, ts, last_value, %(now)s FROM _marks_in "
+                "ON CONFLICT (series_id) DO UPDATE SET ts = excluded.ts, "
+                "last_value = excluded.last_value, updated_at = excluded.updated_at "
+                "WHERE excluded.ts > watermarks.ts",
+                {"now": now},
+            )
+            return
         stmt = self._insert(s.watermarks)
         stmt = stmt.on_conflict_do_update(
             index_elements=["series_id"],
@@ -107,7 +142,6 @@ class IngestStore(StoreBase):
             },
             where=stmt.excluded.ts > s.watermarks.c.ts,
         )
-        now = datetime.now(UTC)
         conn.execute(
             stmt,
             [
@@ -203,20 +237,13 @@ class IngestStore(StoreBase):
         return points.height
 
     def _copy_upsert_observations(self, conn: Connection, points: pl.DataFrame) -> None:
-        buf = io.BytesIO()
-        points.write_csv(
-            buf, include_header=False, datetime_format="%Y-%m-%d %H:%M:%S%.6f+00:00", null_value=""
+        pg_copy_temp(
+            conn,
+            points,
+            "_obs_in",
+            "series_id integer, ts timestamptz, value double precision, quality text, "
+            "window_id bigint",
         )
-        dbapi = conn.connection.driver_connection
-        conn.exec_driver_sql(
-            "CREATE TEMP TABLE IF NOT EXISTS _obs_in (series_id integer, ts timestamptz, "
-            "value double precision, quality text, window_id bigint) ON COMMIT DROP"
-        )
-        with dbapi.cursor() as cur:
-            with cur.copy(
-                "COPY _obs_in (series_id, ts, value, quality, window_id) FROM STDIN (FORMAT csv)"
-            ) as cp:
-                cp.write(buf.getvalue())
         conn.exec_driver_sql(
             "INSERT INTO observations (series_id, ts, value, quality, window_id) "
             "SELECT series_id, ts, value, quality, window_id FROM _obs_in "
@@ -224,7 +251,6 @@ class IngestStore(StoreBase):
             "quality = excluded.quality, window_id = excluded.window_id "
             "WHERE excluded.quality = 'observed' OR observations.quality <> 'observed'"
         )
-        conn.exec_driver_sql("TRUNCATE _obs_in")
 
     def refresh_windows(
         self, conn: Connection, touched: pl.DataFrame, *, freq_seconds: int, window_seconds: int
@@ -237,6 +263,8 @@ class IngestStore(StoreBase):
         if touched.is_empty():
             return 0
         touched = touched.select("series_id", "window_id").unique()
+        if self.dialect == "postgresql":
+            return self._pg_refresh_windows(conn, touched, freq_seconds, window_seconds)
         ranges = touched.group_by("series_id").agg(
             pl.col("window_id").min().alias("lo"), pl.col("window_id").max().alias("hi")
         )
@@ -291,6 +319,36 @@ class IngestStore(StoreBase):
             stmt = self._upsert(s.windows, ("n_points", "n_observed", "complete", "updated_at"))
             conn.execute(stmt, rows)
         return len(rows)
+
+    def _pg_refresh_windows(
+        self, conn: Connection, touched: pl.DataFrame, freq_seconds: int, window_seconds: int
+    ) -> int:
+        """refresh_windows on PostgreSQL: the touched windows COPYed in, then counted and
+        upserted by one statement on the server, each window a primary-key range scan of
+        its series' points (LATERAL: the planner would otherwise merge-join the whole key)."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
+        start_us = pl.col("window_id") * (window_seconds * 1_000_000)
+        span_us = window_seconds * 1_000_000
+        pg_copy_temp(
+            conn,
+            touched.select(
+                "series_id",
+                "window_id",
+                start_us.cast(TS_DTYPE).alias("start_ts"),
+                (start_us + span_us).cast(TS_DTYPE).alias("end_ts"),
+                (start_us + span_us - freq_seconds * 1_000_000).cast(TS_DTYPE).alias("last_slot"),
+            ),
+            "_windows_in",
+            "series_id integer, window_id bigint, start_ts timestamptz, end_ts timestamptz, "
+            "last_slot timestamptz",
+        )
+        return conn.exec_driver_sql(
+            _PG_WINDOWS_UPSERT_SQL,
+            {"n_expected": window_seconds // freq_seconds, "now": datetime.now(UTC)},
+        ).rowcount
 
     # -- quarantine and source cursors ---------------------------------------------------
 

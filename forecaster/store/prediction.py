@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from forecaster.store.base import (
     _SQLITE_TS_FORMAT,
     StoreBase,
     _utc,
+    pg_copy_temp,
 )
 
 if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
@@ -425,17 +425,12 @@ _PG_RECENT_SQL = (
 
 # PostgreSQL forecasts: COPY into a temp table, then one INSERT ... SELECT ... ON CONFLICT DO
 # NOTHING whose row count is the number of new rows (DESIGN.md decision 6).
-_PG_FORECASTS_TEMP_SQL = (
-    "CREATE TEMP TABLE IF NOT EXISTS _forecasts_in (series_id integer, model text, "
-    "origin_ts timestamptz, horizon_step integer, model_version_id integer, "
-    "target_ts timestamptz, yhat double precision, yhat_lower double precision, "
-    "yhat_upper double precision, interval_level double precision, "
-    "raw_lower double precision, raw_upper double precision, revision integer) ON COMMIT DROP"
-)
-_PG_FORECASTS_COPY_SQL = (  # the columns in _FORECAST_KEYS[:13] order, as the CSV has them
-    "COPY _forecasts_in (series_id, model, origin_ts, horizon_step, model_version_id, "
-    "target_ts, yhat, yhat_lower, yhat_upper, interval_level, raw_lower, raw_upper, revision) "
-    "FROM STDIN (FORMAT csv)"
+_PG_FORECASTS_COLUMNS = (  # the temp table's, in _FORECAST_KEYS[:13] order
+    "series_id integer, model text, origin_ts timestamptz, horizon_step integer, "
+    "model_version_id integer, target_ts timestamptz, yhat double precision, "
+    "yhat_lower double precision, yhat_upper double precision, "
+    "interval_level double precision, raw_lower double precision, "
+    "raw_upper double precision, revision integer"
 )
 _PG_FORECASTS_INSERT_SQL = (
     "INSERT INTO forecasts (series_id, model, origin_ts, horizon_step, model_version_id, "
@@ -513,17 +508,8 @@ def _sqlite_forecast_rows(frame: pl.DataFrame, now: datetime) -> Iterator[tuple[
 def _copy_insert_forecasts(conn: Connection, frame: pl.DataFrame, now: datetime) -> int:
     """PostgreSQL: the frame COPYed into a temp table, then inserted where its key is new.
     Returns the number of rows inserted."""
-    buf = io.BytesIO()
-    frame.select(_FORECAST_KEYS[:13]).write_csv(
-        buf, include_header=False, datetime_format="%Y-%m-%d %H:%M:%S%.6f+00:00", null_value=""
-    )
-    conn.exec_driver_sql(_PG_FORECASTS_TEMP_SQL)
-    with conn.connection.driver_connection.cursor() as cur:
-        with cur.copy(_PG_FORECASTS_COPY_SQL) as cp:
-            cp.write(buf.getvalue())
-    written = conn.exec_driver_sql(_PG_FORECASTS_INSERT_SQL, {"now": now}).rowcount
-    conn.exec_driver_sql("TRUNCATE _forecasts_in")
-    return written
+    pg_copy_temp(conn, frame.select(_FORECAST_KEYS[:13]), "_forecasts_in", _PG_FORECASTS_COLUMNS)
+    return conn.exec_driver_sql(_PG_FORECASTS_INSERT_SQL, {"now": now}).rowcount
 
 
 @functools.cache
