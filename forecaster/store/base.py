@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,18 +156,26 @@ def _utc(ts: datetime) -> datetime:
 PG_CSV_TS_FORMAT = "%Y-%m-%d %H:%M:%S%.6f+00:00"
 
 
-def pg_copy_temp(conn: Connection, frame: pl.DataFrame, table: str, columns: str) -> None:
-    """PostgreSQL: `frame`'s columns, in order, COPYed as CSV into the temporary table
-    `table` (`columns`: its column definitions), created for the transaction if absent and
-    emptied first, for one INSERT ... SELECT ... ON CONFLICT on the server: no parameter is
-    bound per row, and no row makes a round trip of its own."""
+@dataclass(frozen=True)
+class PgTemp:
+    """A PostgreSQL temp table that a bulk write COPYs into: its CREATE (ON COMMIT DROP),
+    TRUNCATE and COPY ... FROM STDIN (FORMAT csv) statements, constants of the caller."""
+
+    create: str
+    truncate: str
+    copy: str
+
+
+def pg_copy_temp(conn: Connection, frame: pl.DataFrame, temp: PgTemp) -> None:
+    """PostgreSQL: `frame`'s columns (in the COPY's order) COPYed as CSV into `temp`, created
+    for the transaction if absent and emptied first, for one INSERT ... SELECT ... ON
+    CONFLICT on the server: no parameter bound per row, no round trip per row."""
     buf = io.BytesIO()
     frame.write_csv(buf, include_header=False, datetime_format=PG_CSV_TS_FORMAT, null_value="")
-    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DROP")
-    conn.exec_driver_sql(f"TRUNCATE {table}")
-    names = ", ".join(frame.columns)
+    conn.exec_driver_sql(temp.create)
+    conn.exec_driver_sql(temp.truncate)
     with conn.connection.driver_connection.cursor() as cur:
-        with cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT csv)") as cp:
+        with cur.copy(temp.copy) as cp:
             cp.write(buf.getvalue())
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from forecaster import schema as s
 from forecaster.store.base import (
     _SQLITE_TS_FORMAT,
+    PgTemp,
     StoreBase,
     _fingerprint,
     _obs_raw,
@@ -25,6 +26,26 @@ if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.s
     import polars as pl
 
 
+# PostgreSQL bulk writes (forecaster.store.base.pg_copy_temp): the temp tables COPYed into.
+_PG_OBS_IN = PgTemp(
+    create="CREATE TEMP TABLE IF NOT EXISTS _obs_in (series_id integer, ts timestamptz, "
+    "value double precision, quality text, window_id bigint) ON COMMIT DROP",
+    truncate="TRUNCATE _obs_in",
+    copy="COPY _obs_in (series_id, ts, value, quality, window_id) FROM STDIN (FORMAT csv)",
+)
+_PG_MARKS_IN = PgTemp(
+    create="CREATE TEMP TABLE IF NOT EXISTS _marks_in (series_id integer, ts timestamptz, "
+    "last_value double precision) ON COMMIT DROP",
+    truncate="TRUNCATE _marks_in",
+    copy="COPY _marks_in (series_id, ts, last_value) FROM STDIN (FORMAT csv)",
+)
+_PG_WINDOWS_IN = PgTemp(
+    create="CREATE TEMP TABLE IF NOT EXISTS _windows_in (series_id integer, window_id bigint, "
+    "start_ts timestamptz, end_ts timestamptz, last_slot timestamptz) ON COMMIT DROP",
+    truncate="TRUNCATE _windows_in",
+    copy="COPY _windows_in (series_id, window_id, start_ts, end_ts, last_slot) "
+    "FROM STDIN (FORMAT csv)",
+)
 # PostgreSQL: the touched windows (from _pg_refresh_windows' temp table) recounted and
 # upserted in one statement; a window with no stored point gets no row, as on SQLite.
 _PG_WINDOWS_UPSERT_SQL = (
@@ -117,12 +138,7 @@ class IngestStore(StoreBase):
             return
         now = datetime.now(UTC)
         if self.dialect == "postgresql":  # 10,000 series a batch: COPY, then one statement
-            pg_copy_temp(
-                conn,
-                marks.select("series_id", "ts", "last_value"),
-                "_marks_in",
-                "series_id integer, ts timestamptz, last_value double precision",
-            )
+            pg_copy_temp(conn, marks.select("series_id", "ts", "last_value"), _PG_MARKS_IN)
             conn.exec_driver_sql(
                 "INSERT INTO watermarks (series_id, ts, last_value, updated_at) "
                 "SELECT series_id, ts, last_value, %(now)s FROM _marks_in "
@@ -237,13 +253,7 @@ class IngestStore(StoreBase):
         return points.height
 
     def _copy_upsert_observations(self, conn: Connection, points: pl.DataFrame) -> None:
-        pg_copy_temp(
-            conn,
-            points,
-            "_obs_in",
-            "series_id integer, ts timestamptz, value double precision, quality text, "
-            "window_id bigint",
-        )
+        pg_copy_temp(conn, points, _PG_OBS_IN)
         conn.exec_driver_sql(
             "INSERT INTO observations (series_id, ts, value, quality, window_id) "
             "SELECT series_id, ts, value, quality, window_id FROM _obs_in "
@@ -341,9 +351,7 @@ class IngestStore(StoreBase):
                 (start_us + span_us).cast(TS_DTYPE).alias("end_ts"),
                 (start_us + span_us - freq_seconds * 1_000_000).cast(TS_DTYPE).alias("last_slot"),
             ),
-            "_windows_in",
-            "series_id integer, window_id bigint, start_ts timestamptz, end_ts timestamptz, "
-            "last_slot timestamptz",
+            _PG_WINDOWS_IN,
         )
         return conn.exec_driver_sql(
             _PG_WINDOWS_UPSERT_SQL,

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 from forecaster import schema as s
 from forecaster.store.base import (
     _SQLITE_TS_FORMAT,
+    PgTemp,
     StoreBase,
     _utc,
     pg_copy_temp,
@@ -425,12 +426,16 @@ _PG_RECENT_SQL = (
 
 # PostgreSQL forecasts: COPY into a temp table, then one INSERT ... SELECT ... ON CONFLICT DO
 # NOTHING whose row count is the number of new rows (DESIGN.md decision 6).
-_PG_FORECASTS_COLUMNS = (  # the temp table's, in _FORECAST_KEYS[:13] order
-    "series_id integer, model text, origin_ts timestamptz, horizon_step integer, "
-    "model_version_id integer, target_ts timestamptz, yhat double precision, "
-    "yhat_lower double precision, yhat_upper double precision, "
-    "interval_level double precision, raw_lower double precision, "
-    "raw_upper double precision, revision integer"
+_PG_FORECASTS_IN = PgTemp(
+    create="CREATE TEMP TABLE IF NOT EXISTS _forecasts_in (series_id integer, model text, "
+    "origin_ts timestamptz, horizon_step integer, model_version_id integer, "
+    "target_ts timestamptz, yhat double precision, yhat_lower double precision, "
+    "yhat_upper double precision, interval_level double precision, "
+    "raw_lower double precision, raw_upper double precision, revision integer) ON COMMIT DROP",
+    truncate="TRUNCATE _forecasts_in",
+    copy="COPY _forecasts_in (series_id, model, origin_ts, horizon_step, model_version_id, "
+    "target_ts, yhat, yhat_lower, yhat_upper, interval_level, raw_lower, raw_upper, revision) "
+    "FROM STDIN (FORMAT csv)",  # the columns in _FORECAST_KEYS[:13] order
 )
 _PG_FORECASTS_INSERT_SQL = (
     "INSERT INTO forecasts (series_id, model, origin_ts, horizon_step, model_version_id, "
@@ -508,7 +513,7 @@ def _sqlite_forecast_rows(frame: pl.DataFrame, now: datetime) -> Iterator[tuple[
 def _copy_insert_forecasts(conn: Connection, frame: pl.DataFrame, now: datetime) -> int:
     """PostgreSQL: the frame COPYed into a temp table, then inserted where its key is new.
     Returns the number of rows inserted."""
-    pg_copy_temp(conn, frame.select(_FORECAST_KEYS[:13]), "_forecasts_in", _PG_FORECASTS_COLUMNS)
+    pg_copy_temp(conn, frame.select(_FORECAST_KEYS[:13]), _PG_FORECASTS_IN)
     return conn.exec_driver_sql(_PG_FORECASTS_INSERT_SQL, {"now": now}).rowcount
 
 
