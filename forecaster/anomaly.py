@@ -6,7 +6,13 @@ Deviation. An actual's signed distance from the median served for it, in half-wi
 band on its side: 0 at the median, +1 at the upper edge, -1 at the lower one (the calibrated
 80% band covers |d| <= 1 four times in five). The half-width is floored at WIDTH_FLOOR times
 the series' median half-width over the frame, so a band of zero width (a series at zero at
-night) does not turn a miss of one unit into an outage.
+night) does not turn a miss of one unit into an outage; and capped at WIDTH_CAP times it, so
+a band wider than usual (a busy hour the model is unsure of) does not hide a jump that
+would be plain at any other hour: a band narrower than usual makes a point more surprising,
+a wider one no less. (On bench/anomalies.py's nycflights replay the cap took the recall of
+spikes of 5 median widths from 80% to 100% and of 3 from 58% to 83%, with fewer false
+incidents on the clean run: 0.33 per series-week against 0.36; caps of 0.7, 1.5 and 2.5
+measured worse.)
 
 Evidence. The largest of |d| and |mean of the last k deviations| * sqrt(k) for k in RUNS
 (consecutive points of the series; in a run each deviation counts at most RUN_CLIP), a run
@@ -67,6 +73,7 @@ import polars as pl
 DEFAULT_RATE = 0.5  # incidents per series per week ([anomalies].incidents_per_week)
 DEFAULT_GAP = 2  # [anomalies].gap
 WIDTH_FLOOR = 0.25
+WIDTH_CAP = 1.0
 RUNS = (1, 3, 6)
 MIN_THRESHOLD = 2.0
 DEFAULT_THRESHOLD = 4.0
@@ -106,17 +113,19 @@ def deviation(
     lower: str = "yhat_lower",
     upper: str = "yhat_upper",
 ) -> pl.Series:
-    """Per row, the actual's signed distance from the median in (floored) half-widths of the
-    band on its side."""
+    """Per row, the actual's signed distance from the median in half-widths of the band on
+    its side, floored and capped by the series' median half-width (WIDTH_FLOOR, WIDTH_CAP)."""
     above = pl.col(actual) >= pl.col(median)
     half = (
         pl.when(above)
         .then(pl.col(upper) - pl.col(median))
         .otherwise(pl.col(median) - pl.col(lower))
     )
-    both = (pl.col(upper) - pl.col(lower)) / 2
-    floor = WIDTH_FLOOR * both.median().over(series)
-    d = (pl.col(actual) - pl.col(median)) / pl.max_horizontal(half, floor, pl.lit(1e-9))
+    typical = (pl.col(upper) - pl.col(lower)).median().over(series) / 2
+    half = pl.min_horizontal(half, WIDTH_CAP * typical)
+    d = (pl.col(actual) - pl.col(median)) / pl.max_horizontal(
+        half, WIDTH_FLOOR * typical, pl.lit(1e-9)
+    )
     return frame.select(d.clip(-EVIDENCE_CAP, EVIDENCE_CAP).alias("deviation"))["deviation"]
 
 

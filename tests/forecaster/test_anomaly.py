@@ -36,6 +36,26 @@ def test_deviation_is_half_widths_from_the_median_and_floors_a_zero_width():
     assert d[3] == pytest.approx(3 / (anomaly.WIDTH_FLOOR * 4))
 
 
+def test_a_band_wider_than_usual_does_not_hide_a_jump():
+    """A busy hour the model is unsure of has a wide band; a jump of 4 half-widths of the
+    series' usual band is as plain there as at any other hour (WIDTH_CAP), while a band
+    narrower than usual still makes a miss more surprising."""
+    frame = pl.DataFrame(
+        {
+            "series_id": [1] * 5,
+            "actual": [10.0, 14.0, 10.5, 14.0, 10.0],
+            "yhat": [10.0] * 5,
+            "yhat_lower": [9.0, 0.0, 9.0, 9.75, 9.0],
+            "yhat_upper": [11.0, 20.0, 11.0, 10.25, 11.0],
+        }
+    )
+    d = anomaly.deviation(frame).to_list()
+    assert anomaly.WIDTH_CAP == 1.0
+    assert d[1] == pytest.approx(4.0)  # not 4 / 10: the usual half-width is 1
+    assert d[2] == pytest.approx(0.5)
+    assert d[3] == pytest.approx(4 / 0.25)  # a band a quarter of the usual: four times as far
+
+
 def test_evidence_adds_up_a_run_of_moderate_deviations_while_it_goes_on():
     d = [0.5, -0.3, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 6.0, 0.2, -1.2]
     frame = pl.DataFrame({"series_id": [1] * len(d), "deviation": d})
