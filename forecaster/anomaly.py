@@ -20,7 +20,12 @@ counting only while the actual itself is outside the band on the run's side: one
 far out, or several moderately out on the same side (a storm that halves traffic for hours
 lies barely outside wide bands hour by hour, and is plain over six of them), without a
 spike lingering in the runs after it. For errors that
-are independent and normal each mean term is about |N(0, 0.78)|, whatever k.
+are independent and normal each mean term is about |N(0, 0.78)|, whatever k. RUN_CLIP is 6:
+at 3, a level shift of 3 band widths (6 half-widths) counted as 3 in its runs, so a series
+whose own threshold was above 6 found it only after several steps (nycflights replay,
+shifts of 3 widths found within two steps: 81% at 3, 91% at 4, 97% at 6 and at 9, with
+precision 93%, 95%, 96%, 95%; the clean run's false incidents 0.33, 0.35, 0.39 and 0.37
+per series-week).
 
 Score. The evidence over the threshold in force for the series when the point was scored:
 above 1 is anomalous, 2 is twice the threshold, one scale for every series and model, so
@@ -81,7 +86,7 @@ MIN_SERIES_WEEKS = 2.0
 TAIL_REACH = 4.0
 EVIDENCE_CAP = 1000.0
 FLEET_THRESHOLD = 6.0
-RUN_CLIP = 3.0  # each deviation's share in a run's sum is at most this (half-widths)
+RUN_CLIP = 6.0  # each deviation's share in a run's sum is at most this (half-widths)
 CLEAR = 2.0  # an incident peaking at twice the threshold is no sample of normal data
 MIN_EDGE_TIMES = 48  # past times before the usual share beyond an edge is trusted
 WEEK_S = 7 * 86400
