@@ -28,7 +28,7 @@ import torch
 
 from forecaster import calibration, serving
 from forecaster import features as F
-from forecaster.inference import Joint, advance, history_steps
+from forecaster.inference import Joint, advance, history_steps, stack_states
 from forecaster.panel import Panel
 from forecaster.trained import TrainedModel
 from forecaster.training import Progress, TrainConfig, TrainResult, train, trained_model
@@ -238,7 +238,7 @@ class Forecaster:
             self._score(names, values, start, step)
             state = None
             if last is not None:
-                state = _stack([self._series[n].state for n in names])
+                state = stack_states([self._series[n].state for n in names], self.horizon)
             out = advance(
                 trained,
                 values,
@@ -249,14 +249,14 @@ class Forecaster:
                 window_steps=trained.window,
                 scaler_rows=torch.tensor([row_of[nm] for nm in names]),
             )
-            # What serves each series (the model, a naive or their mean; chosen at fit).
-            chosen = trained.meta.get("serving") or {}
+            # What serves each series: a blend of the network, the naives and MSTL,
+            # weighed on its holdout at fit, then on the members' tracked errors.
             at = torch.tensor([n - 1])
             quantiles = serving.serve(
                 out.quantiles,
                 F.seasonal_naive(trained.spec, values, at, "daily")[:, 0],
                 F.seasonal_naive(trained.spec, values, at, "weekly")[:, 0],
-                [chosen.get(nm, "model") for nm in names],
+                serving.served_weights(trained, names, out.blend),
                 out.stat,
             )
             for i, name in enumerate(names):
@@ -340,6 +340,30 @@ class Forecaster:
             }
         ).with_columns(pl.col("origin_ts").cast(TS), pl.col("ts").cast(TS))
 
+    def weights(self) -> pl.DataFrame:
+        """What serves each series now (forecaster.serving): series, member, weight. The
+        blend chosen on the holdout at fit, moved by the members' errors tracked since."""
+        trained = self._need_model()
+        names = sorted(self._series)
+        states = [self._series[n].state for n in names]
+        trackers = None
+        if states and all(isinstance(st, Joint) and st.blend is not None for st in states):
+            trackers = np.concatenate([st.blend for st in states])
+        served = serving.served_weights(trained, names, trackers)
+        if isinstance(served, torch.Tensor):
+            rows = [dict(zip(serving.BASE, r, strict=True)) for r in served.tolist()]
+        else:
+            rows = [serving.weights_of(e) for e in served]
+        return pl.DataFrame(
+            [
+                {"series": n, "member": m, "weight": float(w)}
+                for n, r in zip(names, rows, strict=True)
+                for m, w in r.items()
+                if w > 0
+            ],
+            schema={"series": pl.String, "member": pl.String, "weight": pl.Float64},
+        )
+
     # -- evaluation ---------------------------------------------------------------------
 
     def cross_validation(
@@ -421,20 +445,14 @@ def _iso(epoch: int) -> str:
 def _slice(state: Any, i: int) -> Any:
     """Series i of a batched state ((layers, B, hidden), a tuple of them, or a Joint)."""
     if isinstance(state, Joint):
-        return Joint(_slice(state.net, i), state.stat[i : i + 1].copy())
+        return Joint(
+            _slice(state.net, i),
+            None if state.stat is None else state.stat[i : i + 1].copy(),
+            None if state.blend is None else state.blend[i : i + 1].copy(),
+        )
     if isinstance(state, tuple):
         return tuple(s[:, i : i + 1].clone() for s in state)
     return state[:, i : i + 1].clone()
-
-
-def _stack(states: list[Any]) -> Any:
-    if isinstance(states[0], Joint):
-        return Joint(
-            _stack([s.net for s in states]), np.concatenate([s.stat for s in states], axis=0)
-        )
-    if isinstance(states[0], tuple):
-        return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
-    return torch.cat(states, dim=1)
 
 
 __all__ = ["Forecaster", "infer_freq", "to_long_frame"]

@@ -18,44 +18,58 @@ import torch
 from torch import Tensor
 
 from forecaster import features as F
-from forecaster import stats
+from forecaster import serving, stats
 from forecaster.trained import TrainedModel
 
 
 @dataclass
 class Joint:
-    """The state of a version with a statistical challenger: the network's batched state
-    and the challenger's rows (B, width), float64 (forecaster.stats)."""
+    """The state of a version with a statistical challenger or a blend tracker: the
+    network's batched state, the challenger's rows (B, width) (forecaster.stats; None for a
+    version without one) and the trackers of the members' recent errors (B, width)
+    (forecaster.serving.track; None for a version from before them), float64."""
 
     net: Any
-    stat: np.ndarray
+    stat: np.ndarray | None
+    blend: np.ndarray | None = None
 
 
 def state_to_rows(state: Any) -> tuple[list[bytes], list[int]]:
     """A batched state ((layers, B, hidden) or a tuple of them; or a Joint) -> per-series
     bytes and the shape of one series' array (parts, layers, hidden), with the challenger's
-    width appended for a Joint (its float32 row follows the network's bytes)."""
-    stat = None
+    width appended for a Joint (its float32 row follows the network's bytes), and the blend
+    tracker's width after it where there is one (its float64 row comes last: it counts
+    steps and sums errors in the series' units)."""
+    stat = blend = None
     if isinstance(state, Joint):
-        state, stat = state.net, state.stat
+        state, stat, blend = state.net, state.stat, state.blend
     parts = state if isinstance(state, tuple) else (state,)
     stacked = torch.stack([p.detach().float().cpu() for p in parts])  # (P, L, B, H)
     per_series = stacked.permute(2, 0, 1, 3).contiguous().numpy()  # (B, P, L, H)
     shape = list(per_series.shape[1:])
-    if stat is None:
+    if stat is None and blend is None:
         return [row.tobytes() for row in per_series], shape
-    extra = stat.astype(np.float32)
+    n = len(per_series)
+    extra = (np.zeros((n, 0)) if stat is None else stat).astype(np.float32)
     rows = [row.tobytes() + x.tobytes() for row, x in zip(per_series, extra, strict=True)]
-    return rows, [*shape, int(extra.shape[1])]
+    if blend is None:
+        return rows, [*shape, int(extra.shape[1])]
+    tracked = blend.astype(np.float64)
+    rows = [r + x.tobytes() for r, x in zip(rows, tracked, strict=True)]
+    return rows, [*shape, int(extra.shape[1]), int(tracked.shape[1])]
 
 
 def state_from_rows(rows: list[bytes], shape: list[int], kind: str) -> Any:
     """Inverse of state_to_rows for a batch of series (same shape)."""
-    if len(shape) == 4:  # a network state, then the challenger's row
+    if len(shape) in (4, 5):  # a network state, the challenger's row, the tracker's
         cut = 4 * int(np.prod(shape[:3]))
         net = state_from_rows([r[:cut] for r in rows], shape[:3], kind)
-        stat = np.stack([np.frombuffer(r[cut:], dtype=np.float32) for r in rows])
-        return Joint(net, stat.astype(np.float64))
+        end = cut + 4 * int(shape[3])
+        stat = np.stack([np.frombuffer(r[cut:end], dtype=np.float32) for r in rows])
+        blend = None
+        if len(shape) == 5:
+            blend = np.stack([np.frombuffer(r[end:], dtype=np.float64) for r in rows]).copy()
+        return Joint(net, stat.astype(np.float64) if shape[3] else None, blend)
     arr = np.stack(
         [np.frombuffer(r, dtype=np.float32).reshape(shape) for r in rows]
     )  # (B, P, L, H)
@@ -72,6 +86,7 @@ class Advanced:
     state: Any  # batched state after the last step
     edge_states: list[tuple[int, Any]]  # (grid index of a window's last step, state there)
     stat: Tensor | None = None  # (S, H) the challenger's forecast from the last step
+    blend: np.ndarray | None = None  # (S, width) the trackers after it (forecaster.serving)
 
 
 @torch.no_grad()
@@ -109,15 +124,31 @@ def advance(
     spec, model = trained.spec, trained.model
     step_s = spec.freq_seconds
     challenger = trained.stat
-    stat, stat_from, params = None, None, None
+    stat, stat_from, params, blend = None, None, None, None
+    saved_stat = None
+    if isinstance(state, Joint):
+        state, saved_stat, blend = state.net, state.stat, state.blend
+    raw = values.double().cpu().numpy()
     if challenger is not None:
         picked = rows.numpy()
         params = challenger.params.take(picked)
-        if isinstance(state, Joint):
-            state, stat = state.net, state.stat
+        if saved_stat is not None:
+            stat = saved_stat
         else:  # from the fit's state, at the step it holds up to
             stat, stat_from = challenger.state[picked], challenger.step[picked] + 1
-        raw = values.double().cpu().numpy()
+    # The members' recent errors (forecaster.serving.track), for versions that carry their
+    # holdout errors; a state from before them starts with nothing tracked. The forecasts
+    # tracked are those from grid-aligned origins (every H-th step of the epoch grid), so
+    # the errors depend on the points alone, not on when predict ran.
+    horizon = spec.horizon
+    half = serving.halflife(spec.season_day)
+    track_from = lo
+    if not trained.meta.get("serving_errors"):
+        blend = None
+    elif blend is None:  # a warm-up: its first steps forecast from a state still cold
+        blend = serving.new_trackers(len(rows), horizon)
+        track_from = lo + min(spec.season_week, (hi - lo) // 2)
+    cpu_values = values.cpu()
     state = _to(state, device)
     edges = []
     a = lo
@@ -125,29 +156,116 @@ def advance(
         # Steps to the end of the epoch-aligned window that step a falls in.
         to_edge = window_steps - (((start + a * step_s) // step_s) % window_steps)
         b = min(hi, a + to_edge)
+        origin = None  # a tracked origin inside [a, b): the chunk ends there
+        if blend is not None:
+            v = tracked_origins(spec, start // step_s + a, start // step_s + b - 1)
+            v = v[0] - start // step_s if v else b
+            if track_from <= v < b:
+                b, origin = v + 1, v
         x = F.step_inputs(spec, scaled, start, a, b)
         context, state = model.advance(x, state)  # the recurrence only: O(new points)
         if stat is not None:
             stat, _ = stats.update(
                 params, stat, raw[:, a:b], start // step_s + a, active_from=stat_from
             )
+        if blend is not None:
+            blend = serving.track(blend, raw[:, a:b], horizon, half)
+            if origin is not None:
+                q_o = _quantiles(trained, scaled, start, origin, context, x, scale, center)
+                blend = serving.refresh(
+                    blend, _members(trained, q_o, cpu_values, origin, params, stat, start), horizon
+                )
         if b == a + to_edge:
-            edges.append((b - 1, _clone(state) if stat is None else Joint(_clone(state), stat)))
+            edges.append((b - 1, _joint(_clone(state), stat, blend)))
         a = b
-    # The head runs once, at the last step: the forecast origin.
-    head_x = F.head_inputs(spec, scaled, start, torch.tensor([hi - 1]))
-    pred = model.forecast(context[:, -1:], head_x, x[:, -1:])  # (S, 1, H, Q)
+    # The head runs once more, at the last step: the forecast origin.
+    q = _quantiles(trained, scaled, start, hi - 1, context, x, scale, center)
+    point = None
+    if stat is not None:
+        point = _stat_point(trained, params, stat, start // step_s + hi - 1)
+    return Advanced(
+        quantiles=q, state=_joint(state, stat, blend), edge_states=edges, stat=point, blend=blend
+    )
+
+
+def _quantiles(
+    trained: TrainedModel,
+    scaled: Tensor,
+    start: int,
+    origin: int,
+    context: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    center: Tensor,
+) -> Tensor:
+    """The network's quantiles (S, H, Q) from grid step `origin`, the last step of the
+    chunk whose `context` and inputs `x` are given, in the series' units, on the CPU."""
+    head_x = F.head_inputs(trained.spec, scaled, start, torch.tensor([origin]))
+    pred = trained.model.forecast(context[:, -1:], head_x, x[:, -1:])  # (S, 1, H, Q)
     q = pred[:, -1].float() * scale.view(-1, 1, 1) + center.view(-1, 1, 1)  # (S, H, Q)
     if trained.nonnegative:
         q = q.clamp_min(0.0)
-    if stat is None:
-        return Advanced(quantiles=q.cpu(), state=state, edge_states=edges)
-    point = torch.from_numpy(stats.forecast(params, stat, start // step_s + hi - 1, spec.horizon))
+    return q.cpu()
+
+
+def _stat_point(trained: TrainedModel, params: Any, stat: np.ndarray, step: int) -> Tensor:
+    """The challenger's point forecast (S, H) from absolute grid step `step`."""
+    point = torch.from_numpy(stats.forecast(params, stat, step, trained.spec.horizon))
     if trained.nonnegative:
         point = point.clamp_min(0.0)
-    return Advanced(
-        quantiles=q.cpu(), state=Joint(state, stat), edge_states=edges, stat=point.float()
+    return point.float()
+
+
+def _members(
+    trained: TrainedModel,
+    q: Tensor,
+    values: Tensor,
+    origin: int,
+    params: Any,
+    stat: np.ndarray | None,
+    start: int,
+) -> dict[str, Tensor]:
+    """Each member's point forecast (S, H) from grid step `origin` (forecaster.serving)."""
+    spec = trained.spec
+    point = None
+    if stat is not None:
+        point = _stat_point(trained, params, stat, start // spec.freq_seconds + origin)
+    return serving.member_medians(
+        q[..., q.shape[-1] // 2],
+        seasonal_naive_at(spec, values, origin, "daily"),
+        seasonal_naive_at(spec, values, origin, "weekly"),
+        point,
     )
+
+
+def _joint(state: Any, stat: np.ndarray | None, blend: np.ndarray | None) -> Any:
+    """The network's state alone, or a Joint with the challenger's and tracker's rows."""
+    if stat is None and blend is None:
+        return state
+    return Joint(state, stat, None if blend is None else blend.copy())
+
+
+def stack_states(states: list[Any], horizon: int) -> Any:
+    """Per-series states (each for a batch of one, possibly of older formats: a Joint
+    without a tracker, or none at all) -> one batched state. Trackers missing beside
+    others start empty."""
+    joints = [s for s in states if isinstance(s, Joint)]
+    nets = [s.net if isinstance(s, Joint) else s for s in states]
+    if isinstance(nets[0], tuple):
+        net: Any = tuple(torch.cat([n[k] for n in nets], dim=1) for k in range(len(nets[0])))
+    else:
+        net = torch.cat(nets, dim=1)
+    if not joints:
+        return net
+    stats_ = [s.stat if isinstance(s, Joint) else None for s in states]
+    stat = None if any(x is None for x in stats_) else np.concatenate(stats_)
+    blends = [s.blend if isinstance(s, Joint) else None for s in states]
+    blend = None
+    if any(b is not None for b in blends):
+        blend = np.concatenate(
+            [serving.new_trackers(1, horizon) if b is None else b for b in blends]
+        )
+    return _joint(net, stat, blend)
 
 
 def _to(state: Any, device: torch.device) -> Any:
@@ -179,6 +297,14 @@ def lag_offsets(spec: F.FeatureSpec) -> list[tuple[int, int]]:
         else:
             ranges.append((o, o))
     return ranges
+
+
+def tracked_origins(spec: F.FeatureSpec, first: int, last: int) -> list[int]:
+    """The epoch steps in [first, last] from which the blend's members' forecasts are
+    tracked (advance): every H-th step of the epoch grid."""
+    h = spec.horizon
+    v = first + (h - 1 - first % h)
+    return list(range(v, last + 1, h))
 
 
 def history_steps(spec: F.FeatureSpec) -> int:

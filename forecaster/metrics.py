@@ -330,9 +330,11 @@ class SqlCollector:
             if coverage is not None:
                 fam["coverage"].add_metric([model], coverage)
         serving = ((champion or {}).get("metrics") or {}).get("serving") or {}
-        if champion is not None:  # series that came after training: the network serves them
+        if champion is not None:  # the weights served now, where they follow tracked errors;
+            # series that came after training: the network serves them
             serving = {
                 **serving,
+                **store.served_weights(champion["id"]),
                 **dict.fromkeys(store.untrained_series(champion["id"]), UNTRAINED),
             }
         for _, name in chosen:
@@ -467,7 +469,8 @@ class SqlCollector:
                 "forecaster_series_served_by",
                 "The weight of each member in what serves the series under the champion (they "
                 "sum to 1): model (the network), naive_daily, naive_weekly, mstl (the "
-                "statistical challenger), weighed per series on the holdout at training "
+                "statistical challenger), weighed per series on the holdout at training, "
+                "then on the members' tracked errors as of the newest forecast "
                 "(versions before the blend: 1 for one member, mean_daily / mean_weekly / "
                 "mean_mstl being its mean with the network); model_untrained: the network, "
                 "for a series the champion was not trained on (scaled from its own points).",

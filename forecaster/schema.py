@@ -204,6 +204,10 @@ series_states = sa.Table(
     sa.Column("shape", sa.JSON, nullable=False),
     sa.Column("state_ts", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # The blend's weights served from this state ({member: weight}, forecaster.serving): the
+    # version's holdout weights moved by the members' tracked errors. NULL where they do not
+    # move (older versions and states). Migration 0012.
+    sa.Column("weights", sa.JSON, nullable=True),
 )
 
 # A series a version was not trained on, served by it all the same (a new series): the

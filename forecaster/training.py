@@ -139,6 +139,9 @@ class TrainResult:
     anomaly_thresholds: dict[str, Any] = field(default_factory=dict)
     refit_epochs: int = 0
     serving: list[str] = field(default_factory=list)  # per series (names' order): what serves it
+    # Per series, each member's MAE on the held-out tails that `serving` was weighed on:
+    # where the served blend's tracked errors start (forecaster.serving.adapted).
+    serving_errors: list[dict[str, float]] = field(default_factory=list)
     # The statistical challenger (forecaster.stats): params, per-series state and the epoch
     # step each state holds up to; None: no challenger.
     stat: dict[str, Any] | None = None
@@ -165,6 +168,11 @@ def trained_model(result: TrainResult) -> TrainedModel:
             "serving": dict(zip(result.names, result.serving, strict=True))
             if result.serving
             else {},
+            **(
+                {"serving_errors": dict(zip(result.names, result.serving_errors, strict=True))}
+                if result.serving_errors
+                else {}
+            ),
             **({"stat": result.stat} if result.stat else {}),
         },
     )
@@ -365,11 +373,14 @@ def holdout_choices(
     nonnegative: bool = False,
     replayed: tuple[Tensor, Tensor] | None = None,
     stat: Tensor | None = None,
+    errors_out: list[dict[str, list[float]]] | None = None,
 ) -> list[list[str]]:
     """For each limit hi of `his`, per series, what serves it (forecaster.serving): the
-    member with the lowest MAE on its forecasts whose targets lie in its held-out [lo, hi).
-    The members' forecasts are built once for all the limits. `stat`: the challenger's
-    forecasts (S, T, H) from the origins of `replayed`, NaN where it has none."""
+    members weighed by their MAE on the forecasts whose targets lie in its held-out
+    [lo, hi). The members' forecasts are built once for all the limits. `stat`: the
+    challenger's forecasts (S, T, H) from the origins of `replayed`, NaN where it has none.
+    `errors_out`, if given, receives per limit each member's MAE per series (NaN: not
+    scored), the prior the served blend's tracked errors start from."""
     replayed = replayed or _replay_scaled(model, spec, panel, scalers, window, lo)
     first = int(lo.min()) - 1
     keep = replayed[0] >= first
@@ -387,6 +398,8 @@ def holdout_choices(
             err = torch.where(unknown, torch.nan, (point - actual).abs())
             errors[name] = torch.nanmean(err.flatten(1), dim=1)
         choices.append(serving.choose(errors))
+        if errors_out is not None:
+            errors_out.append({name: e.double().tolist() for name, e in errors.items()})
     return choices
 
 
@@ -684,6 +697,7 @@ def train(
     calibration: list[float] = []
     thresholds: dict[str, Any] = {}
     choice: list[str] = []
+    serving_errors: list[dict[str, float]] = []
     stat_kept: dict[str, Any] | None = None
     served_holdout: ServedErrors | None = None
     if parallel is None or parallel.main:
@@ -712,6 +726,7 @@ def train(
         # Per series, what serves it, chosen on both held-out tails; and, to score this
         # version as retraining compares versions, chosen on the early-stopping tail alone
         # (scored on the test tail below).
+        tail_errors: list[dict[str, list[float]]] = []
         choice, honest = holdout_choices(
             cpu_model,
             spec,
@@ -723,7 +738,13 @@ def train(
             nonnegative,
             replayed=replayed,
             stat=stat_pred,
+            errors_out=tail_errors,
         )
+        if tail_errors:  # what `choice` was weighed on, per series
+            serving_errors = [
+                {m: e[i] for m, e in tail_errors[0].items() if math.isfinite(e[i])}
+                for i in range(len(panel.names))
+            ]
         first = int(spans.test_start.min()) - 1
         served_holdout, served_smape = _served(
             replayed,
@@ -806,6 +827,7 @@ def train(
         ),
         refit_epochs=refit_epochs,
         serving=choice,
+        serving_errors=serving_errors,
         stat=stat_kept,
         served_holdout=served_holdout,
     )

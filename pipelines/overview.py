@@ -237,9 +237,14 @@ class Overview:
         # What serves each series under the champion (forecaster.serving).
         champion = store.champion()
         serving = ((champion or {}).get("metrics") or {}).get("serving") or {}
-        if champion is not None:  # series that came after training: the network serves them
+        if champion is not None:  # the weights served now, where they follow tracked errors;
+            # series that came after training: the network serves them
             new = store.untrained_series(champion["id"])
-            serving = {**serving, **dict.fromkeys(new, "model (not trained on it)")}
+            serving = {
+                **serving,
+                **store.served_weights(champion["id"]),
+                **dict.fromkeys(new, "model (not trained on it)"),
+            }
         mase = {(r["series_id"], r["model"]): r["mase"] for r in accuracy}
         best_naive: dict[int, float] = {}
         for r in accuracy:

@@ -33,8 +33,10 @@ from forecaster.inference import (
     history_steps,
     lag_offsets,
     seasonal_naive_at,
+    stack_states,
     state_from_rows,
     state_to_rows,
+    tracked_origins,
 )
 from forecaster.panel import Scalers
 from forecaster.store import Store
@@ -188,7 +190,7 @@ def _untrained_view(
         center=torch.tensor([have[i]["center"] for i in ids], dtype=torch.float32),
         scale=torch.tensor([have[i]["scale"] for i in ids], dtype=torch.float32),
     )
-    meta = {k: v for k, v in trained.meta.items() if k not in ("stat", "serving")}
+    meta = {k: v for k, v in trained.meta.items() if k not in ("stat", "serving", "serving_errors")}
     return replace(trained, scalers=scalers, names=[t["name"] for t in targets], meta=meta)
 
 
@@ -373,20 +375,34 @@ def _advance_chunk(
     n = int((watermark - grid_start).total_seconds()) // step_s + 1
     lo = n - (int((watermark - first_new).total_seconds()) // step_s + 1)
     ids = [m["id"] for m in members]
-    spans = [(first_new, watermark)] + [
-        (o + a * step, o + b * step) for o in origins for a, b in lag_offsets(spec)
-    ]
+    # The head's seasonal lags from each origin, and from the origins the blend's trackers
+    # forecast from (inference.advance), merged where they overlap.
+    heads = list(origins)
+    if trained.meta.get("serving_errors"):
+        first_step, last_step = (
+            int(first_new.timestamp()) // step_s,
+            int(watermark.timestamp()) // step_s,
+        )
+        heads += [
+            datetime.fromtimestamp(v * step_s, UTC)
+            for v in tracked_origins(spec, first_step, last_step)
+        ]
+    spans = _merged(
+        [(first_new, watermark)]
+        + [(o + a * step, o + b * step) for o in heads for a, b in lag_offsets(spec)],
+        step,
+    )
     values = _read_grid(store, ids, spans, start, step_s, n)
     row_of = {name: i for i, name in enumerate(trained.names)}
     scaler_rows = torch.tensor([row_of[m["name"]] for m in members])
     state = None
     if saved is not None:
-        state = state_from_rows([s[0] for s in saved], saved[0][1], trained.model_config.kind)
+        state = _load_states(saved, trained)
     corrections = band_corrections(store, trained, vid)
-    chosen = trained.meta.get("serving") or {}
-    served = [chosen.get(m["name"], "model") for m in members]
+    names = [m["name"] for m in members]
     forecasts: list[pl.DataFrame] = []
     edge_states: list[tuple[int, object]] = []
+    weights = None  # what served the last origin, where the blend follows tracked errors
     a = lo
     for origin in origins:
         hi = int((origin - grid_start).total_seconds()) // step_s + 1
@@ -410,7 +426,7 @@ def _advance_chunk(
                 hi - 1,
                 origin,
                 corrections,
-                served,
+                (weights := serving.served_weights(trained, names, out.blend)),
                 out.stat,
             )
         )
@@ -418,9 +434,19 @@ def _advance_chunk(
         state, a = out.state, hi
 
     state_rows, shape = state_to_rows(state)
+    # The weights that served the last origin, recorded beside the state (SQL, /metrics,
+    # the overview page), where they follow the tracked errors.
+    recorded = (
+        [
+            {m: round(w, 6) for m, w in zip(serving.BASE, row, strict=True) if w >= 1e-6}
+            for row in weights.tolist()
+        ]
+        if isinstance(weights, torch.Tensor)
+        else [None] * len(ids)
+    )
     new_states = [
-        {"series_id": sid, "state": b, "shape": shape, "state_ts": watermark}
-        for sid, b in zip(ids, state_rows, strict=True)
+        {"series_id": sid, "state": b, "shape": shape, "state_ts": watermark, "weights": w}
+        for sid, b, w in zip(ids, state_rows, recorded, strict=True)
     ]
     snapshots = []
     for idx, edge_state in edge_states:
@@ -444,6 +470,29 @@ def _advance_chunk(
             late_handled=late_handled,
         )
     return written, n - lo
+
+
+def _merged(
+    spans: list[tuple[datetime, datetime]], step: timedelta
+) -> list[tuple[datetime, datetime]]:
+    """Inclusive spans, overlapping or adjacent ones merged (each is read once)."""
+    out: list[tuple[datetime, datetime]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1] + step:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _load_states(saved: list, trained: TrainedModel) -> object:
+    """The saved rows (bytes, shape, ts) of a chunk as one batched state; rows saved in
+    different formats (from before the blend trackers, say) are loaded one by one."""
+    kind = trained.model_config.kind
+    shapes = {tuple(s[1]) for s in saved}
+    if len(shapes) == 1:
+        return state_from_rows([s[0] for s in saved], saved[0][1], kind)
+    return stack_states([state_from_rows([s[0]], s[1], kind) for s in saved], trained.spec.horizon)
 
 
 def _read_grid(
@@ -478,7 +527,7 @@ def _forecast_rows(
     origin: int,
     origin_ts: datetime,
     corrections: dict[int, float],
-    served: list[str] | None = None,
+    served: list[serving.Entry] | torch.Tensor | None = None,
     stat: torch.Tensor | None = None,
 ) -> pl.DataFrame:
     """Rows for the forecasts table, as a frame built from columns: the model's S x H, then
@@ -490,7 +539,7 @@ def _forecast_rows(
     use it)."""
     spec = trained.spec
     naives = {season: seasonal_naive_at(spec, values, origin, season) for season in BASELINES}
-    if served and any(m != "model" for m in served):
+    if isinstance(served, torch.Tensor) or (served and any(m != "model" for m in served)):
         q = serving.serve(q, naives["daily"], naives["weekly"], served, stat)
     quantiles = trained.model_config.quantiles
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1

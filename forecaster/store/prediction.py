@@ -95,6 +95,18 @@ class PredictionStore(StoreBase):
                 stmt, [{**r, "model_version_id": version_id, "created_at": now} for r in rows]
             )
 
+    def served_weights(self, version_id: int) -> dict[str, dict[str, float]]:
+        """Series name -> the blend's weights served from its newest state under
+        `version_id` (forecaster.serving), for the states that record them."""
+        st, se = s.series_states, s.series
+        q = (
+            sa.select(se.c.name, st.c.weights)
+            .join(st, st.c.series_id == se.c.id)
+            .where(st.c.model_version_id == version_id, st.c.weights.is_not(None))
+        )
+        with self.engine.connect() as conn:
+            return {name: dict(w) for name, w in conn.execute(q) if w}
+
     def untrained_series(self, version_id: int) -> list[str]:
         """Names of the series `version_id` serves without having been trained on them."""
         sc, se = s.series_scalers, s.series
@@ -195,9 +207,14 @@ class PredictionStore(StoreBase):
         if reissued:
             frame = self._supersede(conn, frame, set(reissued))
         if states:
-            stmt = self._upsert(s.series_states, ("state", "shape", "state_ts", "updated_at"))
+            cols = ("state", "shape", "state_ts", "updated_at", "weights")
+            stmt = self._upsert(s.series_states, cols)
             conn.execute(
-                stmt, [{**r, "model_version_id": version_id, "updated_at": now} for r in states]
+                stmt,
+                [
+                    {"weights": None, **r, "model_version_id": version_id, "updated_at": now}
+                    for r in states
+                ],
             )
         if snapshots:
             stmt = self._upsert(s.state_snapshots, ("state", "shape", "state_ts"))

@@ -332,6 +332,7 @@ _PLAIN = (
     "calibration",
     "refit_epochs",
     "serving",
+    "serving_errors",
     "stat",
 )
 

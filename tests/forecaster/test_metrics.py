@@ -721,8 +721,9 @@ def test_after_a_promotion_the_band_served_is_the_predecessors_until_the_champio
 def test_what_serves_each_series_is_exposed(tmp_path):
     """forecaster_series_served_by: the champion's per-series choice (model_versions.metrics
     key "serving"), per series shown one sample per member with its weight in the blend (1
-    for a version's named member); model_untrained for a series it serves without having
-    been trained on it (series_scalers)."""
+    for a version's named member), or the weights recorded beside the series' state by the
+    last predict (series_states.weights); model_untrained for a series it serves without
+    having been trained on it (series_scalers)."""
     store = Store(f"sqlite:///{tmp_path / 'served.db'}")
     store.upgrade()
     with store.begin() as conn:
@@ -755,6 +756,30 @@ def test_what_serves_each_series_is_exposed(tmp_path):
     reg = _metrics(store, NOW).registry
     assert reg.get_sample_value(name, {"series": "c", "member": "model_untrained"}) == 1
     assert reg.get_sample_value(name, {"series": "a", "member": "model"}) == 1
+    # Where predict recorded the weights that served the newest forecast (they follow the
+    # members' tracked errors), those are shown instead of the holdout's.
+    (bid,) = [sid for sid, n in store.series_catalogue() if n == "b"]
+    with store.begin() as conn:
+        store.save_prediction(
+            conn,
+            version_id=1,
+            states=[
+                {
+                    "series_id": bid,
+                    "state": b"\0" * 4,
+                    "shape": [1, 1, 1],
+                    "state_ts": NOW,
+                    "weights": {"naive_weekly": 0.5, "model": 0.5},
+                }
+            ],
+            snapshots=[],
+            forecasts=[],
+            keep_snapshots=7,
+        )
+    reg = _metrics(store, NOW).registry
+    assert reg.get_sample_value(name, {"series": "b", "member": "naive_weekly"}) == 0.5
+    assert reg.get_sample_value(name, {"series": "b", "member": "model"}) == 0.5
+    assert reg.get_sample_value(name, {"series": "b", "member": "mstl"}) is None
     store.close()
 
 

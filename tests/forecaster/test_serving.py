@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
 
+import numpy as np
+import polars as pl
 import pytest
 import torch
 
@@ -158,3 +161,126 @@ def test_the_served_band_comes_back_to_its_level_after_a_shift():
 
     cover = _served_coverage(shifting, lambda k: 8.7, lambda k: 11.3, horizons=90)
     assert 0.75 <= cover <= 0.85, cover
+
+
+# -- weights that follow the members' recent errors -------------------------------------------
+
+
+def _members(model, daily, weekly=None):
+    out = {"model": torch.tensor([model]), "naive_daily": torch.tensor([daily])}
+    if weekly is not None:
+        out["naive_weekly"] = torch.tensor([weekly])
+    return out
+
+
+def test_the_tracker_scores_each_point_once_against_the_forecast_pending_for_it():
+    """A forecast stays pending until the points of its whole horizon have arrived; each
+    arriving actual decays the sums by one point's forgetting and adds every member's
+    absolute error where that member forecast it."""
+    h, half = 3, 2.0
+    d = 0.5 ** (1 / half)
+    t = serving.new_trackers(1, h)
+    t = serving.track(t, np.array([[1.0, 2.0]]), h, half)  # nothing pending: nothing scored
+    assert t[0, 1:9].tolist() == [0.0] * 8
+    t = serving.refresh(t, _members([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]), h)
+    assert t[0, 0] == 0
+    kept = serving.refresh(t, _members([9.0] * 3, [9.0] * 3), h)  # not consumed: kept
+    assert np.array_equal(kept, t, equal_nan=True)
+    t = serving.track(t, np.array([[1.0, NAN]]), h, half)  # a missing actual is consumed
+    assert t[0, 0] == 2
+    sums, counts = t[0, 1:5], t[0, 5:9]
+    assert sums.tolist() == [0.0, 1.0, 0.0, 0.0]  # model exact, daily 1 off
+    assert counts.tolist() == [1.0, 1.0, 0.0, 0.0]  # the weekly naive forecast nothing
+    t = serving.track(t, np.array([[3.0, 5.0]]), h, half)  # only step 3 was still pending
+    assert t[0, 0] == h
+    assert t[0, 1:3].tolist() == pytest.approx([2.0, d * 1.0 + 3.0])
+    assert t[0, 5:7].tolist() == pytest.approx([d + 1.0, d + 1.0])
+    t = serving.refresh(t, _members([7.0] * 3, [8.0] * 3), h)  # consumed: the next one
+    assert t[0, 0] == 0 and t[0, 9:12].tolist() == [7.0] * 3
+
+
+def test_the_weights_start_from_the_holdout_and_follow_the_tracked_errors():
+    """The holdout's MAE weighs as much as PRIOR_HALFLIVES half-lives of tracked points; the
+    blended errors are weighed as at training (MAE ** -4)."""
+    half = 24.0
+    n0 = serving.PRIOR_HALFLIVES * half
+    trackers = serving.new_trackers(3, 24)
+    # Series 0: nothing tracked yet: the holdout's weights.
+    # Series 1: n0 points tracked, the network 3 off on each, the daily naive 2: blended
+    # MAEs (1 + 3) / 2 = 2 and (2 + 2) / 2 = 2, an even split.
+    trackers[1, 1:3], trackers[1, 5:7] = [3 * n0, 2 * n0], [n0, n0]
+    prior = {"model": 1.0, "naive_daily": 2.0}
+    got = serving.adapted(
+        [{"model": 0.9, "naive_daily": 0.1}] * 2 + ["naive_weekly"],
+        trackers,
+        [prior, prior, None],  # series 2: no holdout errors: its entry serves unchanged
+        half,
+    )
+    assert isinstance(got, torch.Tensor) and got.shape == (3, len(serving.BASE))
+    assert got[0].tolist() == pytest.approx([16 / 17, 1 / 17, 0.0, 0.0])
+    assert got[1].tolist() == pytest.approx([0.5, 0.5, 0.0, 0.0])
+    assert got[2].tolist() == [0.0, 0.0, 1.0, 0.0]
+    # A version without holdout errors (or no trackers) serves its entries as they are.
+    assert serving.adapted(["model"], None, [prior], half) == ["model"]
+    assert serving.adapted(["model"], trackers[:1], [None], half) == ["model"]
+
+
+def test_states_keep_their_trackers_and_older_states_still_load():
+    from forecaster.inference import Joint, stack_states, state_from_rows, state_to_rows
+
+    h = torch.randn(1, 2, 4)
+    stat = np.random.default_rng(0).normal(size=(2, 5))
+    blend = serving.new_trackers(2, 3)
+    blend[1, 1] = 1.5
+    rows, shape = state_to_rows(Joint(h, stat, blend))
+    assert shape == [1, 1, 4, 5, serving.tracker_width(3)]
+    back = state_from_rows(rows, shape, "gru")
+    assert torch.equal(back.net, h)
+    assert np.allclose(back.stat, stat, atol=1e-6)  # float32 on disk
+    assert np.array_equal(back.blend, blend, equal_nan=True)  # float64: counts and sums
+    rows, shape = state_to_rows(Joint(h, None, blend))  # no challenger
+    back = state_from_rows(rows, shape, "gru")
+    assert back.stat is None and np.array_equal(back.blend, blend, equal_nan=True)
+    # A state saved before the trackers (network and challenger only) loads without one;
+    # batched with a tracked one, it starts with nothing tracked.
+    old_rows, old_shape = state_to_rows(Joint(h[:, :1], stat[:1]))
+    assert old_shape == [1, 1, 4, 5]
+    old = state_from_rows(old_rows, old_shape, "gru")
+    assert old.blend is None
+    new = state_from_rows(*state_to_rows(Joint(h[:, 1:], stat[1:], blend[1:])), "gru")
+    both = stack_states([old, new], 3)
+    assert torch.equal(both.net, h)
+    assert np.array_equal(both.blend[0], serving.new_trackers(1, 3)[0], equal_nan=True)
+    assert both.blend[1, 1] == 1.5
+
+
+def test_a_series_that_turns_into_its_daily_naive_is_served_by_it():
+    """Fitted on noisy daily waves, then fed days that repeat the day before exactly: the
+    daily naive's tracked error is zero, and within a few days it weighs the most. (The
+    holdout's errors stay in the blend, weighing about as much as the tracked points, so
+    a member is never judged on recent days alone.)"""
+    from forecaster.api import Forecaster
+
+    rng = np.random.default_rng(1)
+    n = 36 * 24
+    t = np.arange(n)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    v = 20 + 8 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 2, n)
+    ts = [start + timedelta(hours=int(i)) for i in t]
+    fc = Forecaster("gru", horizon=24, hidden=8, epochs=3, challenger="none")
+    fc.fit(pl.DataFrame({"series": "a", "ts": ts, "value": v}))
+    before = fc.weights()
+    assert "serving_errors" in fc.model.meta
+    last_day = v[-24:]
+    for day in range(4):
+        nxt = [ts[-1] + timedelta(hours=int(i) + 1 + 24 * day) for i in range(24)]
+        fc.update(pl.DataFrame({"series": "a", "ts": nxt, "value": last_day}))
+    after = fc.weights()
+    weight = dict(zip(after["member"], after["weight"], strict=True))
+    was = dict(zip(before["member"], before["weight"], strict=True)).get("naive_daily", 0.0)
+    assert weight["naive_daily"] > max(0.5, was + 0.1), (before, after)
+    assert max(weight, key=weight.get) == "naive_daily"
+    # The network forecasts the waves, about 1.6 off the noise of the repeated day (the
+    # mean absolute value of N(0, 2)); served, the day itself weighs in.
+    served = fc.forecast()["yhat"].to_numpy()
+    assert np.abs(served - last_day).mean() < 0.6

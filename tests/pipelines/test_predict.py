@@ -55,8 +55,9 @@ def trained(tmp_path_factory):
         TrainConfig(kind="gru", hidden=8, epochs=2, val_steps=168, stop_steps=168, origin_stride=1),
     )
     # The network serves every series here: the oracles compare with its own forecasts (the
-    # per-series choice has its own test below).
+    # per-series choice and the weights that follow tracked errors have their own tests).
     result.serving = ["model"] * len(names)
+    result.serving_errors = []
     uri, sha = save_checkpoint(
         trained_model(result).to_checkpoint(), tmp_path_factory.mktemp("ckpt")
     )
@@ -353,6 +354,71 @@ def test_a_late_point_rewinds_the_state_as_if_it_had_arrived_on_time(db_url, tra
     assert run_predict(late, warmup_steps=WARMUP).series_rewound == 0
     on_time.close()
     late.close()
+
+
+def _current(store: Store) -> dict[tuple, tuple]:
+    """(series_id, model, origin_ts, step) -> (yhat, lower, upper) of the model's current
+    rows (not the baselines')."""
+    return {r[:4]: r[5:8] for r in _forecasts(store) if not r[9] and r[1].startswith("v")}
+
+
+def test_blend_weights_tracked_through_the_store_depend_on_the_points_alone(
+    db_url, trained, tmp_path
+):
+    """The trackers of the blend's members (forecaster.serving) travel in the saved states:
+    predict run every day, run once over six days, or rewound by a late point serve the
+    same weights; and they move the forecast away from the holdout's weights."""
+    result, _, _ = trained
+    model = trained_model(result)
+    names = list(result.names)
+    # The holdout found the network twice as accurate as the daily naive; on these series
+    # the two score alike (about 1.1 each), so the naive's weight grows as days are tracked.
+    model.meta["serving"] = dict.fromkeys(names, {"model": 16 / 17, "naive_daily": 1 / 17})
+    model.meta["serving_errors"] = dict.fromkeys(names, {"model": 1.0, "naive_daily": 2.0})
+    tracked = (result, *save_checkpoint(model.to_checkpoint(), tmp_path / "tracked"))
+    del model.meta["serving_errors"]
+    fixed = (result, *save_checkpoint(model.to_checkpoint(), tmp_path / "fixed"))
+    daily = _setup(db_url, tracked)
+    runs = {
+        "late": _setup(f"sqlite:///{tmp_path / 'late.db'}", tracked),
+        "bulk": _setup(f"sqlite:///{tmp_path / 'bulk.db'}", tracked),
+        "fixed": _setup(f"sqlite:///{tmp_path / 'fixed.db'}", fixed),
+    }
+    for name, store in [("daily", daily), *runs.items()]:
+        _ingest_days(store, 0, 30)
+        run_predict(store, warmup_steps=WARMUP)
+        if name == "bulk":
+            _ingest_days(store, 30, 36)
+            run_predict(store, warmup_steps=WARMUP)
+            continue
+        for day in range(30, 36):
+            _ingest_days(store, day, day + 1, skip=(LATE,) if name == "late" else ())
+            run_predict(store, warmup_steps=WARMUP)
+    _late_point(runs["late"])
+    assert run_predict(runs["late"], warmup_steps=WARMUP).series_rewound == 1
+
+    want = _current(daily)
+    last = max(k[2] for k in want)
+    for name in ("late", "bulk"):
+        got = _current(runs[name])
+        keys = [k for k in want if name == "late" or k[2] == last]
+        assert set(keys) <= set(got), name
+        for k in keys:
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-5), (name, k)
+    fixed_now = _current(runs["fixed"])
+    moved = [abs(want[k][0] - fixed_now[k][0]) for k in want if k[2] == last]
+    assert max(moved) > 1e-3  # the tracked errors changed the weights
+    # ...and the weights that served each newest forecast are recorded beside the state.
+    recorded = daily.served_weights(1)
+    assert set(recorded) == set(names)
+    for weights in recorded.values():
+        assert set(weights) == {"model", "naive_daily"}
+        assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5)
+        assert weights["naive_daily"] > 1.5 / 17
+    assert runs["fixed"].served_weights(1) == {}  # weights that do not move: not recorded
+    daily.close()
+    for store in runs.values():
+        store.close()
 
 
 def test_a_crash_while_re_forecasting_a_late_point_then_a_restart_loses_nothing(
