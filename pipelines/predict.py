@@ -538,7 +538,11 @@ def _forecast_rows(
     member's median (`stat`: the MSTL challenger's forecast (S, H), for the members that
     use it)."""
     spec = trained.spec
-    naives = {season: seasonal_naive_at(spec, values, origin, season) for season in BASELINES}
+    # Both naives serve in the blend, whichever baselines are stored as rows.
+    naives = {
+        season: seasonal_naive_at(spec, values, origin, season)
+        for season in {"daily", "weekly", *BASELINES}
+    }
     if isinstance(served, torch.Tensor) or (served and any(m != "model" for m in served)):
         q = serving.serve(q, naives["daily"], naives["weekly"], served, stat)
     quantiles = trained.model_config.quantiles

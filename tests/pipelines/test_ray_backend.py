@@ -146,24 +146,14 @@ def _rows(store: Store) -> dict[str, list[tuple]]:
             f.c.target_ts, f.c.superseded, f.c.yhat, f.c.yhat_lower, f.c.yhat_upper,
         ).order_by(f.c.series_id, f.c.model, f.c.origin_ts, f.c.horizon_step, f.c.revision),
         "states": sa.select(
-            st.c.model_version_id, st.c.series_id, st.c.state_ts, st.c.shape, st.c.state
+            st.c.model_version_id, st.c.series_id, st.c.state_ts, st.c.state
         ).order_by(st.c.series_id),
         "snapshots": sa.select(
-            sn.c.series_id, sn.c.window_id, sn.c.state_ts, sn.c.shape, sn.c.state
+            sn.c.series_id, sn.c.window_id, sn.c.state_ts, sn.c.state
         ).order_by(sn.c.series_id, sn.c.window_id),
     }  # fmt: skip
     with store.engine.connect() as conn:
         return {k: [tuple(r) for r in conn.execute(q)] for k, q in queries.items()}
-
-
-def _floats(blob: bytes, shape: list[int]) -> np.ndarray:
-    """A saved state's numbers (forecaster.inference.state_to_rows): the network's and the
-    challenger's float32, then the blend tracker's float64 where the shape has its width."""
-    if len(shape) < 5:
-        return np.frombuffer(blob, np.float32).astype(float)
-    cut = 4 * (int(np.prod(shape[:3])) + int(shape[3]))
-    tracked = np.frombuffer(blob[cut:], np.float64)
-    return np.concatenate([np.frombuffer(blob[:cut], np.float32).astype(float), tracked])
 
 
 def _assert_same(got: dict[str, list[tuple]], want: dict[str, list[tuple]]) -> None:
@@ -171,13 +161,13 @@ def _assert_same(got: dict[str, list[tuple]], want: dict[str, list[tuple]]) -> N
     for table in want:
         assert len(got[table]) == len(want[table]) > 0, table
         for g, w in zip(got[table], want[table], strict=True):
-            n_key = 7 if table == "forecasts" else 4
+            n_key = 7 if table == "forecasts" else 3
             assert g[:n_key] == w[:n_key], (table, g[:n_key], w[:n_key])
             if table == "forecasts":
                 a = np.array(g[n_key:], dtype=float)
                 b = np.array(w[n_key:], dtype=float)
             else:
-                a, b = _floats(g[-1], g[-2]), _floats(w[-1], w[-2])
+                a, b = np.frombuffer(g[-1], np.float32), np.frombuffer(w[-1], np.float32)
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{table} {g[:n_key]}")
 
 
