@@ -35,6 +35,7 @@ import structlog
 
 from forecaster import anomaly, calibration
 from forecaster.config import AnomalySettings
+from forecaster.features import FeatureSpec
 from forecaster.store import Store
 from pipelines.predict import BASELINES
 
@@ -83,7 +84,7 @@ def run_evaluate(
     champion = store.champion()
     if champion is None:
         return EvaluateSummary()
-    prior, holdout = _holdout_priors(champion)
+    prior, holdout, spec = _holdout_priors(champion)
     model = f"v{champion['id']}"
     summary = EvaluateSummary(model=model)
     ends = store.series_ends()
@@ -153,7 +154,7 @@ def run_evaluate(
     # (series, time), as served; incidents and fleet events follow (forecaster.anomaly).
     newest = scored.sort("origin_ts").group_by("series_id", "target_ts").last()
     judged = _judge(store, model, newest, tracked, anomalies, holdout, horizon)
-    accuracy = _series_accuracy(store, model, scored, ends, accuracy_window)
+    accuracy = _series_accuracy(store, model, scored, ends, accuracy_window, spec)
     summary.accuracy_window = accuracy_window
     summary.mase = _pooled_mase(accuracy, model)
     with store.begin() as conn:
@@ -172,18 +173,20 @@ def run_evaluate(
     return summary
 
 
-def _holdout_priors(version: dict) -> tuple[dict[int, float], dict]:
+def _holdout_priors(version: dict) -> tuple[dict[int, float], dict, FeatureSpec | None]:
     """What the version measured on its training holdout: horizon step -> band correction,
-    and its anomaly thresholds (training._holdout_thresholds). Both empty for a checkpoint
-    from before them, or one that cannot be read."""
+    and its anomaly thresholds (training._holdout_thresholds); and its feature spec (the
+    grid and seasons its baselines are forecast on). Empty (None) for a checkpoint from
+    before them, or one that cannot be read."""
     from pipelines.predict import load_trained
 
     try:
         trained = load_trained(version["uri"], version["sha256"])
     except Exception as exc:  # noqa: BLE001 - the bands then follow the scores alone
         log.warning("no holdout calibration", model=f"v{version['id']}", error=str(exc))
-        return {}, {}
-    return trained.holdout_corrections, trained.meta.get("anomaly_thresholds") or {}
+        return {}, {}, None
+    thresholds = trained.meta.get("anomaly_thresholds") or {}
+    return trained.holdout_corrections, thresholds, trained.spec
 
 
 ECHO = (timedelta(days=1), timedelta(weeks=1))  # the seasonal lags the models read
@@ -215,7 +218,12 @@ def _in_window(frame: pl.DataFrame, ends: pl.DataFrame, window: timedelta) -> pl
 
 
 def _series_accuracy(
-    store: Store, model: str, scored: pl.DataFrame, ends: pl.DataFrame, window: timedelta
+    store: Store,
+    model: str,
+    scored: pl.DataFrame,
+    ends: pl.DataFrame,
+    window: timedelta,
+    spec: FeatureSpec | None = None,
 ) -> list[dict]:
     """Per series, for the champion and the baselines over the last `window` of targets
     before the series' newest point: n, MAE, MASE and band coverage. MASE is the MAE over
@@ -223,10 +231,21 @@ def _series_accuracy(
     horizon of at most a day that naive's MAE is the textbook in-sample scale, and pairing
     the rows keeps a model that has served only part of the window (a new champion) from
     being scaled by the rest. `_scale` (the naive's MAE on those rows) is for pooling and is
-    not stored."""
+    not stored.
+
+    The baselines' forecasts are not read back: a seasonal naive's forecast of a target is
+    the actual one (or k) seasons before it, which `scored` (the champion's scored
+    forecasts over the calibration window, at least three weeks longer than `window`)
+    already holds, so they are rebuilt from it on the champion's own (series, origin, step)
+    keys with the champion's seasons (`spec`). Reading the baselines' stored rows was two
+    thirds of an evaluate run at 10,000 series (docs/reliability.md); without a spec (a
+    checkpoint that cannot be read) they are read as before."""
     frames = {model: _in_window(scored, ends, window)}
-    for name in BASELINE_MODELS:
-        frames[name] = _recent_scored(store, name, ends, window)
+    if spec is not None:
+        frames.update(_naives_from(store, scored, frames[model], spec))
+    else:
+        for name in BASELINE_MODELS:
+            frames[name] = _recent_scored(store, name, ends, window)
     naive = frames["seasonal_naive_daily"]
     if naive.is_empty():
         return []
@@ -261,6 +280,51 @@ def _series_accuracy(
                 }
             )
     return rows
+
+
+def _naives_from(
+    store: Store, scored: pl.DataFrame, mine: pl.DataFrame, spec: FeatureSpec
+) -> dict[str, pl.DataFrame]:
+    """Each seasonal naive's forecasts on the keys of `mine` (series_id, origin_ts,
+    horizon_step, target_ts, actual), with yhat the value stored one season before the
+    target (k seasons for steps past one season), as predict forecasts it
+    (forecaster.features.seasonal_naive). Those values are the actuals `scored` holds;
+    the few it does not (a champion younger than a season, a filled point) are read from
+    `observations`. Keys with nothing stored a season back are left out, as predict leaves
+    out a baseline row with nothing to copy."""
+    keys = mine.select("series_id", "origin_ts", "horizon_step", "target_ts", "actual")
+    backs = {}
+    for season, period in zip(BASELINES, (spec.season_day, spec.season_week), strict=True):
+        seasons_back = (pl.col("horizon_step") + period - 1) // period
+        back = pl.col("target_ts") - pl.duration(seconds=seasons_back * period * spec.freq_seconds)
+        backs[season] = keys.with_columns(back.alias("_back"))
+    values = scored.select(
+        "series_id", pl.col("target_ts").alias("_back"), pl.col("actual").alias("yhat")
+    ).unique(["series_id", "_back"])
+    wanted = pl.concat([b.select("series_id", "_back") for b in backs.values()]).unique()
+    missing = wanted.join(values, on=["series_id", "_back"], how="anti")
+    if not missing.is_empty():
+        spans = missing.group_by("series_id").agg(
+            pl.col("_back").min().alias("a"), pl.col("_back").max().alias("b")
+        )
+        ranges = sorted(set(zip(spans["a"], spans["b"], strict=True)))
+        read = store.recent_values(spans["series_id"].to_list(), ranges).select(
+            "series_id", pl.col("ts").alias("_back"), pl.col("value").alias("yhat")
+        )
+        values = pl.concat(
+            [values, read.join(missing, on=["series_id", "_back"], how="semi")],
+            how="vertical_relaxed",
+        )
+    values = values.filter(pl.col("yhat").is_not_null() & pl.col("yhat").is_not_nan())
+    return {
+        f"seasonal_naive_{season}": frame.join(values, on=["series_id", "_back"], how="inner")
+        .drop("_back")
+        .with_columns(
+            pl.lit(None, pl.Float64).alias("yhat_lower"),
+            pl.lit(None, pl.Float64).alias("yhat_upper"),
+        )
+        for season, frame in backs.items()
+    }
 
 
 def _pooled_mase(rows: list[dict], model: str) -> float | None:
