@@ -446,12 +446,24 @@ def test_a_series_the_champion_was_not_trained_on_says_so(rolled):
             conn.execute(
                 sa.update(mv).where(mv.c.id == vid).values(metrics={**metrics, "serving": blend})
             )
+        st = schema.series_states
+        (sid0,) = [i for i, n in rolled.series_catalogue() if n == "sine.0"]
+        state = (st.c.model_version_id == vid) & (st.c.series_id == sid0)
         try:
             rows = {r["series"]: r for r in _page(rolled)[1].table("series")}
             assert rows["sine.0"]["served by"] == "mstl 0.70, model 0.30"
+            # The weights predict recorded beside the state (they follow the members'
+            # tracked errors) are what serves now, and what the page shows.
+            with rolled.begin() as conn:
+                conn.execute(
+                    sa.update(st).where(state).values(weights={"model": 0.6, "naive_daily": 0.4})
+                )
+            rows = {r["series"]: r for r in _page(rolled)[1].table("series")}
+            assert rows["sine.0"]["served by"] == "model 0.60, naive_daily 0.40"
         finally:
             with rolled.begin() as conn:
                 conn.execute(sa.update(mv).where(mv.c.id == vid).values(metrics=metrics))
+                conn.execute(sa.update(st).where(state).values(weights=None))
     finally:
         with rolled.begin() as conn:
             conn.execute(sa.delete(schema.series_scalers))
