@@ -349,17 +349,12 @@ class Forecaster:
         trackers = None
         if states and all(isinstance(st, Joint) and st.blend is not None for st in states):
             trackers = np.concatenate([st.blend for st in states])
-        served = serving.served_weights(trained, names, trackers)
-        if isinstance(served, torch.Tensor):
-            rows = [dict(zip(serving.BASE, r, strict=True)) for r in served.tolist()]
-        else:
-            rows = [serving.weights_of(e) for e in served]
+        rows = serving.weight_rows(serving.served_weights(trained, names, trackers))
         return pl.DataFrame(
             [
                 {"series": n, "member": m, "weight": float(w)}
                 for n, r in zip(names, rows, strict=True)
                 for m, w in r.items()
-                if w > 0
             ],
             schema={"series": pl.String, "member": pl.String, "weight": pl.Float64},
         )

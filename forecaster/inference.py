@@ -128,7 +128,6 @@ def advance(
     saved_stat = None
     if isinstance(state, Joint):
         state, saved_stat, blend = state.net, state.stat, state.blend
-    raw = values.double().cpu().numpy()
     if challenger is not None:
         picked = rows.numpy()
         params = challenger.params.take(picked)
@@ -143,12 +142,15 @@ def advance(
     horizon = spec.horizon
     half = serving.halflife(spec.season_day)
     track_from = lo
-    if not trained.meta.get("serving_errors"):
+    if not serving.tracks(trained):
         blend = None
     elif blend is None:  # a warm-up: its first steps forecast from a state still cold
         blend = serving.new_trackers(len(rows), horizon)
         track_from = lo + min(spec.season_week, (hi - lo) // 2)
+    # Raw values for the challenger's and the trackers' updates, only when there are any.
+    raw = values.double().cpu().numpy() if stat is not None or blend is not None else None
     cpu_values = values.cpu()
+    tracked = None  # (grid step, network quantiles, challenger point) of the last tracked origin
     state = _to(state, device)
     edges = []
     a = lo
@@ -172,17 +174,21 @@ def advance(
             blend = serving.track(blend, raw[:, a:b], horizon, half)
             if origin is not None:
                 q_o = _quantiles(trained, scaled, start, origin, context, x, scale, center)
+                p_o = None if stat is None else _stat_point(trained, params, stat, start, origin)
                 blend = serving.refresh(
-                    blend, _members(trained, q_o, cpu_values, origin, params, stat, start), horizon
+                    blend, _members(spec, q_o, cpu_values, origin, p_o), horizon
                 )
+                tracked = (origin, q_o, p_o)
         if b == a + to_edge:
             edges.append((b - 1, _joint(_clone(state), stat, blend)))
         a = b
-    # The head runs once more, at the last step: the forecast origin.
-    q = _quantiles(trained, scaled, start, hi - 1, context, x, scale, center)
-    point = None
-    if stat is not None:
-        point = _stat_point(trained, params, stat, start // step_s + hi - 1)
+    # The forecast from the last step, the origin: the head runs there once (a tracked origin
+    # at the last step has already run it).
+    if tracked is not None and tracked[0] == hi - 1:
+        q, point = tracked[1], tracked[2]
+    else:
+        q = _quantiles(trained, scaled, start, hi - 1, context, x, scale, center)
+        point = None if stat is None else _stat_point(trained, params, stat, start, hi - 1)
     return Advanced(
         quantiles=q, state=_joint(state, stat, blend), edge_states=edges, stat=point, blend=blend
     )
@@ -208,28 +214,23 @@ def _quantiles(
     return q.cpu()
 
 
-def _stat_point(trained: TrainedModel, params: Any, stat: np.ndarray, step: int) -> Tensor:
-    """The challenger's point forecast (S, H) from absolute grid step `step`."""
-    point = torch.from_numpy(stats.forecast(params, stat, step, trained.spec.horizon))
+def _stat_point(
+    trained: TrainedModel, params: Any, stat: np.ndarray, start: int, origin: int
+) -> Tensor:
+    """The challenger's point forecast (S, H) from grid step `origin` (epoch `start` at 0)."""
+    spec = trained.spec
+    step = start // spec.freq_seconds + origin
+    point = torch.from_numpy(stats.forecast(params, stat, step, spec.horizon))
     if trained.nonnegative:
         point = point.clamp_min(0.0)
     return point.float()
 
 
 def _members(
-    trained: TrainedModel,
-    q: Tensor,
-    values: Tensor,
-    origin: int,
-    params: Any,
-    stat: np.ndarray | None,
-    start: int,
+    spec: F.FeatureSpec, q: Tensor, values: Tensor, origin: int, point: Tensor | None
 ) -> dict[str, Tensor]:
-    """Each member's point forecast (S, H) from grid step `origin` (forecaster.serving)."""
-    spec = trained.spec
-    point = None
-    if stat is not None:
-        point = _stat_point(trained, params, stat, start // spec.freq_seconds + origin)
+    """Each member's point forecast (S, H) from grid step `origin` (forecaster.serving):
+    the network's median of `q`, both naives, the challenger's `point`."""
     return serving.member_medians(
         q[..., q.shape[-1] // 2],
         seasonal_naive_at(spec, values, origin, "daily"),

@@ -164,6 +164,22 @@ PRIOR_HALFLIVES = 2.0  # the holdout's MAE weighs as much as this many half-live
 _M = len(BASE)
 
 
+def tracks(trained: Any) -> bool:
+    """Whether a trained version's blend follows tracked errors: it carries the holdout
+    errors they start from (versions before the trackers do not)."""
+    return bool(trained.meta.get("serving_errors"))
+
+
+def weight_rows(served: Tensor | Sequence[Entry]) -> list[dict[str, float]]:
+    """Weights as `adapted` or a version's entries give them -> per series {member: weight},
+    members without weight left out."""
+    if isinstance(served, Tensor):
+        rows = [dict(zip(BASE, r, strict=True)) for r in served.tolist()]
+    else:
+        rows = [weights_of(e) for e in served]
+    return [{m: round(w, 6) for m, w in r.items() if w >= 1e-6} for r in rows]
+
+
 def halflife(season_day: int) -> float:
     """Points after which a tracked error counts half (a day of steps, at least 24)."""
     return float(max(season_day, HALFLIFE_MIN_POINTS))
@@ -237,7 +253,6 @@ def adapted(
     errors, weighed as `choose` weighs errors. No trackers: the entries unchanged."""
     if trackers is None or not any(priors):
         return list(entries)
-    static = np.array([[weights_of(e).get(m, 0.0) for m in BASE] for e in entries])
     prior = np.array(
         [[np.nan if not p or p.get(m) is None else float(p[m]) for m in BASE] for p in priors]
     )
@@ -252,7 +267,9 @@ def adapted(
         ratio = np.where(np.isnan(err), 0.0, (best[:, None] / err) ** power)
     weights = np.where(exact[:, None], raw, np.nan_to_num(ratio, posinf=0.0))
     weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
-    weights = np.where(has[:, None], weights, static)
+    if not has.all():  # series without holdout errors: their entries as they are
+        static = [weights_of(e) for i, e in enumerate(entries) if not has[i]]
+        weights[~has] = [[w.get(m, 0.0) for m in BASE] for w in static]
     return torch.from_numpy(weights)
 
 

@@ -378,7 +378,7 @@ def _advance_chunk(
     # The head's seasonal lags from each origin, and from the origins the blend's trackers
     # forecast from (inference.advance), merged where they overlap.
     heads = list(origins)
-    if trained.meta.get("serving_errors"):
+    if serving.tracks(trained):
         first_step, last_step = (
             int(first_new.timestamp()) // step_s,
             int(watermark.timestamp()) // step_s,
@@ -437,12 +437,7 @@ def _advance_chunk(
     # The weights that served the last origin, recorded beside the state (SQL, /metrics,
     # the overview page), where they follow the tracked errors.
     recorded = (
-        [
-            {m: round(w, 6) for m, w in zip(serving.BASE, row, strict=True) if w >= 1e-6}
-            for row in weights.tolist()
-        ]
-        if isinstance(weights, torch.Tensor)
-        else [None] * len(ids)
+        serving.weight_rows(weights) if isinstance(weights, torch.Tensor) else [None] * len(ids)
     )
     new_states = [
         {"series_id": sid, "state": b, "shape": shape, "state_ts": watermark, "weights": w}
