@@ -329,14 +329,7 @@ class SqlCollector:
             coverage = store.pooled_coverage(model)
             if coverage is not None:
                 fam["coverage"].add_metric([model], coverage)
-        serving = ((champion or {}).get("metrics") or {}).get("serving") or {}
-        if champion is not None:  # the weights served now, where they follow tracked errors;
-            # series that came after training: the network serves them
-            serving = {
-                **serving,
-                **store.served_weights(champion["id"]),
-                **dict.fromkeys(store.untrained_series(champion["id"]), UNTRAINED),
-            }
+        serving = store.serving_by_series(champion, UNTRAINED)
         for _, name in chosen:
             if name in serving:
                 entry = serving[name]

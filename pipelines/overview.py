@@ -236,15 +236,7 @@ class Overview:
         anomaly_n = store.anomaly_counts(ids)
         # What serves each series under the champion (forecaster.serving).
         champion = store.champion()
-        serving = ((champion or {}).get("metrics") or {}).get("serving") or {}
-        if champion is not None:  # the weights served now, where they follow tracked errors;
-            # series that came after training: the network serves them
-            new = store.untrained_series(champion["id"])
-            serving = {
-                **serving,
-                **store.served_weights(champion["id"]),
-                **dict.fromkeys(new, "model (not trained on it)"),
-            }
+        serving = store.serving_by_series(champion, "model (not trained on it)")
         mase = {(r["series_id"], r["model"]): r["mase"] for r in accuracy}
         best_naive: dict[int, float] = {}
         for r in accuracy:

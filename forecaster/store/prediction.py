@@ -107,6 +107,19 @@ class PredictionStore(StoreBase):
         with self.engine.connect() as conn:
             return {name: dict(w) for name, w in conn.execute(q) if w}
 
+    def serving_by_series(self, version: dict | None, untrained: str) -> dict[str, Any]:
+        """Series name -> what serves it under `version` (a model_versions row; None: no
+        series): the weights its newest state recorded where they follow tracked errors,
+        else the version's holdout entry (forecaster.serving), and `untrained` for a series
+        the version serves without having been trained on it."""
+        if version is None:
+            return {}
+        return {
+            **((version.get("metrics") or {}).get("serving") or {}),
+            **self.served_weights(version["id"]),
+            **dict.fromkeys(self.untrained_series(version["id"]), untrained),
+        }
+
     def untrained_series(self, version_id: int) -> list[str]:
         """Names of the series `version_id` serves without having been trained on them."""
         sc, se = s.series_scalers, s.series
