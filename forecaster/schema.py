@@ -238,17 +238,23 @@ state_snapshots = sa.Table(
     sa.Column("state_ts", UTCDateTime, nullable=False),
 )
 
-forecasts = sa.Table(
-    "forecasts",
+# The forecast ledger (migration 0013): one row per series, model, origin and revision, the
+# whole horizon in `points`, a JSON array with one entry per horizon step (step 1 first):
+# [yhat, yhat_lower, yhat_upper, raw_lower, raw_upper] for a model with a band, [yhat] for a
+# baseline, null where a model made no forecast for that step. Step k's target time is
+# origin_ts + k * step_seconds. A predict cycle writes one row per series and model instead
+# of one per horizon step (10,000 series x 3 models: 30,000 rows, not 720,000). Analysts read
+# the long view `forecasts` below, and latest_forecasts / forecast_accuracy on top of it.
+forecast_origins = sa.Table(
+    "forecast_origins",
     metadata,
     _series_id(primary_key=True),
     # "v<id>" for a registered model, "seasonal_naive_daily" / "_weekly" for the baselines
     # forecast beside it, so MASE is always at hand.
     sa.Column("model", sa.String(64), primary_key=True),
     sa.Column("origin_ts", UTCDateTime, primary_key=True),  # the last observed point used
-    sa.Column("horizon_step", sa.Integer, primary_key=True),
-    # 0 when first issued; a late point re-issues the forecast as revision + 1 and marks the
-    # old row superseded, so the history stays and one row per key is current.
+    # 0 when first issued; a late point re-issues the origin's forecast as revision + 1 and
+    # marks the old row superseded, so the history stays and one row per key is current.
     sa.Column("revision", sa.Integer, primary_key=True, server_default="0"),
     sa.Column(
         "model_version_id",
@@ -256,22 +262,43 @@ forecasts = sa.Table(
         sa.ForeignKey("model_versions.id", ondelete="CASCADE"),
         nullable=True,
     ),
-    sa.Column("target_ts", UTCDateTime, nullable=False, index=True),
-    sa.Column("yhat", sa.Float, nullable=False),
-    sa.Column("yhat_lower", sa.Float, nullable=True),
-    sa.Column("yhat_upper", sa.Float, nullable=True),
+    sa.Column("step_seconds", sa.Integer, nullable=False),
+    sa.Column("n_steps", sa.Integer, nullable=False),  # entries of `points`
+    # origin_ts + n_steps * step_seconds: what retention and "targets after t" reads seek on.
+    sa.Column("last_target_ts", UTCDateTime, nullable=False, index=True),
     sa.Column("interval_level", sa.Float, nullable=True),  # 0.8 for the 10-90% band
-    # The model's own quantiles before the conformal correction (yhat_lower/upper are
-    # calibrated); evaluation scores these to update the correction.
-    sa.Column("raw_lower", sa.Float, nullable=True),
-    sa.Column("raw_upper", sa.Float, nullable=True),
+    # yhat_lower / yhat_upper are the served (calibrated) band; raw_lower / raw_upper the
+    # model's own quantiles, which evaluation scores to update the correction.
+    sa.Column("points", sa.Text, nullable=False),
     sa.Column("superseded", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
-    # One current (not superseded) row per series, model, origin and step is kept by the one
-    # writer, not by a partial unique index: a re-issue marks the current rows superseded
-    # before it inserts revision max + 1, and any other insert of a stored key is refused by
-    # the primary key (revision 0 exists). Such an index cost about 40% of every forecast
-    # insert on SQLite (bench/predict.py).
+)
+
+# Read-only definitions of the views (created by the migrations, not by this MetaData, so the
+# schema comparison leaves them alone). `forecasts` is the ledger unnested to one row per
+# horizon step, with the columns the forecasts table had before migration 0013, plus
+# last_target_ts (its origin's newest target, for queries that seek on it).
+views = sa.MetaData()
+
+forecasts = sa.Table(
+    "forecasts",
+    views,
+    sa.Column("series_id", sa.Integer),
+    sa.Column("model", sa.String(64)),
+    sa.Column("origin_ts", UTCDateTime),
+    sa.Column("horizon_step", sa.Integer),
+    sa.Column("model_version_id", sa.Integer),
+    sa.Column("target_ts", UTCDateTime),
+    sa.Column("yhat", sa.Float),
+    sa.Column("yhat_lower", sa.Float),
+    sa.Column("yhat_upper", sa.Float),
+    sa.Column("interval_level", sa.Float),
+    sa.Column("superseded", sa.Boolean),
+    sa.Column("created_at", UTCDateTime),
+    sa.Column("raw_lower", sa.Float),
+    sa.Column("raw_upper", sa.Float),
+    sa.Column("revision", sa.Integer),
+    sa.Column("last_target_ts", UTCDateTime),
 )
 
 # -- evaluation ---------------------------------------------------------------------------------

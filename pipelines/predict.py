@@ -40,6 +40,7 @@ from forecaster.inference import (
 )
 from forecaster.panel import Scalers
 from forecaster.store import Store
+from forecaster.store.prediction import ledger_rows
 from forecaster.trained import TrainedModel
 from forecaster.training import resolve_device
 
@@ -544,61 +545,22 @@ def _forecast_rows(
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1
     level = round(quantiles[hi_i] - quantiles[lo_i], 6)
     n_series, horizon = len(ids), spec.horizon
-    sid = np.repeat(np.asarray(ids, dtype=np.int64), horizon)  # (S * H,)
-    steps = np.tile(np.arange(1, horizon + 1, dtype=np.int64), n_series)
+    sid = np.asarray(ids, dtype=np.int64)
     origin_us = (origin_ts - _EPOCH) // timedelta(microseconds=1)
-    target_us = origin_us + steps * spec.freq_seconds * 1_000_000
-    yhat = q[..., mid].reshape(-1).double().numpy()  # (S * H,)
-    raw_lo = q[..., lo_i].reshape(-1).double().numpy()
-    raw_hi = q[..., hi_i].reshape(-1).double().numpy()
+    yhat = q[..., mid].double().numpy()  # (S, H)
+    raw_lo = q[..., lo_i].double().numpy()
+    raw_hi = q[..., hi_i].double().numpy()
     corr = torch.tensor([corrections.get(h, 0.0) for h in range(1, horizon + 1)]).double()
     qd = q.double()
     lower, upper = calibration.apply(
         qd[..., lo_i], qd[..., hi_i], qd[..., mid], corr, 0.0 if trained.nonnegative else None
     )
-    lower, upper = lower.reshape(-1).numpy(), upper.reshape(-1).numpy()
-    band = (lower, upper, raw_lo, raw_hi, level)
-    frames = [_model_rows(sid, steps, target_us, yhat, f"v{vid}", vid, origin_us, band)]
+    band = (lower.numpy(), upper.numpy(), raw_lo, raw_hi)
+    step_s = spec.freq_seconds
+    frames = [ledger_rows(sid, f"v{vid}", vid, origin_us, step_s, yhat, band, level)]
     for season in BASELINES:
-        naive = naives[season].reshape(-1).double().numpy()  # (S * H,)
-        keep = ~np.isnan(naive)  # no value a season back: no forecast
-        model = f"seasonal_naive_{season}"
+        naive = naives[season].double().numpy()  # (S, H); NaN: no value a season back
         frames.append(
-            _model_rows(
-                sid[keep], steps[keep], target_us[keep], naive[keep], model, None, origin_us, None
-            )
+            ledger_rows(sid, f"seasonal_naive_{season}", None, origin_us, step_s, naive, None, None)
         )
     return pl.concat(frames)
-
-
-def _model_rows(
-    sid: np.ndarray,
-    steps: np.ndarray,
-    target_us: np.ndarray,
-    yhat: np.ndarray,
-    model: str,
-    vid: int | None,
-    origin_us: int,
-    band: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float] | None,
-) -> pl.DataFrame:
-    """One model's rows (N,) as a frame of the forecasts table's columns; band is
-    (lower, upper, raw_lower, raw_upper, interval level), None for a baseline."""
-    n = len(sid)
-    none = pl.repeat(None, n, dtype=pl.Float64, eager=True)
-    lower, upper, raw_lo, raw_hi, level = band if band is not None else (none,) * 4 + (None,)
-    return pl.DataFrame(
-        {
-            "series_id": sid,
-            "model": pl.repeat(model, n, dtype=pl.String, eager=True),
-            "origin_ts": pl.repeat(origin_us, n, dtype=pl.Int64, eager=True).cast(TS_DTYPE),
-            "horizon_step": steps,
-            "model_version_id": pl.repeat(vid, n, dtype=pl.Int64, eager=True),
-            "target_ts": pl.Series(target_us, dtype=pl.Int64).cast(TS_DTYPE),
-            "yhat": yhat,
-            "yhat_lower": lower,
-            "yhat_upper": upper,
-            "interval_level": pl.repeat(level, n, dtype=pl.Float64, eager=True),
-            "raw_lower": raw_lo,
-            "raw_upper": raw_hi,
-        }
-    )

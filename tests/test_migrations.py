@@ -95,30 +95,44 @@ def test_latest_forecasts_gives_the_rows_of_its_first_definition_and_reads_one_s
         ids = store.resolve_series(
             conn, ["a", "b", "c"], create=True, source="t", freq_seconds=3600, window_seconds=86400
         )
-        rows = []
-        for sid in ids.values():
-            for model in ("v1", "seasonal_naive_daily"):
-                for origin in range(0, 48, 6):
-                    for step in range(1, 13):
-                        revisions = 2 if rng.random() < 0.2 else 1
-                        for rev in range(revisions):
-                            rows.append(
-                                {
-                                    "series_id": sid,
-                                    "model": model,
-                                    "origin_ts": t0 + timedelta(hours=origin),
-                                    "horizon_step": step,
-                                    "revision": rev,
-                                    "target_ts": t0 + timedelta(hours=origin + step),
-                                    "yhat": rng.random(),
-                                    "yhat_lower": 0.0,
-                                    "yhat_upper": 2.0,
-                                    "interval_level": 0.8,
-                                    "superseded": rev < revisions - 1,
-                                    "created_at": t0,
-                                }
-                            )
-        conn.execute(sa.insert(schema.forecasts), rows)
+    rows = []
+    for sid in ids.values():
+        for model in ("v1", "seasonal_naive_daily"):
+            for origin in range(0, 48, 6):
+                for step in range(1, 13):
+                    rows.append(
+                        {
+                            "series_id": sid,
+                            "model": model,
+                            "model_version_id": None,
+                            "origin_ts": t0 + timedelta(hours=origin),
+                            "horizon_step": step,
+                            "target_ts": t0 + timedelta(hours=origin + step),
+                            "yhat": rng.random(),
+                            "yhat_lower": 0.0,
+                            "yhat_upper": 2.0,
+                            "interval_level": 0.8,
+                            "raw_lower": None,
+                            "raw_upper": None,
+                        }
+                    )
+    # A fifth of the (series, origin) pairs re-issued once: revision 0 superseded.
+    reissued = sorted({(r["series_id"], r["origin_ts"]) for r in rows if rng.random() < 0.2 / 24})
+    with store.begin() as conn:
+        store.save_prediction(
+            conn, version_id=0, states=[], snapshots=[], forecasts=rows, keep_snapshots=1
+        )
+        again = [{**r, "yhat": rng.random()} for r in rows]
+        store.save_prediction(
+            conn,
+            version_id=0,
+            states=[],
+            snapshots=[],
+            forecasts=again,
+            keep_snapshots=1,
+            reissued=reissued,
+        )
+    assert reissued
     with store.engine.connect() as conn:
         order = " ORDER BY series, model, target_ts, origin_ts"
         new = conn.execute(sa.text("SELECT * FROM latest_forecasts" + order)).all()
@@ -139,4 +153,96 @@ def test_latest_forecasts_gives_the_rows_of_its_first_definition_and_reads_one_s
             assert "CORRELATED" in plan(old_query)  # what the check above tells apart
             assert "(name=?)" in plan(one) and "SCAN f " not in plan(one) + " ", plan(one)
         assert len(conn.execute(sa.text(one)).all()) == len(new) // 3
+    store.close()
+
+
+def test_the_forecast_ledger_migration_keeps_every_stored_forecast_both_ways(db_url):
+    """Migration 0013 packs the long forecasts table into one ledger row per series, model,
+    origin and revision: the view `forecasts` then gives the same rows, values exact, with
+    the steps a baseline left out still absent, revisions and superseded marks kept; the
+    downgrade unnests them back into the table."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    store = Store(db_url)
+    store.upgrade("0012")
+    rng = random.Random(1)
+    t0 = datetime(2024, 3, 31, 0, 0, 0, tzinfo=UTC)
+    old = sa.table(
+        "forecasts",
+        *(
+            sa.column(c, t)
+            for c, t in (
+                ("series_id", sa.Integer()),
+                ("model", sa.String()),
+                ("origin_ts", schema.UTCDateTime()),
+                ("horizon_step", sa.Integer()),
+                ("revision", sa.Integer()),
+                ("model_version_id", sa.Integer()),
+                ("target_ts", schema.UTCDateTime()),
+                ("yhat", sa.Float()),
+                ("yhat_lower", sa.Float()),
+                ("yhat_upper", sa.Float()),
+                ("interval_level", sa.Float()),
+                ("raw_lower", sa.Float()),
+                ("raw_upper", sa.Float()),
+                ("superseded", sa.Boolean()),
+                ("created_at", schema.UTCDateTime()),
+            )
+        ),
+    )
+    with store.begin() as conn:
+        ids = store.resolve_series(
+            conn, ["a", "b"], create=True, source="t", freq_seconds=1800, window_seconds=86400
+        )
+        rows = []
+        for sid in ids.values():
+            for model in ("v1", "seasonal_naive_weekly"):
+                for origin in range(0, 96, 24):
+                    revisions = 2 if rng.random() < 0.3 else 1
+                    for rev in range(revisions):
+                        for step in range(1, 7):
+                            if model != "v1" and origin == 0 and step > 4:
+                                continue  # no value a season back: the baseline skips it
+                            band = model == "v1"
+                            y = rng.gauss(0, 1e3)
+                            rows.append(
+                                {
+                                    "series_id": sid,
+                                    "model": model,
+                                    "origin_ts": t0 + timedelta(minutes=30 * origin),
+                                    "horizon_step": step,
+                                    "revision": rev,
+                                    "model_version_id": None,
+                                    "target_ts": t0 + timedelta(minutes=30 * (origin + step)),
+                                    "yhat": y,
+                                    "yhat_lower": y - rng.random() if band else None,
+                                    "yhat_upper": y + rng.random() if band else None,
+                                    "interval_level": 0.8 if band else None,
+                                    "raw_lower": y - rng.random() if band else None,
+                                    "raw_upper": y + rng.random() if band else None,
+                                    "superseded": rev < revisions - 1,
+                                    "created_at": t0,
+                                }
+                            )
+        conn.execute(sa.insert(old), rows)
+    columns = [c.name for c in old.c]
+
+    def stored() -> list[tuple]:  # through the view after the upgrade, the table before
+        with store.engine.connect() as conn:
+            got = conn.execute(sa.select(old).order_by(*(old.c[k] for k in columns[:5])))
+            return [tuple(r) for r in got]
+
+    want = sorted(tuple(r[k] for k in columns) for r in rows)
+    store.upgrade()
+    assert stored() == want
+    with store.engine.connect() as conn:
+        n = conn.execute(sa.text("SELECT count(*) FROM forecast_origins")).scalar()
+    assert n == len({(r["series_id"], r["model"], r["origin_ts"], r["revision"]) for r in rows})
+    store.downgrade("0012")
+    assert stored() == want
+    store.upgrade()
+    assert stored() == want
     store.close()

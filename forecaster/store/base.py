@@ -385,10 +385,10 @@ class StoreBase:
         self, series_name: str, *, origin: datetime | None = None, model: str | None = None
     ) -> list[dict[str, Any]]:
         """Each model's current forecast of one series from its newest origin (or from
-        `origin`), every horizon step, by model and step. Index seeks on the forecasts key
+        `origin`), every horizon step, by model and step. Index seeks on the ledger's key
         (series_id, model, origin_ts, ...): a few queries per model, however long the
         history (the latest_forecasts view instead joins every stored target)."""
-        f, se = schema.forecasts, schema.series
+        f, fo, se = schema.forecasts, schema.forecast_origins, schema.series
         columns = (
             f.c.model,
             f.c.origin_ts,
@@ -403,16 +403,18 @@ class StoreBase:
             sid = conn.execute(sa.select(se.c.id).where(se.c.name == series_name)).scalar()
             if sid is None:
                 raise UnknownSeriesError(series_name)
-            models = sa.select(f.c.model).where(f.c.series_id == sid).distinct()
+            models = sa.select(fo.c.model).where(fo.c.series_id == sid).distinct()
             if model is not None:
-                models = models.where(f.c.model == model)
+                models = models.where(fo.c.model == model)
             rows: list[dict[str, Any]] = []
             for name in sorted(r[0] for r in conn.execute(models)):
                 current = (f.c.series_id == sid, f.c.model == name, sa.not_(f.c.superseded))
                 at = origin
                 if at is None:
-                    newest = sa.select(f.c.origin_ts).where(*current)
-                    at = conn.execute(newest.order_by(f.c.origin_ts.desc()).limit(1)).scalar()
+                    newest = sa.select(fo.c.origin_ts).where(
+                        fo.c.series_id == sid, fo.c.model == name, sa.not_(fo.c.superseded)
+                    )
+                    at = conn.execute(newest.order_by(fo.c.origin_ts.desc()).limit(1)).scalar()
                 if at is None:
                     continue
                 q = sa.select(*columns).where(*current, f.c.origin_ts == at)

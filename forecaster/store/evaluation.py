@@ -43,33 +43,15 @@ class EvaluationStore(StoreBase):
 
         from forecaster.frames import TS_DTYPE
 
-        f, o = s.forecasts, s.observations
-        raw = sa.types.NullType()  # no per-value result processing: the frame converts columns
-        q = (
-            sa.select(
-                f.c.series_id,
-                sa.type_coerce(f.c.origin_ts, raw).label("origin_ts"),
-                sa.type_coerce(f.c.target_ts, raw).label("target_ts"),
-                f.c.horizon_step,
-                f.c.yhat,
-                f.c.yhat_lower,
-                f.c.yhat_upper,
-                f.c.raw_lower,
-                f.c.raw_upper,
-                f.c.interval_level,
-                o.c.value.label("actual"),
-            )
-            .join(o, sa.and_(o.c.series_id == f.c.series_id, o.c.ts == f.c.target_ts))
-            .where(
-                f.c.model == model,
-                f.c.superseded.is_(False),
-                f.c.target_ts >= since,
-                o.c.quality == "observed",
-                o.c.value.is_not(None),
-            )
+        # The long view joined to each point's actual by its primary key. CROSS JOIN keeps
+        # SQLite's join order (ledger rows, their points, then one observation each): left
+        # free, it scans each series' observations per ledger row instead.
+        q = sa.text(_SCORED_SQL + (_SCORED_IDS_SQL if series_ids is not None else "")).bindparams(
+            sa.bindparam("model", model),
+            sa.bindparam("since", since, type_=s.UTCDateTime),
         )
         if series_ids is not None:
-            q = q.where(f.c.series_id.in_(sorted(series_ids)))
+            q = q.bindparams(sa.bindparam("ids", sorted(series_ids), expanding=True))
         schema_ = {
             "series_id": pl.Int64,
             "origin_ts": TS_DTYPE,
@@ -478,3 +460,15 @@ class EvaluationStore(StoreBase):
                 {k: (float(v) if isinstance(v, Decimal) else v) for k, v in r._mapping.items()}
                 for r in conn.execute(q)
             ]
+
+
+_SCORED_SQL = (
+    "SELECT f.series_id, f.origin_ts, f.target_ts, f.horizon_step, f.yhat, f.yhat_lower, "
+    "f.yhat_upper, f.raw_lower, f.raw_upper, f.interval_level, o.value AS actual "
+    "FROM forecasts AS f CROSS JOIN observations AS o "
+    "WHERE o.series_id = f.series_id AND o.ts = f.target_ts "
+    "AND f.model = :model AND f.superseded = false "
+    "AND f.last_target_ts >= :since AND f.target_ts >= :since "  # the ledger's index first
+    "AND o.quality = 'observed' AND o.value IS NOT NULL"
+)
+_SCORED_IDS_SQL = " AND f.series_id IN :ids"

@@ -95,13 +95,15 @@ class JobsStore(StoreBase):
 
     def housekeep(self, cutoffs: Mapping[str, datetime | None]) -> dict[str, int]:
         """Delete what retention lets go, in one transaction: observations older than
-        cutoffs["observations"], forecasts whose target is older than cutoffs["forecasts"]
-        (their anomalies stay), job runs scheduled before cutoffs["job_runs"]. A None
-        cutoff keeps everything of that kind. Returns rows deleted per table."""
+        cutoffs["observations"], the forecasts of every origin whose last target is older
+        than cutoffs["forecasts"] (their anomalies stay), job runs scheduled before
+        cutoffs["job_runs"]. A None cutoff keeps everything of that kind. Returns rows
+        deleted per table (for forecasts, ledger rows: one per series, model and origin)."""
         out: dict[str, int] = {}
         targets = {
             "observations": (s.observations, s.observations.c.ts),
-            "forecasts": (s.forecasts, s.forecasts.c.target_ts),
+            # An origin's forecasts go once its last target is past the cutoff.
+            "forecasts": (s.forecast_origins, s.forecast_origins.c.last_target_ts),
             "job_runs": (s.job_runs, s.job_runs.c.scheduled_at),
         }
         with self.begin() as conn:

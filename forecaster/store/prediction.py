@@ -23,6 +23,7 @@ from forecaster.store.base import (
 )
 
 if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
+    import numpy as np
     import polars as pl
 
 
@@ -200,15 +201,24 @@ class PredictionStore(StoreBase):
         late_handled: Sequence[tuple[int, int]] = (),
     ) -> int:
         """Forecasts, the states they came from and window-edge snapshots, in the caller's
-        transaction. `forecasts` is a frame (or rows) with the forecasts table's columns
-        (_forecast_schema; `revision` optional, 0). A forecast already stored (same
-        series, model, origin, step) is kept as it is, except at the (series_id, origin_ts)
-        pairs in `reissued` (late data): there the current rows of the models in `forecasts`
-        are marked superseded and the new ones stored as the next revision. `late_handled`
-        (series_id, late_seq) clears the late marks this run handled, unless a newer batch
-        has marked the series again. Returns the number of forecast rows written."""
+        transaction. `forecasts` is a frame of ledger rows (ledger_rows), or a frame (or
+        rows) of long rows with the forecasts view's columns (_forecast_schema; `revision`
+        optional, 0), packed here into one ledger row per series, model and origin. An
+        origin's forecast already stored (same series, model, origin, revision) is kept as
+        it is, except at the (series_id, origin_ts) pairs in `reissued` (late data): there
+        the current rows of the models in `forecasts` are marked superseded and the new ones
+        stored as the next revision. `late_handled` (series_id, late_seq) clears the late
+        marks this run handled, unless a newer batch has marked the series again. Returns
+        the number of forecast points (series x model x step) written."""
+        import polars as pl
+
         now = datetime.now(UTC)
-        frame = _forecast_frame(forecasts)
+
+        if isinstance(forecasts, pl.DataFrame) and "points" in forecasts.columns:
+            ledger = forecasts.select(*_ledger_schema())  # from ledger_rows
+        else:
+            frame = _forecast_frame(forecasts)
+            ledger = _ledger_frame(frame) if not frame.is_empty() else frame.clear()
         if late_handled:
             w = s.watermarks
             conn.execute(
@@ -217,8 +227,8 @@ class PredictionStore(StoreBase):
                 .values(late_from=None),
                 [{"sid": sid, "seq": seq} for sid, seq in late_handled],
             )
-        if reissued:
-            frame = self._supersede(conn, frame, set(reissued))
+        if reissued and not ledger.is_empty():
+            ledger = self._supersede(conn, ledger, set(reissued))
         if states:
             cols = ("state", "shape", "state_ts", "updated_at", "weights")
             stmt = self._upsert(s.series_states, cols)
@@ -241,22 +251,43 @@ class PredictionStore(StoreBase):
                     sn.c.window_id <= newest - keep_snapshots,
                 )
             )
-        if frame.is_empty():
+        if ledger.is_empty():
             return 0
-        # Grouped by series (a stable sort keeps each model's rows together): each series'
-        # pages of the primary key are visited once per chunk, not once per model.
-        frame = frame.sort("series_id", maintain_order=True)
+        ledger = self._new_origins(conn, ledger)
+        if ledger.is_empty():
+            return 0
         if self.dialect == "sqlite":
             # The compiled Core statement straight to the driver's executemany, rows made
-            # lazily from columns (no dict per row; a list of 10^5 tuples would also keep the
-            # garbage collector busy); rowcount counts only new rows.
+            # lazily from columns (no dict per row).
             cur = conn.connection.driver_connection.cursor()
             try:
-                cur.executemany(_sqlite_forecast_insert_sql(), _sqlite_forecast_rows(frame, now))
-                return cur.rowcount
+                cur.executemany(_sqlite_ledger_insert_sql(), _sqlite_ledger_rows(ledger, now))
             finally:
                 cur.close()
-        return _copy_insert_forecasts(conn, frame, now)
+        else:
+            pg_copy_temp(conn, ledger.select(_LEDGER_KEYS[:10]), _PG_LEDGER_IN)
+            conn.exec_driver_sql(_PG_LEDGER_INSERT_SQL, {"now": now})
+        return int(ledger["n_points"].sum())
+
+    def _new_origins(self, conn: Connection, ledger: pl.DataFrame) -> pl.DataFrame:
+        """The ledger rows whose key (series, model, origin, revision) is not stored yet: a
+        forecast already stored is kept as it is, and only new rows count."""
+        fo = s.forecast_origins
+        key = ["series_id", "model", "origin_ts", "revision"]
+        origins = ledger["origin_ts"].unique().sort().to_list()
+        ids = ledger["series_id"].unique().sort().to_list()
+        found: list[tuple[Any, ...]] = []
+        for i in range(0, len(ids), 2000):
+            q = sa.select(fo.c.series_id, fo.c.model, fo.c.origin_ts, fo.c.revision).where(
+                fo.c.series_id.in_(ids[i : i + 2000]), fo.c.origin_ts.in_(origins)
+            )
+            found.extend(tuple(r) for r in conn.execute(q))
+        if not found:
+            return ledger
+        import polars as pl
+
+        stored = pl.DataFrame(found, schema=ledger.select(key).schema, orient="row")
+        return ledger.join(stored, on=key, how="anti", nulls_equal=True)
 
     def _supersede(
         self,
@@ -270,7 +301,7 @@ class PredictionStore(StoreBase):
 
         from forecaster.frames import TS_DTYPE
 
-        f = s.forecasts
+        f = s.forecast_origins
         pairs = pl.DataFrame(
             sorted(reissued), schema={"series_id": pl.Int64, "origin_ts": TS_DTYPE}, orient="row"
         )
@@ -309,7 +340,7 @@ class PredictionStore(StoreBase):
     ) -> dict[int, list[datetime]]:
         """series_id -> the origins (ascending) of `model`'s current forecasts at or after
         since[series_id]: the forecasts a late point at that time has made stale."""
-        f = s.forecasts
+        f = s.forecast_origins
         out: dict[int, list[datetime]] = {sid: [] for sid in since}
         if not since:
             return out
@@ -321,7 +352,6 @@ class PredictionStore(StoreBase):
                     .where(
                         f.c.model == model,
                         f.c.superseded.is_(False),
-                        f.c.horizon_step == 1,
                         f.c.series_id.in_(ids[i : i + 500]),
                         f.c.origin_ts >= min(since[sid] for sid in ids[i : i + 500]),
                     )
@@ -389,31 +419,31 @@ class PredictionStore(StoreBase):
         return rows
 
 
-_FORECAST_KEYS = (
+# The ledger's columns as save_prediction writes them (superseded and created_at last).
+_LEDGER_KEYS = (
     "series_id",
     "model",
     "origin_ts",
-    "horizon_step",
-    "model_version_id",
-    "target_ts",
-    "yhat",
-    "yhat_lower",
-    "yhat_upper",
-    "interval_level",
-    "raw_lower",
-    "raw_upper",
     "revision",
+    "model_version_id",
+    "step_seconds",
+    "n_steps",
+    "last_target_ts",
+    "interval_level",
+    "points",
     "superseded",
     "created_at",
 )
-_FORECAST_PK = ["series_id", "model", "origin_ts", "horizon_step", "revision"]
-_forecasts_raw = sa.table("forecasts", *(sa.column(c) for c in _FORECAST_KEYS))
+_LEDGER_PK = ["series_id", "model", "origin_ts", "revision"]
+_ledger_raw = sa.table("forecast_origins", *(sa.column(c) for c in _LEDGER_KEYS))
+# The band columns of a stored point, after yhat, in the order `points` holds them.
+_BAND = ("yhat_lower", "yhat_upper", "raw_lower", "raw_upper")
 
 
 @functools.cache
 def _forecast_schema() -> dict[str, pl.DataType]:
-    """What save_prediction takes, in _FORECAST_KEYS order (superseded and created_at are
-    its own)."""
+    """The long rows save_prediction takes, one per series, model, origin and step (it packs
+    them into ledger rows; superseded and created_at are its own)."""
     import polars as pl
 
     from forecaster.frames import TS_DTYPE
@@ -454,27 +484,24 @@ _PG_RECENT_SQL = (
     "WHERE series_id = i.id AND ts BETWEEN sp.lo AND sp.hi OFFSET 0) AS o"
 )
 
-# PostgreSQL forecasts: COPY into a temp table, then one INSERT ... SELECT ... ON CONFLICT DO
-# NOTHING whose row count is the number of new rows (DESIGN.md decision 6).
-_PG_FORECASTS_IN = PgTemp(
-    create="CREATE TEMP TABLE IF NOT EXISTS _forecasts_in (series_id integer, model text, "
-    "origin_ts timestamptz, horizon_step integer, model_version_id integer, "
-    "target_ts timestamptz, yhat double precision, yhat_lower double precision, "
-    "yhat_upper double precision, interval_level double precision, "
-    "raw_lower double precision, raw_upper double precision, revision integer) ON COMMIT DROP",
-    truncate="TRUNCATE _forecasts_in",
-    copy="COPY _forecasts_in (series_id, model, origin_ts, horizon_step, model_version_id, "
-    "target_ts, yhat, yhat_lower, yhat_upper, interval_level, raw_lower, raw_upper, revision) "
-    "FROM STDIN (FORMAT csv)",  # the columns in _FORECAST_KEYS[:13] order
+# PostgreSQL ledger rows: COPY into a temp table, then one INSERT ... SELECT ... ON CONFLICT DO
+# NOTHING (DESIGN.md decision 6).
+_PG_LEDGER_IN = PgTemp(
+    create="CREATE TEMP TABLE IF NOT EXISTS _forecast_origins_in (series_id integer, "
+    "model text, origin_ts timestamptz, revision integer, model_version_id integer, "
+    "step_seconds integer, n_steps integer, last_target_ts timestamptz, "
+    "interval_level double precision, points text) ON COMMIT DROP",
+    truncate="TRUNCATE _forecast_origins_in",
+    copy="COPY _forecast_origins_in (series_id, model, origin_ts, revision, model_version_id, "
+    "step_seconds, n_steps, last_target_ts, interval_level, points) "
+    "FROM STDIN (FORMAT csv)",  # the columns in _LEDGER_KEYS[:10] order
 )
-_PG_FORECASTS_INSERT_SQL = (
-    "INSERT INTO forecasts (series_id, model, origin_ts, horizon_step, model_version_id, "
-    "target_ts, yhat, yhat_lower, yhat_upper, interval_level, raw_lower, raw_upper, revision, "
-    "superseded, created_at) "
-    "SELECT series_id, model, origin_ts, horizon_step, model_version_id, target_ts, yhat, "
-    "yhat_lower, yhat_upper, interval_level, raw_lower, raw_upper, revision, false, %(now)s "
-    "FROM _forecasts_in "
-    "ON CONFLICT (series_id, model, origin_ts, horizon_step, revision) DO NOTHING"
+_PG_LEDGER_INSERT_SQL = (
+    "INSERT INTO forecast_origins (series_id, model, origin_ts, revision, model_version_id, "
+    "step_seconds, n_steps, last_target_ts, interval_level, points, superseded, created_at) "
+    "SELECT series_id, model, origin_ts, revision, model_version_id, step_seconds, n_steps, "
+    "last_target_ts, interval_level, points, false, %(now)s FROM _forecast_origins_in "
+    "ON CONFLICT (series_id, model, origin_ts, revision) DO NOTHING"
 )
 
 
@@ -517,15 +544,177 @@ def _forecast_frame(forecasts: pl.DataFrame | Sequence[Mapping[str, Any]]) -> pl
     )
 
 
-def _sqlite_forecast_rows(frame: pl.DataFrame, now: datetime) -> Iterator[tuple[Any, ...]]:
-    """Rows in _FORECAST_KEYS order for the SQLite executemany, zipped from columns, the
-    timestamps as the naive UTC text SQLAlchemy would bind (formatted once per distinct time:
-    a chunk has one origin and H targets)."""
-    n = frame.height
+def _ledger_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """Long forecast rows (_forecast_schema) as ledger rows, one per series, model, origin
+    and revision: `points` the JSON array of the horizon (schema.forecast_origins), n_points
+    the steps with a forecast. A key given twice keeps its first row (the table's primary
+    key did the same). Every row of one origin must be on one grid: target_ts = origin_ts +
+    step x a whole number of seconds, the same for all its steps."""
+    import polars as pl
+
+    key = ["series_id", "model", "origin_ts", "revision"]
+    frame = frame.unique([*key, "horizon_step"], keep="first", maintain_order=True)
+    dt_us = (pl.col("target_ts") - pl.col("origin_ts")).dt.total_microseconds()
+    step_us = dt_us // pl.col("horizon_step")
+    checked = frame.with_columns(step_us.alias("_step_us"), dt_us.alias("_dt_us"))
+    bad = checked.filter(
+        (pl.col("horizon_step") < 1)
+        | (pl.col("_step_us") <= 0)
+        | (pl.col("_step_us") * pl.col("horizon_step") != pl.col("_dt_us"))
+        | (pl.col("_step_us") % 1_000_000 != 0)
+        | (pl.col("_step_us").min().over(key) != pl.col("_step_us").max().over(key))
+    )
+    if not bad.is_empty():
+        r = bad.row(0, named=True)
+        raise ValueError(
+            f"forecast of series {r['series_id']}, model {r['model']}, origin {r['origin_ts']}: "
+            f"step {r['horizon_step']} targets {r['target_ts']}, not on one grid of whole "
+            "seconds from the origin with the origin's other steps"
+        )
+
+    def num(c: str) -> pl.Expr:
+        col = pl.col(c)
+        missing = col.is_null() | col.is_nan() | col.is_infinite()
+        return pl.when(missing).then(pl.lit("null")).otherwise(col.cast(pl.String))
+
+    no_band = pl.all_horizontal(pl.col(c).is_null() for c in _BAND)
+    with_band = pl.concat_str(
+        [pl.lit("["), num("yhat"), *(e for c in _BAND for e in (pl.lit(","), num(c))), pl.lit("]")]
+    )
+    point = (
+        pl.when(pl.col("yhat").is_null() | pl.col("yhat").is_nan())
+        .then(pl.lit("null"))
+        .when(no_band)
+        .then(pl.concat_str([pl.lit("["), num("yhat"), pl.lit("]")]))
+        .otherwise(with_band)
+    )
+    points = checked.with_columns(point.alias("_point"))
+    n_steps = points.group_by(key).agg(pl.col("horizon_step").max().alias("n_steps"))
+    if int(n_steps["n_steps"].sum()) != points.height:  # steps without a forecast: null
+        grid = n_steps.select(*key, pl.int_ranges(1, pl.col("n_steps") + 1).alias("horizon_step"))
+        points = grid.explode("horizon_step").join(
+            points, on=[*key, "horizon_step"], how="left", nulls_equal=True
+        )
+        points = points.with_columns(pl.col("_point").fill_null("null"))
+    points = points.sort([*key, "horizon_step"], maintain_order=True)
+    out = points.group_by(key, maintain_order=True).agg(
+        pl.col("model_version_id").drop_nulls().first(),
+        (pl.col("_step_us").drop_nulls().first() // 1_000_000).alias("step_seconds"),
+        pl.col("horizon_step").max().alias("n_steps"),
+        pl.col("interval_level").drop_nulls().first(),
+        pl.col("_point").str.join(",").alias("points"),
+        pl.col("_point").ne("null").sum().alias("n_points"),
+    )
+    last = pl.col("origin_ts") + pl.duration(seconds=pl.col("step_seconds") * pl.col("n_steps"))
+    return out.select(
+        pl.col("series_id").cast(pl.Int64),
+        "model",
+        "origin_ts",
+        pl.col("revision").cast(pl.Int64),
+        pl.col("model_version_id").cast(pl.Int64),
+        pl.col("step_seconds").cast(pl.Int64),
+        pl.col("n_steps").cast(pl.Int64),
+        last.alias("last_target_ts"),
+        pl.col("interval_level").cast(pl.Float64),
+        pl.concat_str([pl.lit("["), pl.col("points"), pl.lit("]")]).alias("points"),
+        pl.col("n_points").cast(pl.Int64),
+    ).cast(_ledger_schema())
+
+
+@functools.cache
+def _ledger_schema() -> dict[str, pl.DataType]:
+    """The ledger frame save_prediction writes (n_points: the steps with a forecast, not
+    stored)."""
+    import polars as pl
+
+    from forecaster.frames import TS_DTYPE
+
+    return {
+        "series_id": pl.Int64(),
+        "model": pl.String(),
+        "origin_ts": TS_DTYPE,
+        "revision": pl.Int64(),
+        "model_version_id": pl.Int64(),
+        "step_seconds": pl.Int64(),
+        "n_steps": pl.Int64(),
+        "last_target_ts": TS_DTYPE,
+        "interval_level": pl.Float64(),
+        "points": pl.String(),
+        "n_points": pl.Int64(),
+    }
+
+
+def ledger_rows(
+    series_ids: np.ndarray,
+    model: str,
+    version_id: int | None,
+    origin_us: int,
+    step_seconds: int,
+    yhat: np.ndarray,
+    band: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+    level: float | None,
+) -> pl.DataFrame:
+    """One model's forecasts from one origin (epoch microseconds) as ledger rows for
+    save_prediction, straight from its (S, H) arrays: `band` is (yhat_lower, yhat_upper,
+    raw_lower, raw_upper), None for a baseline; a NaN yhat is a step without a forecast, and
+    a series with none at all gets no row. Vectorised: no group-by, no sort."""
+    import numpy as np
+    import polars as pl
+
+    from forecaster.frames import TS_DTYPE
+
+    n_series, horizon = yhat.shape
+    arrays = [yhat, *(band or ())]
+    cols = {f"c{i}": pl.Series(a.reshape(-1), dtype=pl.Float64) for i, a in enumerate(arrays)}
+
+    def num(c: str) -> pl.Expr:
+        col = pl.col(c)
+        return pl.when(col.is_nan() | col.is_infinite()).then(pl.lit("null")).otherwise(
+            col.cast(pl.String)
+        )
+
+    parts: list[pl.Expr] = [pl.lit("["), num("c0")]
+    for i in range(1, len(arrays)):
+        parts += [pl.lit(","), num(f"c{i}")]
+    point = (
+        pl.when(pl.col("c0").is_nan())
+        .then(pl.lit("null"))
+        .otherwise(pl.concat_str([*parts, pl.lit("]")]))
+    )
+    text = pl.DataFrame(cols).select(point.alias("p"))["p"]
+    points = text.reshape((n_series, horizon)).arr.join(",")
+    n_points = (~np.isnan(yhat)).sum(axis=1)
+    keep = n_points > 0
+    n = int(keep.sum())
+    return pl.DataFrame(
+        {
+            "series_id": pl.Series(series_ids[keep], dtype=pl.Int64),
+            "model": pl.repeat(model, n, dtype=pl.String, eager=True),
+            "origin_ts": pl.repeat(origin_us, n, dtype=pl.Int64, eager=True).cast(TS_DTYPE),
+            "revision": pl.repeat(0, n, dtype=pl.Int64, eager=True),
+            "model_version_id": pl.repeat(version_id, n, dtype=pl.Int64, eager=True),
+            "step_seconds": pl.repeat(step_seconds, n, dtype=pl.Int64, eager=True),
+            "n_steps": pl.repeat(horizon, n, dtype=pl.Int64, eager=True),
+            "last_target_ts": pl.repeat(
+                origin_us + horizon * step_seconds * 1_000_000, n, dtype=pl.Int64, eager=True
+            ).cast(TS_DTYPE),
+            "interval_level": pl.repeat(level, n, dtype=pl.Float64, eager=True),
+            "points": ("[" + points + "]").filter(pl.Series(keep)),
+            "n_points": pl.Series(n_points[keep], dtype=pl.Int64),
+        },
+        schema=_ledger_schema(),
+    )
+
+
+def _sqlite_ledger_rows(ledger: pl.DataFrame, now: datetime) -> Iterator[tuple[Any, ...]]:
+    """Rows in _LEDGER_KEYS order for the SQLite executemany, zipped from columns, the
+    timestamps as the naive UTC text SQLAlchemy would bind (formatted once per distinct
+    time: a chunk has one origin)."""
+    n = ledger.height
     columns: list[Any] = []
-    for k in _FORECAST_KEYS[:13]:
-        col = frame[k]
-        if k in ("origin_ts", "target_ts"):
+    for k in _LEDGER_KEYS[:10]:
+        col = ledger[k]
+        if k in ("origin_ts", "last_target_ts"):
             distinct = col.unique()
             text = dict(
                 zip(
@@ -540,20 +729,12 @@ def _sqlite_forecast_rows(frame: pl.DataFrame, now: datetime) -> Iterator[tuple[
     return zip(*columns, repeat(False, n), repeat(_sqlite_ts(now), n), strict=True)
 
 
-def _copy_insert_forecasts(conn: Connection, frame: pl.DataFrame, now: datetime) -> int:
-    """PostgreSQL: the frame COPYed into a temp table, then inserted where its key is new.
-    Returns the number of rows inserted."""
-    pg_copy_temp(conn, frame.select(_FORECAST_KEYS[:13]), _PG_FORECASTS_IN)
-    return conn.exec_driver_sql(_PG_FORECASTS_INSERT_SQL, {"now": now}).rowcount
-
-
 @functools.cache
-def _sqlite_forecast_insert_sql() -> str:
-    """INSERT ... ON CONFLICT DO NOTHING for forecasts, SQLite text with ? in _FORECAST_KEYS order."""
-    stmt = sqlite_dialect.insert(_forecasts_raw).values(
-        {k: sa.bindparam(k) for k in _FORECAST_KEYS}
-    )
-    stmt = stmt.on_conflict_do_nothing(index_elements=_FORECAST_PK)
+def _sqlite_ledger_insert_sql() -> str:
+    """INSERT ... ON CONFLICT DO NOTHING for forecast_origins, SQLite text with ? in
+    _LEDGER_KEYS order."""
+    stmt = sqlite_dialect.insert(_ledger_raw).values({k: sa.bindparam(k) for k in _LEDGER_KEYS})
+    stmt = stmt.on_conflict_do_nothing(index_elements=_LEDGER_PK)
     compiled = stmt.compile(dialect=sqlite_dialect.dialect(paramstyle="qmark"))
-    assert tuple(compiled.positiontup or ()) == _FORECAST_KEYS, compiled.positiontup
+    assert tuple(compiled.positiontup or ()) == _LEDGER_KEYS, compiled.positiontup
     return str(compiled)

@@ -28,7 +28,7 @@ def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
 
 
 def _current(f: sa.Table | sa.Alias, model: str) -> sa.ColumnElement[bool]:
-    """The model's current (not superseded) forecast rows, phrased so the partial index fits."""
+    """The model's current (not superseded) forecasts, of the ledger or of its long view."""
     return sa.and_(f.c.model == model, f.c.superseded == sa.false())
 
 
@@ -85,7 +85,7 @@ class ServiceStore(StoreBase):
         The newest forecast for time t comes from the newest origin before t: every origin of
         one model forecasts the same number of steps, so an older origin cannot reach t when
         the newest one does not."""
-        se, o, f = s.series, s.observations, s.forecasts
+        se, o, f, fo = s.series, s.observations, s.forecasts, s.forecast_origins
         out: dict[int, dict[str, Any]] = {}
         for ids in _chunks(series_ids):
             newest_ts = (
@@ -106,11 +106,11 @@ class ServiceStore(StoreBase):
             )
             if model is not None:
                 origin = (
-                    sa.select(sa.func.max(f.c.origin_ts))
+                    sa.select(sa.func.max(fo.c.origin_ts))
                     .where(
-                        f.c.series_id == latest.c.series_id,
-                        _current(f, model),
-                        f.c.origin_ts < latest.c.ts,
+                        fo.c.series_id == latest.c.series_id,
+                        _current(fo, model),
+                        fo.c.origin_ts < latest.c.ts,
                     )
                     .scalar_subquery()
                 )
@@ -147,15 +147,15 @@ class ServiceStore(StoreBase):
         """The current forecast rows of `model` at its newest origin per series, only at the
         given horizon steps: series_id, origin_ts, target_ts, horizon_step, yhat, yhat_lower,
         yhat_upper, interval_level."""
-        se, f = s.series, s.forecasts
+        se, f, fo = s.series, s.forecasts, s.forecast_origins
         steps = sorted(set(horizon_steps))
         rows: list[dict[str, Any]] = []
         if not steps:
             return rows
         for ids in _chunks(series_ids):
             newest = (
-                sa.select(sa.func.max(f.c.origin_ts))
-                .where(f.c.series_id == se.c.id, _current(f, model))
+                sa.select(sa.func.max(fo.c.origin_ts))
+                .where(fo.c.series_id == se.c.id, _current(fo, model))
                 .scalar_subquery()
             )
             origins = (
@@ -190,7 +190,7 @@ class ServiceStore(StoreBase):
     def newest_origins(self, model: str, series_ids: Sequence[int]) -> dict[int, datetime]:
         """series_id -> the newest origin_ts of `model`'s current forecasts, for the series
         that have any (what "forecasts stale" alerts compare with the newest actual)."""
-        se, f = s.series, s.forecasts
+        se, f = s.series, s.forecast_origins
         out: dict[int, datetime] = {}
         for ids in _chunks(series_ids):
             newest = (

@@ -87,11 +87,31 @@ def _forecasts(sids, origin, models=("v", "seasonal_naive_daily"), steps=3):
     return rows
 
 
+# The long view's columns as compared here: its key first (series, model, origin, step,
+# revision), superseded last.
+_COLUMNS = (
+    "series_id",
+    "model",
+    "origin_ts",
+    "horizon_step",
+    "revision",
+    "model_version_id",
+    "target_ts",
+    "yhat",
+    "yhat_lower",
+    "yhat_upper",
+    "interval_level",
+    "raw_lower",
+    "raw_upper",
+    "superseded",
+)
+
+
 def _stored(store) -> list[tuple]:
     f = schema.forecasts
-    cols = [c for c in f.c if c.name != "created_at"]
+    cols = [f.c[k] for k in _COLUMNS]
     with store.engine.connect() as conn:
-        got = conn.execute(sa.select(*cols).order_by(*f.primary_key.columns)).all()
+        got = conn.execute(sa.select(*cols).order_by(*cols[:5])).all()
     return [tuple(r) for r in got]
 
 
@@ -109,7 +129,7 @@ def _save(store, forecasts, reissued=()):
 
 
 def _as_stored(rows, revision=0, superseded=False):
-    keys = [c.name for c in schema.forecasts.c if c.name not in ("created_at",)]
+    keys = _COLUMNS
     out = [{**r, "revision": revision, "superseded": superseded} for r in rows]
     return [tuple(r[k] for k in keys) for r in out]
 

@@ -110,9 +110,15 @@ def snapshot(db: Path | str) -> dict[str, list[tuple]]:
     out = {}
     with store.engine.connect() as conn:
         for name in TABLES:
-            table = schema.metadata.tables[name]
+            table = schema.metadata.tables.get(name)
+            if table is None:  # the forecasts view (the ledger unnested): its rows, by key
+                table = schema.views.tables[name]
+                key = ("series_id", "model", "origin_ts", "horizon_step", "revision")
+                order = [table.c[k] for k in key]
+            else:
+                order = list(table.primary_key.columns)
             cols = [c for c in table.columns if c.name not in VOLATILE]
-            rows = conn.execute(sa.select(*cols).order_by(*table.primary_key.columns)).all()
+            rows = conn.execute(sa.select(*cols).order_by(*order)).all()
             out[name] = [tuple(r) for r in rows]
     store.close()
     return out

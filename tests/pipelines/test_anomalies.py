@@ -188,24 +188,39 @@ def test_a_crash_inside_evaluate_then_a_rerun_equals_an_uninterrupted_run(
 
 def _move_forecasts(store, series: str, day: int, hours: range, half_widths: float) -> None:
     """Move the champion's stored forecasts (median and band) of `series` for those hours
-    of `day` down by `half_widths` of each one's band: the actual then lies that far above."""
-    f, se = schema.forecasts, schema.series
-    times = [START + timedelta(days=day, hours=h) for h in hours]
-    shift = (f.c.yhat_upper - f.c.yhat_lower) / 2 * half_widths
+    of `day` down by `half_widths` of each one's band: the actual then lies that far above.
+    The ledger holds an origin's horizon in one row (schema.forecast_origins): each row
+    with such a target is read, moved at those steps and written back."""
+    import json
+
+    fo, se = schema.forecast_origins, schema.series
+    times = {START + timedelta(days=day, hours=h) for h in hours}
     with store.begin() as conn:
-        conn.execute(
-            sa.update(f)
-            .where(
-                f.c.model == "v1",
-                f.c.target_ts.in_(times),
-                f.c.series_id == sa.select(se.c.id).where(se.c.name == series).scalar_subquery(),
+        sid = conn.execute(sa.select(se.c.id).where(se.c.name == series)).scalar_one()
+        rows = conn.execute(
+            sa.select(fo.c.origin_ts, fo.c.revision, fo.c.step_seconds, fo.c.points).where(
+                fo.c.series_id == sid, fo.c.model == "v1"
             )
-            .values(
-                yhat=f.c.yhat - shift,
-                yhat_lower=f.c.yhat_lower - shift,
-                yhat_upper=f.c.yhat_upper - shift,
-            )
-        )
+        ).all()
+        for origin, revision, step_s, text in rows:
+            points = json.loads(text)
+            moved = False
+            for k, p in enumerate(points, start=1):
+                if p is not None and origin + timedelta(seconds=k * step_s) in times:
+                    shift = (p[2] - p[1]) / 2 * half_widths
+                    p[0], p[1], p[2] = p[0] - shift, p[1] - shift, p[2] - shift
+                    moved = True
+            if moved:
+                conn.execute(
+                    sa.update(fo)
+                    .where(
+                        fo.c.series_id == sid,
+                        fo.c.model == "v1",
+                        fo.c.origin_ts == origin,
+                        fo.c.revision == revision,
+                    )
+                    .values(points=json.dumps(points))
+                )
 
 
 def test_the_aftermath_of_a_closed_incident_opens_no_new_one_unless_it_is_larger(

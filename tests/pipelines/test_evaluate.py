@@ -280,7 +280,7 @@ def test_series_that_end_years_apart_are_each_scored_over_their_own_window(
         for table, cols in (
             (schema.observations, ("ts",)),
             (schema.watermarks, ("ts",)),
-            (schema.forecasts, ("origin_ts", "target_ts")),
+            (schema.forecast_origins, ("origin_ts", "last_target_ts")),
             (schema.calibration_tracking, ("tracked_until",)),
         ):
             rows = [
