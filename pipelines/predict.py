@@ -27,7 +27,6 @@ from forecaster import calibration, serving
 from forecaster.checkpoints import load_checkpoint
 from forecaster.errors import ForecasterError
 from forecaster.features import FeatureSpec
-from forecaster.frames import TS_DTYPE
 from forecaster.inference import (
     advance,
     history_steps,
@@ -544,7 +543,7 @@ def _forecast_rows(
     quantiles = trained.model_config.quantiles
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1
     level = round(quantiles[hi_i] - quantiles[lo_i], 6)
-    n_series, horizon = len(ids), spec.horizon
+    horizon = spec.horizon
     sid = np.asarray(ids, dtype=np.int64)
     origin_us = (origin_ts - _EPOCH) // timedelta(microseconds=1)
     yhat = q[..., mid].double().numpy()  # (S, H)

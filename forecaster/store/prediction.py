@@ -669,8 +669,10 @@ def ledger_rows(
 
     def num(c: str) -> pl.Expr:
         col = pl.col(c)
-        return pl.when(col.is_nan() | col.is_infinite()).then(pl.lit("null")).otherwise(
-            col.cast(pl.String)
+        return (
+            pl.when(col.is_nan() | col.is_infinite())
+            .then(pl.lit("null"))
+            .otherwise(col.cast(pl.String))
         )
 
     parts: list[pl.Expr] = [pl.lit("["), num("c0")]
