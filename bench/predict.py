@@ -373,8 +373,9 @@ def main() -> None:
                 print(f"# PostgreSQL skipped: {exc}")
     cols = ("points read", "small reads", "model", "state bytes", "row building", "writes")
     rows = next(iter(results.values()))["rows"]
-    print(f"\n(run_predict writes {rows:.0f} forecast rows (24 steps x the model and two "
-          "seasonal-naive baselines), a state and a window-edge snapshot per series; phases in "
+    print(f"\n(run_predict writes {rows:.0f} forecast points a series (24 steps x the model, "
+          "its MSTL challenger and two seasonal-naive baselines, one forecast_origins row per "
+          "model), a state and a window-edge snapshot per series; phases in "
           "seconds: points read = recent_values (new points + seasonal lags); small reads = "
           "champion, targets, states, calibration; row building = _forecast_rows; writes = "
           "save_prediction + commit)")
@@ -386,7 +387,7 @@ def main() -> None:
         print(f"| {db} | {r['full cycle']:.2f} | {args.series / r['full cycle']:,.0f} | "
               + " | ".join(f"{r.get(c, 0.0):.2f}" for c in cols)
               + f" | {other:.2f} | {r['cold start']:.2f} | {r['ingest window']:.2f} | {r['ingest history']:.1f} |")
-    print("\n| what the baselines cost (one cycle each) | forecast rows / series | full cycle s "
+    print("\n| what the baselines cost (one cycle each) | forecast points / series | full cycle s "
           "| writes s |")
     print("|---|--:|--:|--:|")
     for db, r in results.items():

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from forecaster.store import Store
 
 BASELINES = ("seasonal_naive_daily", "seasonal_naive_weekly")
+# Stored beside a version's forecasts under their own names (pipelines.predict.CHALLENGER).
+OTHERS = (*BASELINES, "mstl")
 
 
 def _ts(value: datetime | None) -> str:
@@ -37,15 +39,16 @@ def _ts(value: datetime | None) -> str:
 
 def _model(store: Store, text: str) -> str:
     """A model as forecasts name it: "v<id>" for a registered version (given as v8 or 8;
-    one the registry does not hold is an error), or a seasonal-naive baseline."""
-    if text in BASELINES:
+    one the registry does not hold is an error), a seasonal-naive baseline or the MSTL
+    challenger's own forecasts ("mstl")."""
+    if text in OTHERS:
         return text
     try:
         version = _version_id(text)
     except UsageError:
         raise UsageError(
             f"unknown model {text!r}: give a version (v8 or 8; `forecaster models list` "
-            f"shows them) or a baseline ({', '.join(BASELINES)})"
+            f"shows them), a baseline ({', '.join(BASELINES)}) or mstl"
         ) from None
     store.model_version(version)  # UnknownModelVersionError names it and the fix
     return f"v{version}"
@@ -170,7 +173,9 @@ def forecasts_show(
     series: Annotated[str, typer.Argument(help="series name")],
     model: Annotated[
         str | None,
-        typer.Option(help="only this model: a version (v8 or 8) or a seasonal_naive_* baseline"),
+        typer.Option(
+            help="only this model: a version (v8 or 8), a seasonal_naive_* baseline or mstl"
+        ),
     ] = None,
     origin: Annotated[
         datetime | None,
@@ -323,7 +328,7 @@ def plot_cmd(
     model: Annotated[
         str | None,
         typer.Option(
-            help="a version (v8 or 8) or a seasonal_naive_* baseline (default: the champion)"
+            help="a version (v8 or 8), a seasonal_naive_* baseline or mstl (default: the champion)"
         ),
     ] = None,
 ) -> None:

@@ -45,6 +45,9 @@ from forecaster.training import resolve_device
 
 log = structlog.get_logger(__name__)
 BASELINES = ("daily", "weekly")
+# The model name of the MSTL challenger's own forecasts (forecaster.stats), stored beside the
+# version's served ones with its model_version_id.
+CHALLENGER = "mstl"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -525,38 +528,45 @@ def _forecast_rows(
     served: list[serving.Entry] | torch.Tensor | None = None,
     stat: torch.Tensor | None = None,
 ) -> pl.DataFrame:
-    """Rows for the forecasts table, as a frame built from columns: the model's S x H, then
-    each baseline's where a value one season back is known. The band served is the raw one
-    widened (or narrowed) on each side by the conformal correction of its horizon step times
-    the raw band's width, never past the median. A series served by a naive or a mean
-    (forecaster.serving, chosen at training) has the network's quantiles moved to that
-    member's median (`stat`: the MSTL challenger's forecast (S, H), for the members that
-    use it)."""
+    """Ledger rows (forecaster.store.prediction.ledger_rows), one per series and model: the
+    version's served forecast (`v<id>`), the MSTL challenger's own (`mstl`, when the
+    version has one), then each baseline's where a value one season back is known. The band
+    served is the raw one widened (or narrowed) on each side by the conformal correction of
+    its horizon step times the raw band's width, never past the median. A series served by
+    a naive or a mean (forecaster.serving, chosen at training) has the network's quantiles
+    moved to that member's median (`stat`: the MSTL challenger's forecast (S, H), for the
+    members that use it); the challenger's row is the network's quantiles moved to its
+    median the same way, so it carries a band calibrated like the version's."""
     spec = trained.spec
     # Both naives serve in the blend, whichever baselines are stored as rows.
     naives = {
         season: seasonal_naive_at(spec, values, origin, season)
         for season in {"daily", "weekly", *BASELINES}
     }
-    if isinstance(served, torch.Tensor) or (served and any(m != "model" for m in served)):
-        q = serving.serve(q, naives["daily"], naives["weekly"], served, stat)
     quantiles = trained.model_config.quantiles
     lo_i, mid, hi_i = 0, len(quantiles) // 2, len(quantiles) - 1
+    challenger = None
+    if stat is not None:  # (S, H, Q): the network's band around the challenger's median
+        challenger = q + (stat.to(q.dtype) - q[..., mid]).unsqueeze(-1)
+    if isinstance(served, torch.Tensor) or (served and any(m != "model" for m in served)):
+        q = serving.serve(q, naives["daily"], naives["weekly"], served, stat)
     level = round(quantiles[hi_i] - quantiles[lo_i], 6)
     horizon = spec.horizon
     sid = np.asarray(ids, dtype=np.int64)
     origin_us = (origin_ts - _EPOCH) // timedelta(microseconds=1)
-    yhat = q[..., mid].double().numpy()  # (S, H)
-    raw_lo = q[..., lo_i].double().numpy()
-    raw_hi = q[..., hi_i].double().numpy()
     corr = torch.tensor([corrections.get(h, 0.0) for h in range(1, horizon + 1)]).double()
-    qd = q.double()
-    lower, upper = calibration.apply(
-        qd[..., lo_i], qd[..., hi_i], qd[..., mid], corr, 0.0 if trained.nonnegative else None
-    )
-    band = (lower.numpy(), upper.numpy(), raw_lo, raw_hi)
+    floor = 0.0 if trained.nonnegative else None
     step_s = spec.freq_seconds
-    frames = [ledger_rows(sid, f"v{vid}", vid, origin_us, step_s, yhat, band, level)]
+
+    def rows(quant: torch.Tensor, model: str) -> pl.DataFrame:
+        qd = quant.double()
+        lower, upper = calibration.apply(qd[..., lo_i], qd[..., hi_i], qd[..., mid], corr, floor)
+        band = (lower.numpy(), upper.numpy(), qd[..., lo_i].numpy(), qd[..., hi_i].numpy())
+        return ledger_rows(sid, model, vid, origin_us, step_s, qd[..., mid].numpy(), band, level)
+
+    frames = [rows(q, f"v{vid}")]
+    if challenger is not None:
+        frames.append(rows(challenger, CHALLENGER))
     for season in BASELINES:
         naive = naives[season].double().numpy()  # (S, H); NaN: no value a season back
         frames.append(

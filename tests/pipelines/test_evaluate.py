@@ -102,8 +102,9 @@ def test_accuracy_by_model_and_the_cli_on_both_dialects(db_url, trained, tmp_pat
         _ingest_days(store, day, day + 1)
         run_predict(store, warmup_steps=WARMUP)
     rows = {r["model"]: r for r in store.accuracy_by_model(timedelta(days=28))}
-    assert set(rows) == {"v1", "seasonal_naive_daily", "seasonal_naive_weekly"}
-    assert rows["v1"]["n"] == 2 * 24 * 4 and 0 <= rows["v1"]["coverage"] <= 1
+    assert set(rows) == {"v1", "mstl", "seasonal_naive_daily", "seasonal_naive_weekly"}
+    assert rows["v1"]["n"] == rows["mstl"]["n"] == 2 * 24 * 4
+    assert 0 <= rows["v1"]["coverage"] <= 1 and 0 <= rows["mstl"]["coverage"] <= 1
     assert (
         rows["seasonal_naive_daily"]["coverage"] is None and rows["seasonal_naive_daily"]["mae"] > 0
     )
@@ -114,7 +115,9 @@ def test_accuracy_by_model_and_the_cli_on_both_dialects(db_url, trained, tmp_pat
         (["evaluate"], "forecasts scored"),
         (["accuracy"], "seasonal_naive_weekly"),
         (["anomalies"], "series"),
+        (["accuracy"], "mstl"),
         (["forecasts", "show", "sine.0"], "v1"),
+        (["forecasts", "show", "sine.0", "--model", "mstl"], "mstl"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and expect in result.output, (args, result.output)

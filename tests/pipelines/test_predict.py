@@ -257,8 +257,9 @@ def test_views_have_the_same_columns_and_rows_on_both_dialects(db_url, trained, 
         "interval_level",
         "created_at",
     ]
-    assert n_latest == 2 * 3 * 24
-    assert len(acc) == 2 * 3 * 24
+    # 2 series x 4 models (the version, its MSTL challenger, both naives) x 24 steps.
+    assert n_latest == 2 * 4 * 24
+    assert len(acc) == 2 * 4 * 24
     for _series, model, _step, _actual, err, abs_err, inside, pinball in acc:
         assert abs_err == pytest.approx(abs(err))
         if model == "v1":
@@ -318,8 +319,9 @@ def test_a_late_point_rewinds_the_state_as_if_it_had_arrived_on_time(db_url, tra
     _late_point(late)
     summary = run_predict(late, warmup_steps=WARMUP)
     assert summary.series_rewound == 1 and summary.series_advanced == 0
-    # Origins at or after the late point: the ends of days 33, 34 and 35, x 3 models x 24.
-    assert summary.forecasts_written == 3 * 3 * 24
+    # Origins at or after the late point: the ends of days 33, 34 and 35, x 4 models (the
+    # version, its challenger, both naives) x 24.
+    assert summary.forecasts_written == 3 * 4 * 24
 
     current = [r for r in _forecasts(late) if not r[9]]
     want = _forecasts(on_time)
@@ -331,7 +333,7 @@ def test_a_late_point_rewinds_the_state_as_if_it_had_arrived_on_time(db_url, tra
     stale = [r for r in _forecasts(late) if r[9]]
     ids = {r["name"]: r["id"] for r in late.prediction_targets()}
     # All but one: the daily naive of day 33's end could not copy the missing point.
-    assert len(stale) == 3 * 3 * 24 - 1 and {r[0] for r in stale} == {ids[LATE[0]]}
+    assert len(stale) == 3 * 4 * 24 - 1 and {r[0] for r in stale} == {ids[LATE[0]]}
     assert min(r[2] for r in stale) == START + timedelta(hours=34 * 24 - 1)  # end of day 33
 
     (got_states, want_states) = (_states(late), _states(on_time))
@@ -576,6 +578,21 @@ def test_a_series_served_by_the_challenger_gets_its_forecast_from_a_state_saved_
         t = (int(origin.timestamp()) // 3600) - start_hour
         want = pred[0, t - held, step - 1]
         assert yhat == pytest.approx(max(want, 0.0) if result.nonnegative else want, rel=1e-5)
+    # The challenger's own forecasts are stored beside the version's, as model "mstl" of
+    # version 1, for every series: where it alone serves, the same rows as the version's;
+    # elsewhere the network's band moved to its median (the same width at every step).
+    rows = _forecasts(store)
+    mstl = {(r[0], r[2], r[3]): r[5:9] for r in rows if r[1] == "mstl"}
+    served = {(r[0], r[2], r[3]): r[5:9] for r in rows if r[1] == "v1"}
+    assert mstl.keys() == served.keys() and len(mstl) == 2 * 5 * 24
+    for key, (yhat, lo, hi, level) in mstl.items():
+        v_yhat, v_lo, v_hi, v_level = served[key]
+        assert level == v_level == pytest.approx(0.8)
+        if key[0] == ids["sine.0"]:
+            assert (yhat, lo, hi) == pytest.approx((v_yhat, v_lo, v_hi), rel=1e-9, abs=1e-9)
+        elif not result.nonnegative or v_lo > 0:  # a band cut at zero has a narrower width
+            assert hi - lo == pytest.approx(v_hi - v_lo, rel=1e-6, abs=1e-6)
+    assert {r[1] for r in rows} == {"v1", "mstl", "seasonal_naive_daily", "seasonal_naive_weekly"}
     store.close()
 
 
