@@ -2,15 +2,16 @@
 
 A scrape runs these every 15 s or so, so each is bounded: per-series reads take an explicit
 list of series ids (the ones /metrics exposes) and find "the newest" with correlated
-`max()` / `ORDER BY ... LIMIT 1` subqueries that the forecasts' primary key
-(series_id, model, origin_ts, horizon_step, revision) answers by its prefix with a few index
-probes per series, however long the history (measured: milliseconds on a 14-million-row
-SQLite store). Superseded rows are filtered by `superseded == false()`."""
+`max()` / `ORDER BY ... LIMIT 1` subqueries that the forecast ledger's primary key
+(series_id, model, origin_ts, revision) answers by its prefix with a few index probes per
+series, however long the history, then read the ledger rows they name and pick the horizon
+step in Python (the long `forecasts` view unnests whatever it is joined to).
+Superseded rows are filtered by `superseded == false()`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -84,8 +85,9 @@ class ServiceStore(StoreBase):
 
         The newest forecast for time t comes from the newest origin before t: every origin of
         one model forecasts the same number of steps, so an older origin cannot reach t when
-        the newest one does not."""
-        se, o, f, fo = s.series, s.observations, s.forecasts, s.forecast_origins
+        the newest one does not. That origin's ledger row is read and the step for t picked
+        from it here (joining the long view instead would unnest every origin)."""
+        se, o, fo = s.series, s.observations, s.forecast_origins
         out: dict[int, dict[str, Any]] = {}
         for ids in _chunks(series_ids):
             newest_ts = (
@@ -101,9 +103,6 @@ class ServiceStore(StoreBase):
                 .subquery("latest")
             )
             cols: list[Any] = [latest.c.series_id, latest.c.ts, o.c.value]
-            joined = latest.join(
-                o, sa.and_(o.c.series_id == latest.c.series_id, o.c.ts == latest.c.ts)
-            )
             if model is not None:
                 origin = (
                     sa.select(sa.func.max(fo.c.origin_ts))
@@ -114,32 +113,72 @@ class ServiceStore(StoreBase):
                     )
                     .scalar_subquery()
                 )
-                with_origin = sa.select(
-                    latest.c.series_id, latest.c.ts, origin.label("origin_ts")
-                ).subquery("with_origin")
-                cols = [with_origin.c.series_id, with_origin.c.ts, o.c.value]
-                joined = with_origin.join(
-                    o, sa.and_(o.c.series_id == with_origin.c.series_id, o.c.ts == with_origin.c.ts)
-                ).outerjoin(
-                    f,
-                    sa.and_(
-                        f.c.series_id == with_origin.c.series_id,
-                        _current(f, model),
-                        f.c.origin_ts == with_origin.c.origin_ts,
-                        f.c.target_ts == with_origin.c.ts,
-                    ),
-                )
-                cols += [f.c.yhat_lower, f.c.yhat_upper]
+                cols.append(origin.label("origin_ts"))
+            joined = latest.join(
+                o, sa.and_(o.c.series_id == latest.c.series_id, o.c.ts == latest.c.ts)
+            )
             with self.engine.connect() as conn:
-                for r in conn.execute(sa.select(*cols).select_from(joined)):
-                    m = r._mapping
-                    out[m["series_id"]] = {
-                        "ts": m["ts"],
-                        "value": m["value"],
-                        "yhat_lower": m.get("yhat_lower"),
-                        "yhat_upper": m.get("yhat_upper"),
-                    }
+                found = [r._mapping for r in conn.execute(sa.select(*cols).select_from(joined))]
+                entries = (
+                    self._entries(
+                        conn, model, [(r["series_id"], r["origin_ts"], r["ts"]) for r in found]
+                    )
+                    if model is not None
+                    else {}
+                )
+            for r in found:
+                target, point = entries.get((r["series_id"], r.get("origin_ts")), (None, None))
+                if target != r["ts"]:  # that origin forecast no step at that time
+                    point = None
+                out[r["series_id"]] = {
+                    "ts": r["ts"],
+                    "value": r["value"],
+                    "yhat_lower": point[1] if point is not None and len(point) > 2 else None,
+                    "yhat_upper": point[2] if point is not None and len(point) > 2 else None,
+                }
         return out
+
+    def _entries(
+        self, conn: Any, model: str, wanted: Sequence[tuple[int, datetime | None, datetime]]
+    ) -> dict[tuple[int, datetime], tuple[datetime, list[float] | None]]:
+        """For each (series_id, origin_ts, t) of `wanted` whose origin has a current ledger
+        row of `model`: (series_id, origin_ts) -> (target, entry) of the newest step whose
+        target is at or before t (pairs with no such step are left out), entry its [yhat,
+        yhat_lower, yhat_upper, raw_lower, raw_upper] ([yhat] for a baseline; None where
+        the step has no forecast). The rows' horizons are decoded together (polars), not
+        one JSON text at a time."""
+        import polars as pl
+
+        fo = s.forecast_origins
+        at = {(sid, origin): t for sid, origin, t in wanted if origin is not None}
+        if not at:
+            return {}
+        q = sa.select(
+            fo.c.series_id, fo.c.origin_ts, fo.c.step_seconds, fo.c.n_steps, fo.c.points
+        ).where(
+            fo.c.series_id.in_(sorted({sid for sid, _ in at})),
+            _current(fo, model),
+            fo.c.origin_ts.in_(sorted({origin for _, origin in at})),
+        )
+        keys, targets, index, texts = [], [], [], []
+        for sid, origin, step_s, n_steps, points in conn.execute(q):
+            t = at.get((sid, origin))
+            if t is None:
+                continue
+            k = min(int(n_steps), int((t - origin).total_seconds() // step_s))
+            if k >= 1:
+                keys.append((sid, origin))
+                targets.append(origin + timedelta(seconds=k * step_s))
+                index.append(k - 1)
+                texts.append(points)
+        if not keys:
+            return {}
+        decoded = pl.Series(texts, dtype=pl.String).str.json_decode(pl.List(pl.List(pl.Float64)))
+        picked = pl.DataFrame({"p": decoded, "i": index}).select(pl.col("p").list.get(pl.col("i")))
+        entries = picked.to_series().to_list()
+        return {
+            key: (target, entry) for key, target, entry in zip(keys, targets, entries, strict=True)
+        }
 
     def newest_origin_forecasts(
         self, model: str, series_ids: Sequence[int], horizon_steps: Sequence[int]
@@ -210,66 +249,53 @@ class ServiceStore(StoreBase):
         current forecasts of the series, the one with the newest target_ts <= now, from the
         newest origin that covers that target.
 
-        That origin is the newest one with any target <= now (searched newest first, so the
-        search stops within an origin or two): its targets run contiguously from step 1, and
-        every origin of one model forecasts the same number of steps, so no older origin
-        reaches a later target <= now."""
-        se, f = s.series, s.forecasts
-        g = s.forecasts.alias("g")
+        That origin is the newest one with any target <= now: its targets run contiguously
+        from step 1, and every origin of one model forecasts the same number of steps, so no
+        older origin reaches a later target <= now. It is the newest origin before now, or
+        the one before that when now is less than a step past the newest: both are found by
+        the ledger's key, read, and the step picked here."""
+        se, fo = s.series, s.forecast_origins
         out: dict[int, dict[str, Any]] = {}
         for ids in _chunks(series_ids):
-            origin = (
-                sa.select(f.c.origin_ts)
-                .where(
-                    f.c.series_id == se.c.id,
-                    _current(f, model),
-                    f.c.origin_ts < now,
-                    f.c.target_ts <= now,
-                )
-                .order_by(f.c.origin_ts.desc())
-                .limit(1)
+            newest = (
+                sa.select(sa.func.max(fo.c.origin_ts))
+                .where(fo.c.series_id == se.c.id, _current(fo, model), fo.c.origin_ts < now)
                 .scalar_subquery()
             )
             origins = (
-                sa.select(se.c.id.label("series_id"), origin.label("origin_ts"))
+                sa.select(se.c.id.label("series_id"), newest.label("o1"))
                 .where(se.c.id.in_(ids))
                 .subquery("origins")
             )
-            # Within one origin a later target is a larger step; joining on the step hits the
-            # key directly (a correlated max(target_ts) in the join would be re-run per row).
-            step = (
-                sa.select(sa.func.max(g.c.horizon_step))
+            before = (
+                sa.select(sa.func.max(fo.c.origin_ts))
                 .where(
-                    g.c.series_id == origins.c.series_id,
-                    _current(g, model),
-                    g.c.origin_ts == origins.c.origin_ts,
-                    g.c.target_ts <= now,
+                    fo.c.series_id == origins.c.series_id,
+                    _current(fo, model),
+                    fo.c.origin_ts < origins.c.o1,
                 )
                 .scalar_subquery()
             )
-            steps = sa.select(
-                origins.c.series_id, origins.c.origin_ts, step.label("horizon_step")
-            ).subquery("steps")
-            q = sa.select(
-                f.c.series_id,
-                f.c.origin_ts,
-                f.c.target_ts,
-                f.c.yhat,
-                f.c.yhat_lower,
-                f.c.yhat_upper,
-            ).join(
-                steps,
-                sa.and_(
-                    f.c.series_id == steps.c.series_id,
-                    _current(f, model),
-                    f.c.origin_ts == steps.c.origin_ts,
-                    f.c.horizon_step == steps.c.horizon_step,
-                ),
+            q = sa.select(origins.c.series_id, origins.c.o1, before.label("o2")).where(
+                origins.c.o1.is_not(None)
             )
             with self.engine.connect() as conn:
-                for r in conn.execute(q):
-                    m = dict(r._mapping)
-                    out[m.pop("series_id")] = m
+                found = conn.execute(q).all()
+                entries = self._entries(
+                    conn, model, [(sid, o, now) for sid, o1, o2 in found for o in (o1, o2)]
+                )
+            for sid, o1, o2 in found:
+                for origin in (o1, o2):
+                    target, p = entries.get((sid, origin), (None, None))
+                    if p is not None:
+                        out[sid] = {
+                            "origin_ts": origin,
+                            "target_ts": target,
+                            "yhat": p[0],
+                            "yhat_lower": p[1] if len(p) > 2 else None,
+                            "yhat_upper": p[2] if len(p) > 2 else None,
+                        }
+                        break
         return out
 
     def anomaly_counts(self, series_ids: Sequence[int]) -> dict[int, int]:
