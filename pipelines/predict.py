@@ -46,7 +46,7 @@ from forecaster.training import resolve_device
 log = structlog.get_logger(__name__)
 BASELINES = ("daily", "weekly")
 # The model name of the MSTL challenger's own forecasts (forecaster.stats), stored beside the
-# version's served ones with its model_version_id.
+# version's served ones (model_version_id NULL, as for the baselines).
 CHALLENGER = "mstl"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -558,15 +558,18 @@ def _forecast_rows(
     floor = 0.0 if trained.nonnegative else None
     step_s = spec.freq_seconds
 
-    def rows(quant: torch.Tensor, model: str) -> pl.DataFrame:
+    def rows(quant: torch.Tensor, model: str, version: int | None) -> pl.DataFrame:
         qd = quant.double()
         lower, upper = calibration.apply(qd[..., lo_i], qd[..., hi_i], qd[..., mid], corr, floor)
         band = (lower.numpy(), upper.numpy(), qd[..., lo_i].numpy(), qd[..., hi_i].numpy())
-        return ledger_rows(sid, model, vid, origin_us, step_s, qd[..., mid].numpy(), band, level)
+        mid_ = qd[..., mid].numpy()
+        return ledger_rows(sid, model, version, origin_us, step_s, mid_, band, level)
 
-    frames = [rows(q, f"v{vid}")]
+    frames = [rows(q, f"v{vid}", vid)]
     if challenger is not None:
-        frames.append(rows(challenger, CHALLENGER))
+        # Beside the version like the baselines (model_version_id NULL): a query for "the
+        # version's forecasts" by model_version_id keeps getting one forecast per target.
+        frames.append(rows(challenger, CHALLENGER, None))
     for season in BASELINES:
         naive = naives[season].double().numpy()  # (S, H); NaN: no value a season back
         frames.append(

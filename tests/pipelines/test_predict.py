@@ -578,10 +578,15 @@ def test_a_series_served_by_the_challenger_gets_its_forecast_from_a_state_saved_
         t = (int(origin.timestamp()) // 3600) - start_hour
         want = pred[0, t - held, step - 1]
         assert yhat == pytest.approx(max(want, 0.0) if result.nonnegative else want, rel=1e-5)
-    # The challenger's own forecasts are stored beside the version's, as model "mstl" of
-    # version 1, for every series: where it alone serves, the same rows as the version's;
-    # elsewhere the network's band moved to its median (the same width at every step).
+    # The challenger's own forecasts are stored beside the version's, as model "mstl" (no
+    # model_version_id, like the baselines), for every series: where it alone serves, the
+    # same rows as the version's; elsewhere the network's band moved to its median (the
+    # same width at every step).
     rows = _forecasts(store)
+    with store.engine.connect() as conn:
+        f = schema.forecasts
+        versions = dict(conn.execute(sa.select(f.c.model, f.c.model_version_id).distinct()).all())
+    assert versions["v1"] == 1 and versions["mstl"] is None
     mstl = {(r[0], r[2], r[3]): r[5:9] for r in rows if r[1] == "mstl"}
     served = {(r[0], r[2], r[3]): r[5:9] for r in rows if r[1] == "v1"}
     assert mstl.keys() == served.keys() and len(mstl) == 2 * 5 * 24
