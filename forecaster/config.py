@@ -451,7 +451,7 @@ class RetentionSettings(_Model):
 
     observations: Duration | None = Field(None, description="observations older than this")
     forecasts: Duration | None = Field(
-        timedelta(days=90), description="forecasts whose target is older than this"
+        timedelta(days=90), description="forecasts whose origin's last target is older than this"
     )
     job_runs: Duration | None = Field(
         timedelta(days=30), description="job_runs rows older than this"

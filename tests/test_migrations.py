@@ -246,3 +246,25 @@ def test_the_forecast_ledger_migration_keeps_every_stored_forecast_both_ways(db_
     store.upgrade()
     assert stored() == want
     store.close()
+
+
+def test_forecast_accuracy_joins_each_forecast_point_to_its_actual_by_key(sqlite_url):
+    """With `forecasts` a view over the ledger (migration 0013), SQLite left free scanned
+    each series' observations for every ledger row (a year's demo store: minutes for
+    `forecaster accuracy`); the view keeps the order points -> actual by its key."""
+    import sqlalchemy as sa
+
+    store = Store(sqlite_url)
+    store.upgrade()
+    with store.engine.connect() as conn:
+        plan = " | ".join(
+            str(r[-1])
+            for r in conn.execute(
+                sa.text(
+                    "EXPLAIN QUERY PLAN SELECT model, count(*) FROM forecast_accuracy "
+                    "WHERE target_ts >= '2013-12-01' GROUP BY model"
+                )
+            )
+        )
+    assert "o USING INDEX sqlite_autoindex_observations_1 (series_id=? AND ts=?)" in plan, plan
+    store.close()

@@ -89,14 +89,43 @@ FROM forecasts
 """
 
 
+# forecast_accuracy as 0003 defined it, the observations joined with CROSS JOIN: the same
+# rows and columns, but SQLite keeps the join order (each forecast point, then its actual by
+# the observations' key). Left free, with `forecasts` a view over the ledger, it scanned
+# each series' observations per ledger row. PostgreSQL plans both spellings alike.
+FORECAST_ACCURACY = """
+CREATE VIEW forecast_accuracy AS
+SELECT s.name AS series, f.model, f.model_version_id, f.origin_ts, f.target_ts,
+       f.horizon_step, f.yhat, f.yhat_lower, f.yhat_upper, f.interval_level,
+       o.value AS actual,
+       o.value - f.yhat AS error,
+       abs(o.value - f.yhat) AS abs_error,
+       CASE WHEN o.value >= f.yhat_lower AND o.value <= f.yhat_upper THEN 1 ELSE 0 END
+           AS inside_interval,
+       (CASE WHEN o.value >= f.yhat_lower
+             THEN (1 - f.interval_level) / 2 * (o.value - f.yhat_lower)
+             ELSE (1 + f.interval_level) / 2 * (f.yhat_lower - o.value) END
+        + 0.5 * abs(o.value - f.yhat)
+        + CASE WHEN o.value >= f.yhat_upper
+             THEN (1 + f.interval_level) / 2 * (o.value - f.yhat_upper)
+             ELSE (1 - f.interval_level) / 2 * (f.yhat_upper - o.value) END) / 3
+           AS pinball_loss
+FROM forecasts f
+JOIN series s ON s.id = f.series_id
+CROSS JOIN observations o
+WHERE o.series_id = f.series_id AND o.ts = f.target_ts
+  AND f.superseded = false AND o.quality = 'observed' AND o.value IS NOT NULL
+"""
+
+
 def _drop_views() -> None:
     op.execute("DROP VIEW forecast_accuracy")
     op.execute("DROP VIEW latest_forecasts")
 
 
-def _create_views() -> None:
+def _create_views(accuracy: str) -> None:
     op.execute(_latest.LATEST_FORECASTS)
-    op.execute(_first.FORECAST_ACCURACY)
+    op.execute(accuracy)
 
 
 def upgrade() -> None:
@@ -140,7 +169,7 @@ def upgrade() -> None:
     op.execute(
         FORECASTS_SQLITE if op.get_context().dialect.name == "sqlite" else FORECASTS_POSTGRESQL
     )
-    _create_views()
+    _create_views(FORECAST_ACCURACY)
 
 
 def downgrade() -> None:
@@ -183,7 +212,7 @@ def downgrade() -> None:
     with op.batch_alter_table("forecast_origins", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_forecast_origins_last_target_ts"))
     op.drop_table("forecast_origins")
-    _create_views()
+    _create_views(_first.FORECAST_ACCURACY)
 
 
 # -- the copy into the ledger -------------------------------------------------------------
