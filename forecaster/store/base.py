@@ -172,11 +172,34 @@ def pg_copy_temp(conn: Connection, frame: pl.DataFrame, temp: PgTemp) -> None:
     CONFLICT on the server: no parameter bound per row, no round trip per row."""
     buf = io.BytesIO()
     frame.write_csv(buf, include_header=False, datetime_format=PG_CSV_TS_FORMAT, null_value="")
+    with _pg_copy(conn, temp) as cp:
+        cp.write(buf.getvalue())
+
+
+def pg_copy_rows(conn: Connection, rows: Sequence[tuple[Any, ...]], temp: PgTemp) -> None:
+    """PostgreSQL: Python rows (in the COPY's order; its text format, so bytes go in as
+    bytea) COPYed into `temp` as pg_copy_temp does a frame."""
+    with _pg_copy(conn, temp) as cp:
+        for r in rows:
+            cp.write_row(r)
+
+
+@contextmanager
+def _pg_copy(conn: Connection, temp: PgTemp) -> Iterator[Any]:
+    """The COPY into `temp`, created for the transaction if absent and emptied first."""
     conn.exec_driver_sql(temp.create)
     conn.exec_driver_sql(temp.truncate)
     with conn.connection.driver_connection.cursor() as cur:
         with cur.copy(temp.copy) as cp:
-            cp.write(buf.getvalue())
+            yield cp
+
+
+def sqlite_qmark(stmt: Any, order: Sequence[str]) -> str:
+    """A Core statement as SQLite text with ? parameters, checked to take them in `order`
+    (for the driver's executemany of tuples, without SQLAlchemy's per-row binding)."""
+    compiled = stmt.compile(dialect=sqlite_dialect.dialect(paramstyle="qmark"))
+    assert tuple(compiled.positiontup or ()) == tuple(order), compiled.positiontup
+    return str(compiled)
 
 
 def _fingerprint(source: str, row: Mapping[str, Any]) -> str:

@@ -20,6 +20,7 @@ from forecaster.store.base import (
     _obs_raw,
     _utc,
     pg_copy_temp,
+    sqlite_qmark,
 )
 
 if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
@@ -539,6 +540,4 @@ def _sqlite_obs_upsert_sql() -> str:
         set_={k: stmt.excluded[k] for k in ("value", "quality", "window_id")},
         where=(stmt.excluded.quality == observed) | (_obs_raw.c.quality != observed),
     )
-    compiled = stmt.compile(dialect=sqlite_dialect.dialect(paramstyle="qmark"))
-    assert tuple(compiled.positiontup or ()) == _OBS_KEYS, compiled.positiontup
-    return str(compiled)
+    return sqlite_qmark(stmt, _OBS_KEYS)

@@ -20,7 +20,9 @@ from forecaster.store.base import (
     PgTemp,
     StoreBase,
     _utc,
+    pg_copy_rows,
     pg_copy_temp,
+    sqlite_qmark,
 )
 
 if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
@@ -296,12 +298,7 @@ class PredictionStore(StoreBase):
             finally:
                 cur.close()
             return
-        conn.exec_driver_sql(target.pg.create)
-        conn.exec_driver_sql(target.pg.truncate)
-        with conn.connection.driver_connection.cursor() as cur:
-            with cur.copy(target.pg.copy) as cp:
-                for r in rows:
-                    cp.write_row(r)
+        pg_copy_rows(conn, rows, target.pg)
         conn.exec_driver_sql(target.pg_upsert)
 
     def _new_origins(self, conn: Connection, ledger: pl.DataFrame) -> pl.DataFrame:
@@ -618,9 +615,7 @@ def _sqlite_upsert_sql(target: _Bulk) -> str:
         index_elements=list(target.key),
         set_={c: stmt.excluded[c] for c in target.columns if c not in target.key},
     )
-    compiled = stmt.compile(dialect=sqlite_dialect.dialect(paramstyle="qmark"))
-    assert tuple(compiled.positiontup or ()) == target.columns, compiled.positiontup
-    return str(compiled)
+    return sqlite_qmark(stmt, target.columns)
 
 
 def _json_texts(values: Iterator[Any]) -> list[str]:
@@ -703,23 +698,7 @@ def _ledger_frame(frame: pl.DataFrame) -> pl.DataFrame:
             "seconds from the origin with the origin's other steps"
         )
 
-    def num(c: str) -> pl.Expr:
-        col = pl.col(c)
-        missing = col.is_null() | col.is_nan() | col.is_infinite()
-        return pl.when(missing).then(pl.lit("null")).otherwise(col.cast(pl.String))
-
-    no_band = pl.all_horizontal(pl.col(c).is_null() for c in _BAND)
-    with_band = pl.concat_str(
-        [pl.lit("["), num("yhat"), *(e for c in _BAND for e in (pl.lit(","), num(c))), pl.lit("]")]
-    )
-    point = (
-        pl.when(pl.col("yhat").is_null() | pl.col("yhat").is_nan())
-        .then(pl.lit("null"))
-        .when(no_band)
-        .then(pl.concat_str([pl.lit("["), num("yhat"), pl.lit("]")]))
-        .otherwise(with_band)
-    )
-    points = checked.with_columns(point.alias("_point"))
+    points = checked.with_columns(_point_text("yhat", _BAND).alias("_point"))
     n_steps = points.group_by(key).agg(pl.col("horizon_step").max().alias("n_steps"))
     if int(n_steps["n_steps"].sum()) != points.height:  # steps without a forecast: null
         grid = n_steps.select(*key, pl.int_ranges(1, pl.col("n_steps") + 1).alias("horizon_step"))
@@ -750,6 +729,31 @@ def _ledger_frame(frame: pl.DataFrame) -> pl.DataFrame:
         pl.concat_str([pl.lit("["), pl.col("points"), pl.lit("]")]).alias("points"),
         pl.col("n_points").cast(pl.Int64),
     ).cast(_ledger_schema())
+
+
+def _point_text(yhat: str, band: Sequence[str]) -> pl.Expr:
+    """One horizon step's entry of `points` (schema.forecast_origins) from the columns
+    `yhat` and `band`: "null" where yhat is missing (null or NaN), "[yhat]" where there is
+    no band (no band columns, or all of them null), else "[yhat,band...]", a band value that
+    is missing (null, NaN or infinite) written null. Shortest text that reads back as the
+    same double."""
+    import polars as pl
+
+    def num(c: str) -> pl.Expr:
+        col = pl.col(c)
+        missing = col.is_null() | col.is_nan() | col.is_infinite()
+        return pl.when(missing).then(pl.lit("null")).otherwise(col.cast(pl.String))
+
+    y = pl.col(yhat)
+    bare = pl.concat_str([pl.lit("["), num(yhat), pl.lit("]")])
+    point = pl.when(y.is_null() | y.is_nan()).then(pl.lit("null"))
+    if not band:
+        return point.otherwise(bare)
+    full = pl.concat_str(
+        [pl.lit("["), num(yhat), *(e for c in band for e in (pl.lit(","), num(c))), pl.lit("]")]
+    )
+    no_band = pl.all_horizontal(pl.col(c).is_null() for c in band)
+    return point.when(no_band).then(bare).otherwise(full)
 
 
 @functools.cache
@@ -798,23 +802,8 @@ def ledger_rows(
     arrays = [yhat, *(band or ())]
     cols = {f"c{i}": pl.Series(a.reshape(-1), dtype=pl.Float64) for i, a in enumerate(arrays)}
 
-    def num(c: str) -> pl.Expr:
-        col = pl.col(c)
-        return (
-            pl.when(col.is_nan() | col.is_infinite())
-            .then(pl.lit("null"))
-            .otherwise(col.cast(pl.String))
-        )
-
-    parts: list[pl.Expr] = [pl.lit("["), num("c0")]
-    for i in range(1, len(arrays)):
-        parts += [pl.lit(","), num(f"c{i}")]
-    point = (
-        pl.when(pl.col("c0").is_nan())
-        .then(pl.lit("null"))
-        .otherwise(pl.concat_str([*parts, pl.lit("]")]))
-    )
-    text = pl.DataFrame(cols).select(point.alias("p"))["p"]
+    band_cols = [f"c{i}" for i in range(1, len(arrays))]
+    text = pl.DataFrame(cols).select(_point_text("c0", band_cols).alias("p"))["p"]
     points = text.reshape((n_series, horizon)).arr.join(",")
     n_points = (~np.isnan(yhat)).sum(axis=1)
     keep = n_points > 0
@@ -868,6 +857,4 @@ def _sqlite_ledger_insert_sql() -> str:
     _LEDGER_KEYS order."""
     stmt = sqlite_dialect.insert(_ledger_raw).values({k: sa.bindparam(k) for k in _LEDGER_KEYS})
     stmt = stmt.on_conflict_do_nothing(index_elements=_LEDGER_PK)
-    compiled = stmt.compile(dialect=sqlite_dialect.dialect(paramstyle="qmark"))
-    assert tuple(compiled.positiontup or ()) == _LEDGER_KEYS, compiled.positiontup
-    return str(compiled)
+    return sqlite_qmark(stmt, _LEDGER_KEYS)
