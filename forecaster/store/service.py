@@ -281,8 +281,13 @@ class ServiceStore(StoreBase):
             )
             with self.engine.connect() as conn:
                 found = conn.execute(q).all()
-                entries = self._entries(
-                    conn, model, [(sid, o, now) for sid, o1, o2 in found for o in (o1, o2)]
+                # The newest origin first; the one before only where that has no step yet
+                # (now less than a step past it): one horizon decoded per series, not two.
+                entries = self._entries(conn, model, [(sid, o1, now) for sid, o1, _ in found])
+                entries |= self._entries(
+                    conn,
+                    model,
+                    [(sid, o2, now) for sid, o1, o2 in found if (sid, o1) not in entries],
                 )
             for sid, o1, o2 in found:
                 for origin in (o1, o2):
