@@ -536,7 +536,9 @@ def _forecast_rows(
     a naive or a mean (forecaster.serving, chosen at training) has the network's quantiles
     moved to that member's median (`stat`: the MSTL challenger's forecast (S, H), for the
     members that use it); the challenger's row is the network's quantiles moved to its
-    median the same way, so it carries a band calibrated like the version's."""
+    median the same way, with the version's band correction (not calibrated on the
+    challenger's own errors), and no forecast where the challenger has none (serving.serve
+    would fall back to the network's there)."""
     spec = trained.spec
     # Both naives serve in the blend, whichever baselines are stored as rows.
     naives = {
