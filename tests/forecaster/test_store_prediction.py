@@ -160,3 +160,28 @@ def test_a_reissue_supersedes_the_current_rows_and_numbers_the_next_revision(sto
         assert {r[4] for r in current if (r[0], r[2]) == (a, T0)} == {revision}
         assert all(r[4] == 0 for r in current if (r[0], r[2]) != (a, T0))
         assert sum(1 for r in rows if r[-1]) == 6 * revision
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        lambda origin, k: origin + timedelta(hours=k, minutes=1 if k == 2 else 0),  # off-grid
+        lambda origin, k: origin + timedelta(hours=k * (2 if k == 3 else 1)),  # two steps
+        lambda origin, k: origin - timedelta(hours=k),  # before the origin
+    ],
+    ids=["off_grid", "uneven_steps", "backwards"],
+)
+def test_forecasts_off_one_grid_are_refused_with_their_key_and_nothing_is_stored(store, target):
+    """The ledger stores a target as origin + step x step_seconds: rows of one origin whose
+    targets are not on one grid of whole seconds cannot be stored as given, so the write
+    is refused, naming the series, model, origin and step, and nothing of it lands."""
+    (a,) = _series(store, ["a"])
+    rows = [
+        {**r, "target_ts": target(r["origin_ts"], r["horizon_step"])} for r in _forecasts([a], T0)
+    ]
+    with pytest.raises(
+        ValueError, match=rf"series {a}, model (v|seasonal_naive_daily), origin .*step \d"
+    ):
+        _save(store, rows)
+    assert _stored(store) == []
+    assert _save(store, _forecasts([a], T0)) == 6  # the same keys on the grid: stored
