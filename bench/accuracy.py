@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.accuracy_data import DATASETS, Spec  # noqa: E402
 from bench.accuracy_ours import Ours  # noqa: E402
+from bench.accuracy_service import Service  # noqa: E402
 
 QUANTILES = ("q0.1", "q0.5", "q0.9")
 
@@ -225,6 +226,12 @@ MODELS: dict[str, Model] = {
             about="ours: the stateful LSTM through forecaster.api, fitted once, then updated "
             "over each block (the service's path), per-series blend included",
             stateful=lambda: Ours("lstm"),
+        ),
+        Model(
+            name="lstm_service",
+            about="ours as lstm, through the service's store and jobs: ingest, train, then "
+            "ingest, evaluate and predict at each origin, read from the latest_forecasts view",
+            stateful=Service,
         ),
         Model(
             name="lstm_every_origin",

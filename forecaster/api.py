@@ -220,7 +220,7 @@ class Forecaster:
             names = [m[0] for m in members]
             keep = self._keep
             if last is None:  # a warm-up from a zero state over the newest `warmup` steps
-                first = end - (max(self._warmup, keep) - 1) * step
+                first = end - (self._warmup - 1) * step  # as predict's (warmup_steps_for)
                 start, lo = first - keep * step, keep
             else:
                 start, lo = last - (keep - 1) * step, keep

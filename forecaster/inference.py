@@ -158,12 +158,15 @@ def advance(
         # Steps to the end of the epoch-aligned window that step a falls in.
         to_edge = window_steps - (((start + a * step_s) // step_s) % window_steps)
         b = min(hi, a + to_edge)
-        origin = None  # a tracked origin inside [a, b): the chunk ends there
+        origin = None  # the first tracked origin inside [a, b): the chunk ends there
         if blend is not None:
-            v = tracked_origins(spec, start // step_s + a, start // step_s + b - 1)
-            v = v[0] - start // step_s if v else b
-            if track_from <= v < b:
-                b, origin = v + 1, v
+            # From track_from on only: a chunk longer than H (a long window) may hold a
+            # tracked origin before it and one after, and the chunk's length must not
+            # change which origins are tracked.
+            v = tracked_origins(spec, start // step_s + max(a, track_from), start // step_s + b - 1)
+            if v:
+                origin = v[0] - start // step_s
+                b = origin + 1
         x = F.step_inputs(spec, scaled, start, a, b)
         context, state = model.advance(x, state)  # the recurrence only: O(new points)
         if stat is not None:

@@ -284,3 +284,44 @@ def test_a_series_that_turns_into_its_daily_naive_is_served_by_it():
     # mean absolute value of N(0, 2)); served, the day itself weighs in.
     served = fc.forecast()["yhat"].to_numpy()
     assert np.abs(served - last_day).mean() < 0.6
+
+
+def test_what_advance_tracks_does_not_depend_on_how_the_points_are_chunked():
+    """The warm-up's chunks end at window edges; a window longer than the horizon holds a
+    tracked origin from before the trackers start and one after. Whatever the window, the
+    trackers (so the blend's weights) and the forecast are the same: the API (its TBPTT
+    window) and predict (the series' window) serve alike."""
+    from forecaster.api import Forecaster
+    from forecaster.inference import advance
+
+    rng = np.random.default_rng(2)
+    n = 30 * 24
+    t = np.arange(n)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    values = np.stack([20 + 8 * np.sin(2 * np.pi * (t + s) / 24) for s in (0, 5)])
+    values = values + rng.normal(0, 1, values.shape)
+    frame = pl.concat(
+        pl.DataFrame(
+            {"series": f"s{i}", "ts": [start + timedelta(hours=int(h)) for h in t], "value": row}
+        )
+        for i, row in enumerate(values)
+    )
+    trained = Forecaster("gru", horizon=24, hidden=8, epochs=2).fit(frame).model
+    assert serving.tracks(trained)
+    grid = torch.tensor(values, dtype=torch.float32)
+    runs = [
+        advance(
+            trained,
+            grid,
+            int(start.timestamp()),
+            n - 336,
+            n,
+            None,
+            window_steps=window,
+            scaler_rows=torch.tensor([0, 1]),
+        )
+        for window in (24, 7, 135, 1000)
+    ]
+    for run in runs[1:]:
+        assert np.array_equal(run.blend, runs[0].blend, equal_nan=True)
+        assert torch.equal(run.quantiles, runs[0].quantiles)
