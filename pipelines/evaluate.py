@@ -37,7 +37,7 @@ from forecaster import anomaly, calibration
 from forecaster.config import AnomalySettings
 from forecaster.features import FeatureSpec
 from forecaster.store import Store
-from pipelines.predict import BASELINES
+from pipelines.predict import BASELINES, CHALLENGER
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +132,7 @@ def run_evaluate(
         level,
     )
     tracked_until = new.group_by("series_id").agg(pl.col("target_ts").max().alias("tracked_until"))
+    challenger = _challenger_offset(store, ends, window, scored.height / horizons, level)
     by_step = {int(step): group for (step,), group in scores.group_by("horizon_step")}
     rows = []
     for step in sorted(set(by_step) | set(prior)):  # every step the offset applies to
@@ -160,6 +161,8 @@ def run_evaluate(
     with store.begin() as conn:
         store.save_calibration(conn, model, sorted(rows, key=lambda r: r["horizon_step"]))
         store.save_calibration_offset(conn, model, offset, new.height, tracked_until)
+        if challenger is not None:
+            store.save_calibration_offset(conn, CHALLENGER, *challenger)
         summary.new_anomalies = store.insert_anomalies(conn, judged.anomalies)
         judged.save(store, conn, model)
         store.save_series_accuracy(
@@ -206,6 +209,49 @@ def _recent_scored(store: Store, model: str, ends: pl.DataFrame, window: timedel
         ids = None if members.height == ends.height else members["series_id"].to_list()
         parts.append(store.scored_forecasts(model, members["end"].min() - window, ids))
     return _in_window(pl.concat(parts), ends, window)
+
+
+def _challenger_offset(
+    store: Store, ends: pl.DataFrame, window: timedelta, per_horizon: float, level: float
+) -> tuple[float, int, pl.DataFrame] | None:
+    """The statistical challenger's own pooled offset (band widths added to the champion's
+    corrections where its rows are written, pipelines.predict), carried over its actuals
+    scored since the last run as the champion's is: (offset, actuals counted, each series'
+    newest target counted), or None where it has no newly scored forecast. Only the
+    forecasts whose targets are new are read (from each series' last counted target, or
+    the window's start), so this costs a run's new actuals, not the window."""
+    tracked = store.calibration_tracking(CHALLENGER)
+    starts = (
+        ends.join(tracked, on="series_id", how="left")
+        .with_columns(
+            pl.max_horizontal(
+                pl.col("tracked_until").fill_null(pl.col("end") - window), pl.col("end") - window
+            ).alias("after")
+        )
+        .sort("after")
+    )
+    group = (starts["after"].diff().fill_null(timedelta(0)) > window).cum_sum()
+    parts = []
+    for (_,), members in starts.with_columns(group=group).group_by("group", maintain_order=True):
+        ids = None if members.height == starts.height else members["series_id"].to_list()
+        parts.append(store.scored_forecasts(CHALLENGER, members["after"].min(), ids))
+    new = (
+        pl.concat(parts)
+        .join(starts.select("series_id", "after"), on="series_id")
+        .filter(pl.col("target_ts") > pl.col("after"))
+    )
+    if new.is_empty():
+        return None
+    inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
+    offset = calibration.tracked_offset(
+        store.calibration_offset(CHALLENGER),
+        new.height,
+        int(new.select(inside.sum()).item()),
+        per_horizon,
+        level,
+    )
+    until = new.group_by("series_id").agg(pl.col("target_ts").max().alias("tracked_until"))
+    return offset, new.height, until
 
 
 def _in_window(frame: pl.DataFrame, ends: pl.DataFrame, window: timedelta) -> pl.DataFrame:

@@ -402,6 +402,8 @@ def _advance_chunk(
     if saved is not None:
         state = _load_states(saved, trained)
     corrections = band_corrections(store, trained, vid)
+    # The challenger's band: the version's, plus the offset tracked on its own misses.
+    challenger_offset = store.calibration_offset(CHALLENGER) if trained.stat is not None else 0.0
     names = [m["name"] for m in members]
     forecasts: list[pl.DataFrame] = []
     edge_states: list[tuple[int, object]] = []
@@ -431,6 +433,7 @@ def _advance_chunk(
                 corrections,
                 (weights := serving.served_weights(trained, names, out.blend)),
                 out.stat,
+                challenger_offset,
             )
         )
         edge_states += out.edge_states
@@ -527,6 +530,7 @@ def _forecast_rows(
     corrections: dict[int, float],
     served: list[serving.Entry] | torch.Tensor | None = None,
     stat: torch.Tensor | None = None,
+    challenger_offset: float = 0.0,
 ) -> pl.DataFrame:
     """Ledger rows (forecaster.store.prediction.ledger_rows), one per series and model: the
     version's served forecast (`v<id>`), the MSTL challenger's own (`mstl`, when the
@@ -536,8 +540,9 @@ def _forecast_rows(
     a naive or a mean (forecaster.serving, chosen at training) has the network's quantiles
     moved to that member's median (`stat`: the MSTL challenger's forecast (S, H), for the
     members that use it); the challenger's row is the network's quantiles moved to its
-    median the same way, with the version's band correction (not calibrated on the
-    challenger's own errors), and no forecast where the challenger has none (serving.serve
+    median the same way, with the version's band correction plus `challenger_offset`, the
+    pooled offset the evaluate job tracks on the challenger's own misses (its errors are
+    not the served blend's), and no forecast where the challenger has none (serving.serve
     would fall back to the network's there)."""
     spec = trained.spec
     # Both naives serve in the blend, whichever baselines are stored as rows.
@@ -560,18 +565,19 @@ def _forecast_rows(
     floor = 0.0 if trained.nonnegative else None
     step_s = spec.freq_seconds
 
-    def rows(quant: torch.Tensor, model: str, version: int | None) -> pl.DataFrame:
+    def rows(quant: torch.Tensor, model: str, version: int | None, c: torch.Tensor) -> pl.DataFrame:
         qd = quant.double()
-        lower, upper = calibration.apply(qd[..., lo_i], qd[..., hi_i], qd[..., mid], corr, floor)
+        lower, upper = calibration.apply(qd[..., lo_i], qd[..., hi_i], qd[..., mid], c, floor)
         band = (lower.numpy(), upper.numpy(), qd[..., lo_i].numpy(), qd[..., hi_i].numpy())
         mid_ = qd[..., mid].numpy()
         return ledger_rows(sid, model, version, origin_us, step_s, mid_, band, level)
 
-    frames = [rows(q, f"v{vid}", vid)]
+    frames = [rows(q, f"v{vid}", vid, corr)]
     if challenger is not None:
         # Beside the version like the baselines (model_version_id NULL): a query for "the
         # version's forecasts" by model_version_id keeps getting one forecast per target.
-        frames.append(rows(challenger, CHALLENGER, None))
+        shifted = torch.tensor(calibration.shifted(corr.tolist(), challenger_offset)).double()
+        frames.append(rows(challenger, CHALLENGER, None, shifted))
     for season in BASELINES:
         naive = naives[season].double().numpy()  # (S, H); NaN: no value a season back
         frames.append(

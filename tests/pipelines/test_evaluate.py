@@ -261,6 +261,46 @@ def test_a_day_the_band_missed_widens_every_step_by_the_tracked_offset(sqlite_ur
     store.close()
 
 
+def test_the_challengers_band_is_widened_by_its_own_tracked_misses(sqlite_url, trained):  # noqa: F811
+    """The MSTL challenger's rows (model "mstl") carry the version's band moved to their
+    median; the evaluate job tracks their own misses into an offset of their own, which
+    the next predict adds to the version's corrections for those rows only: a day far
+    outside every band moves both offsets by 1 x (1 - 0.2) band widths; counted once."""
+    from forecaster.calibration import OFFSET_GAIN
+
+    store = _setup(sqlite_url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    _ingest_days(store, 20, 21)
+    o = schema.observations
+    with store.begin() as conn:  # the whole day far above any band
+        conn.execute(
+            sa.update(o).where(o.c.ts >= START + timedelta(days=20)).values(value=o.c.value + 1e4)
+        )
+    assert store.calibration_offset("mstl") == 0.0
+    run_evaluate(store)
+    assert store.calibration_offset("v1") == pytest.approx(OFFSET_GAIN * 0.8)
+    assert store.calibration_offset("mstl") == pytest.approx(OFFSET_GAIN * 0.8)
+    assert run_evaluate(store) is not None
+    assert store.calibration_offset("mstl") == pytest.approx(OFFSET_GAIN * 0.8)  # once
+    run_predict(store, warmup_steps=WARMUP)
+    corrections = store.calibration_for("v1")
+    newest = START + timedelta(days=21, hours=-1)
+    f = schema.forecasts
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                f.c.model, f.c.horizon_step, f.c.yhat_upper, f.c.raw_lower, f.c.raw_upper
+            ).where(f.c.origin_ts == newest, f.c.model.in_(["v1", "mstl"]))
+        ).all()
+    # The upper bound, never cut (the lower one may be, at zero): raw + correction x width.
+    assert sorted(r[0] for r in rows) == ["mstl"] * 48 + ["v1"] * 48
+    for model, step, upper, raw_lo, raw_hi in rows:
+        want = corrections[step] + (OFFSET_GAIN * 0.8 if model == "mstl" else 0.0)
+        assert upper == pytest.approx(raw_hi + want * (raw_hi - raw_lo), rel=1e-6), (model, step)
+    store.close()
+
+
 def test_series_that_end_years_apart_are_each_scored_over_their_own_window(
     sqlite_url,
     trained,  # noqa: F811
