@@ -38,21 +38,38 @@ class EvaluationStore(StoreBase):
         """Forecasts of `model` with targets at or after `since` whose actuals have arrived
         (of the given series only, when given): series_id, origin_ts, target_ts,
         horizon_step, yhat, yhat_lower, yhat_upper, raw_lower, raw_upper, interval_level,
-        actual."""
+        actual.
+
+        The current ledger rows whose last target is at or after `since` (its index), their
+        horizons decoded together by polars (not unnested in SQL, point by point), then
+        joined to the observed actuals read in one range per series (recent_values): at
+        10,000 series, a third of the time the view's join took."""
         import polars as pl
 
         from forecaster.frames import TS_DTYPE
 
-        # The long view joined to each point's actual by its primary key. CROSS JOIN keeps
-        # SQLite's join order (ledger rows, their points, then one observation each): left
-        # free, it scans each series' observations per ledger row instead.
-        q = sa.text(_SCORED_SQL + (_SCORED_IDS_SQL if series_ids is not None else "")).bindparams(
-            sa.bindparam("model", model),
-            sa.bindparam("since", since, type_=s.UTCDateTime),
-        )
+        fo = s.forecast_origins
+        raw = sa.types.NullType()
+        q = sa.select(
+            fo.c.series_id,
+            sa.type_coerce(fo.c.origin_ts, raw).label("origin_ts"),
+            fo.c.step_seconds,
+            fo.c.interval_level,
+            fo.c.points,
+        ).where(fo.c.model == model, fo.c.superseded.is_(False), fo.c.last_target_ts >= since)
         if series_ids is not None:
-            q = q.bindparams(sa.bindparam("ids", sorted(series_ids), expanding=True))
-        schema_ = {
+            q = q.where(fo.c.series_id.in_(sorted(series_ids)))
+        ledger = self._frame(
+            q,
+            {
+                "series_id": pl.Int64,
+                "origin_ts": TS_DTYPE,
+                "step_seconds": pl.Int64,
+                "interval_level": pl.Float64,
+                "points": pl.String,
+            },
+        )
+        out_schema = {
             "series_id": pl.Int64,
             "origin_ts": TS_DTYPE,
             "target_ts": TS_DTYPE,
@@ -65,7 +82,55 @@ class EvaluationStore(StoreBase):
             "interval_level": pl.Float64,
             "actual": pl.Float64,
         }
-        return self._frame(q, schema_)
+        if ledger.is_empty():
+            return pl.DataFrame(schema=out_schema)
+        entry = pl.col("p")
+        points = (
+            ledger.with_columns(
+                pl.col("points").str.json_decode(pl.List(pl.List(pl.Float64))).alias("p")
+            )
+            .with_columns(pl.int_ranges(1, pl.col("p").list.len() + 1).alias("horizon_step"))
+            .explode("p", "horizon_step")
+            .filter(entry.is_not_null())  # a step without a forecast
+            .with_columns(
+                (
+                    pl.col("origin_ts")
+                    + pl.duration(seconds=pl.col("horizon_step") * pl.col("step_seconds"))
+                ).alias("target_ts")
+            )
+            .filter(pl.col("target_ts") >= since)
+        )
+        if points.is_empty():
+            return pl.DataFrame(schema=out_schema)
+        points = points.with_columns(
+            *(
+                entry.list.get(i, null_on_oob=True).alias(name)
+                for i, name in enumerate(
+                    ("yhat", "yhat_lower", "yhat_upper", "raw_lower", "raw_upper")
+                )
+            )
+        )
+        spans = points.group_by("series_id").agg(
+            pl.col("target_ts").min().alias("lo"), pl.col("target_ts").max().alias("hi")
+        )
+        # One span for all: the series' targets lie within the same few weeks (callers read
+        # series whose ends lie far apart in separate calls).
+        actual = self.recent_values(
+            spans["series_id"].to_list(),
+            [(spans["lo"].min(), spans["hi"].max())],
+            observed_only=True,
+        )
+        return (
+            points.join(
+                actual.select(
+                    "series_id", pl.col("ts").alias("target_ts"), pl.col("value").alias("actual")
+                ),
+                on=["series_id", "target_ts"],
+            )
+            .filter(pl.col("actual").is_not_null() & pl.col("actual").is_not_nan())
+            .select(list(out_schema))
+            .cast(out_schema)  # type: ignore[arg-type]
+        )
 
     def series_ends(self) -> pl.DataFrame:
         """series_id and `end`, the newest point stored, of every series with one."""
@@ -460,15 +525,3 @@ class EvaluationStore(StoreBase):
                 {k: (float(v) if isinstance(v, Decimal) else v) for k, v in r._mapping.items()}
                 for r in conn.execute(q)
             ]
-
-
-_SCORED_SQL = (
-    "SELECT f.series_id, f.origin_ts, f.target_ts, f.horizon_step, f.yhat, f.yhat_lower, "
-    "f.yhat_upper, f.raw_lower, f.raw_upper, f.interval_level, o.value AS actual "
-    "FROM forecasts AS f CROSS JOIN observations AS o "
-    "WHERE o.series_id = f.series_id AND o.ts = f.target_ts "
-    "AND f.model = :model AND f.superseded = false "
-    "AND f.last_target_ts >= :since AND f.target_ts >= :since "  # the ledger's index first
-    "AND o.quality = 'observed' AND o.value IS NOT NULL"
-)
-_SCORED_IDS_SQL = " AND f.series_id IN :ids"

@@ -137,10 +137,16 @@ class PredictionStore(StoreBase):
             return list(conn.execute(q).scalars())
 
     def recent_values(
-        self, series_ids: Sequence[int], spans: Sequence[tuple[datetime, datetime]]
+        self,
+        series_ids: Sequence[int],
+        spans: Sequence[tuple[datetime, datetime]],
+        *,
+        observed_only: bool = False,
     ) -> pl.DataFrame:
         """series_id, ts, value (NULL when missing) of the points inside any of the inclusive
-        time spans: the new points and the few seasonal lags a forecast reads.
+        time spans: the new points and the few seasonal lags a forecast reads. With
+        `observed_only`, the observed points with a value only (no filled or missing ones):
+        the actuals a forecast is scored on.
 
         One query through the raw driver: the ids and the spans are bound as one parameter
         each (a JSON array on SQLite, arrays on PostgreSQL) and joined to `observations`, so
@@ -159,13 +165,15 @@ class PredictionStore(StoreBase):
             try:
                 if self.dialect == "sqlite":
                     bounds = [[_sqlite_ts(lo), _sqlite_ts(hi)] for lo, hi in merged]
-                    cur.execute(_SQLITE_RECENT_SQL, (json.dumps(ids), json.dumps(bounds)))
+                    sql = _SQLITE_RECENT_SQL + (_OBSERVED_SQL if observed_only else "")
+                    cur.execute(sql, (json.dumps(ids), json.dumps(bounds)))
                 else:
                     # The same over-estimate would JIT-compile the query (seconds) for a
                     # read of milliseconds per series; for this transaction only.
                     cur.execute("SET LOCAL jit = off")
                     los, his = zip(*merged, strict=True)
-                    cur.execute(_PG_RECENT_SQL, (ids, list(los), list(his)))
+                    sql = _PG_OBSERVED_SQL if observed_only else _PG_RECENT_SQL
+                    cur.execute(sql, (ids, list(los), list(his)))
                 # Columns from batches of rows: zip(*rows) would walk every row per column,
                 # and 10^5 live tuples keep the garbage collector busy.
                 sid: list[int] = []
@@ -520,6 +528,14 @@ _PG_RECENT_SQL = (
     "CROSS JOIN LATERAL (SELECT ts, value FROM observations "
     "WHERE series_id = i.id AND ts BETWEEN sp.lo AND sp.hi OFFSET 0) AS o"
 )
+
+# The actuals forecasts are scored on: observed points with a value.
+_OBSERVED_SQL = " AND o.quality = 'observed' AND o.value IS NOT NULL"
+_PG_OBSERVED_SQL = _PG_RECENT_SQL.replace(
+    "AND ts BETWEEN sp.lo AND sp.hi OFFSET 0",
+    "AND ts BETWEEN sp.lo AND sp.hi AND quality = 'observed' AND value IS NOT NULL OFFSET 0",
+)
+assert _PG_OBSERVED_SQL != _PG_RECENT_SQL
 
 # PostgreSQL ledger rows: COPY into a temp table, then one INSERT ... SELECT ... ON CONFLICT DO
 # NOTHING (DESIGN.md decision 6).

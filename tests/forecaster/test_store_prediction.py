@@ -185,3 +185,86 @@ def test_forecasts_off_one_grid_are_refused_with_their_key_and_nothing_is_stored
         _save(store, rows)
     assert _stored(store) == []
     assert _save(store, _forecasts([a], T0)) == 6  # the same keys on the grid: stored
+
+
+def test_scored_forecasts_are_the_views_rows_joined_to_their_observed_actuals(store):
+    """The evaluate job's reader decodes ledger rows itself; the `forecasts` view joined to
+    `observations` by its key is the contract it must equal: current revisions only, steps
+    without a forecast left out, only observed actuals with a value (not filled, missing
+    or absent ones), targets from `since` on, a baseline's rows without a band, and the
+    series filter."""
+    a, b = _series(store, ["a", "b"])
+    h = lambda k: T0 + timedelta(hours=k)  # noqa: E731
+    quality = {(a, 2): "filled", (b, 3): "missing"}
+    rows = [
+        (
+            sid,
+            h(k),
+            None if quality.get((sid, k)) == "missing" else sid + k / 3,
+            quality.get((sid, k), "observed"),
+        )
+        for sid in (a, b)
+        for k in range(1, 9)
+        if (sid, k) != (a, 5)  # no point stored at all
+    ]
+    pts = pl.DataFrame(
+        rows,
+        schema={"series_id": pl.Int64, "ts": F.TS_DTYPE, "value": pl.Float64, "quality": pl.String},
+        orient="row",
+    )
+    with store.begin() as conn:
+        store.upsert_observations(conn, F.assign_windows(pts, DAY * 10**6))
+    first = _forecasts([a, b], h(0), steps=6)
+    gap = [
+        r
+        for r in _forecasts([a, b], h(3), steps=6)
+        if not (r["series_id"] == b and r["horizon_step"] == 2)
+    ]
+    _save(store, first + gap)
+    # A late point: the origin at hour 3 is issued again; its first revision is superseded.
+    again = [{**r, "yhat": r["yhat"] + 1.0} for r in _forecasts([a], h(3), steps=6)]
+    _save(store, again, reissued=[(a, h(3))])
+
+    oracle = sa.text(
+        "SELECT f.series_id, f.origin_ts, f.target_ts, f.horizon_step, f.yhat, f.yhat_lower, "
+        "f.yhat_upper, f.raw_lower, f.raw_upper, f.interval_level, o.value AS actual "
+        "FROM forecasts AS f JOIN observations AS o ON o.series_id = f.series_id "
+        "AND o.ts = f.target_ts WHERE f.model = :model AND f.superseded = false "
+        "AND f.target_ts >= :since AND o.quality = 'observed' AND o.value IS NOT NULL"
+    )
+    key = ["series_id", "origin_ts", "horizon_step"]
+    checked = 0
+    for model in ("v", "seasonal_naive_daily"):
+        for since in (h(0), h(5)):
+            for ids in (None, [b]):
+                got = store.scored_forecasts(model, since, ids).sort(key)
+                with store.engine.connect() as conn:
+                    want = [
+                        r
+                        for r in conn.execute(
+                            oracle.bindparams(
+                                sa.bindparam("model", model),
+                                sa.bindparam("since", since, type_=schema.UTCDateTime),
+                            )
+                        ).all()
+                        if ids is None or r[0] in ids
+                    ]
+                want = sorted((r[0], _utc(r[1]), _utc(r[2]), *r[3:]) for r in want)
+                assert got.rows() == want, (model, since, ids)
+                checked += len(want)
+    assert checked > 20
+    # By hand, one origin: the second revision's values, at hours 4, 6, 7 and 8 (5: no
+    # point stored; 9: past the stored points).
+    v = store.scored_forecasts("v", h(0)).filter(
+        pl.col("series_id") == a, pl.col("origin_ts") == h(3)
+    )
+    assert v.sort("horizon_step")["horizon_step"].to_list() == [1, 3, 4, 5]
+    assert v.sort("horizon_step")["yhat"].to_list() == [
+        math.pi * a + k / 7 + 1.0 for k in (1, 3, 4, 5)
+    ]
+
+
+def _utc(ts):
+    if isinstance(ts, str):
+        ts = datetime.fromisoformat(ts)
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
