@@ -46,7 +46,12 @@ class Ours:
             self.fc.update(self._grid(new))
 
     def forecast(self, h: int) -> pl.DataFrame:
-        out = self.fc.forecast()
+        return self._slots(self.fc.forecast().sort("series", "ts"), h)
+
+    def _slots(self, out: pl.DataFrame, h: int) -> pl.DataFrame:
+        """Forecasts (series, ts, yhat, yhat_lower, yhat_upper; each series' steps in
+        order) as the harness wants them: quantile columns, and for session data the
+        pseudo-grid's steps mapped back to the next open slots (Spec.next_steps)."""
         if self.spec.session is None:
             return out.select(
                 "series",
@@ -56,7 +61,7 @@ class Ours:
                 pl.col("yhat_upper").alias("q0.9"),
             )
         rows = []
-        for (name,), part in out.sort("horizon_step").group_by("series", maintain_order=True):
+        for (name,), part in out.group_by("series", maintain_order=True):
             slots = self.spec.next_steps(self._last[name], h)
             rows.append(
                 pl.DataFrame(

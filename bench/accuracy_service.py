@@ -111,28 +111,7 @@ class Service(Ours):
             .group_by("series", maintain_order=True)
             .head(h)
         )
-        if self.spec.session is None:
-            return frame.select(
-                "series",
-                "ts",
-                pl.col("yhat_lower").alias("q0.1"),
-                pl.col("yhat").alias("q0.5"),
-                pl.col("yhat_upper").alias("q0.9"),
-            )
-        rows = []
-        for (name,), part in frame.group_by("series", maintain_order=True):
-            rows.append(
-                pl.DataFrame(
-                    {
-                        "series": name,
-                        "ts": self.spec.next_steps(self._last[name], h),
-                        "q0.1": part["yhat_lower"].to_numpy()[:h],
-                        "q0.5": part["yhat"].to_numpy()[:h],
-                        "q0.9": part["yhat_upper"].to_numpy()[:h],
-                    }
-                )
-            )
-        return pl.concat(rows).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+        return self._slots(frame, h)
 
     def _newest(self) -> pl.DataFrame:
         """Each series' newest ingested time on the store's grid."""

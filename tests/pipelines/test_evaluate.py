@@ -217,21 +217,28 @@ def test_one_series_forecast_once_a_day_is_calibrated_at_once(sqlite_url, traine
     store.close()
 
 
+def _a_day_far_above_the_band(url, trained):  # noqa: F811
+    """A store forecast from day 20's start, whose day-20 actuals are all 10^4 higher."""
+    store = _setup(url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    _ingest_days(store, 20, 21)
+    o = schema.observations
+    with store.begin() as conn:
+        conn.execute(
+            sa.update(o).where(o.c.ts >= START + timedelta(days=20)).values(value=o.c.value + 1e4)
+        )
+    return store
+
+
 def test_a_day_the_band_missed_widens_every_step_by_the_tracked_offset(sqlite_url, trained):  # noqa: F811
     """Every actual of the first scored day far outside the band served: one horizon of
     time, all missed, so every step's correction is its blended per-step one plus
     1 x (1 - 0.2) band widths (forecaster.calibration.tracked_offset)."""
     from forecaster.calibration import OFFSET_GAIN, band_score, blend
 
-    store = _setup(sqlite_url, trained)
-    _ingest_days(store, 0, 20)
-    run_predict(store, warmup_steps=WARMUP)
-    _ingest_days(store, 20, 21)
+    store = _a_day_far_above_the_band(sqlite_url, trained)
     o = schema.observations
-    with store.begin() as conn:  # the whole day far above any band
-        conn.execute(
-            sa.update(o).where(o.c.ts >= START + timedelta(days=20)).values(value=o.c.value + 1e4)
-        )
     summary = run_evaluate(store)
     assert summary.coverage == 0.0 and summary.offset == pytest.approx(OFFSET_GAIN * 0.8)
     prior = trained[0].calibration
@@ -268,15 +275,7 @@ def test_the_challengers_band_is_widened_by_its_own_tracked_misses(sqlite_url, t
     outside every band moves both offsets by 1 x (1 - 0.2) band widths; counted once."""
     from forecaster.calibration import OFFSET_GAIN
 
-    store = _setup(sqlite_url, trained)
-    _ingest_days(store, 0, 20)
-    run_predict(store, warmup_steps=WARMUP)
-    _ingest_days(store, 20, 21)
-    o = schema.observations
-    with store.begin() as conn:  # the whole day far above any band
-        conn.execute(
-            sa.update(o).where(o.c.ts >= START + timedelta(days=20)).values(value=o.c.value + 1e4)
-        )
+    store = _a_day_far_above_the_band(sqlite_url, trained)
     assert store.calibration_offset("mstl") == 0.0
     run_evaluate(store)
     assert store.calibration_offset("v1") == pytest.approx(OFFSET_GAIN * 0.8)
