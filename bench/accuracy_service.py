@@ -43,6 +43,8 @@ class Service(Ours):
     def fit(self, history: pl.DataFrame, spec) -> None:  # noqa: ANN001 - bench Spec
         configure_logging("warning")
         self.spec, self._pos, self._last = spec, {}, {}
+        # Each series' newest ingested time on the store's grid (series, _last).
+        self._newest = pl.DataFrame(schema={"series": pl.String, "_last": pl.Datetime("us", "UTC")})
         self.tmp = tempfile.mkdtemp(prefix="accuracy-service-")
         weakref.finalize(self, shutil.rmtree, self.tmp, True)
         session = spec.session is not None
@@ -103,7 +105,7 @@ class Service(Ours):
             },
             orient="row",
         ).with_columns(pl.col("ts").str.to_datetime(time_unit="us", time_zone="UTC"))
-        last = self._newest()
+        last = self._newest
         frame = (
             frame.join(last, on="series")
             .filter(pl.col("ts") > pl.col("_last"))
@@ -113,16 +115,9 @@ class Service(Ours):
         )
         return self._slots(frame, h)
 
-    def _newest(self) -> pl.DataFrame:
-        """Each series' newest ingested time on the store's grid."""
-        frame = self._seen
-        return frame.group_by("series").agg(pl.col("ts").max().alias("_last"))
-
     def _ingest(self, frame: pl.DataFrame) -> None:
-        seen = frame.select("series", "ts")
-        if hasattr(self, "_seen"):
-            seen = pl.concat([self._seen, seen])
-        self._seen = seen.group_by("series").agg(pl.col("ts").max())
+        seen = pl.concat([self._newest, frame.select("series", pl.col("ts").alias("_last"))])
+        self._newest = seen.group_by("series").agg(pl.col("_last").max())
         raw = raw_frame(frame["series"], frame["ts"], frame["value"], "bench")
         now = frame["ts"].max()
         ingest_batch(self.store, SOURCE, Batch(raw, {"until": str(now)}), self.settings.series, now)

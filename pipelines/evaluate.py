@@ -200,15 +200,29 @@ BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
 def _recent_scored(store: Store, model: str, ends: pl.DataFrame, window: timedelta) -> pl.DataFrame:
     """The scored forecasts of `model` whose targets lie in the last `window` before each
     series' own newest point (series may end years apart: a window counted from the newest
-    of all would leave the others out). Series whose ends lie within a window of each other
-    are read in one query; there is one query per such group."""
-    ends = ends.sort("end")
-    group = (ends["end"].diff().fill_null(timedelta(0)) > window).cum_sum()
+    of all would leave the others out)."""
+    starts = ends.select("series_id", (pl.col("end") - window).alias("after"))
+    return _scored_after(store, model, starts, window)
+
+
+def _scored_after(
+    store: Store, model: str, starts: pl.DataFrame, window: timedelta
+) -> pl.DataFrame:
+    """The scored forecasts of `model` with targets after each series' `after` (starts:
+    series_id, after). Series whose starts lie within a window of each other are read in one
+    query; there is one query per such group."""
+    starts = starts.sort("after")
+    group = (starts["after"].diff().fill_null(timedelta(0)) > window).cum_sum()
     parts = []
-    for (_,), members in ends.with_columns(group=group).group_by("group", maintain_order=True):
-        ids = None if members.height == ends.height else members["series_id"].to_list()
-        parts.append(store.scored_forecasts(model, members["end"].min() - window, ids))
-    return _in_window(pl.concat(parts), ends, window)
+    for (_,), members in starts.with_columns(group=group).group_by("group", maintain_order=True):
+        ids = None if members.height == starts.height else members["series_id"].to_list()
+        parts.append(store.scored_forecasts(model, members["after"].min(), ids))
+    return (
+        pl.concat(parts)
+        .join(starts.select("series_id", "after"), on="series_id")
+        .filter(pl.col("target_ts") > pl.col("after"))
+        .drop("after")
+    )
 
 
 def _challenger_offset(
@@ -221,25 +235,13 @@ def _challenger_offset(
     forecasts whose targets are new are read (from each series' last counted target, or
     the window's start), so this costs a run's new actuals, not the window."""
     tracked = store.calibration_tracking(CHALLENGER)
-    starts = (
-        ends.join(tracked, on="series_id", how="left")
-        .with_columns(
-            pl.max_horizontal(
-                pl.col("tracked_until").fill_null(pl.col("end") - window), pl.col("end") - window
-            ).alias("after")
-        )
-        .sort("after")
+    starts = ends.join(tracked, on="series_id", how="left").select(
+        "series_id",
+        pl.max_horizontal(
+            pl.col("tracked_until").fill_null(pl.col("end") - window), pl.col("end") - window
+        ).alias("after"),
     )
-    group = (starts["after"].diff().fill_null(timedelta(0)) > window).cum_sum()
-    parts = []
-    for (_,), members in starts.with_columns(group=group).group_by("group", maintain_order=True):
-        ids = None if members.height == starts.height else members["series_id"].to_list()
-        parts.append(store.scored_forecasts(CHALLENGER, members["after"].min(), ids))
-    new = (
-        pl.concat(parts)
-        .join(starts.select("series_id", "after"), on="series_id")
-        .filter(pl.col("target_ts") > pl.col("after"))
-    )
+    new = _scored_after(store, CHALLENGER, starts, window)
     if new.is_empty():
         return None
     inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))

@@ -127,7 +127,6 @@ class EvaluationStore(StoreBase):
                 ),
                 on=["series_id", "target_ts"],
             )
-            .filter(pl.col("actual").is_not_null() & pl.col("actual").is_not_nan())
             .select(list(out_schema))
             .cast(out_schema)  # type: ignore[arg-type]
         )
