@@ -293,7 +293,7 @@ class TrainingSettings(_Model):
     challenger: Literal["mstl", "none"] = Field(
         "mstl",
         description="statistical challenger fitted with each version and kept as a state "
-        "(MSTL: about 0.5 s a series, once per version), a member of each series' served "
+        "(MSTL: two fits, about 1 s a series, once per version), a member of each series' served "
         "blend; none: the network and the seasonal naives only",
     )
     seed: int = Field(0, description="seed of weights and batch order")

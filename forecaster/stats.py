@@ -131,17 +131,21 @@ def fit(
     start_step: int,
     day: int,
     week: int,
+    only: tuple[int, ...] | None = None,
 ) -> tuple[StatParams, np.ndarray]:
     """Fit MSTL per series on values[i, max(first, end - FIT_WEEKS weeks):end[i]] (raw units,
     NaN = missing, interpolated for the fit). `start_step` is grid index 0's position on the
     epoch grid (epoch seconds // step). Returns the parameters and the state (S, width) after
-    each series' step end[i] - 1, with gammas 0 (choose_gamma sets them)."""
+    each series' step end[i] - 1, with gammas 0 (choose_gamma sets them). `only`: the seasons
+    to use, of those seasons_kept allows (default: all of them)."""
     from statsforecast.models import AutoETS
     from statsforecast.mstl import mstl
 
     n_series = values.shape[0]
     lengths = [int(e - max(f, e - FIT_WEEKS * week)) for f, e in zip(first, end, strict=True)]
     seasons = seasons_kept(day, week, min(lengths))
+    if only is not None:
+        seasons = tuple(s for s in seasons if s in only)
     params = StatParams(
         seasons,
         np.zeros(n_series),

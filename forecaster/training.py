@@ -1102,8 +1102,17 @@ def fit_challenger(
     at = (origins - (lo - 1)).clamp(0, every.shape[1] - 1).numpy()
     out = torch.from_numpy(every[:, at]).float()
     out[:, torch.from_numpy(origins.numpy() < lo - 1)] = torch.nan
+    # What serves: the decomposition refitted on each series' newest points (the fit above
+    # ended before the tails so that they could choose its gains and weigh it honestly),
+    # with the gains chosen there and the same seasons.
+    served, state = stats.fit(
+        values, first, end, step0, spec.season_day, spec.season_week, only=params.seasons
+    )
+    served.gamma = np.array(
+        [params.gamma[:, params.seasons.index(s)] for s in served.seasons]
+    ).T.reshape(len(values), len(served.seasons))
     kept = {
-        "params": params.to_dict(),
+        "params": served.to_dict(),
         "state": state.astype(float).tolist(),
         "step": (step0 + end - 1).astype(int).tolist(),
     }

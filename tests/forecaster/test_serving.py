@@ -322,6 +322,9 @@ def test_what_advance_tracks_does_not_depend_on_how_the_points_are_chunked():
         )
         for window in (24, 7, 135, 1000)
     ]
+    # Equal up to the order of floating-point sums (chunks group the trackers' sums
+    # differently); a tracked origin skipped or counted twice moves them by a whole origin's
+    # error.
     for run in runs[1:]:
-        assert np.array_equal(run.blend, runs[0].blend, equal_nan=True)
-        assert torch.equal(run.quantiles, runs[0].quantiles)
+        np.testing.assert_allclose(run.blend, runs[0].blend, rtol=1e-6, equal_nan=True)
+        torch.testing.assert_close(run.quantiles, runs[0].quantiles, rtol=1e-6, atol=1e-6)

@@ -207,3 +207,20 @@ def test_a_version_fitted_before_the_smooth_level_keeps_its_layout_and_update():
     first, _ = stats.update(old, old_state, y[:, g : g + 1], g)
     assert first[0, 2 + g % DAY] == np.float64(old_state[0, 2 + g % DAY] + 0.1 * err)
     assert moved.shape == old_state.shape
+
+
+def test_the_served_challenger_is_refitted_on_the_newest_points():
+    """The daily swing doubles nine days before the end, inside the held-out test tail: the
+    decomposition fitted before the tails (for an honest holdout) would still serve the old
+    shape, moved only by its small chosen gain (a swing of about 22); the state that serves
+    is refitted on the newest weeks and holds the new one (32)."""
+    n = 10 * WEEK
+    y = seasonal(n, seed=4)
+    t = np.arange(n - 9 * DAY, n)
+    y[t] += 8 * np.sin(2 * math.pi * t / DAY)
+    fc = Forecaster("gru", horizon=DAY, hidden=8, epochs=1, refit_epochs=0, seed=0)
+    fc.fit(frame(y[None], ["a"], datetime(2024, 1, 1, tzinfo=UTC)))
+    challenger = fc.model.stat
+    at = challenger.params.offsets()[challenger.params.seasons.index(DAY)]
+    profile = challenger.state[0, at : at + DAY]
+    assert 29 < profile.max() - profile.min() < 35
