@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster.clock import Clock
 from forecaster.config import MetricsSettings
+from forecaster.stats import MODEL as CHALLENGER
 
 if TYPE_CHECKING:
     from forecaster.store import Store
@@ -325,10 +326,10 @@ class SqlCollector:
                     fam["incident_rate"].add_metric([model, "seen"], threshold["rate_seen"])
         for sid, scored_model, mase in store.mase_by_series(ids):
             fam["mase"].add_metric([names[sid], scored_model], mase)
-        if model is not None:
-            coverage = store.pooled_coverage(model)
+        for banded in (model, CHALLENGER) if model is not None else ():
+            coverage = store.pooled_coverage(banded)
             if coverage is not None:
-                fam["coverage"].add_metric([model], coverage)
+                fam["coverage"].add_metric([banded], coverage)
         serving = store.serving_by_series(champion, UNTRAINED)
         for _, name in chosen:
             if name in serving:
@@ -454,7 +455,8 @@ class SqlCollector:
             ),
             "coverage": g(
                 "forecaster_band_coverage_ratio",
-                "Share of scored actuals inside the champion's served band, pooled over series.",
+                "Share of scored actuals inside the served band, pooled over series: the "
+                "champion's (model v<id>) and the statistical challenger's (model mstl).",
                 labels=["model"],
             ),
             "series": g("forecaster_series", "Series in the store."),

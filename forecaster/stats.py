@@ -45,6 +45,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The model name of the challenger's own forecasts, stored beside the version's served ones
+# (model_version_id NULL, as for the baselines), and of its accuracy and band coverage.
+MODEL = "mstl"
 # Seasons longer than this are left out of the decomposition: STL on a 2016-step week
 # (5-minute data) costs tens of seconds a series. The network keeps them.
 MAX_SEASON = 1000

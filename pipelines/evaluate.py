@@ -132,7 +132,8 @@ def run_evaluate(
         level,
     )
     tracked_until = new.group_by("series_id").agg(pl.col("target_ts").max().alias("tracked_until"))
-    challenger = _challenger_offset(store, ends, window, scored.height / horizons, level)
+    new_challenger, recent_challenger = _challenger_scored(store, ends, window, accuracy_window)
+    challenger = _challenger_offset(store, new_challenger, scored.height / horizons, level)
     by_step = {int(step): group for (step,), group in scores.group_by("horizon_step")}
     rows = []
     for step in sorted(set(by_step) | set(prior)):  # every step the offset applies to
@@ -155,7 +156,9 @@ def run_evaluate(
     # (series, time), as served; incidents and fleet events follow (forecaster.anomaly).
     newest = scored.sort("origin_ts").group_by("series_id", "target_ts").last()
     judged = _judge(store, model, newest, tracked, anomalies, holdout, horizon)
-    accuracy = _series_accuracy(store, model, scored, ends, accuracy_window, spec)
+    accuracy = _series_accuracy(
+        store, model, scored, ends, accuracy_window, spec, {CHALLENGER: recent_challenger}
+    )
     summary.accuracy_window = accuracy_window
     summary.mase = _pooled_mase(accuracy, model)
     with store.begin() as conn:
@@ -225,23 +228,41 @@ def _scored_after(
     )
 
 
-def _challenger_offset(
-    store: Store, ends: pl.DataFrame, window: timedelta, per_horizon: float, level: float
-) -> tuple[float, int, pl.DataFrame] | None:
-    """The statistical challenger's own pooled offset (band widths added to the champion's
-    corrections where its rows are written, pipelines.predict), carried over its actuals
-    scored since the last run as the champion's is: (offset, actuals counted, each series'
-    newest target counted), or None where it has no newly scored forecast. Only the
-    forecasts whose targets are new are read (from each series' last counted target, or
-    the window's start), so this costs a run's new actuals, not the window."""
+def _challenger_scored(
+    store: Store, ends: pl.DataFrame, window: timedelta, accuracy_window: timedelta
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The statistical challenger's scored forecasts, read once: those whose targets are new
+    since its offset last counted (after each series' tracked_until, or the calibration
+    window's start), and those in the accuracy window (its per-series accuracy, beside the
+    champion's). Both are at most a week or so of targets, not the calibration window."""
     tracked = store.calibration_tracking(CHALLENGER)
-    starts = ends.join(tracked, on="series_id", how="left").select(
+    since = ends.join(tracked, on="series_id", how="left").select(
         "series_id",
+        "end",
         pl.max_horizontal(
             pl.col("tracked_until").fill_null(pl.col("end") - window), pl.col("end") - window
         ).alias("after"),
     )
-    new = _scored_after(store, CHALLENGER, starts, window)
+    starts = since.select(
+        "series_id", pl.min_horizontal("after", pl.col("end") - accuracy_window).alias("after")
+    )
+    read = _scored_after(store, CHALLENGER, starts, window)
+    new = (
+        read.join(since.select("series_id", "after"), on="series_id")
+        .filter(pl.col("target_ts") > pl.col("after"))
+        .drop("after")
+    )
+    return new, _in_window(read, ends, accuracy_window)
+
+
+def _challenger_offset(
+    store: Store, new: pl.DataFrame, per_horizon: float, level: float
+) -> tuple[float, int, pl.DataFrame] | None:
+    """The statistical challenger's own pooled offset (band widths added to the champion's
+    corrections where its rows are written, pipelines.predict), carried over its actuals
+    scored since the last run (`new`, _challenger_scored) as the champion's is: (offset,
+    actuals counted, each series' newest target counted), or None where it has no newly
+    scored forecast."""
     if new.is_empty():
         return None
     inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
@@ -272,9 +293,12 @@ def _series_accuracy(
     ends: pl.DataFrame,
     window: timedelta,
     spec: FeatureSpec | None = None,
+    others: dict[str, pl.DataFrame] | None = None,
 ) -> list[dict]:
-    """Per series, for the champion and the baselines over the last `window` of targets
-    before the series' newest point: n, MAE, MASE and band coverage. MASE is the MAE over
+    """Per series, for the champion, the baselines and `others` (model -> its scored
+    forecasts in the window: the statistical challenger) over the last `window` of targets
+    before the series' newest point: n, MAE, MASE and band coverage (of the models with a
+    band: the champion and `others`). MASE is the MAE over
     the daily seasonal naive's MAE on the same forecasts (series, origin, step): with a
     horizon of at most a day that naive's MAE is the textbook in-sample scale, and pairing
     the rows keeps a model that has served only part of the window (a new champion) from
@@ -294,6 +318,7 @@ def _series_accuracy(
     else:
         for name in BASELINE_MODELS:
             frames[name] = _recent_scored(store, name, ends, window)
+    frames.update(others or {})
     naive = frames["seasonal_naive_daily"]
     if naive.is_empty():
         return []
@@ -321,7 +346,7 @@ def _series_accuracy(
                     "n_scored": r["n_scored"],
                     "mae": r["mae"],
                     "mase": r["mae"] / r["scale"] if r["scale"] else None,
-                    "coverage": r["coverage"] if name == model else None,
+                    "coverage": None if name in BASELINE_MODELS else r["coverage"],
                     "window_start": end - window,
                     "window_end": end,
                     "_scale": r["scale"],

@@ -23,7 +23,7 @@ import polars as pl
 import structlog
 import torch
 
-from forecaster import calibration, serving
+from forecaster import calibration, serving, stats
 from forecaster.checkpoints import load_checkpoint
 from forecaster.errors import ForecasterError
 from forecaster.features import FeatureSpec
@@ -45,9 +45,7 @@ from forecaster.training import resolve_device
 
 log = structlog.get_logger(__name__)
 BASELINES = ("daily", "weekly")
-# The model name of the MSTL challenger's own forecasts (forecaster.stats), stored beside the
-# version's served ones (model_version_id NULL, as for the baselines).
-CHALLENGER = "mstl"
+CHALLENGER = stats.MODEL  # the MSTL challenger's own forecasts
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

@@ -244,14 +244,15 @@ def _expected(store: Store, settings: MetricsSettings, now: datetime) -> dict[tu
         for a in acc:
             if a["series_id"] == sid and a["mase"] is not None:
                 out[_key("forecaster_mase", {"series": name, "model": a["model"]})] = a["mase"]
-    pooled = [
-        (a["coverage"], a["n_scored"])
-        for a in acc
-        if a["model"] == model and a["coverage"] is not None
-    ]
-    if pooled:
-        coverage = sum(c * n for c, n in pooled) / sum(n for _, n in pooled)
-        out[_key("forecaster_band_coverage_ratio", {"model": model})] = coverage
+    for banded in (model, "mstl") if model is not None else ():  # the champion, the challenger
+        pooled = [
+            (a["coverage"], a["n_scored"])
+            for a in acc
+            if a["model"] == banded and a["coverage"] is not None
+        ]
+        if pooled:
+            coverage = sum(c * n for c, n in pooled) / sum(n for _, n in pooled)
+            out[_key("forecaster_band_coverage_ratio", {"model": banded})] = coverage
     if model is not None:
         mine = [st for st in states if st["model"] == model]
         open_ = sum(st["incident_open"] for st in mine)
@@ -351,6 +352,8 @@ def test_spot_checks_by_hand(rolled):
     assert reg.get_sample_value("forecaster_forecast", {**at6, "q": "0.1"}) == step[6].yhat_lower
     assert reg.get_sample_value("forecaster_mase", {**s0, "model": "v1"}) == mase
     assert 0 < reg.get_sample_value("forecaster_band_coverage_ratio", {"model": "v1"}) < 1
+    assert 0 < reg.get_sample_value("forecaster_band_coverage_ratio", {"model": "mstl"}) <= 1
+    assert reg.get_sample_value("forecaster_mase", {**s0, "model": "mstl"}) > 0
     assert reg.get_sample_value("forecaster_series") == 2
     info = "forecaster_model_info"
     assert reg.get_sample_value(info, {"version": "v1", "kind": "gru", "stage": "champion"}) == 1

@@ -144,13 +144,24 @@ def test_series_accuracy_scales_each_model_by_the_daily_naive_on_the_same_foreca
     with store.engine.connect() as conn:
         acc = conn.execute(
             sa.text(
-                "SELECT series, model, origin_ts, horizon_step, abs_error FROM forecast_accuracy "
-                "WHERE model IN (:m, 'seasonal_naive_daily')"
+                "SELECT series, model, origin_ts, horizon_step, abs_error, inside_interval "
+                "FROM forecast_accuracy WHERE model IN (:m, 'seasonal_naive_daily', 'mstl')"
             ),
             {"m": f"v{v2}"},
         ).all()
-    err = {(s, m, str(o), h): e for s, m, o, h, e in acc}
+    err = {(s, m, str(o), h): e for s, m, o, h, e, _ in acc}
+    inside = {(s, m, str(o), h): i for s, m, o, h, _, i in acc}
     for series in ("sine.0", "sine.1"):
+        # The statistical challenger, on the same forecasts (its rows at the champion's
+        # origins), with the coverage of its own band.
+        keys = [(series, "mstl", k[2], k[3]) for k in err if k[:2] == (series, f"v{v2}")]
+        challenger = rows[(series, "mstl")]
+        assert challenger["n_scored"] == len(keys) == 48 and all(k in err for k in keys)
+        mae = sum(err[k] for k in keys) / len(keys)
+        naive_mae = sum(err[(series, "seasonal_naive_daily", k[2], k[3])] for k in keys) / 48
+        assert challenger["mae"] == pytest.approx(mae)
+        assert challenger["mase"] == pytest.approx(mae / naive_mae)
+        assert challenger["coverage"] == pytest.approx(sum(inside[k] for k in keys) / 48)
         naive = rows[(series, "seasonal_naive_daily")]
         assert naive["mase"] == pytest.approx(1.0)
         mine = rows[(series, f"v{v2}")]

@@ -198,7 +198,11 @@ def test_the_chart_draws_the_stored_actuals_median_band_and_anomalies(rolled):
     assert int(page.one("g", "anomalies")["data-points"]) == len(flagged)
     assert f"{SPIKE:%Y-%m-%d %H:%M} UTC: actual" in page.all_text()  # the spike's tooltip
     naive = min(
-        (r for r in rolled.series_accuracy() if r["series"] == "sine.0" and r["model"] != "v1"),
+        (
+            r
+            for r in rolled.series_accuracy()
+            if r["series"] == "sine.0" and r["model"].startswith("seasonal_naive_")
+        ),
         key=lambda r: r["mase"],
     )["model"].removeprefix("seasonal_naive_")
     legend = [t for _, t in page.group_texts["legend"]]
@@ -220,7 +224,8 @@ def test_accuracy_anomalies_and_job_health(rolled):
     )
     mine = {r["model"]: r for r in page.table("accuracy")}
     stored = {r["model"]: r for r in rolled.series_accuracy() if r["series"] == "sine.1"}
-    assert set(mine) == {"v1 (champion)", "seasonal_naive_daily", "seasonal_naive_weekly"}
+    assert set(mine) == {"v1 (champion)", "mstl", "seasonal_naive_daily", "seasonal_naive_weekly"}
+    assert mine["mstl"]["band coverage"] == f"{stored['mstl']['coverage']:.1%}"
     assert mine["v1 (champion)"]["MASE"] == f"{stored['v1']['mase']:.3f}"
     assert mine["v1 (champion)"]["band coverage"] == f"{stored['v1']['coverage']:.1%}"
     assert mine["seasonal_naive_daily"]["band coverage"] == "-"
