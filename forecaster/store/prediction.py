@@ -747,18 +747,27 @@ def _ledger_frame(frame: pl.DataFrame) -> pl.DataFrame:
     ).cast(_ledger_schema())
 
 
-def _point_text(yhat: str, band: Sequence[str]) -> pl.Expr:
+# The largest magnitude written at single precision (float32's largest finite value).
+_SINGLE_MAX = 3.4028234663852886e38
+
+
+def _point_text(yhat: str, band: Sequence[str], single: bool = False) -> pl.Expr:
     """One horizon step's entry of `points` (schema.forecast_origins) from the columns
     `yhat` and `band`: "null" where yhat is missing (null or NaN), "[yhat]" where there is
     no band (no band columns, or all of them null), else "[yhat,band...]", a band value that
     is missing (null, NaN or infinite) written null. Shortest text that reads back as the
-    same double."""
+    same double, or with `single` as the same float32 (a model's forecasts, computed at that
+    precision: about half the text; a value beyond float32's range as a double)."""
     import polars as pl
 
     def num(c: str) -> pl.Expr:
         col = pl.col(c)
         missing = col.is_null() | col.is_nan() | col.is_infinite()
-        return pl.when(missing).then(pl.lit("null")).otherwise(col.cast(pl.String))
+        text = col.cast(pl.String)
+        if single:
+            short = col.cast(pl.Float32).cast(pl.String)
+            text = pl.when(col.abs() <= _SINGLE_MAX).then(short).otherwise(text)
+        return pl.when(missing).then(pl.lit("null")).otherwise(text)
 
     y = pl.col(yhat)
     bare = pl.concat_str([pl.lit("["), num(yhat), pl.lit("]")])
@@ -808,7 +817,9 @@ def ledger_rows(
     """One model's forecasts from one origin (epoch microseconds) as ledger rows for
     save_prediction, straight from its (S, H) arrays: `band` is (yhat_lower, yhat_upper,
     raw_lower, raw_upper), None for a baseline; a NaN yhat is a step without a forecast, and
-    a series with none at all gets no row. Vectorised: no group-by, no sort."""
+    a series with none at all gets no row. A model's values (with a band) are written at
+    float32 precision, the network's own; a baseline's, copies of stored observations, as
+    the doubles they are. Vectorised: no group-by, no sort."""
     import numpy as np
     import polars as pl
 
@@ -819,7 +830,8 @@ def ledger_rows(
     cols = {f"c{i}": pl.Series(a.reshape(-1), dtype=pl.Float64) for i, a in enumerate(arrays)}
 
     band_cols = [f"c{i}" for i in range(1, len(arrays))]
-    text = pl.DataFrame(cols).select(_point_text("c0", band_cols).alias("p"))["p"]
+    single = band is not None
+    text = pl.DataFrame(cols).select(_point_text("c0", band_cols, single).alias("p"))["p"]
     points = text.reshape((n_series, horizon)).arr.join(",")
     n_points = (~np.isnan(yhat)).sum(axis=1)
     keep = n_points > 0

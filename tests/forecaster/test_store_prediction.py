@@ -268,3 +268,42 @@ def _utc(ts):
     if isinstance(ts, str):
         ts = datetime.fromisoformat(ts)
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def test_a_models_points_are_written_at_float32_and_a_baselines_as_exact_doubles(store):
+    """ledger_rows (what predict writes): a model's values, which the network computes at
+    single precision, as the shortest text of their float32 (half the bytes of a double's);
+    a baseline's, copies of stored observations, read back as the very same doubles; and a
+    model's value beyond float32's range as the double it is."""
+    import numpy as np
+
+    from forecaster.store.prediction import ledger_rows
+
+    (a,) = _series(store, ["a"])
+    single = np.array([[0.3, 1234.5678, -7.1]], dtype=np.float32)
+    yhat = single.astype(np.float64)
+    yhat_far = np.array([[1e39, 2.0, 3.0]])
+    band = tuple(yhat + d for d in (-1.0, 1.0, -2.0, 2.0))
+    naive = np.array([[0.1, 16777217.0, 1e300]])
+    origin_us = int(T0.timestamp()) * 1_000_000
+    ids = np.array([a])
+    frames_ = [
+        ledger_rows(ids, "mstl", None, origin_us, 3600, yhat, band, 0.8),
+        ledger_rows(ids, "other", None, origin_us, 3600, yhat_far, band, 0.8),
+        ledger_rows(ids, "seasonal_naive_daily", None, origin_us, 3600, naive, None, None),
+    ]
+    assert "0.3," in frames_[0]["points"][0] and "0.30000001" not in frames_[0]["points"][0]
+    _save(store, pl.concat(frames_))
+    f = schema.forecasts
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(f.c.model, f.c.horizon_step, f.c.yhat, f.c.yhat_lower, f.c.raw_upper)
+        ).all()
+    got = {(m, h): (y, lo, hi) for m, h, y, lo, hi in rows}
+    for h in range(3):
+        y, lo, hi = got[("mstl", h + 1)]
+        assert np.float32(y) == single[0, h] and y == pytest.approx(yhat[0, h], rel=1e-7)
+        assert np.float32(lo) == np.float32(band[0][0, h])
+        assert np.float32(hi) == np.float32(band[3][0, h])
+        assert got[("seasonal_naive_daily", h + 1)][0] == naive[0, h]  # exact
+    assert got[("other", 1)][0] == 1e39
