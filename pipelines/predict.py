@@ -121,10 +121,7 @@ def run_predict(
     warmup_steps = warmup_steps_for(spec, warmup, warmup_steps)
     summary = PredictSummary(version_id=vid)
     row_of = {name: i for i, name in enumerate(trained.names)}
-    targets = [t for t in store.prediction_targets() if t["watermark"] is not None]
-    if series_ids is not None:
-        wanted = set(series_ids)
-        targets = [t for t in targets if t["id"] in wanted]
+    targets = [t for t in store.prediction_targets(series_ids) if t["watermark"] is not None]
     summary.skipped_freq = [t["name"] for t in targets if t["freq_seconds"] != spec.freq_seconds]
     targets = [t for t in targets if t["freq_seconds"] == spec.freq_seconds]
     known = [t for t in targets if t["name"] in row_of]

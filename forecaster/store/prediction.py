@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
@@ -33,9 +33,11 @@ if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.s
 class PredictionStore(StoreBase):
     # -- rolling prediction --------------------------------------------------------------
 
-    def prediction_targets(self) -> list[dict[str, Any]]:
-        """Every series with its id, name, frequency, window, watermark (None if empty) and
-        late mark (late_from, late_seq: see schema.watermarks)."""
+    def prediction_targets(self, ids: Collection[int] | None = None) -> list[dict[str, Any]]:
+        """Every series (or those of `ids`) with its id, name, frequency, window, watermark
+        (None if empty) and late mark (late_from, late_seq: see schema.watermarks). `ids`
+        are looked up by their id range and then picked: a shard of a large fleet reads
+        its own rows, not the fleet's."""
         se, w = s.series, s.watermarks
         q = (
             sa.select(
@@ -50,8 +52,14 @@ class PredictionStore(StoreBase):
             .select_from(se.outerjoin(w, w.c.series_id == se.c.id))
             .order_by(se.c.name)
         )
+        if ids is not None:
+            wanted = set(ids)
+            if not wanted:
+                return []
+            q = q.where(se.c.id.between(min(wanted), max(wanted)))
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        return rows if ids is None else [r for r in rows if r["id"] in wanted]
 
     def load_states(
         self, version_id: int, series_ids: Sequence[int]

@@ -307,3 +307,16 @@ def test_a_models_points_are_written_at_float32_and_a_baselines_as_exact_doubles
         assert np.float32(hi) == np.float32(band[3][0, h])
         assert got[("seasonal_naive_daily", h + 1)][0] == naive[0, h]  # exact
     assert got[("other", 1)][0] == 1e39
+
+
+def test_prediction_targets_of_some_series_are_exactly_theirs(store):
+    """A shard's lookup (by its ids' range, then picked): the series asked for, not those
+    between them, in the same order and with the same fields as the whole fleet's."""
+    a, b, c, d = _series(store, ["d", "c", "b", "a"])  # names ordered against ids
+    every = store.prediction_targets()
+    assert [t["name"] for t in every] == ["a", "b", "c", "d"]
+    some = store.prediction_targets([a, c])
+    assert some == [t for t in every if t["id"] in {a, c}]
+    assert [t["name"] for t in some] == ["b", "d"]
+    assert store.prediction_targets([]) == []
+    assert store.prediction_targets([b]) == [t for t in every if t["id"] == b]
