@@ -232,9 +232,60 @@ def _note_write(conn: Connection, cursor: Any, statement: str, *_: Any) -> None:
         conn.info["wrote"] = True
 
 
+@dataclass(frozen=True)
+class Bulk:
+    """A table upserted in bulk (StoreBase._bulk_upsert): its columns (the primary key first),
+    those that are timestamps, the columns an upsert takes, and the PostgreSQL temp table
+    and upsert statement (constants)."""
+
+    table: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    timestamps: tuple[str, ...]
+    pg: PgTemp
+    pg_upsert: str
+
+
+@functools.cache
+def sqlite_upsert_sql(target: Bulk) -> str:
+    """INSERT ... ON CONFLICT DO UPDATE for a Bulk table, SQLite text with ? in its
+    columns' order."""
+    raw = sa.table(target.table, *(sa.column(c) for c in target.columns))
+    stmt = sqlite_dialect.insert(raw).values({c: sa.bindparam(c) for c in target.columns})
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(target.key),
+        set_={c: stmt.excluded[c] for c in target.columns if c not in target.key},
+    )
+    return sqlite_qmark(stmt, target.columns)
+
+
+def sqlite_ts(ts: datetime) -> str:
+    """A UTC time as SQLAlchemy stores DateTime on SQLite (naive text, microseconds)."""
+    return _utc(ts).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
 class StoreBase:
     """Owns the engine. Reads open their own connection; writes take the connection of the
     caller's transaction (`with store.begin() as conn:`) so a job commits all or nothing."""
+
+    def _bulk_upsert(self, conn: Connection, target: Bulk, rows: list[tuple[Any, ...]]) -> None:
+        """Rows (in target.columns order; timestamps aware, JSON as text) upserted on the
+        table's primary key: on SQLite one compiled statement through the driver's
+        executemany (no per-row bind processing), on PostgreSQL COPYed into a temp table
+        and upserted by one statement."""
+        if rows:  # work for the run this transaction is for (base._note_write sees no driver call)
+            conn.info["wrote"] = True
+        if self.dialect == "sqlite":
+            ts = [i for i, c in enumerate(target.columns) if c in target.timestamps]
+            text = [tuple(sqlite_ts(v) if i in ts else v for i, v in enumerate(r)) for r in rows]
+            cur = conn.connection.driver_connection.cursor()
+            try:
+                cur.executemany(sqlite_upsert_sql(target), text)
+            finally:
+                cur.close()
+            return
+        pg_copy_rows(conn, rows, target.pg)
+        conn.exec_driver_sql(target.pg_upsert)
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         """create=False: a SQLite file that does not exist is an error (StoreError naming

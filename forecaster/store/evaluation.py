@@ -12,6 +12,8 @@ from sqlalchemy.engine import Connection
 
 from forecaster import schema as s
 from forecaster.store.base import (
+    Bulk,
+    PgTemp,
     StoreBase,
     _utc,
 )
@@ -241,15 +243,13 @@ class EvaluationStore(StoreBase):
 
     def save_series_accuracy(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Upsert rolling accuracy rows (series_id, model, n_scored, mae, mase, coverage,
-        window_start, window_end); a series scored no more keeps its last row."""
+        window_start, window_end); a series scored no more keeps its last row. In bulk (a
+        row per series and model: 40,000 a run at 10,000 series)."""
         if not rows:
             return
-        stmt = self._upsert(
-            s.series_accuracy,
-            ("n_scored", "mae", "mase", "coverage", "window_start", "window_end", "updated_at"),
-        )
         now = datetime.now(UTC)
-        conn.execute(stmt, [{**r, "updated_at": now} for r in rows])
+        cols = _ACCURACY.columns[:-1]
+        self._bulk_upsert(conn, _ACCURACY, [(*(r[c] for c in cols), now) for r in rows])
 
     def series_accuracy(self, model: str | None = None) -> list[dict[str, Any]]:
         """Rows of series_accuracy with the series' name, optionally of one model."""
@@ -524,3 +524,37 @@ class EvaluationStore(StoreBase):
                 {k: (float(v) if isinstance(v, Decimal) else v) for k, v in r._mapping.items()}
                 for r in conn.execute(q)
             ]
+
+
+_ACCURACY = Bulk(
+    table="series_accuracy",
+    columns=(
+        "series_id",
+        "model",
+        "n_scored",
+        "mae",
+        "mase",
+        "coverage",
+        "window_start",
+        "window_end",
+        "updated_at",
+    ),
+    key=("series_id", "model"),
+    timestamps=("window_start", "window_end", "updated_at"),
+    pg=PgTemp(
+        create="CREATE TEMP TABLE IF NOT EXISTS _series_accuracy_in (series_id integer, "
+        "model text, n_scored integer, mae double precision, mase double precision, "
+        "coverage double precision, window_start timestamptz, window_end timestamptz, "
+        "updated_at timestamptz) ON COMMIT DROP",
+        truncate="TRUNCATE _series_accuracy_in",
+        copy="COPY _series_accuracy_in (series_id, model, n_scored, mae, mase, coverage, "
+        "window_start, window_end, updated_at) FROM STDIN",
+    ),
+    pg_upsert="INSERT INTO series_accuracy (series_id, model, n_scored, mae, mase, coverage, "
+    "window_start, window_end, updated_at) SELECT series_id, model, n_scored, mae, mase, "
+    "coverage, window_start, window_end, updated_at FROM _series_accuracy_in "
+    "ON CONFLICT (series_id, model) DO UPDATE SET n_scored = excluded.n_scored, "
+    "mae = excluded.mae, mase = excluded.mase, coverage = excluded.coverage, "
+    "window_start = excluded.window_start, window_end = excluded.window_end, "
+    "updated_at = excluded.updated_at",
+)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
@@ -17,12 +16,13 @@ from sqlalchemy.engine import Connection
 from forecaster import schema as s
 from forecaster.store.base import (
     _SQLITE_TS_FORMAT,
+    Bulk,
     PgTemp,
     StoreBase,
     _utc,
-    pg_copy_rows,
     pg_copy_temp,
     sqlite_qmark,
+    sqlite_ts,
 )
 
 if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.store)
@@ -172,7 +172,7 @@ class PredictionStore(StoreBase):
             cur = conn.connection.driver_connection.cursor()
             try:
                 if self.dialect == "sqlite":
-                    bounds = [[_sqlite_ts(lo), _sqlite_ts(hi)] for lo, hi in merged]
+                    bounds = [[sqlite_ts(lo), sqlite_ts(hi)] for lo, hi in merged]
                     sql = _SQLITE_RECENT_SQL + (_OBSERVED_SQL if observed_only else "")
                     cur.execute(sql, (json.dumps(ids), json.dumps(bounds)))
                 else:
@@ -297,25 +297,6 @@ class PredictionStore(StoreBase):
             pg_copy_temp(conn, ledger.select(_LEDGER_KEYS[:10]), _PG_LEDGER_IN)
             conn.exec_driver_sql(_PG_LEDGER_INSERT_SQL, {"now": now})
         return int(ledger["n_points"].sum())
-
-    def _bulk_upsert(self, conn: Connection, target: _Bulk, rows: list[tuple[Any, ...]]) -> None:
-        """Rows (in target.columns order; timestamps aware, JSON as text) upserted on the
-        table's primary key: on SQLite one compiled statement through the driver's
-        executemany (no per-row bind processing), on PostgreSQL COPYed into a temp table
-        and upserted by one statement."""
-        if rows:  # work for the run this transaction is for (base._note_write sees no driver call)
-            conn.info["wrote"] = True
-        if self.dialect == "sqlite":
-            ts = [i for i, c in enumerate(target.columns) if c in target.timestamps]
-            text = [tuple(_sqlite_ts(v) if i in ts else v for i, v in enumerate(r)) for r in rows]
-            cur = conn.connection.driver_connection.cursor()
-            try:
-                cur.executemany(_sqlite_upsert_sql(target), text)
-            finally:
-                cur.close()
-            return
-        pg_copy_rows(conn, rows, target.pg)
-        conn.exec_driver_sql(target.pg_upsert)
 
     def _new_origins(self, conn: Connection, ledger: pl.DataFrame) -> pl.DataFrame:
         """The ledger rows whose key (series, model, origin, revision) is not stored yet: a
@@ -566,21 +547,7 @@ _PG_LEDGER_INSERT_SQL = (
 )
 
 
-@dataclass(frozen=True)
-class _Bulk:
-    """A table that save_prediction upserts in bulk: its columns (the primary key first),
-    those that are timestamps, the columns an upsert takes, and the PostgreSQL temp table
-    and upsert statement (constants)."""
-
-    table: str
-    columns: tuple[str, ...]
-    key: tuple[str, ...]
-    timestamps: tuple[str, ...]
-    pg: PgTemp
-    pg_upsert: str
-
-
-_STATES = _Bulk(
+_STATES = Bulk(
     table="series_states",
     columns=(
         "model_version_id",
@@ -608,7 +575,7 @@ _STATES = _Bulk(
     "shape = excluded.shape, state_ts = excluded.state_ts, updated_at = excluded.updated_at, "
     "weights = excluded.weights",
 )
-_SNAPSHOTS = _Bulk(
+_SNAPSHOTS = Bulk(
     table="state_snapshots",
     columns=("model_version_id", "series_id", "window_id", "state", "shape", "state_ts"),
     key=("model_version_id", "series_id", "window_id"),
@@ -629,19 +596,6 @@ _SNAPSHOTS = _Bulk(
 )
 
 
-@functools.cache
-def _sqlite_upsert_sql(target: _Bulk) -> str:
-    """INSERT ... ON CONFLICT DO UPDATE for a _Bulk table, SQLite text with ? in its
-    columns' order."""
-    raw = sa.table(target.table, *(sa.column(c) for c in target.columns))
-    stmt = sqlite_dialect.insert(raw).values({c: sa.bindparam(c) for c in target.columns})
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(target.key),
-        set_={c: stmt.excluded[c] for c in target.columns if c not in target.key},
-    )
-    return sqlite_qmark(stmt, target.columns)
-
-
 def _json_texts(values: Iterator[Any]) -> list[str]:
     """Each value as the JSON text SQLAlchemy's JSON type stores (None as JSON null), the
     text of equal values made once (a chunk's states share one shape)."""
@@ -653,11 +607,6 @@ def _json_texts(values: Iterator[Any]) -> list[str]:
             text, last = json.dumps(v), v
         out.append(text)
     return out
-
-
-def _sqlite_ts(ts: datetime) -> str:
-    """A UTC time as SQLAlchemy stores DateTime on SQLite (naive text, microseconds)."""
-    return _utc(ts).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _merge_spans(spans: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
@@ -884,7 +833,7 @@ def _sqlite_ledger_rows(ledger: pl.DataFrame, now: datetime) -> Iterator[tuple[A
             columns.append([text[v] for v in col.to_physical().to_list()])
         else:
             columns.append(col.to_list())
-    return zip(*columns, repeat(False, n), repeat(_sqlite_ts(now), n), strict=True)
+    return zip(*columns, repeat(False, n), repeat(sqlite_ts(now), n), strict=True)
 
 
 @functools.cache
