@@ -128,6 +128,7 @@ def models_list(kind: Annotated[str | None, typer.Option(help="only this kind")]
             "trained to",
             "val MASE",
             "served MASE",
+            "MSTL MASE",
             "naive MASE",
             "serves, not trained on",
             "created",
@@ -137,6 +138,7 @@ def models_list(kind: Annotated[str | None, typer.Option(help="only this kind")]
             m = r["metrics"] or {}
             naive = [v["mase"] for k, v in m.items() if k.startswith("seasonal_naive")]
             served = (m.get("served") or {}).get("mase")
+            challenger = (m.get("mstl") or {}).get("mase")  # its statistical challenger's
             table.add_row(
                 f"v{r['id']}",
                 r["kind"],
@@ -144,6 +146,7 @@ def models_list(kind: Annotated[str | None, typer.Option(help="only this kind")]
                 _ts(r["trained_to"]),
                 f"{m['model']['mase']:.3f}" if "model" in m else "-",
                 f"{served:.3f}" if served is not None else "-",
+                f"{challenger:.3f}" if challenger is not None else "-",
                 f"{min(naive):.3f}" if naive else "-",
                 f"{untrained[r['id']]} series",
                 _ts(r["created_at"]),

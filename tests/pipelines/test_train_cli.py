@@ -54,6 +54,9 @@ def test_train_registers_a_champion_then_candidates(workdir):
 
     store = Store(f"sqlite:///{workdir / 's.db'}")
     v1 = store.model_version(1)
+    # Each version's statistical challenger is registered with it: its holdout MASE listed.
+    assert "MSTL MASE" in " ".join(listed.output.split())
+    assert f"{v1['metrics']['mstl']['mase']:.3f}" in listed.output
     trained = TrainedModel.from_checkpoint(load_checkpoint(v1["uri"], v1["sha256"]))
     assert trained.names == ["sine.0", "sine.1"] and trained.model_config.kind == "gru"
     assert v1["trained_to"] < datetime(2024, 2, 5, tzinfo=UTC)  # the held-out week is not in it
