@@ -1066,6 +1066,25 @@ def _challenger(
         return None, None
 
 
+def _refit_challenger(
+    params: stats.StatParams,
+    values: np.ndarray,
+    first: np.ndarray,
+    end: np.ndarray,
+    step0: int,
+    spec: F.FeatureSpec,
+) -> tuple[stats.StatParams, np.ndarray]:
+    """MSTL fitted again on each series' newest points up to `end`, with `params`' seasons
+    and gains: the parameters and the state after each series' last point."""
+    served, state = stats.fit(
+        values, first, end, step0, spec.season_day, spec.season_week, only=params.seasons
+    )
+    served.gamma = np.array(
+        [params.gamma[:, params.seasons.index(s)] for s in served.seasons]
+    ).T.reshape(len(values), len(served.seasons))
+    return served, state
+
+
 def fit_challenger(
     panel: Panel, spans: Spans, spec: F.FeatureSpec, origins: Tensor
 ) -> tuple[dict[str, Any], Tensor]:
@@ -1104,13 +1123,15 @@ def fit_challenger(
     out[:, torch.from_numpy(origins.numpy() < lo - 1)] = torch.nan
     # What serves: the decomposition refitted on each series' newest points (the fit above
     # ended before the tails so that they could choose its gains and weigh it honestly),
-    # with the gains chosen there and the same seasons.
-    served, state = stats.fit(
-        values, first, end, step0, spec.season_day, spec.season_week, only=params.seasons
-    )
-    served.gamma = np.array(
-        [params.gamma[:, params.seasons.index(s)] for s in served.seasons]
-    ).T.reshape(len(values), len(served.seasons))
+    # with the gains chosen there and the same seasons; where that refit fails, the first
+    # fit's state rolled over the tails serves.
+    served = params
+    try:
+        served, state = _refit_challenger(params, values, first, end, step0, spec)
+    except Exception as exc:  # noqa: BLE001 - the rolled state is a sound challenger still
+        log.warning(
+            "the MSTL challenger could not be refitted; its rolled state serves", error=str(exc)
+        )
     kept = {
         "params": served.to_dict(),
         "state": state.astype(float).tolist(),

@@ -209,7 +209,7 @@ def test_a_version_fitted_before_the_smooth_level_keeps_its_layout_and_update():
     assert moved.shape == old_state.shape
 
 
-def test_the_served_challenger_is_refitted_on_the_newest_points():
+def test_the_served_challenger_is_refitted_on_the_newest_points(monkeypatch):
     """The daily swing doubles nine days before the end, inside the held-out test tail: the
     decomposition fitted before the tails (for an honest holdout) would still serve the old
     shape, moved only by its small chosen gain (a swing of about 22); the state that serves
@@ -224,3 +224,16 @@ def test_the_served_challenger_is_refitted_on_the_newest_points():
     at = challenger.params.offsets()[challenger.params.seasons.index(DAY)]
     profile = challenger.state[0, at : at + DAY]
     assert 29 < profile.max() - profile.min() < 35
+    # Where the refit fails, the first fit's state rolled over the tails serves (not none).
+    from forecaster import training
+
+    def fails(*args, **kwargs):
+        raise ValueError("no refit")
+
+    monkeypatch.setattr(training, "_refit_challenger", fails)
+    fc = Forecaster("gru", horizon=DAY, hidden=8, epochs=1, refit_epochs=0, seed=0)
+    fc.fit(frame(y[None], ["a"], datetime(2024, 1, 1, tzinfo=UTC)))
+    rolled = fc.model.stat
+    assert rolled is not None and rolled.params.seasons == challenger.params.seasons
+    profile = rolled.state[0, at : at + DAY]
+    assert 18 < profile.max() - profile.min() < 26  # the old shape, moved by its small gain
