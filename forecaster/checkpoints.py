@@ -35,6 +35,10 @@ FORMAT_VERSION = 1
 # One metadata key holding one JSON document: safetensors keeps metadata in a map whose
 # serialised order is not guaranteed, and the bytes must be identical for identical content.
 _META_KEY = "forecaster"
+# The statistical challenger's per-series state (meta["stat"]["state"], series x floats) is
+# kept as a tensor of its own, not in the JSON header: at 100,000 series its text alone
+# passed safetensors' 100 MB header limit, and a version could not be saved.
+_STAT_STATE = "__forecaster_stat_state"
 
 
 @dataclass(frozen=True, eq=False)  # eq on dicts of tensors would raise, not compare
@@ -111,12 +115,20 @@ def _serialise(ckpt: Checkpoint) -> bytes:
             raise CheckpointError(where, f"state_dict entry {name!r} is not a named tensor")
         # A copy per tensor: tied or sliced weights share storage, which safetensors refuses.
         tensors[name] = t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+    meta = ckpt.meta
+    stat = meta.get("stat")
+    if isinstance(stat, dict) and "state" in stat:
+        import numpy as np
+
+        state = np.asarray(stat["state"], dtype=np.float64)
+        tensors[_STAT_STATE] = torch.from_numpy(np.ascontiguousarray(state))
+        meta = {**meta, "stat": {k: v for k, v in stat.items() if k != "state"}}
     body = {
         "format": FORMAT_VERSION,
         "kind": ckpt.kind,
         "config": ckpt.config,
         "scalers": {str(k): [float(c), float(s)] for k, (c, s) in ckpt.scalers.items()},
-        "meta": ckpt.meta,
+        "meta": meta,
     }
     try:
         # Sorted keys: the same content always gives the same bytes, hence the same address.
@@ -147,13 +159,17 @@ def _parse(data: bytes, where: str) -> Checkpoint:
         raise CheckpointError(
             where, f"format {fmt!r} is not {FORMAT_VERSION}: written by another forecaster version"
         )
+    state = tensors.pop(_STAT_STATE, None)
     try:
+        meta = dict(body["meta"])
+        if state is not None:
+            meta["stat"] = {**meta["stat"], "state": state.numpy()}
         return Checkpoint(
             kind=str(body["kind"]),
             config=dict(body["config"]),
             state_dict=tensors,
             scalers={k: (float(c), float(s)) for k, (c, s) in body["scalers"].items()},
-            meta=dict(body["meta"]),
+            meta=meta,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(where, f"malformed checkpoint metadata: {exc!r}") from exc
