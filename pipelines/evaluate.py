@@ -220,12 +220,7 @@ def _scored_after(
     for (_,), members in starts.with_columns(group=group).group_by("group", maintain_order=True):
         ids = None if members.height == starts.height else members["series_id"].to_list()
         parts.append(store.scored_forecasts(model, members["after"].min(), ids))
-    return (
-        pl.concat(parts)
-        .join(starts.select("series_id", "after"), on="series_id")
-        .filter(pl.col("target_ts") > pl.col("after"))
-        .drop("after")
-    )
+    return _after(pl.concat(parts), starts)
 
 
 def _challenger_scored(
@@ -247,12 +242,7 @@ def _challenger_scored(
         "series_id", pl.min_horizontal("after", pl.col("end") - accuracy_window).alias("after")
     )
     read = _scored_after(store, CHALLENGER, starts, window)
-    new = (
-        read.join(since.select("series_id", "after"), on="series_id")
-        .filter(pl.col("target_ts") > pl.col("after"))
-        .drop("after")
-    )
-    return new, _in_window(read, ends, accuracy_window)
+    return _after(read, since), _in_window(read, ends, accuracy_window)
 
 
 def _challenger_offset(
@@ -279,10 +269,15 @@ def _challenger_offset(
 
 def _in_window(frame: pl.DataFrame, ends: pl.DataFrame, window: timedelta) -> pl.DataFrame:
     """The rows whose target lies in the last `window` before their series' end."""
+    return _after(frame, ends.select("series_id", (pl.col("end") - window).alias("after")))
+
+
+def _after(frame: pl.DataFrame, starts: pl.DataFrame) -> pl.DataFrame:
+    """The rows whose target lies after their series' `after` (starts: series_id, after)."""
     return (
-        frame.join(ends, on="series_id")
-        .filter(pl.col("target_ts") > pl.col("end") - window)
-        .drop("end")
+        frame.join(starts.select("series_id", "after"), on="series_id")
+        .filter(pl.col("target_ts") > pl.col("after"))
+        .drop("after")
     )
 
 
