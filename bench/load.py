@@ -18,7 +18,9 @@ is 86,400 s over the window's total wall time.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -88,6 +90,11 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=10_000)
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--history-weeks", type=int, default=5)
+    ap.add_argument(
+        "--profile-evaluate",
+        action="store_true",
+        help="profile the first and the last window's evaluate job: where its time went",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the daemon's serving process (schedule.torch_threads)
     configure_logging("warning", "console")  # the jobs' own lines would drown the table
@@ -133,7 +140,14 @@ def main() -> None:
             ctx = JobContext(settings=settings, store=store, clock=clock)
             times = {}
             for kind in ("predict", "evaluate"):
+                profiler = None
+                if kind == "evaluate" and args.profile_evaluate and w in (1, args.windows):
+                    profiler = cProfile.Profile()
+                    profiler.enable()
                 out = run_job(Job(kind=kind, scheduled_at=end), ctx)
+                if profiler is not None:
+                    profiler.disable()
+                    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
                 assert out.status in ("succeeded", "skipped"), (kind, out.status, out.summary)
                 times[kind] = out.seconds
             r500 = servers[500].refresh()

@@ -117,19 +117,25 @@ def deviation(
     median: str = "yhat",
     lower: str = "yhat_lower",
     upper: str = "yhat_upper",
+    typical: str | None = None,
 ) -> pl.Series:
     """Per row, the actual's signed distance from the median in half-widths of the band on
-    its side, floored and capped by the series' median half-width (WIDTH_FLOOR, WIDTH_CAP)."""
+    its side, floored and capped by the series' median half-width (WIDTH_FLOOR, WIDTH_CAP):
+    over the frame, or the column `typical` where the caller keeps it (the evaluate job
+    carries it from run to run, typical_half_width)."""
     above = pl.col(actual) >= pl.col(median)
     half = (
         pl.when(above)
         .then(pl.col(upper) - pl.col(median))
         .otherwise(pl.col(median) - pl.col(lower))
     )
-    typical = (pl.col(upper) - pl.col(lower)).median().over(series) / 2
-    half = pl.min_horizontal(half, WIDTH_CAP * typical)
+    if typical is None:
+        typical_half = (pl.col(upper) - pl.col(lower)).median().over(series) / 2
+    else:
+        typical_half = pl.col(typical)
+    half = pl.min_horizontal(half, WIDTH_CAP * typical_half)
     d = (pl.col(actual) - pl.col(median)) / pl.max_horizontal(
-        half, WIDTH_FLOOR * typical, pl.lit(1e-9)
+        half, WIDTH_FLOOR * typical_half, pl.lit(1e-9)
     )
     return frame.select(d.clip(-EVIDENCE_CAP, EVIDENCE_CAP).alias("deviation"))["deviation"]
 
@@ -211,11 +217,15 @@ def choose_threshold(
     series: str = "series_id",
     ts: str = "ts",
     freq: str = "freq_s",
+    weeks: float | None = None,
 ) -> Threshold:
     """The threshold of evidence meeting `rate` incidents per series per week over `frame`
     (series, ts, evidence, freq_s: one row per scored point, the newest forecast of its
-    time); see the module docstring."""
-    weeks = series_weeks(frame, freq=freq)
+    time); see the module docstring. With `weeks` (the points' series-weeks, counted by
+    the caller), `frame` need only hold the points with evidence of at least MIN_THRESHOLD:
+    no lower point starts or continues an incident at any threshold allowed."""
+    if weeks is None:
+        weeks = series_weeks(frame, freq=freq)
     if weeks < MIN_SERIES_WEEKS:
         return Threshold(DEFAULT_THRESHOLD, weeks, 0, measured=False)
     frame = frame.sort(series, ts)
@@ -258,13 +268,35 @@ def choose_thresholds(
     ts: str = "ts",
     freq: str = "freq_s",
     shrink_to: float | None = None,
+    weeks: pl.DataFrame | None = None,
 ) -> dict[int, float]:
     """choose_threshold(...).value for each series of `frame` with MIN_SERIES_WEEKS of
     points, computed for all of them in one pass (10,000 series: one sort, not 10,000);
-    with `shrink_to` (the fleet's threshold), each moved towards it by its weeks (shrunk)."""
-    weeks = frame.group_by(series).agg(
-        (pl.col(freq).cast(pl.Float64).sum() / WEEK_S).alias("_weeks")
-    )
+    with `shrink_to` (the fleet's threshold), each moved towards it by its weeks (shrunk).
+    With `weeks` (series, _weeks: each series' points in series-weeks, counted by the
+    caller), `frame` need only hold the points with evidence of at least MIN_THRESHOLD, as
+    for choose_threshold; a series of `weeks` without any is read as a series whose points
+    all lie below it."""
+    if weeks is None:
+        weeks = frame.group_by(series).agg(
+            (pl.col(freq).cast(pl.Float64).sum() / WEEK_S).alias("_weeks")
+        )
+    else:
+        # One point below the floor for each series: it counts no incident at any threshold
+        # allowed, and gives a series with no point above the floor its row.
+        below = weeks.join(frame.select(series, freq).unique(series), on=series, how="left")
+        frame = pl.concat(
+            [
+                frame.select(series, ts, "evidence", freq),
+                below.select(
+                    series,
+                    pl.lit(datetime(1970, 1, 1), frame.schema[ts]).alias(ts),
+                    pl.lit(0.0).alias("evidence"),
+                    pl.col(freq).fill_null(3600).cast(frame.schema[freq]),
+                ),
+            ],
+            how="vertical_relaxed",
+        )
     frame = frame.join(weeks.filter(pl.col("_weeks") >= MIN_SERIES_WEEKS), on=series)
     if frame.is_empty():
         return {}

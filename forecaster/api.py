@@ -305,8 +305,13 @@ class Forecaster:
         """Per horizon step, the band correction served (band widths each side)."""
         trained = self._need_model()
         prior = trained.holdout_corrections  # as the evaluate job blends it
-        per_step = [
-            calibration.blend(list(self._scores[h]), self.level, prior.get(h), self.prior_weight)
+        per_step = [  # the quantile read to a bin, as the evaluate job's histograms give it
+            calibration.blend_histogram(
+                calibration.score_histogram(list(self._scores[h])),
+                self.level,
+                prior.get(h),
+                self.prior_weight,
+            )
             for h in range(1, self.horizon + 1)
         ]
         return calibration.shifted(per_step, self._offset)

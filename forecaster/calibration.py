@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,6 +91,78 @@ def blend(recent: list[float], level: float, prior: float | None, prior_weight: 
     if prior is None:
         return q
     n = len(recent)
+    return (n * q + prior_weight * prior) / (n + prior_weight)
+
+
+# The evaluate job keeps each horizon step's conformity scores as a histogram per day (its
+# running aggregates, calibration_days). Bins are SCORE_BIN band widths wide from SCORE_LOW
+# (no score is lower: an actual inside its band is at most half a width from an edge) up to
+# SCORE_WIDE band widths, then a factor SCORE_RATIO wide up to BAND_SCORE_CAP (a step whose
+# band misses by that much is off by far more than a bin anyway). A quantile read from them
+# is the upper edge of the bin its rank falls in: at most a bin above the scores' own
+# quantile, never below it.
+SCORE_LOW = -0.5
+SCORE_BIN = 0.01
+SCORE_WIDE = 10.0
+SCORE_RATIO = 1.001
+SCORE_EDGES = np.concatenate(
+    [
+        SCORE_LOW + SCORE_BIN * np.arange(round((SCORE_WIDE - SCORE_LOW) / SCORE_BIN)),
+        SCORE_WIDE
+        * SCORE_RATIO
+        ** np.arange(math.ceil(math.log(BAND_SCORE_CAP / SCORE_WIDE, SCORE_RATIO)) + 2),
+    ]
+)
+SCORE_BINS = len(SCORE_EDGES) - 1
+
+
+def score_histogram(scores: np.ndarray | list[float]) -> np.ndarray:
+    """Counts of `scores` per bin (SCORE_BINS int64)."""
+    values = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=BAND_SCORE_CAP)
+    idx = np.clip(np.searchsorted(SCORE_EDGES, values, "right") - 1, 0, SCORE_BINS - 1)
+    return np.bincount(idx, minlength=SCORE_BINS).astype(np.int64)
+
+
+def pack_histogram(counts: np.ndarray) -> bytes:
+    """A histogram as stored: its nonzero bins as little-endian int64 (bin, count) pairs."""
+    nz = np.flatnonzero(counts)
+    return np.stack([nz, counts[nz]], axis=1).astype("<i8").tobytes()
+
+
+def unpack_histogram(blob: bytes) -> np.ndarray:
+    """The SCORE_BINS counts pack_histogram stored."""
+    pairs = np.frombuffer(blob, dtype="<i8").reshape(-1, 2)
+    counts = np.zeros(SCORE_BINS, dtype=np.int64)
+    np.add.at(counts, pairs[:, 0], pairs[:, 1])
+    return counts
+
+
+def histogram_quantile(counts: np.ndarray, level: float) -> float:
+    """conformal_quantile of the scores a histogram counts, to a bin: the upper edge of the
+    bin holding the ceil((n + 1) * level)-th smallest."""
+    n = int(counts.sum())
+    rank = min(n, math.ceil((n + 1) * level))
+    b = int(np.searchsorted(np.cumsum(counts), rank))
+    return float(SCORE_EDGES[b + 1])
+
+
+def score_bin_width(score: float) -> float:
+    """The width of the histogram bin a score falls in (the most histogram_quantile can
+    exceed the exact quantile by)."""
+    b = int(np.clip(np.searchsorted(SCORE_EDGES, score, "right") - 1, 0, SCORE_BINS - 1))
+    return float(SCORE_EDGES[b + 1] - SCORE_EDGES[b])
+
+
+def blend_histogram(
+    counts: np.ndarray | None, level: float, prior: float | None, prior_weight: int
+) -> float:
+    """blend, from a histogram of the recent scores."""
+    n = 0 if counts is None else int(counts.sum())
+    if n == 0:
+        return 0.0 if prior is None else prior
+    q = histogram_quantile(counts, level)
+    if prior is None:
+        return q
     return (n * q + prior_weight * prior) / (n + prior_weight)
 
 

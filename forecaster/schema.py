@@ -410,6 +410,78 @@ anomaly_state = sa.Table(
     sa.Column("score", sa.Float, nullable=False),
     sa.Column("incident_open", sa.Boolean, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # What the next run's new points continue (migration 0014): the series' typical
+    # half-width of the band (its deviations' scale, forecaster.anomaly.deviation) and its
+    # last deviations (a JSON array, oldest first: the runs its evidence sums).
+    sa.Column("typical", sa.Float, nullable=True),
+    sa.Column("recent", sa.Text, nullable=True),
+)
+
+# -- running aggregates of the evaluate job (migration 0014) -----------------------------------
+# Each evaluate run reads only the forecasts whose actuals are new and adds them here, in the
+# transaction that moves calibration_tracking on: its cost follows the new data, not the
+# calibration window. Days are UTC days of the target time.
+
+# Per model, day and horizon step: scored forecasts, how many fell inside the served and the
+# raw band, and the histogram of their conformity scores (forecaster.calibration.ScoreHistogram,
+# packed): the per-step conformal quantile over the window is read from the summed histograms.
+calibration_days = sa.Table(
+    "calibration_days",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("day", UTCDateTime, primary_key=True),
+    sa.Column("horizon_step", sa.Integer, primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Column("inside", sa.BigInteger, nullable=False),
+    sa.Column("inside_raw", sa.BigInteger, nullable=False),
+    sa.Column("scores", sa.LargeBinary, nullable=False),
+)
+
+# Per series, model and day: scored forecasts that the daily seasonal naive also forecast
+# (series_accuracy pairs them), the sums of their absolute errors and of the naive's on the
+# same (series, origin, step), how many fell inside the band (models with one), and, for the
+# champion, the actuals judged for anomalies (one per target time: the series' points, in
+# weeks the threshold's budget).
+accuracy_days = sa.Table(
+    "accuracy_days",
+    metadata,
+    _series_id(primary_key=True),
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("day", UTCDateTime, primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Column("abs_err", sa.Float, nullable=False),
+    sa.Column("naive_abs_err", sa.Float, nullable=False),
+    sa.Column("inside", sa.BigInteger, nullable=False),
+    sa.Column("n_points", sa.BigInteger, nullable=False),
+    sa.Index("ix_accuracy_days_day", "day"),  # each run drops the days before its window
+)
+
+# Per model and target time: series judged, and how many lay beyond the lower and the upper
+# edge of their bands (forecaster.anomaly.edge_counts): the fleet's usual share beyond an
+# edge, and its evidence of going there together.
+fleet_times = sa.Table(
+    "fleet_times",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("ts", UTCDateTime, primary_key=True),
+    sa.Column("n_series", sa.BigInteger, nullable=False),
+    sa.Column("n_low", sa.BigInteger, nullable=False),
+    sa.Column("n_high", sa.BigInteger, nullable=False),
+)
+
+# The judged points an anomaly threshold or a fleet event may need again: those with
+# evidence of at least forecaster.anomaly.MIN_THRESHOLD (no threshold is lower, so the
+# others never start an incident), kept over the window, and those beyond an edge of their
+# band, kept while a fleet event they may belong to can still be rewritten.
+anomaly_points = sa.Table(
+    "anomaly_points",
+    metadata,
+    sa.Column("model", sa.String(64), primary_key=True),
+    _series_id(primary_key=True),
+    sa.Column("ts", UTCDateTime, primary_key=True),
+    sa.Column("deviation", sa.Float, nullable=False),
+    sa.Column("evidence", sa.Float, nullable=False),
+    sa.Index("ix_anomaly_points_model_ts", "model", "ts"),
 )
 
 # Rolling accuracy per series and model over the evaluate job's recent window: what the

@@ -27,6 +27,8 @@ transaction.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,6 +38,7 @@ import structlog
 from forecaster import anomaly, calibration
 from forecaster.config import AnomalySettings
 from forecaster.features import FeatureSpec
+from forecaster.frames import TS_DTYPE
 from forecaster.store import Store
 from pipelines.predict import BASELINES, CHALLENGER
 
@@ -86,86 +89,91 @@ def run_evaluate(
         return EvaluateSummary()
     prior, holdout, spec = _holdout_priors(champion)
     model = f"v{champion['id']}"
-    summary = EvaluateSummary(model=model)
+    summary = EvaluateSummary(model=model, accuracy_window=accuracy_window)
     ends = store.series_ends()
     if ends.is_empty():
         return summary
-    scored = _recent_scored(store, model, ends, window)
-    summary.scored = scored.height
-    if scored.is_empty():
-        return summary
-    inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
-    inside_raw = (pl.col("actual") >= pl.col("raw_lower")) & (
-        pl.col("actual") <= pl.col("raw_upper")
-    )
-    summary.coverage = float(scored.select(inside.mean()).item())
-    summary.coverage_raw = float(scored.select(inside_raw.mean()).item())
-
-    width = pl.max_horizontal(pl.col("raw_upper") - pl.col("raw_lower"), pl.lit(1e-9))
-    scores = scored.with_columns(
-        pl.min_horizontal(
-            pl.max_horizontal(
-                pl.col("raw_lower") - pl.col("actual"), pl.col("actual") - pl.col("raw_upper")
-            )
-            / width,
-            pl.lit(calibration.BAND_SCORE_CAP),
-        ).alias("score")
-    )
-    # One offset for every step, carried between runs: the actuals scored since the last
-    # run (per series, targets after the newest one counted) move it by their excess miss
-    # rate per horizon of time. A horizon brings as many scored rows as the window holds
-    # per horizon (distinct series and target times over series times horizon steps).
-    horizon = max([int(scored["horizon_step"].max()), *prior])
-    level = float(scored["interval_level"].max())
-    horizons = scored.select("series_id", "target_ts").unique().height / (
-        scored["series_id"].n_unique() * horizon
-    )
+    # What is new: per series, the scored forecasts whose targets are after the newest one
+    # counted before (calibration_tracking), within the window. Everything else the window
+    # held is in the running aggregates (forecaster.store.aggregates).
     tracked = store.calibration_tracking(model)
-    new = scored.join(tracked, on="series_id", how="left").filter(
-        pl.col("tracked_until").is_null() | (pl.col("target_ts") > pl.col("tracked_until"))
+    new = _new_scored(store, model, ends, tracked, window)
+    cal_start = _day(ends["end"].max()) - _whole_days(window) + DAY
+    days = _calibration_days(
+        store.calibration_days(model, cal_start), new.filter(pl.col("target_ts") >= cal_start)
     )
+    totals = _step_totals(days)
+    summary.scored = sum(int(t["n"]) for t in totals.values())
+    if summary.scored:
+        n_all = summary.scored
+        summary.coverage = sum(int(t["inside"]) for t in totals.values()) / n_all
+        summary.coverage_raw = sum(int(t["inside_raw"]) for t in totals.values()) / n_all
+    if new.is_empty():
+        # Nothing scored since the last run: what it stored stands.
+        summary.steps_calibrated = len(totals)
+        summary.offset = store.calibration_offset(model)
+        return summary
+
+    inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
+    # One offset for every step, carried between runs: the actuals scored since the last
+    # run move it by their excess miss rate per horizon of time. A horizon brings as many
+    # scored rows as each target gets forecasts, times series, times horizon steps.
+    horizon = max([int(new["horizon_step"].max()), *totals, *prior])
+    level = float(new["interval_level"].max())
+    until = new.group_by("series_id").agg(pl.col("target_ts").max().alias("tracked_until"))
+    now_tracked = (
+        pl.concat([tracked, until], how="vertical_relaxed")
+        .group_by("series_id")
+        .agg(pl.col("tracked_until").max())
+        .join(ends, on="series_id")
+        .filter(pl.col("tracked_until") > pl.col("end") - window)
+    )
+    per_target = new.height / new.select("series_id", "target_ts").unique().height
+    per_horizon = per_target * max(now_tracked.height, 1) * horizon
     offset = calibration.tracked_offset(
         store.calibration_offset(model),
         new.height,
         int(new.select(inside.sum()).item()),
-        scored.height / horizons,
+        per_horizon,
         level,
     )
-    tracked_until = new.group_by("series_id").agg(pl.col("target_ts").max().alias("tracked_until"))
-    new_challenger, recent_challenger = _challenger_scored(store, ends, window, accuracy_window)
-    challenger = _challenger_offset(store, new_challenger, scored.height / horizons, level)
-    by_step = {int(step): group for (step,), group in scores.group_by("horizon_step")}
+    challenger_tracked = store.calibration_tracking(CHALLENGER)
+    new_challenger = _new_scored(store, CHALLENGER, ends, challenger_tracked, window)
+    challenger = _challenger_offset(store, new_challenger, per_horizon, level)
     rows = []
-    for step in sorted(set(by_step) | set(prior)):  # every step the offset applies to
-        group = by_step.get(step)
-        recent = [] if group is None else group["score"].to_list()
-        base = calibration.blend(recent, level, prior.get(step), prior_weight)
+    for step in sorted(set(totals) | set(prior)):  # every step the offset applies to
+        t = totals.get(step)
+        base = calibration.blend_histogram(
+            None if t is None else t["scores"], level, prior.get(step), prior_weight
+        )
         rows.append(
             {
                 "horizon_step": step,
                 "correction": calibration.shifted([base], offset)[0],
-                "n_scored": len(recent),
-                "coverage_raw": (
-                    None if group is None else float(group.select(inside_raw.mean()).item())
-                ),
+                "n_scored": 0 if t is None else int(t["n"]),
+                "coverage_raw": None if t is None else int(t["inside_raw"]) / int(t["n"]),
             }
         )
     summary.steps_calibrated, summary.offset = len(rows), offset
 
     # Anomalies: the newly scored actuals, judged against the newest forecast for each
     # (series, time), as served; incidents and fleet events follow (forecaster.anomaly).
-    newest = scored.sort("origin_ts").group_by("series_id", "target_ts").last()
-    judged = _judge(store, model, newest, tracked, anomalies, holdout, horizon)
-    accuracy = _series_accuracy(
-        store, model, scored, ends, accuracy_window, spec, {CHALLENGER: recent_challenger}
+    newest = new.sort("origin_ts").group_by("series_id", "target_ts").last()
+    weeks_start = _series_days(ends, window)
+    points_before = _window_sums(store, weeks_start, [model]).select(
+        "series_id", pl.col("n_points").alias("_n_before")
     )
-    summary.accuracy_window = accuracy_window
+    judged = _judge(store, model, newest, ends, window, points_before, anomalies, holdout, horizon)
+    accuracy_new = _accuracy_days(store, model, new, new_challenger, newest, spec)
+    accuracy = _series_accuracy(store, model, ends, accuracy_window, accuracy_new)
     summary.mase = _pooled_mase(accuracy, model)
     with store.begin() as conn:
         store.save_calibration(conn, model, sorted(rows, key=lambda r: r["horizon_step"]))
-        store.save_calibration_offset(conn, model, offset, new.height, tracked_until)
+        store.save_calibration_days(conn, model, days["touched"], cal_start)
+        store.save_calibration_offset(conn, model, offset, new.height, until)
         if challenger is not None:
             store.save_calibration_offset(conn, CHALLENGER, *challenger)
+        store.add_accuracy_days(conn, accuracy_new, min(weeks_start["since"]))
         summary.new_anomalies = store.insert_anomalies(conn, judged.anomalies)
         judged.save(store, conn, model)
         store.save_series_accuracy(
@@ -177,6 +185,115 @@ def run_evaluate(
     summary.fleet_events = judged.events.height
     log.info("evaluate done", **summary.__dict__)
     return summary
+
+
+DAY = timedelta(days=1)
+
+
+def _day(ts):  # noqa: ANN001, ANN202 - a datetime
+    """The UTC day a time falls in (its midnight)."""
+    return ts.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _whole_days(span: timedelta) -> timedelta:
+    """`span` rounded up to whole days: the running aggregates count by day."""
+    return DAY * -(-span // DAY)
+
+
+def _series_days(ends: pl.DataFrame, span: timedelta) -> pl.DataFrame:
+    """Per series (series_id, since): the first day of the whole days of `span` that end
+    with the day of its newest point."""
+    return ends.select(
+        "series_id",
+        (pl.col("end").dt.truncate("1d") - _whole_days(span) + DAY).alias("since"),
+    )
+
+
+def _new_scored(
+    store: Store, model: str, ends: pl.DataFrame, tracked: pl.DataFrame, window: timedelta
+) -> pl.DataFrame:
+    """The scored forecasts of `model` whose targets are after each series' newest one
+    counted before (`tracked`: series_id, tracked_until) and in the last `window` before
+    its newest point."""
+    since = ends.join(tracked, on="series_id", how="left").select(
+        "series_id",
+        pl.max_horizontal(
+            pl.col("tracked_until").fill_null(pl.col("end") - window), pl.col("end") - window
+        ).alias("after"),
+    )
+    return _scored_after(store, model, since, window)
+
+
+def _calibration_days(stored: list[dict], new: pl.DataFrame) -> dict:
+    """The window's calibration_days (stored rows, from the window's first day) with the new
+    scored forecasts added: {"window": {(day, step): row}, "touched": the rows of the days
+    and steps the new ones fell in, to store}. A row: day, horizon_step, n, inside,
+    inside_raw, scores (the histogram's counts; packed in "touched")."""
+    window = {
+        (r["day"], int(r["horizon_step"])): {
+            **r,
+            "scores": calibration.unpack_histogram(r["scores"]),
+        }
+        for r in stored
+    }
+    touched = []
+    if not new.is_empty():
+        inside = (pl.col("actual") >= pl.col("yhat_lower")) & (
+            pl.col("actual") <= pl.col("yhat_upper")
+        )
+        inside_raw = (pl.col("actual") >= pl.col("raw_lower")) & (
+            pl.col("actual") <= pl.col("raw_upper")
+        )
+        width = pl.max_horizontal(pl.col("raw_upper") - pl.col("raw_lower"), pl.lit(1e-9))
+        score = pl.min_horizontal(
+            pl.max_horizontal(
+                pl.col("raw_lower") - pl.col("actual"), pl.col("actual") - pl.col("raw_upper")
+            )
+            / width,
+            pl.lit(calibration.BAND_SCORE_CAP),
+        )
+        scored = new.select(
+            pl.col("target_ts").dt.truncate("1d").alias("day"),
+            "horizon_step",
+            inside.alias("inside"),
+            inside_raw.alias("inside_raw"),
+            score.alias("score"),
+        )
+        for (day, step), group in scored.group_by("day", "horizon_step"):
+            key = (day, int(step))
+            row = window.get(key) or {
+                "day": day,
+                "horizon_step": int(step),
+                "n": 0,
+                "inside": 0,
+                "inside_raw": 0,
+                "scores": calibration.score_histogram([]),
+            }
+            row = {
+                **row,
+                "n": int(row["n"]) + group.height,
+                "inside": int(row["inside"]) + int(group["inside"].sum()),
+                "inside_raw": int(row["inside_raw"]) + int(group["inside_raw"].sum()),
+                "scores": row["scores"] + calibration.score_histogram(group["score"].to_numpy()),
+            }
+            window[key] = row
+            touched.append({**row, "scores": calibration.pack_histogram(row["scores"])})
+    return {"window": window, "touched": touched}
+
+
+def _step_totals(days: dict) -> dict[int, dict]:
+    """Per horizon step, the window's sums: n, inside, inside_raw, scores (counts)."""
+    out: dict[int, dict] = {}
+    for (_, step), row in days["window"].items():
+        t = out.setdefault(
+            step,
+            {"n": 0, "inside": 0, "inside_raw": 0, "scores": calibration.score_histogram([])},
+        )
+        t["n"] += int(row["n"])
+        t["inside"] += int(row["inside"])
+        t["inside_raw"] += int(row["inside_raw"])
+        t["scores"] = t["scores"] + row["scores"]
+    return {step: t for step, t in out.items() if t["n"] > 0}
 
 
 def _holdout_priors(version: dict) -> tuple[dict[int, float], dict, FeatureSpec | None]:
@@ -200,14 +317,6 @@ ECHO = (timedelta(days=1), timedelta(weeks=1))  # the seasonal lags the models r
 BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
 
 
-def _recent_scored(store: Store, model: str, ends: pl.DataFrame, window: timedelta) -> pl.DataFrame:
-    """The scored forecasts of `model` whose targets lie in the last `window` before each
-    series' own newest point (series may end years apart: a window counted from the newest
-    of all would leave the others out)."""
-    starts = ends.select("series_id", (pl.col("end") - window).alias("after"))
-    return _scored_after(store, model, starts, window)
-
-
 def _scored_after(
     store: Store, model: str, starts: pl.DataFrame, window: timedelta
 ) -> pl.DataFrame:
@@ -221,28 +330,6 @@ def _scored_after(
         ids = None if members.height == starts.height else members["series_id"].to_list()
         parts.append(store.scored_forecasts(model, members["after"].min(), ids))
     return _after(pl.concat(parts), starts)
-
-
-def _challenger_scored(
-    store: Store, ends: pl.DataFrame, window: timedelta, accuracy_window: timedelta
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The statistical challenger's scored forecasts, read once: those whose targets are new
-    since its offset last counted (after each series' tracked_until, or the calibration
-    window's start), and those in the accuracy window (its per-series accuracy, beside the
-    champion's). Both are at most a week or so of targets, not the calibration window."""
-    tracked = store.calibration_tracking(CHALLENGER)
-    since = ends.join(tracked, on="series_id", how="left").select(
-        "series_id",
-        "end",
-        pl.max_horizontal(
-            pl.col("tracked_until").fill_null(pl.col("end") - window), pl.col("end") - window
-        ).alias("after"),
-    )
-    starts = since.select(
-        "series_id", pl.min_horizontal("after", pl.col("end") - accuracy_window).alias("after")
-    )
-    read = _scored_after(store, CHALLENGER, starts, window)
-    return _after(read, since), _in_window(read, ends, accuracy_window)
 
 
 def _challenger_offset(
@@ -267,11 +354,6 @@ def _challenger_offset(
     return offset, new.height, until
 
 
-def _in_window(frame: pl.DataFrame, ends: pl.DataFrame, window: timedelta) -> pl.DataFrame:
-    """The rows whose target lies in the last `window` before their series' end."""
-    return _after(frame, ends.select("series_id", (pl.col("end") - window).alias("after")))
-
-
 def _after(frame: pl.DataFrame, starts: pl.DataFrame) -> pl.DataFrame:
     """The rows whose target lies after their series' `after` (starts: series_id, after)."""
     return (
@@ -281,72 +363,204 @@ def _after(frame: pl.DataFrame, starts: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _series_accuracy(
+def _window_sums(
+    store: Store, starts: pl.DataFrame, models: Sequence[str], *, first_day: bool = False
+) -> pl.DataFrame:
+    """Per series of `starts` (series_id, since: a day) and model of `models`, the sums of
+    its accuracy_days from its `since` on (AggregateStore.accuracy_sums; one query per
+    distinct first day, most fleets have one); with `first_day`, also `first`, the first of
+    those days with scored forecasts."""
+    parts = []
+    for (since,), group in starts.group_by("since"):
+        sums = store.accuracy_sums(since, models, first_day=first_day)
+        parts.append(sums.join(group.select("series_id"), on="series_id", how="semi"))
+    if not parts:
+        return pl.DataFrame(
+            schema={
+                "series_id": pl.Int64,
+                "model": pl.String,
+                **{c: pl.Int64 for c in ("n", "inside", "n_points")},
+                **{c: pl.Float64 for c in ("abs_err", "naive_abs_err")},
+                **({"first": TS_DTYPE} if first_day else {}),
+            }
+        )
+    return pl.concat(parts, how="vertical_relaxed")
+
+
+def _accuracy_days(
     store: Store,
     model: str,
-    scored: pl.DataFrame,
-    ends: pl.DataFrame,
-    window: timedelta,
-    spec: FeatureSpec | None = None,
-    others: dict[str, pl.DataFrame] | None = None,
-) -> list[dict]:
-    """Per series, for the champion, the baselines and `others` (model -> its scored
-    forecasts in the window: the statistical challenger) over the last `window` of targets
-    before the series' newest point: n, MAE, MASE and band coverage (of the models with a
-    band: the champion and `others`). MASE is the MAE over
-    the daily seasonal naive's MAE on the same forecasts (series, origin, step): with a
-    horizon of at most a day that naive's MAE is the textbook in-sample scale, and pairing
-    the rows keeps a model that has served only part of the window (a new champion) from
-    being scaled by the rest. `_scale` (the naive's MAE on those rows) is for pooling and is
-    not stored.
+    new: pl.DataFrame,
+    new_challenger: pl.DataFrame,
+    newest: pl.DataFrame,
+    spec: FeatureSpec | None,
+) -> pl.DataFrame:
+    """What the new scored forecasts add to accuracy_days: per series, model and day of
+    target, for the champion, the challenger and both seasonal naives, on the forecasts the
+    daily naive also made (series, origin, step): n, the sums of absolute errors (abs_err)
+    and of the daily naive's (naive_abs_err), how many fell inside the band (models with
+    one); and the champion's actuals judged (n_points: `newest`, one per target time).
 
-    The baselines' forecasts are not read back: a seasonal naive's forecast of a target is
-    the actual one (or k) seasons before it, which `scored` (the champion's scored
-    forecasts over the calibration window, at least three weeks longer than `window`)
-    already holds, so they are rebuilt from it on the champion's own (series, origin, step)
-    keys with the champion's seasons (`spec`). Reading the baselines' stored rows was two
-    thirds of an evaluate run at 10,000 series (docs/reliability.md); without a spec (a
-    checkpoint that cannot be read) they are read as before."""
-    frames = {model: _in_window(scored, ends, window)}
-    if spec is not None:
-        frames.update(_naives_from(store, scored, frames[model], spec))
-    else:
-        for name in BASELINE_MODELS:
-            frames[name] = _recent_scored(store, name, ends, window)
-    frames.update(others or {})
-    naive = frames["seasonal_naive_daily"]
-    if naive.is_empty():
-        return []
+    The naives' forecasts are not read back: a seasonal naive's forecast of a target is the
+    value one season (or k seasons) before it, read from `observations` for the new keys
+    (_naives_from) with the champion's seasons (`spec`); without a spec (a checkpoint that
+    cannot be read) their stored rows are read."""
     key = ["series_id", "origin_ts", "horizon_step"]
-    naive_err = naive.select(*key, (pl.col("yhat") - pl.col("actual")).abs().alias("naive_err"))
-    inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
-    end_of = dict(zip(ends["series_id"], ends["end"], strict=True))
-    rows = []
-    for name, f in frames.items():
-        paired = f.join(naive_err, on=key, how="inner")
-        if paired.is_empty():
-            continue
-        stats = paired.group_by("series_id").agg(
-            pl.len().alias("n_scored"),
-            (pl.col("yhat") - pl.col("actual")).abs().mean().alias("mae"),
-            pl.col("naive_err").mean().alias("scale"),
-            inside.cast(pl.Float64).mean().alias("coverage"),
+    frames = {name: f for name, f in ((model, new), (CHALLENGER, new_challenger)) if f.height}
+    keys = pl.concat(
+        [f.select(*key, "target_ts", "actual") for f in frames.values()], how="vertical_relaxed"
+    ).unique(key)
+    if spec is not None:
+        frames.update(_naives_from(store, keys, keys, spec))
+    else:
+        starts = keys.group_by("series_id").agg(
+            (pl.col("target_ts").min() - timedelta(microseconds=1)).alias("after")
         )
-        for r in stats.iter_rows(named=True):
-            end = end_of[r["series_id"]]
-            rows.append(
-                {
-                    "series_id": r["series_id"],
-                    "model": name,
-                    "n_scored": r["n_scored"],
-                    "mae": r["mae"],
-                    "mase": r["mae"] / r["scale"] if r["scale"] else None,
-                    "coverage": None if name in BASELINE_MODELS else r["coverage"],
-                    "window_start": end - window,
-                    "window_end": end,
-                    "_scale": r["scale"],
-                }
+        for name in BASELINE_MODELS:
+            read = _scored_after(store, name, starts, timedelta(days=28))
+            frames[name] = read.join(keys.select(key), on=key, how="semi")
+    daily = frames.get("seasonal_naive_daily")
+    parts = []
+    if daily is not None and daily.height:
+        naive_err = daily.select(*key, (pl.col("yhat") - pl.col("actual")).abs().alias("_naive"))
+        inside = (pl.col("actual") >= pl.col("yhat_lower")) & (
+            pl.col("actual") <= pl.col("yhat_upper")
+        )
+        mine = new.select(key)
+        for name, f in frames.items():
+            paired = f.join(naive_err, on=key, how="inner")
+            if name in BASELINE_MODELS:  # on the champion's forecasts, as series_accuracy pairs
+                paired = paired.join(mine, on=key, how="semi")
+            paired = paired.sort(key)  # summed in one order, whatever order the rows came in
+            parts.append(
+                paired.group_by("series_id", pl.col("target_ts").dt.truncate("1d").alias("day"))
+                .agg(
+                    pl.len().cast(pl.Int64).alias("n"),
+                    (pl.col("yhat") - pl.col("actual")).abs().sum().alias("abs_err"),
+                    pl.col("_naive").sum().alias("naive_abs_err"),
+                    inside.fill_null(False).sum().cast(pl.Int64).alias("inside"),
+                    pl.lit(0, pl.Int64).alias("n_points"),
+                )
+                .with_columns(pl.lit(name).alias("model"))
             )
+    parts.append(
+        newest.group_by("series_id", pl.col("target_ts").dt.truncate("1d").alias("day")).agg(
+            pl.lit(0, pl.Int64).alias("n"),
+            pl.lit(0.0).alias("abs_err"),
+            pl.lit(0.0).alias("naive_abs_err"),
+            pl.lit(0, pl.Int64).alias("inside"),
+            pl.len().cast(pl.Int64).alias("n_points"),
+            pl.lit(model).alias("model"),
+        )
+    )
+    return (
+        pl.concat([p.select(_DAY_COLUMNS) for p in parts], how="vertical_relaxed")
+        .group_by("series_id", "model", "day")
+        .agg(pl.col(c).sum() for c in _DAY_COLUMNS[3:])
+        .select(_DAY_COLUMNS)
+    )
+
+
+_DAY_COLUMNS = (
+    "series_id",
+    "model",
+    "day",
+    "n",
+    "abs_err",
+    "naive_abs_err",
+    "inside",
+    "n_points",
+)
+
+
+def _series_accuracy(
+    store: Store, champion: str, ends: pl.DataFrame, window: timedelta, new_days: pl.DataFrame
+) -> list[dict]:
+    """Per series with new scored forecasts and per model (the champion, the challenger and
+    both seasonal naives), over the whole days of `window` that end with the day of the
+    series' newest point: n, MAE, MASE and band coverage (of the models with a band), from
+    accuracy_days as stored plus what this run adds (`new_days`, _accuracy_days). MASE is
+    the MAE over the daily seasonal naive's MAE on the same forecasts (series, origin,
+    step): with a horizon of at most a day that naive's MAE is the textbook in-sample scale,
+    and pairing the rows keeps a model that has served only part of the window (a new
+    champion) from being scaled by the rest. `_scale` (the naive's MAE on those rows) is for
+    pooling and is not stored. Series with nothing new keep the rows they have."""
+    starts = _series_days(ends, window).join(
+        new_days.select("series_id").unique(), on="series_id", how="semi"
+    )
+    if starts.is_empty():
+        return []
+    sums = ["n", "abs_err", "naive_abs_err", "inside"]
+
+    def totals_of(models: Sequence[str], since: pl.DataFrame) -> pl.DataFrame:
+        # The stored days' sums (in day order, AggregateStore.accuracy_sums), then what this
+        # run adds, in day order: equal runs give equal sums.
+        fresh = (
+            new_days.filter(pl.col("model").is_in(list(models)))
+            .join(since, on="series_id")
+            .filter(pl.col("day") >= pl.col("since"))
+            .sort("series_id", "model", "day")
+        )
+        return (
+            pl.concat(
+                [
+                    _window_sums(store, since, models).select("series_id", "model", *sums),
+                    fresh.select("series_id", "model", *sums),
+                ],
+                how="vertical_relaxed",
+            )
+            .group_by("series_id", "model", maintain_order=True)
+            .agg(pl.col(c).sum() for c in sums)
+            .filter(pl.col("n") > 0)
+        )
+
+    # The others on the champion's days only (a champion promoted inside the window is
+    # compared on what it served): from the first day it has scored forecasts of.
+    models = set(new_days["model"].to_list())
+    firsts = (
+        pl.concat(
+            [
+                _window_sums(store, starts, [champion], first_day=True).select(
+                    "series_id", "first"
+                ),
+                new_days.filter((pl.col("model") == champion) & (pl.col("n") > 0)).select(
+                    "series_id", pl.col("day").alias("first")
+                ),
+            ],
+            how="vertical_relaxed",
+        )
+        .group_by("series_id")
+        .agg(pl.col("first").min())
+    )
+    others_since = starts.join(firsts, on="series_id").select(
+        "series_id", pl.max_horizontal("since", "first").alias("since")
+    )
+    totals = (
+        pl.concat(
+            [
+                totals_of([champion], starts),
+                totals_of(sorted(models - {champion}), others_since),
+            ]
+        )
+        .join(starts, on="series_id")
+        .join(ends, on="series_id")
+    )
+    rows = []
+    for r in totals.iter_rows(named=True):
+        n, scale = r["n"], r["naive_abs_err"] / r["n"]
+        rows.append(
+            {
+                "series_id": r["series_id"],
+                "model": r["model"],
+                "n_scored": n,
+                "mae": r["abs_err"] / n,
+                "mase": r["abs_err"] / r["naive_abs_err"] if r["naive_abs_err"] else None,
+                "coverage": None if r["model"] in BASELINE_MODELS else r["inside"] / n,
+                "window_start": r["since"],
+                "window_end": r["end"],
+                "_scale": scale,
+            }
+        )
     return rows
 
 
@@ -372,11 +586,19 @@ def _naives_from(
     wanted = pl.concat([b.select("series_id", "_back") for b in backs.values()]).unique()
     missing = wanted.join(values, on=["series_id", "_back"], how="anti")
     if not missing.is_empty():
-        spans = missing.group_by("series_id").agg(
-            pl.col("_back").min().alias("a"), pl.col("_back").max().alias("b")
+        # One span per series and season (a day and a week back are apart: a span over
+        # both would read the days between).
+        spans = pl.concat(
+            [
+                b.join(missing, on=["series_id", "_back"], how="semi")
+                .group_by("series_id")
+                .agg(pl.col("_back").min().alias("a"), pl.col("_back").max().alias("b"))
+                for b in backs.values()
+            ]
         )
         ranges = sorted(set(zip(spans["a"], spans["b"], strict=True)))
-        read = store.recent_values(spans["series_id"].to_list(), ranges).select(
+        ids = spans["series_id"].unique().to_list()
+        read = store.recent_values(ids, ranges).select(
             "series_id", pl.col("ts").alias("_back"), pl.col("value").alias("yhat")
         )
         values = pl.concat(
@@ -402,6 +624,12 @@ def _pooled_mase(rows: list[dict], model: str) -> float | None:
     return sum(r["mae"] * r["n_scored"] for r in mine) / naive if naive > 0 else None
 
 
+# How far back of its new points a run rewrites the fleet's events (at least): events less
+# than [anomalies].fleet_merge apart merge, and a time's fleet evidence sums runs of times.
+EVENT_REACH = timedelta(days=1)
+RECENT = max(anomaly.RUNS) - 1  # deviations carried in anomaly_state for the runs
+
+
 @dataclass
 class _Judged:
     """What one evaluate run writes about anomalies."""
@@ -418,6 +646,9 @@ class _Judged:
     rate_seen: float | None
     rate_target: float
     new_points: int
+    points: pl.DataFrame  # the judged points to keep (anomaly_points)
+    times: pl.DataFrame  # their counts per time (fleet_times)
+    window_start: object  # aggregates before it are dropped
 
     def save(self, store: Store, conn, model: str) -> None:  # noqa: ANN001
         store.replace_incidents(conn, model, self.old_incidents, self.incidents)
@@ -436,41 +667,144 @@ class _Judged:
                 "series_weeks": self.threshold.series_weeks,
             },
         )
+        store.save_anomaly_points(
+            conn,
+            model,
+            self.points,
+            before=self.window_start,
+            edges_before=self.after,
+            min_evidence=anomaly.MIN_THRESHOLD,
+        )
+        store.add_fleet_times(conn, model, self.times, self.window_start)
+
+
+def _typical(points: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
+    """Per series of `points` (the new ones: series_id, yhat_lower, yhat_upper, _n_before:
+    its points in the window before them), its typical half-width of the band (the scale
+    forecaster.anomaly.deviation floors and caps by): the median of the new points' blended
+    with the one carried in `state`, weighing as many points as the window held before."""
+    new = points.group_by("series_id").agg(
+        ((pl.col("yhat_upper") - pl.col("yhat_lower")).median() / 2).alias("_median"),
+        pl.len().alias("_n"),
+        pl.col("_n_before").first(),
+    )
+    carried = state.select("series_id", pl.col("typical").alias("_carried"))
+    w = pl.col("_n_before").fill_null(0).cast(pl.Float64)
+    blended = (pl.col("_carried") * w + pl.col("_median") * pl.col("_n")) / (w + pl.col("_n"))
+    return new.join(carried, on="series_id", how="left").select(
+        "series_id",
+        pl.when(pl.col("_carried").is_null() | (w <= 0))
+        .then(pl.col("_median"))
+        .otherwise(blended)
+        .alias("_typical"),
+    )
+
+
+def _carried(state: pl.DataFrame, freqs: pl.DataFrame) -> pl.DataFrame:
+    """The deviations anomaly_state carries (its last RECENT points of each series) as rows
+    before the new points: series_id, ts (stepped back from the newest point judged, for
+    order only), deviation."""
+    rows = []
+    for sid, ts, recent in state.select("series_id", "ts", "recent").rows():
+        values = json.loads(recent) if recent else []
+        rows.extend((sid, len(values) - i, ts, d) for i, d in enumerate(values))
+    if not rows:
+        return pl.DataFrame(schema={"series_id": pl.Int64, "ts": TS_DTYPE, "deviation": pl.Float64})
+    frame = pl.DataFrame(
+        rows, schema=["series_id", "_back", "_last", "deviation"], orient="row"
+    ).with_columns(pl.col("_last").cast(TS_DTYPE))
+    return frame.join(freqs, on="series_id").select(
+        "series_id",
+        (pl.col("_last") - pl.duration(seconds=pl.col("freq_s") * pl.col("_back"))).alias("ts"),
+        "deviation",
+    )
 
 
 def _judge(
     store: Store,
     model: str,
     newest: pl.DataFrame,
-    tracked: pl.DataFrame,
+    ends: pl.DataFrame,
+    window: timedelta,
+    points_before: pl.DataFrame,
     cfg: AnomalySettings | None,
     holdout: dict | None,
     horizon: int,
 ) -> _Judged:
-    """Score the window's newest forecasts, judge the actuals not judged before, and fold the
-    anomalous ones into incidents and fleet events."""
+    """Score the newly scored actuals (`newest`: one per series and target time, the newest
+    forecast's), judge them, and fold the anomalous ones into incidents and fleet events.
+    What the window held before comes from the running aggregates: each series' carried
+    typical half-width and last deviations (anomaly_state), the points of its window
+    (`points_before`: series_id, _n_before) and those of them above the lowest threshold
+    allowed (anomaly_points), and the fleet's counts per time (fleet_times)."""
     cfg = cfg or AnomalySettings()
     gap = cfg.gap
+    freqs = store.series_freqs()
+    state = pl.DataFrame(
+        store.anomaly_state(model),
+        schema={
+            "series_id": pl.Int64,
+            "ts": TS_DTYPE,
+            "score": pl.Float64,
+            "incident_open": pl.Boolean,
+            "typical": pl.Float64,
+            "recent": pl.String,
+        },
+    )
     points = (
         newest.rename({"target_ts": "ts"})
-        .join(store.series_freqs(), on="series_id")
+        .join(freqs, on="series_id")
+        .join(points_before, on="series_id", how="left")
         .sort("series_id", "ts")
     )
-    points = points.with_columns(anomaly.deviation(points))
-    points = points.with_columns(anomaly.evidence(points)).join(tracked, on="series_id", how="left")
-    is_new = pl.col("tracked_until").is_null() | (pl.col("ts") > pl.col("tracked_until"))
-    after = points["ts"].min()
+    points = points.join(_typical(points, state), on="series_id")
+    points = points.with_columns(anomaly.deviation(points, typical="_typical"))
+    # Evidence sums runs of a series' last deviations: those carried from the last run come
+    # first, then are dropped.
+    carried = _carried(state.join(points.select("series_id").unique(), on="series_id"), freqs)
+    runs = pl.concat(
+        [
+            carried.with_columns(pl.lit(True).alias("_carried")),
+            points.select("series_id", "ts", "deviation", pl.lit(False).alias("_carried")),
+        ],
+        how="vertical_relaxed",
+    ).sort("series_id", "ts")
+    runs = runs.with_columns(anomaly.evidence(runs))
+    recent = (
+        runs.group_by("series_id", maintain_order=True)
+        .agg(pl.col("deviation").tail(RECENT).alias("_recent"))
+        .select(
+            "series_id",
+            pl.col("_recent").map_elements(
+                lambda d: json.dumps(d.to_list()), return_dtype=pl.String
+            ),
+        )
+    )
+    points = points.join(
+        runs.filter(~pl.col("_carried")).select("series_id", "ts", "evidence"),
+        on=["series_id", "ts"],
+    )
+    first_new = points["ts"].min()
+    starts = ends.select("series_id", (pl.col("end") - window).alias("_from"))
+    window_start = starts["_from"].min()
     # Thresholds are read from the points judged before, out of sample as the bands'
     # calibration is, and without the times of fleet events: a storm over the whole fleet
-    # is no sample of normal data, and would lift the threshold over the next one.
-    past = points.filter(~is_new)
-    known = store.fleet_events_since(model, after)
+    # is no sample of normal data, and would lift the threshold over the next one. Only the
+    # points above the lowest threshold allowed are kept (anomaly_points); each series'
+    # points are counted by day (accuracy_days), as the threshold's budget.
+    past = (
+        store.anomaly_points(model, window_start, min_evidence=anomaly.MIN_THRESHOLD)
+        .join(starts, on="series_id")
+        .filter(pl.col("ts") > pl.col("_from"))
+        .join(freqs, on="series_id")
+    )
+    known = store.fleet_events_since(model, window_start)
     for event in known:
         past = past.filter(~pl.col("ts").is_between(event["start_ts"], event["end_ts"]))
     # Nor with the incidents that were clear anomalies (peak score CLEAR or more): disruptions
     # more frequent than the rate chosen would otherwise lift the threshold over themselves.
     # Marginal incidents stay in, so the threshold cannot talk itself down.
-    window = store.incidents_since(model, after)
+    window = store.incidents_since(model, window_start)
     clear = window.filter(pl.col("peak_score") >= anomaly.CLEAR).select(
         "series_id", pl.col("start_ts").alias("_from"), pl.col("end_ts").alias("_to")
     )
@@ -483,22 +817,27 @@ def _judge(
             .unique()
         )
         past = past.join(inside, on=["series_id", "ts"], how="anti")
-    stored = store.anomaly_threshold(model)
-    judged_ids = set(points.filter(is_new)["series_id"].unique().to_list())
-    nothing_new = not judged_ids
-    if nothing_new and stored is not None:  # a re-run: what was judged stays judged
-        threshold = anomaly.Threshold(
-            float(stored["threshold"]), float(stored["series_weeks"]), 0, stored["measured"]
+    weeks = (
+        points_before.join(freqs, on="series_id")
+        .select(
+            "series_id",
+            (pl.col("_n_before").cast(pl.Float64) * pl.col("freq_s") / anomaly.WEEK_S).alias(
+                "_weeks"
+            ),
         )
-    else:
-        threshold = anomaly.choose_threshold(past, cfg.incidents_per_week, gap)
+        .filter(pl.col("_weeks") > 0)
+    )
+    judged_ids = set(points["series_id"].unique().to_list())
+    threshold = anomaly.choose_threshold(
+        past, cfg.incidents_per_week, gap, weeks=float(weeks["_weeks"].sum())
+    )
     # What the model measured on its training holdout, at the same rate and gap: serves
     # each series until it has enough scored points of its own.
     holdout = holdout or {}
     same = holdout.get("rate") == cfg.incidents_per_week and holdout.get("gap") == gap
     from_holdout = holdout.get("series", {}) if same else {}
     served = threshold.measured  # the fleet's level read from what is served
-    if not threshold.measured and not (nothing_new and stored is not None):
+    if not threshold.measured:
         # A new model: the level its predecessor measured on what it served, else the one
         # its own holdout measured (holdout bands are tighter than served ones: it runs low).
         before = store.anomaly_threshold()
@@ -510,33 +849,36 @@ def _judge(
             value = threshold.value
         threshold = anomaly.Threshold(value, threshold.series_weeks, 0, measured=False)
     # Each series with enough history of its own gets its own threshold, one known to the
-    # model its holdout's; the rest, the fleet's. (Only where there is something new to
-    # judge: the others keep theirs.)
+    # model its holdout's; the rest, the fleet's.
     own: dict[int, float] = {}
-    if not nothing_new:
-        if from_holdout:
-            # The holdout's thresholds differ between series as the served ones will; their
-            # level follows the fleet's served one where there is one (bands served live are
-            # not the holdout's).
-            pooled = holdout.get("pooled")
-            level = threshold.value / pooled if served and pooled else 1.0
-            for sid, name in store.series_catalogue():
-                if sid in judged_ids and name in from_holdout:
-                    own[sid] = max(float(from_holdout[name]) * level, anomaly.MIN_THRESHOLD)
-        mine = past.filter(pl.col("series_id").is_in(list(judged_ids)))
-        own.update(
-            anomaly.choose_thresholds(mine, cfg.incidents_per_week, gap, shrink_to=threshold.value)
+    if from_holdout:
+        # The holdout's thresholds differ between series as the served ones will; their
+        # level follows the fleet's served one where there is one (bands served live are
+        # not the holdout's).
+        pooled = holdout.get("pooled")
+        level = threshold.value / pooled if served and pooled else 1.0
+        for sid, name in store.series_catalogue():
+            if sid in judged_ids and name in from_holdout:
+                own[sid] = max(float(from_holdout[name]) * level, anomaly.MIN_THRESHOLD)
+    mine = past.filter(pl.col("series_id").is_in(list(judged_ids)))
+    own.update(
+        anomaly.choose_thresholds(
+            mine,
+            cfg.incidents_per_week,
+            gap,
+            shrink_to=threshold.value,
+            weeks=weeks.filter(pl.col("series_id").is_in(list(judged_ids))),
         )
-    points = points.with_columns(
+    )
+    new = points.with_columns(
         pl.col("series_id")
         .replace_strict(own, default=threshold.value, return_dtype=pl.Float64)
         .alias("threshold")
     ).with_columns((pl.col("evidence") / pl.col("threshold")).alias("score"))
-    new = points.filter(is_new)
     # An echo: the models read the values a day and a week back, so an anomalous actual
     # then makes the forecast for now wrong the other way. Such an actual is no evidence
     # of trouble now: its score is 0.
-    earlier_hits = store.anomalies_since(model, after - ECHO[-1])
+    earlier_hits = store.anomalies_since(model, first_new - ECHO[-1])
     raw = new.filter(pl.col("score") > 1).select("series_id", "ts", "deviation")
     seen = pl.concat(
         [earlier_hits, raw.select("series_id", "ts", pl.col("deviation").sign().alias("sign"))],
@@ -601,14 +943,17 @@ def _judge(
         touching.select("series_id", "start_ts"), on=["series_id", "start_ts"], how="anti"
     )
     incidents = pl.concat([kept.select(*anomaly.INCIDENT_COLUMNS), merged], how="vertical_relaxed")
-    # Each series' newest point: its score, and whether an incident is still open there.
+    # Each series' newest point: its score, whether an incident is still open there, and
+    # what the next run continues.
     last = (
         new.group_by("series_id")
         .agg(
             pl.col("ts").max().alias("ts"),
             pl.col("score").sort_by("ts").last(),
             pl.col("freq_s").first(),
+            pl.col("_typical").first().alias("typical"),
         )
+        .join(recent, on="series_id", how="left")
         .join(
             incidents.group_by("series_id").agg(pl.col("end_ts").max()), on="series_id", how="left"
         )
@@ -619,40 +964,78 @@ def _judge(
             ).alias("incident_open")
         )
     )
-    state = last.select("series_id", "ts", "score", "incident_open").to_dicts()
-    # Fleet events: a share of the fleet in incidents, or far more series than usual beyond
-    # the same edge of their bands at once (the usual share read from the points judged
-    # before, fleet events left out).
+    state_rows = last.select(
+        "series_id", "ts", "score", "incident_open", "typical", pl.col("_recent").alias("recent")
+    ).to_dicts()
+    # Fleet events, rewritten from a little before the new points (EVENT_REACH, or the
+    # merge span, back), and from the start of any event still running then: a share of
+    # the fleet in incidents, or far more series than usual beyond the same edge of their
+    # bands at once (the usual share read from the times judged before, fleet events left
+    # out).
+    reach_back = max(
+        EVENT_REACH, cfg.fleet_merge, timedelta(seconds=int(freqs["freq_s"].max())) * 6
+    )
+    after = first_new - reach_back
+    running = [e["start_ts"] for e in known if e["end_ts"] >= after]
+    after = min([after, *running]) - timedelta(seconds=1)
+    times_new = anomaly.edge_counts(new)
+    times_stored = store.fleet_times(model, window_start)
+    usual = times_stored.filter(pl.col("ts") < first_new)
+    for event in known:
+        usual = usual.filter(~pl.col("ts").is_between(event["start_ts"], event["end_ts"]))
+    counts = (
+        pl.concat(
+            [times_stored.filter(pl.col("ts") > after), times_new.select(times_stored.columns)],
+            how="vertical_relaxed",
+        )
+        .group_by("ts")
+        .agg(pl.col("n_series", "n_low", "n_high").sum())
+    )
+    near = incidents.filter(pl.col("end_ts") > after)
+    edge_points = pl.concat(
+        [
+            store.anomaly_points(model, after).filter(pl.col("deviation").abs() > 1),
+            new.filter(pl.col("deviation").abs() > 1).select(
+                "series_id", "ts", "deviation", "evidence"
+            ),
+        ],
+        how="vertical_relaxed",
+    ).select("series_id", "ts", "deviation")
     events = anomaly.fleet_events(
-        anomaly.edge_counts(points),
-        incidents,
+        counts,
+        near,
         cfg.fleet_share,
         cfg.fleet_min_series,
         cfg.fleet_merge,
-        edges=anomaly.edge_shares(anomaly.edge_counts(past)),
+        edges=anomaly.edge_shares(usual),
         threshold=cfg.fleet_evidence,
-        edge_points=points.filter(pl.col("deviation").abs() > 1).select(
-            "series_id", "ts", "deviation"
-        ),
-        judge_from=new["ts"].min() if new.height else None,
+        edge_points=edge_points,
+        judge_from=first_new,
         known=[(e["start_ts"], e["end_ts"]) for e in known if e["start_ts"] > after],
     )
     events = anomaly.new_events(events, after, [(e["start_ts"], e["end_ts"]) for e in known])
-    links = anomaly.link_events(incidents.select("series_id", "start_ts", "end_ts"), events)
-    in_window = incidents.filter(pl.col("start_ts") >= after).height
+    links = anomaly.link_events(near.select("series_id", "start_ts", "end_ts"), events)
+    in_window = incidents.filter(pl.col("start_ts") >= window_start).height
+    all_weeks = float(weeks["_weeks"].sum()) + anomaly.series_weeks(new)
+    keep = new.filter(
+        (pl.col("deviation").abs() > 1) | (pl.col("evidence") >= anomaly.MIN_THRESHOLD)
+    ).select("series_id", "ts", "deviation", "evidence")
     return _Judged(
         threshold=threshold,
         anomalies=rows,
         old_incidents=touching.select("series_id", "start_ts"),
         incidents=merged,
-        state=state,
+        state=state_rows,
         after=after,
         events=events,
         links=links.select("series_id", "start_ts", "event_start"),
         new_incidents=merged.join(
             touching.select("series_id", "start_ts"), on=["series_id", "start_ts"], how="anti"
         ).height,
-        rate_seen=in_window / weeks if (weeks := anomaly.series_weeks(points)) > 0 else None,
+        rate_seen=in_window / all_weeks if all_weeks > 0 else None,
         rate_target=cfg.incidents_per_week,
         new_points=new.height,
+        points=keep,
+        times=times_new.select("ts", "n_series", "n_low", "n_high"),
+        window_start=window_start,
     )

@@ -1,7 +1,7 @@
 """The SQL store: the only package that runs SQL against our database.
 
 `Store` is one object over one engine; its methods live in a module per concern
-(`ingest`, `registry`, `prediction`, `evaluation`, `jobs`, `service`), all built on `base.StoreBase`, which owns
+(`ingest`, `registry`, `prediction`, `evaluation`, `aggregates`, `jobs`, `service`), all built on `base.StoreBase`, which owns
 the engine, transactions, the per-dialect insert helpers and the migrations. See `base` for
 the write paths per dialect.
 
@@ -11,6 +11,7 @@ CLI's reads (`series list`, `models list`, `db current`) use none and start with
 
 from __future__ import annotations
 
+from forecaster.store.aggregates import AggregateStore
 from forecaster.store.base import (
     MIGRATIONS_DIR,
     StoreBase,
@@ -35,6 +36,14 @@ __all__ = [
 ]
 
 
-class Store(IngestStore, RegistryStore, PredictionStore, EvaluationStore, JobsStore, ServiceStore):
+class Store(
+    IngestStore,
+    RegistryStore,
+    PredictionStore,
+    EvaluationStore,
+    AggregateStore,
+    JobsStore,
+    ServiceStore,
+):
     """Owns the engine. Reads open their own connection; writes take the connection of the
     caller's transaction (`with store.begin() as conn:`) so a job commits all or nothing."""

@@ -392,19 +392,24 @@ class EvaluationStore(StoreBase):
     def save_anomaly_state(
         self, conn: Connection, model: str, rows: Sequence[Mapping[str, Any]]
     ) -> None:
-        """Upsert per series (series_id, ts, score, incident_open) the newest scored point."""
+        """Upsert per series (series_id, ts, score, incident_open, typical, recent) the newest
+        scored point and what the next run continues."""
         if not rows:
             return
-        stmt = self._upsert(s.anomaly_state, ("ts", "score", "incident_open", "updated_at"))
+        cols = ("ts", "score", "incident_open", "typical", "recent", "updated_at")
+        stmt = self._upsert(s.anomaly_state, cols)
         now = datetime.now(UTC)
         conn.execute(stmt, [{**r, "model": model, "updated_at": now} for r in rows])
 
     def anomaly_state(
         self, model: str, series_ids: Sequence[int] | None = None
     ) -> list[dict[str, Any]]:
-        """Rows of anomaly_state of `model` (series_id, ts, score, incident_open)."""
+        """Rows of anomaly_state of `model` (series_id, ts, score, incident_open, typical,
+        recent)."""
         a = s.anomaly_state
-        q = sa.select(a.c.series_id, a.c.ts, a.c.score, a.c.incident_open).where(a.c.model == model)
+        q = sa.select(
+            a.c.series_id, a.c.ts, a.c.score, a.c.incident_open, a.c.typical, a.c.recent
+        ).where(a.c.model == model)
         if series_ids is not None:
             q = q.where(a.c.series_id.in_(list(series_ids)))
         with self.engine.connect() as conn:

@@ -136,6 +136,37 @@ def test_thresholds_of_many_series_at_once_equal_one_by_one():
     assert at_once == pytest.approx(one_by_one)
 
 
+def test_thresholds_from_the_points_above_the_floor_and_the_weeks_equal_those_from_all():
+    """The evaluate job keeps only the judged points with evidence of at least
+    MIN_THRESHOLD (anomaly_points) and counts each series' points by day: no lower point
+    starts or continues an incident at any threshold allowed, so the thresholds are the
+    same. A series with no point above the floor gets the floor (shrunk to the fleet's)."""
+    rng = np.random.default_rng(11)
+    n_series, hours = 12, 3 * 168
+    scale = rng.uniform(0.3, 1.5, n_series).repeat(hours)
+    points = _points(np.abs(rng.standard_t(3, n_series * hours)) * scale, n_series)
+    quiet = points["series_id"].unique().sort()[0]  # all its evidence below the floor
+    points = points.with_columns(
+        pl.when(pl.col("series_id") == quiet)
+        .then(pl.col("evidence").clip(upper_bound=anomaly.MIN_THRESHOLD * 0.9))
+        .otherwise(pl.col("evidence"))
+        .alias("evidence")
+    )
+    weeks = points.group_by("series_id").agg(
+        (pl.col("freq_s").sum() / anomaly.WEEK_S).cast(pl.Float64).alias("_weeks")
+    )
+    above = points.filter(pl.col("evidence") >= anomaly.MIN_THRESHOLD)
+    assert above.height < points.height / 3 and quiet not in above["series_id"].to_list()
+    fleet = anomaly.choose_threshold(points, 0.5, 2)
+    assert fleet == anomaly.choose_threshold(above, 0.5, 2, weeks=float(weeks["_weeks"].sum()))
+    every = anomaly.choose_thresholds(points, 0.5, 2, shrink_to=fleet.value)
+    kept = anomaly.choose_thresholds(above, 0.5, 2, shrink_to=fleet.value, weeks=weeks)
+    assert len(every) == n_series and kept == pytest.approx(every)
+    assert every[quiet] == pytest.approx(
+        float(anomaly.shrunk(anomaly.MIN_THRESHOLD, 3.0, fleet.value))
+    )
+
+
 def test_too_little_data_serves_the_default_threshold():
     points = _points(np.linspace(0, 5, 100), 1)  # 100 hours: under two series-weeks
     th = anomaly.choose_threshold(points, 1.0, 2)

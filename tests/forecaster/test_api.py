@@ -164,7 +164,13 @@ def test_the_pooled_offset_widens_every_step(fitted):
         calibration.blend(scores, 0.8, prior.get(h), fc.prior_weight) + 2.4
         for h in range(1, fc.horizon + 1)
     ]
-    assert fc.corrections() == pytest.approx(want)
+    # The quantile is read to a bin of the scores' histogram, as the evaluate job reads it:
+    # never below the exact one, at most a bin above.
+    got = fc.corrections()
+    assert len(got) == len(want)
+    assert all(
+        w - 1e-9 <= g <= w + calibration.SCORE_BIN + 1e-9 for g, w in zip(got, want, strict=True)
+    )
 
 
 def test_each_missed_horizon_adds_to_the_offset_and_a_covered_one_takes_off(fitted):
