@@ -35,7 +35,7 @@ from datetime import timedelta
 import polars as pl
 import structlog
 
-from forecaster import anomaly, calibration
+from forecaster import anomaly, calibration, schema
 from forecaster.config import AnomalySettings
 from forecaster.features import FeatureSpec
 from forecaster.frames import TS_DTYPE
@@ -461,16 +461,7 @@ def _accuracy_days(
     )
 
 
-_DAY_COLUMNS = (
-    "series_id",
-    "model",
-    "day",
-    "n",
-    "abs_err",
-    "naive_abs_err",
-    "inside",
-    "n_points",
-)
+_DAY_COLUMNS = tuple(c.name for c in schema.accuracy_days.columns)  # as the table has them
 
 
 def _series_accuracy(

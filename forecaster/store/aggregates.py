@@ -193,16 +193,7 @@ class AggregateStore(StoreBase):
 
 _ACCURACY_DAYS = Bulk(
     table="accuracy_days",
-    columns=(
-        "series_id",
-        "model",
-        "day",
-        "n",
-        "abs_err",
-        "naive_abs_err",
-        "inside",
-        "n_points",
-    ),
+    columns=tuple(c.name for c in s.accuracy_days.columns),
     key=("series_id", "model", "day"),
     timestamps=("day",),
     pg=PgTemp(
