@@ -76,6 +76,11 @@ class EvaluateSummary:
         )
 
 
+def _inside(lower: str = "yhat_lower", upper: str = "yhat_upper") -> pl.Expr:
+    """The actual inside the band [lower, upper] (the served one by default)."""
+    return (pl.col("actual") >= pl.col(lower)) & (pl.col("actual") <= pl.col(upper))
+
+
 def run_evaluate(
     store: Store,
     *,
@@ -114,7 +119,7 @@ def run_evaluate(
         summary.offset = store.calibration_offset(model)
         return summary
 
-    inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
+    inside = _inside()
     # One offset for every step, carried between runs: the actuals scored since the last
     # run move it by their excess miss rate per horizon of time. A horizon brings as many
     # scored rows as each target gets forecasts, times series, times horizon steps.
@@ -238,12 +243,8 @@ def _calibration_days(stored: list[dict], new: pl.DataFrame) -> dict:
     }
     touched = []
     if not new.is_empty():
-        inside = (pl.col("actual") >= pl.col("yhat_lower")) & (
-            pl.col("actual") <= pl.col("yhat_upper")
-        )
-        inside_raw = (pl.col("actual") >= pl.col("raw_lower")) & (
-            pl.col("actual") <= pl.col("raw_upper")
-        )
+        inside = _inside()
+        inside_raw = _inside("raw_lower", "raw_upper")
         width = pl.max_horizontal(pl.col("raw_upper") - pl.col("raw_lower"), pl.lit(1e-9))
         score = pl.min_horizontal(
             pl.max_horizontal(
@@ -261,14 +262,7 @@ def _calibration_days(stored: list[dict], new: pl.DataFrame) -> dict:
         )
         for (day, step), group in scored.group_by("day", "horizon_step"):
             key = (day, int(step))
-            row = window.get(key) or {
-                "day": day,
-                "horizon_step": int(step),
-                "n": 0,
-                "inside": 0,
-                "inside_raw": 0,
-                "scores": calibration.score_histogram([]),
-            }
+            row = window.get(key) or {"day": day, "horizon_step": int(step), **_no_counts()}
             row = {
                 **row,
                 "n": int(row["n"]) + group.height,
@@ -281,14 +275,16 @@ def _calibration_days(stored: list[dict], new: pl.DataFrame) -> dict:
     return {"window": window, "touched": touched}
 
 
+def _no_counts() -> dict:
+    """A calibration_days row's counts before anything is scored."""
+    return {"n": 0, "inside": 0, "inside_raw": 0, "scores": calibration.score_histogram([])}
+
+
 def _step_totals(days: dict) -> dict[int, dict]:
     """Per horizon step, the window's sums: n, inside, inside_raw, scores (counts)."""
     out: dict[int, dict] = {}
     for (_, step), row in days["window"].items():
-        t = out.setdefault(
-            step,
-            {"n": 0, "inside": 0, "inside_raw": 0, "scores": calibration.score_histogram([])},
-        )
+        t = out.setdefault(step, _no_counts())
         t["n"] += int(row["n"])
         t["inside"] += int(row["inside"])
         t["inside_raw"] += int(row["inside_raw"])
@@ -342,7 +338,7 @@ def _challenger_offset(
     scored forecast."""
     if new.is_empty():
         return None
-    inside = (pl.col("actual") >= pl.col("yhat_lower")) & (pl.col("actual") <= pl.col("yhat_upper"))
+    inside = _inside()
     offset = calibration.tracked_offset(
         store.calibration_offset(CHALLENGER),
         new.height,
@@ -423,9 +419,7 @@ def _accuracy_days(
     parts = []
     if daily is not None and daily.height:
         naive_err = daily.select(*key, (pl.col("yhat") - pl.col("actual")).abs().alias("_naive"))
-        inside = (pl.col("actual") >= pl.col("yhat_lower")) & (
-            pl.col("actual") <= pl.col("yhat_upper")
-        )
+        inside = _inside()
         mine = new.select(key)
         for name, f in frames.items():
             paired = f.join(naive_err, on=key, how="inner")
@@ -483,9 +477,13 @@ def _series_accuracy(
         return []
     sums = ["n", "abs_err", "naive_abs_err", "inside"]
 
-    def totals_of(models: Sequence[str], since: pl.DataFrame) -> pl.DataFrame:
-        # The stored days' sums (in day order, AggregateStore.accuracy_sums), then what this
-        # run adds, in day order: equal runs give equal sums.
+    def totals_of(
+        models: Sequence[str], since: pl.DataFrame, stored: pl.DataFrame | None = None
+    ) -> pl.DataFrame:
+        # The stored days' sums (in day order, AggregateStore.accuracy_sums; `stored` where
+        # read already), then what this run adds, in day order: equal runs give equal sums.
+        if stored is None:
+            stored = _window_sums(store, since, models)
         fresh = (
             new_days.filter(pl.col("model").is_in(list(models)))
             .join(since, on="series_id")
@@ -495,7 +493,7 @@ def _series_accuracy(
         return (
             pl.concat(
                 [
-                    _window_sums(store, since, models).select("series_id", "model", *sums),
+                    stored.select("series_id", "model", *sums),
                     fresh.select("series_id", "model", *sums),
                 ],
                 how="vertical_relaxed",
@@ -508,12 +506,11 @@ def _series_accuracy(
     # The others on the champion's days only (a champion promoted inside the window is
     # compared on what it served): from the first day it has scored forecasts of.
     models = set(new_days["model"].to_list())
+    mine = _window_sums(store, starts, [champion], first_day=True)
     firsts = (
         pl.concat(
             [
-                _window_sums(store, starts, [champion], first_day=True).select(
-                    "series_id", "first"
-                ),
+                mine.select("series_id", "first"),
                 new_days.filter((pl.col("model") == champion) & (pl.col("n") > 0)).select(
                     "series_id", pl.col("day").alias("first")
                 ),
@@ -529,7 +526,7 @@ def _series_accuracy(
     totals = (
         pl.concat(
             [
-                totals_of([champion], starts),
+                totals_of([champion], starts, mine),
                 totals_of(sorted(models - {champion}), others_since),
             ]
         )
@@ -636,7 +633,6 @@ class _Judged:
     new_incidents: int
     rate_seen: float | None
     rate_target: float
-    new_points: int
     points: pl.DataFrame  # the judged points to keep (anomaly_points)
     times: pl.DataFrame  # their counts per time (fleet_times)
     window_start: object  # aggregates before it are dropped
@@ -644,8 +640,6 @@ class _Judged:
     def save(self, store: Store, conn, model: str) -> None:  # noqa: ANN001
         store.replace_incidents(conn, model, self.old_incidents, self.incidents)
         store.save_anomaly_state(conn, model, self.state)
-        if self.new_points == 0:
-            return  # nothing judged: events and threshold stay as the last judgement left them
         store.replace_fleet_events(conn, model, self.after, self.events, self.links)
         store.save_anomaly_threshold(
             conn,
@@ -1025,7 +1019,6 @@ def _judge(
         ).height,
         rate_seen=in_window / all_weeks if all_weeks > 0 else None,
         rate_target=cfg.incidents_per_week,
-        new_points=new.height,
         points=keep,
         times=times_new.select("ts", "n_series", "n_low", "n_high"),
         window_start=window_start,
