@@ -6,6 +6,7 @@ and the time that refresher takes to read it after the jobs), and the process's 
 the RSS curve's start and end.
 
     python bench/load.py [--series 10000] [--windows 12] [--history-weeks 5]
+                         [--profile-evaluate] [--evaluate-repeats K]
 
 Data and model as bench/predict.py (the bundled panel tiled to --series, a one-epoch LSTM
 as champion). Each window: ingest_batch of 24 new points per series (as the ingest job
@@ -13,6 +14,11 @@ writes them), then `run_job` of a predict and an evaluate job (claims, job_runs,
 code the daemon runs) on a simulated clock at the window's end, then GET /metrics from the
 daemon's HttpApp. A window is a day of data: the replay speed these jobs could keep up with
 is 86,400 s over the window's total wall time.
+
+With --evaluate-repeats K, the last window's evaluate job also runs on K copies of the store
+as it stood just before that job (SQLite's backup API), one after the other, and the median
+and spread of those K times are printed: one job timed K times on the same data, for A/B
+comparisons of the evaluate code on a noisy machine (run each side with PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import argparse
 import cProfile
 import os
 import pstats
+import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -85,6 +93,31 @@ class Scraped:
         self.app.stop()
 
 
+def evaluate_copies(
+    store: Store, settings: Settings, clock: FixedClock, end: datetime, tmp: str, args
+) -> list[float]:
+    """The evaluate job's seconds on `args.evaluate_repeats` copies of `store` as it is now,
+    each copy made, timed and removed in turn."""
+    seconds = []
+    src = store.engine.url.database
+    for k in range(args.evaluate_repeats):
+        path = f"{tmp}/copy{k}.db"
+        with sqlite3.connect(src) as a, sqlite3.connect(path) as b:
+            a.backup(b)
+        copy = Store(f"sqlite:///{path}")
+        ctx = JobContext(
+            settings=settings.model_copy(update={"database_url": f"sqlite:///{path}"}),
+            store=copy,
+            clock=clock,
+        )
+        out = run_job(Job(kind="evaluate", scheduled_at=end), ctx)
+        assert out.status == "succeeded", (out.status, out.summary)
+        seconds.append(out.seconds)
+        copy.close()
+        os.remove(path)
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--series", type=int, default=10_000)
@@ -94,6 +127,12 @@ def main() -> None:
         "--profile-evaluate",
         action="store_true",
         help="profile the first and the last window's evaluate job: where its time went",
+    )
+    ap.add_argument(
+        "--evaluate-repeats",
+        type=int,
+        default=0,
+        help="time the last window's evaluate job again on this many copies of the store",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the daemon's serving process (schedule.torch_threads)
@@ -139,7 +178,10 @@ def main() -> None:
             clock.set(end)
             ctx = JobContext(settings=settings, store=store, clock=clock)
             times = {}
+            repeats: list[float] = []
             for kind in ("predict", "evaluate"):
+                if kind == "evaluate" and w == args.windows and args.evaluate_repeats:
+                    repeats = evaluate_copies(store, settings, clock, end, tmp, args)
                 profiler = None
                 if kind == "evaluate" and args.profile_evaluate and w in (1, args.windows):
                     profiler = cProfile.Profile()
@@ -197,6 +239,12 @@ def main() -> None:
         f"(500 series), {max(r[5] for r in rows):.3f} s (all {args.series:,}); slowest "
         f"background snapshot {max(r[6] for r in rows):.2f} s"
     )
+    if repeats:
+        print(
+            f"last window's evaluate on {len(repeats)} copies of the store: median "
+            f"{statistics.median(repeats):.2f} s (min {min(repeats):.2f}, max "
+            f"{max(repeats):.2f}; the run above {rows[-1][3]:.2f} s)"
+        )
     print(f"pid {os.getpid()}")
 
 

@@ -415,6 +415,15 @@ anomaly_state = sa.Table(
     # last deviations (a JSON array, oldest first: the runs its evidence sums).
     sa.Column("typical", sa.Float, nullable=True),
     sa.Column("recent", sa.Text, nullable=True),
+    # What the next run's threshold reads (migration 0015), so that a run does not read the
+    # window's judged points again: the series' points of the window with evidence of at
+    # least the lowest threshold allowed (its "tail": little-endian float64 pairs of epoch
+    # seconds and evidence, oldest first), and its judged points per whole day from
+    # window_day on (day_counts: little-endian int64, one per day). NULL (rows written
+    # before 0015): read from anomaly_points and accuracy_days once.
+    sa.Column("tail", sa.LargeBinary, nullable=True),
+    sa.Column("day_counts", sa.LargeBinary, nullable=True),
+    sa.Column("window_day", UTCDateTime, nullable=True),
 )
 
 # -- running aggregates of the evaluate job (migration 0014) -----------------------------------

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import polars as pl
 import structlog
 
@@ -165,10 +166,7 @@ def run_evaluate(
     # (series, time), as served; incidents and fleet events follow (forecaster.anomaly).
     newest = new.sort("origin_ts").group_by("series_id", "target_ts").last()
     weeks_start = _series_days(ends, window)
-    points_before = _window_sums(store, weeks_start, [model]).select(
-        "series_id", pl.col("n_points").alias("_n_before")
-    )
-    judged = _judge(store, model, newest, ends, window, points_before, anomalies, holdout, horizon)
+    judged = _judge(store, model, newest, ends, window, weeks_start, anomalies, holdout, horizon)
     accuracy_new = _accuracy_days(store, model, new, new_challenger, newest, spec)
     accuracy = _series_accuracy(store, model, ends, accuracy_window, accuracy_new)
     summary.mase = _pooled_mase(accuracy, model)
@@ -178,7 +176,12 @@ def run_evaluate(
         store.save_calibration_offset(conn, model, offset, new.height, until)
         if challenger is not None:
             store.save_calibration_offset(conn, CHALLENGER, *challenger)
-        store.add_accuracy_days(conn, accuracy_new, min(weeks_start["since"]))
+        # Kept over the accuracy window; over the anomaly window too while some series'
+        # day counts are still read from it (a store upgraded past 0015, until judged).
+        keep = _series_days(ends, accuracy_window)["since"].min()
+        if judged.uncarried:
+            keep = min(keep, weeks_start["since"].min())
+        store.add_accuracy_days(conn, accuracy_new, keep)
         summary.new_anomalies = store.insert_anomalies(conn, judged.anomalies)
         judged.save(store, conn, model)
         store.save_series_accuracy(
@@ -636,6 +639,9 @@ class _Judged:
     points: pl.DataFrame  # the judged points to keep (anomaly_points)
     times: pl.DataFrame  # their counts per time (fleet_times)
     window_start: object  # aggregates before it are dropped
+    # Series whose anomaly_state row still lacks what a run carries (written before
+    # migration 0015, not judged since): their day counts are still read from accuracy_days.
+    uncarried: int = 0
 
     def save(self, store: Store, conn, model: str) -> None:  # noqa: ANN001
         store.replace_incidents(conn, model, self.old_incidents, self.incidents)
@@ -661,6 +667,173 @@ class _Judged:
             min_evidence=anomaly.MIN_THRESHOLD,
         )
         store.add_fleet_times(conn, model, self.times, self.window_start)
+
+
+# A series' tail in anomaly_state: its window's points with evidence >= MIN_THRESHOLD, oldest
+# first, each the epoch microseconds of its time and its evidence (little-endian).
+_TAIL = np.dtype([("ts", "<i8"), ("evidence", "<f8")])
+_NO_TAILS = {"series_id": pl.Int64, "ts": TS_DTYPE, "evidence": pl.Float64}
+
+
+def _unpack_tails(state: pl.DataFrame) -> pl.DataFrame:
+    """The points of the `tail`s of `state` (series_id, tail): series_id, ts, evidence."""
+    blobs = state["tail"].to_list()
+    counts = np.array([len(b) // _TAIL.itemsize for b in blobs], dtype=np.int64)
+    rec = np.frombuffer(b"".join(blobs), dtype=_TAIL)
+    return pl.DataFrame(
+        {
+            "series_id": np.repeat(state["series_id"].to_numpy(), counts),
+            "ts": pl.Series(np.ascontiguousarray(rec["ts"]), dtype=pl.Int64).cast(TS_DTYPE),
+            "evidence": np.ascontiguousarray(rec["evidence"]),
+        },
+        schema=_NO_TAILS,
+    )
+
+
+def _pack_tails(points: pl.DataFrame) -> pl.DataFrame:
+    """Per series of `points` (series_id, ts, evidence), its tail: series_id, tail."""
+    schema = {"series_id": pl.Int64, "tail": pl.Binary}
+    if points.is_empty():
+        return pl.DataFrame(schema=schema)
+    points = points.sort("series_id", "ts")
+    rec = np.empty(points.height, dtype=_TAIL)
+    rec["ts"] = points["ts"].dt.epoch("us").to_numpy()
+    rec["evidence"] = points["evidence"].to_numpy()
+    ids, first = np.unique(points["series_id"].to_numpy(), return_index=True)
+    bounds = [*first[1:].tolist(), points.height]
+    blobs = [rec[a:b].tobytes() for a, b in zip(first.tolist(), bounds, strict=True)]
+    return pl.DataFrame({"series_id": ids, "tail": blobs}, schema=schema)
+
+
+_DAY_US = 86_400 * 10**6
+_NO_DAYS = {"series_id": pl.Int64, "day": TS_DTYPE, "n_points": pl.Int64}
+
+
+def _unpack_days(state: pl.DataFrame) -> pl.DataFrame:
+    """The `day_counts` of `state` (series_id, day_counts, window_day) as rows: series_id,
+    day, n_points (each series' days from its window_day on)."""
+    blobs = state["day_counts"].to_list()
+    counts = np.array([len(b) // 8 for b in blobs], dtype=np.int64)
+    n = np.frombuffer(b"".join(blobs), dtype="<i8")
+    first = np.cumsum(counts) - counts
+    k = np.arange(n.size, dtype=np.int64) - np.repeat(first, counts)
+    day0 = state["window_day"].dt.epoch("us").to_numpy()
+    return pl.DataFrame(
+        {
+            "series_id": np.repeat(state["series_id"].to_numpy(), counts),
+            "day": pl.Series(np.repeat(day0, counts) + k * _DAY_US).cast(TS_DTYPE),
+            "n_points": n.astype(np.int64),
+        },
+        schema=_NO_DAYS,
+    )
+
+
+def _pack_days(days: pl.DataFrame, since: pl.DataFrame) -> pl.DataFrame:
+    """Per series of `since` (series_id, since), its `days` (series_id, day, n_points: its
+    judged points per day, none before its since) as day_counts from its since on (an
+    empty one where it has none): series_id, day_counts."""
+    days = days.join(since, on="series_id").sort("series_id", "day")
+    ids = since["series_id"].to_numpy()
+    row = {sid: r for r, sid in enumerate(ids.tolist())}
+    at = days["series_id"].replace_strict(row, return_dtype=pl.Int64).to_numpy()
+    k = ((days["day"].dt.epoch("us") - days["since"].dt.epoch("us")) // _DAY_US).to_numpy()
+    length = np.zeros(ids.size, dtype=np.int64)
+    np.maximum.at(length, at, k + 1)
+    first = np.cumsum(length) - length
+    flat = np.zeros(int(length.sum()), dtype="<i8")
+    np.add.at(flat, first[at] + k, days["n_points"].to_numpy())
+    blobs = [
+        flat[a : a + m].tobytes() for a, m in zip(first.tolist(), length.tolist(), strict=True)
+    ]
+    return pl.DataFrame(
+        {"series_id": ids, "day_counts": blobs},
+        schema={"series_id": pl.Int64, "day_counts": pl.Binary},
+    )
+
+
+def _window_before(
+    store: Store,
+    model: str,
+    state: pl.DataFrame,
+    weeks_start: pl.DataFrame,
+    starts: pl.DataFrame,
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """What each series' window held before the new points: its judged points per whole
+    day from its `since` on (weeks_start; series_id, day, n_points) and their total
+    (series_id, _n_before), and those after its window's start (starts: series_id, _from)
+    with evidence of at least MIN_THRESHOLD (series_id, ts, evidence). Read from what
+    anomaly_state carries (day_counts from window_day on, tail), less the days and points
+    that have left the window since; where it carries none (rows written before migration
+    0015), from accuracy_days and anomaly_points, as the window's aggregates; those series
+    are the fourth frame (series_id)."""
+    state = state.join(weeks_start, on="series_id")
+    ok = pl.col("tail").is_not_null() & pl.col("day_counts").is_not_null()
+    carried, recount = state.filter(ok), state.filter(~ok)
+    days = _unpack_days(carried.select("series_id", "day_counts", "window_day"))
+    tails = _unpack_tails(carried.select("series_id", "tail"))
+    if recount.height:
+        ids = recount["series_id"].implode()
+        stored = store.judged_per_day(model, recount["since"].min())
+        days = pl.concat([days, stored.filter(pl.col("series_id").is_in(ids))])
+        since = starts.filter(pl.col("series_id").is_in(ids))["_from"].min()
+        points = store.anomaly_points(model, since, min_evidence=anomaly.MIN_THRESHOLD)
+        tails = pl.concat(
+            [tails, points.filter(pl.col("series_id").is_in(ids)).select(list(_NO_TAILS))]
+        )
+    days = (
+        days.join(weeks_start, on="series_id")
+        .filter(pl.col("day") >= pl.col("since"))
+        .select(list(_NO_DAYS))
+    )
+    counts = days.group_by("series_id").agg(pl.col("n_points").sum().alias("_n_before"))
+    tails = (
+        tails.join(starts, on="series_id")
+        .filter(pl.col("ts") > pl.col("_from"))
+        .select(list(_NO_TAILS))
+    )
+    return days, counts, tails, recount.select("series_id")
+
+
+def _carry(
+    tails: pl.DataFrame,
+    days: pl.DataFrame,
+    new: pl.DataFrame,
+    weeks_start: pl.DataFrame,
+) -> pl.DataFrame:
+    """What anomaly_state carries for the series judged (`new`: their new points, series_id,
+    ts, evidence): the window's `tails` with the new points above MIN_THRESHOLD added (tail),
+    and its `days` (series_id, day, n_points) with the new points counted, from its since
+    on, as accuracy_days counts them (day_counts, window_day)."""
+    ids = new.select("series_id").unique()
+    fresh = new.filter(pl.col("evidence") >= anomaly.MIN_THRESHOLD)
+    packed = _pack_tails(
+        pl.concat(
+            [tails.join(ids, on="series_id", how="semi"), fresh.select(list(_NO_TAILS))],
+            how="vertical_relaxed",
+        )
+    )
+    since = weeks_start.join(ids, on="series_id", how="semi")
+    counted = pl.concat(
+        [
+            days.join(ids, on="series_id", how="semi"),
+            new.join(since, on="series_id")
+            .filter(pl.col("ts") >= pl.col("since"))
+            .group_by("series_id", pl.col("ts").dt.truncate("1d").alias("day"))
+            .agg(pl.len().cast(pl.Int64).alias("n_points")),
+        ],
+        how="vertical_relaxed",
+    )
+    return (
+        _pack_days(counted, since)
+        .join(since, on="series_id")
+        .join(packed, on="series_id", how="left")
+        .select(
+            "series_id",
+            pl.col("tail").fill_null(pl.lit(b"", dtype=pl.Binary)),
+            "day_counts",
+            pl.col("since").alias("window_day"),
+        )
+    )
 
 
 def _typical(points: pl.DataFrame, state: pl.DataFrame) -> pl.DataFrame:
@@ -711,7 +884,7 @@ def _judge(
     newest: pl.DataFrame,
     ends: pl.DataFrame,
     window: timedelta,
-    points_before: pl.DataFrame,
+    weeks_start: pl.DataFrame,
     cfg: AnomalySettings | None,
     holdout: dict | None,
     horizon: int,
@@ -719,14 +892,15 @@ def _judge(
     """Score the newly scored actuals (`newest`: one per series and target time, the newest
     forecast's), judge them, and fold the anomalous ones into incidents and fleet events.
     What the window held before comes from the running aggregates: each series' carried
-    typical half-width and last deviations (anomaly_state), the points of its window
-    (`points_before`: series_id, _n_before) and those of them above the lowest threshold
-    allowed (anomaly_points), and the fleet's counts per time (fleet_times)."""
+    typical half-width, last deviations, judged points over the whole days of its window
+    from `weeks_start` (series_id, since) and those of them above the lowest threshold
+    allowed (anomaly_state: _window_before), and the fleet's counts per time
+    (fleet_times)."""
     cfg = cfg or AnomalySettings()
     gap = cfg.gap
     freqs = store.series_freqs()
     state = pl.DataFrame(
-        store.anomaly_state(model),
+        store.anomaly_state(model, carried=True),
         schema={
             "series_id": pl.Int64,
             "ts": TS_DTYPE,
@@ -734,7 +908,15 @@ def _judge(
             "incident_open": pl.Boolean,
             "typical": pl.Float64,
             "recent": pl.String,
+            "tail": pl.Binary,
+            "day_counts": pl.Binary,
+            "window_day": TS_DTYPE,
         },
+    )
+    starts = ends.select("series_id", (pl.col("end") - window).alias("_from"))
+    window_start = starts["_from"].min()
+    days_before, points_before, tails, uncarried = _window_before(
+        store, model, state, weeks_start, starts
     )
     points = (
         newest.rename({"target_ts": "ts"})
@@ -770,19 +952,12 @@ def _judge(
         on=["series_id", "ts"],
     )
     first_new = points["ts"].min()
-    starts = ends.select("series_id", (pl.col("end") - window).alias("_from"))
-    window_start = starts["_from"].min()
     # Thresholds are read from the points judged before, out of sample as the bands'
     # calibration is, and without the times of fleet events: a storm over the whole fleet
     # is no sample of normal data, and would lift the threshold over the next one. Only the
-    # points above the lowest threshold allowed are kept (anomaly_points); each series'
-    # points are counted by day (accuracy_days), as the threshold's budget.
-    past = (
-        store.anomaly_points(model, window_start, min_evidence=anomaly.MIN_THRESHOLD)
-        .join(starts, on="series_id")
-        .filter(pl.col("ts") > pl.col("_from"))
-        .join(freqs, on="series_id")
-    )
+    # points above the lowest threshold allowed are kept (each series' tail); each series'
+    # points are counted by day, as the threshold's budget.
+    past = tails.join(freqs, on="series_id")
     known = store.fleet_events_since(model, window_start)
     for event in known:
         past = past.filter(~pl.col("ts").is_between(event["start_ts"], event["end_ts"]))
@@ -949,9 +1124,25 @@ def _judge(
             ).alias("incident_open")
         )
     )
-    state_rows = last.select(
-        "series_id", "ts", "score", "incident_open", "typical", pl.col("_recent").alias("recent")
-    ).to_dicts()
+    # What the next run's thresholds read: each series' tail (the window's points above the
+    # lowest threshold allowed, fleet events and clear incidents included: those are left
+    # out when read, as they stand then) and its judged points by whole days.
+    carry = _carry(tails, days_before, new.select("series_id", "ts", "evidence"), weeks_start)
+    state_rows = (
+        last.join(carry, on="series_id", how="left")
+        .select(
+            "series_id",
+            "ts",
+            "score",
+            "incident_open",
+            "typical",
+            pl.col("_recent").alias("recent"),
+            "tail",
+            "day_counts",
+            "window_day",
+        )
+        .to_dicts()
+    )
     # Fleet events, rewritten from a little before the new points (EVENT_REACH, or the
     # merge span, back), and from the start of any event still running then: a share of
     # the fleet in incidents, or far more series than usual beyond the same edge of their
@@ -1022,4 +1213,7 @@ def _judge(
         points=keep,
         times=times_new.select("ts", "n_series", "n_low", "n_high"),
         window_start=window_start,
+        uncarried=uncarried.join(
+            new.select("series_id").unique(), on="series_id", how="anti"
+        ).height,
     )

@@ -96,6 +96,19 @@ class AggregateStore(StoreBase):
         }
         return self._frame(q, {**schema, **({"first": TS_DTYPE} if first_day else {})})
 
+    def judged_per_day(self, model: str, since: datetime) -> pl.DataFrame:
+        """The model's judged points per series and day (accuracy_days.n_points) from day
+        `since` on: series_id, day, n_points."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
+        a = s.accuracy_days
+        q = sa.select(a.c.series_id, sa.type_coerce(a.c.day, _RAW), a.c.n_points).where(
+            a.c.model == model, a.c.day >= since, a.c.n_points > 0
+        )
+        return self._frame(q, {"series_id": pl.Int64, "day": TS_DTYPE, "n_points": pl.Int64})
+
     def add_accuracy_days(self, conn: Connection, frame: pl.DataFrame, before: datetime) -> None:
         """Add `frame`'s sums (series_id, model, day, n, abs_err, naive_abs_err, inside,
         n_points) to the stored rows, in bulk, and drop days before `before`."""

@@ -392,23 +392,35 @@ class EvaluationStore(StoreBase):
     def save_anomaly_state(
         self, conn: Connection, model: str, rows: Sequence[Mapping[str, Any]]
     ) -> None:
-        """Upsert per series (series_id, ts, score, incident_open, typical, recent) the newest
-        scored point and what the next run continues."""
+        """Upsert per series (series_id, ts, score, incident_open, typical, recent, tail,
+        day_counts, window_day) the newest scored point and what the next run continues."""
         if not rows:
             return
-        cols = ("ts", "score", "incident_open", "typical", "recent", "updated_at")
+        cols = (
+            "ts",
+            "score",
+            "incident_open",
+            "typical",
+            "recent",
+            "tail",
+            "day_counts",
+            "window_day",
+            "updated_at",
+        )
         stmt = self._upsert(s.anomaly_state, cols)
         now = datetime.now(UTC)
         conn.execute(stmt, [{**r, "model": model, "updated_at": now} for r in rows])
 
     def anomaly_state(
-        self, model: str, series_ids: Sequence[int] | None = None
+        self, model: str, series_ids: Sequence[int] | None = None, *, carried: bool = False
     ) -> list[dict[str, Any]]:
         """Rows of anomaly_state of `model` (series_id, ts, score, incident_open, typical,
-        recent)."""
+        recent); with `carried`, also what the evaluate job's thresholds read (tail,
+        day_counts, window_day)."""
         a = s.anomaly_state
+        extra = (a.c.tail, a.c.day_counts, a.c.window_day) if carried else ()
         q = sa.select(
-            a.c.series_id, a.c.ts, a.c.score, a.c.incident_open, a.c.typical, a.c.recent
+            a.c.series_id, a.c.ts, a.c.score, a.c.incident_open, a.c.typical, a.c.recent, *extra
         ).where(a.c.model == model)
         if series_ids is not None:
             q = q.where(a.c.series_id.in_(list(series_ids)))

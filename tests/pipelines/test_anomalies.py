@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from forecaster import schema
+from forecaster import anomaly, schema
 from forecaster.config import AnomalySettings
 from pipelines.evaluate import run_evaluate
 from pipelines.predict import run_predict
@@ -256,4 +256,100 @@ def test_the_aftermath_of_a_closed_incident_opens_no_new_one_unless_it_is_larger
     }
     assert not any(32 * 24 + 8 <= h <= 32 * 24 + 10 for h in hours)
     assert all(hours.get(32 * 24 + h, 0) > 1 for h in (16, 17, 18))
+    store.close()
+
+
+def test_thresholds_read_from_the_carried_tails_equal_those_read_from_the_window(
+    sqlite_url,
+    trained,  # noqa: F811
+    tmp_path,
+):
+    """anomaly_state carries each series' tail (its window's points above the lowest
+    threshold allowed) and its judged points by day, so a run does not read the window's
+    points again. A store whose carried columns are wiped before every run reads them from
+    anomaly_points and accuracy_days (as rows written before migration 0015 are): over an
+    8-day window that fills and then slides for 12 days (each series' own threshold from
+    half a week of its points), with a shift of one series and of the fleet in it, both
+    store the same thresholds, scores, incidents, events and state, to the bit."""
+    window = timedelta(days=8)
+    carried = _setup(sqlite_url, trained)
+    recounted = _setup(f"sqlite:///{tmp_path / 'recounted.db'}", trained)
+    reads = []
+    real = type(carried).anomaly_points
+
+    def counting(self, model, since, *, min_evidence=None):
+        if self is carried and min_evidence is not None:
+            reads.append(since)
+        return real(self, model, since, min_evidence=min_evidence)
+
+    wipe = sa.update(schema.anomaly_state).values(tail=None, day_counts=None, window_day=None)
+    for store in (carried, recounted):
+        _ingest_days(store, 0, 20)
+        run_predict(store, warmup_steps=WARMUP)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(type(carried), "anomaly_points", counting)
+        m.setattr(anomaly, "MIN_SERIES_WEEKS", 0.5)
+        for day in range(20, 40):
+            for store in (carried, recounted):
+                _ingest_days(store, day, day + 1)
+                {34: _shift_one, 36: _shift_all}.get(day, lambda s: None)(store)
+                run_predict(store, warmup_steps=WARMUP)
+                if store is recounted:
+                    with store.begin() as conn:
+                        conn.execute(wipe)
+                run_evaluate(store, window=window, prior_weight=10, anomalies=CFG)
+    for table in (*TABLES, "anomalies"):
+        assert _rows(carried, table) == _rows(recounted, table), table
+    state = carried.anomaly_state("v1", carried=True)
+    assert all(r["tail"] is not None and r["day_counts"] for r in state), state
+    # The tails held points, the series their own measured thresholds, and the window slid.
+    assert any(len(r["tail"]) for r in state)
+    assert min(r["window_day"] for r in state) > START + timedelta(days=30)
+    (threshold,) = _rows(carried, "anomaly_thresholds")
+    assert threshold[2] is True, threshold  # measured
+    assert reads == [], "the carried store read the window's points again"
+    carried.close()
+    recounted.close()
+
+
+def test_accuracy_days_keep_the_anomaly_window_while_a_series_still_reads_its_counts_there(
+    sqlite_url,
+    trained,  # noqa: F811
+):
+    """The day counts a threshold's budget needs are carried in anomaly_state, so
+    accuracy_days is kept over the 7-day accuracy window only; but a series whose row was
+    written before migration 0015 (no day counts) and that is not judged in a run reads its
+    counts from accuracy_days when it is: until then its anomaly window's days stay."""
+    store = _setup(sqlite_url, trained)
+    _ingest_days(store, 0, 20)
+    run_predict(store, warmup_steps=WARMUP)
+    window = timedelta(days=10)
+
+    def day(accuracy_window: timedelta = timedelta(days=7), skip=frozenset()) -> None:
+        d = next(days)
+        _ingest_days(
+            store, d, d + 1, skip={(s, h) for s in skip for h in range(d * 24, d * 24 + 24)}
+        )
+        run_predict(store, warmup_steps=WARMUP)
+        run_evaluate(
+            store, window=window, accuracy_window=accuracy_window, prior_weight=10, anomalies=CFG
+        )
+
+    def first_day():
+        with store.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.min(schema.accuracy_days.c.day))).scalar()
+
+    days = iter(range(20, 40))
+    for _ in range(12):  # to day 31, accuracy_days kept over the 10 days as 0014 kept them
+        day(accuracy_window=window)
+    assert first_day() == START + timedelta(days=31 - 9)
+    a = schema.anomaly_state
+    with store.begin() as conn:  # sine.1's row as 0014 wrote it
+        conn.execute(sa.update(a).where(a.c.series_id == 2).values(tail=None, day_counts=None))
+    day(skip={"sine.1"})  # day 32: sine.1 is not judged
+    assert first_day() == START + timedelta(days=31 - 9)  # its 10 days stay
+    day()  # day 33: sine.1's forecasts for it were never made (it had no day 32)
+    day()  # day 34: sine.1 judged, its counts carried from then on
+    assert all(r["day_counts"] is not None for r in store.anomaly_state("v1", carried=True))
+    assert first_day() == START + timedelta(days=34 - 6)  # the accuracy window's alone
     store.close()
