@@ -100,7 +100,12 @@ def small_model(kind: str, names: list[str], history: torch.Tensor):
     frame = frame.filter(pl.col("ts") > frame["ts"].max() - pl.duration(weeks=TRAIN_WEEKS))
     result = train(Panel.from_frame(frame, STEP),
                    TrainConfig(kind=kind, hidden=64, layers=1, horizon=24, epochs=1, device="cpu"))
-    trained = trained_model(result)
+    return tiled_model(trained_model(result), names, history)
+
+
+def tiled_model(trained, names: list[str], history: torch.Tensor):
+    """`trained` (on the bundled series) serving `names` (tile k is bundled series k mod
+    23), as small_model describes."""
     meta = dict(trained.meta)
     if meta.get("stat"):
         rows = np.arange(len(names)) % len(trained.names)

