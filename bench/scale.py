@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from predict import tiled_model  # noqa: E402
+from predict import tiled, tiled_model  # noqa: E402
 
 from forecaster.checkpoints import save_checkpoint
 from forecaster.config import ComputeSettings, SeriesDefaults
@@ -70,22 +70,6 @@ def machine() -> str:
         f"{cpu or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), ray {ray.__version__}, load average {load}"
     )
-
-
-def tiled(n_series: int, n_steps: int) -> tuple[list[str], int, torch.Tensor]:
-    """The last n_steps of the bundled panel ending at 23:00 UTC, tiled to n_series rows."""
-    base = Panel.from_frame(load_nycflights13_hourly(), STEP)
-    end = base.n_steps - 1
-    while (base.start + end * STEP) % 86400 != 23 * 3600:
-        end -= 1
-    lo = end + 1 - n_steps
-    g = torch.Generator().manual_seed(0)
-    rows = torch.arange(n_series) % len(base.names)
-    values = base.values[rows, lo : end + 1] * torch.exp(
-        0.05 * torch.randn(n_series, n_steps, generator=g)
-    )
-    names = [f"{base.names[r]}.t{k // len(base.names):05d}" for k, r in enumerate(rows.tolist())]
-    return names, base.start + lo * STEP, values
 
 
 def ingest(store: Store, names: list[str], start: int, values: torch.Tensor, tag: str) -> float:

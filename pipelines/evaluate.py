@@ -675,11 +675,22 @@ _TAIL = np.dtype([("ts", "<i8"), ("evidence", "<f8")])
 _NO_TAILS = {"series_id": pl.Int64, "ts": TS_DTYPE, "evidence": pl.Float64}
 
 
+def _from_blobs(blobs: list[bytes], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The items of `blobs` (each a packed array of `dtype`) end to end, and how many each
+    holds."""
+    counts = np.array([len(b) // dtype.itemsize for b in blobs], dtype=np.int64)
+    return np.frombuffer(b"".join(blobs), dtype=dtype), counts
+
+
+def _to_blobs(items: np.ndarray, counts: np.ndarray) -> list[bytes]:
+    """`items` cut into consecutive runs of `counts` items, each packed."""
+    ends = np.cumsum(counts).tolist()
+    return [items[e - n : e].tobytes() for e, n in zip(ends, counts.tolist(), strict=True)]
+
+
 def _unpack_tails(state: pl.DataFrame) -> pl.DataFrame:
     """The points of the `tail`s of `state` (series_id, tail): series_id, ts, evidence."""
-    blobs = state["tail"].to_list()
-    counts = np.array([len(b) // _TAIL.itemsize for b in blobs], dtype=np.int64)
-    rec = np.frombuffer(b"".join(blobs), dtype=_TAIL)
+    rec, counts = _from_blobs(state["tail"].to_list(), _TAIL)
     return pl.DataFrame(
         {
             "series_id": np.repeat(state["series_id"].to_numpy(), counts),
@@ -699,22 +710,19 @@ def _pack_tails(points: pl.DataFrame) -> pl.DataFrame:
     rec = np.empty(points.height, dtype=_TAIL)
     rec["ts"] = points["ts"].dt.epoch("us").to_numpy()
     rec["evidence"] = points["evidence"].to_numpy()
-    ids, first = np.unique(points["series_id"].to_numpy(), return_index=True)
-    bounds = [*first[1:].tolist(), points.height]
-    blobs = [rec[a:b].tobytes() for a, b in zip(first.tolist(), bounds, strict=True)]
-    return pl.DataFrame({"series_id": ids, "tail": blobs}, schema=schema)
+    ids, counts = np.unique(points["series_id"].to_numpy(), return_counts=True)
+    return pl.DataFrame({"series_id": ids, "tail": _to_blobs(rec, counts)}, schema=schema)
 
 
 _DAY_US = 86_400 * 10**6
+_DAY_COUNT = np.dtype("<i8")  # a series' judged points on one day, in anomaly_state.day_counts
 _NO_DAYS = {"series_id": pl.Int64, "day": TS_DTYPE, "n_points": pl.Int64}
 
 
 def _unpack_days(state: pl.DataFrame) -> pl.DataFrame:
     """The `day_counts` of `state` (series_id, day_counts, window_day) as rows: series_id,
     day, n_points (each series' days from its window_day on)."""
-    blobs = state["day_counts"].to_list()
-    counts = np.array([len(b) // 8 for b in blobs], dtype=np.int64)
-    n = np.frombuffer(b"".join(blobs), dtype="<i8")
+    n, counts = _from_blobs(state["day_counts"].to_list(), _DAY_COUNT)
     first = np.cumsum(counts) - counts
     k = np.arange(n.size, dtype=np.int64) - np.repeat(first, counts)
     day0 = state["window_day"].dt.epoch("us").to_numpy()
@@ -740,13 +748,10 @@ def _pack_days(days: pl.DataFrame, since: pl.DataFrame) -> pl.DataFrame:
     length = np.zeros(ids.size, dtype=np.int64)
     np.maximum.at(length, at, k + 1)
     first = np.cumsum(length) - length
-    flat = np.zeros(int(length.sum()), dtype="<i8")
+    flat = np.zeros(int(length.sum()), dtype=_DAY_COUNT)
     np.add.at(flat, first[at] + k, days["n_points"].to_numpy())
-    blobs = [
-        flat[a : a + m].tobytes() for a, m in zip(first.tolist(), length.tolist(), strict=True)
-    ]
     return pl.DataFrame(
-        {"series_id": ids, "day_counts": blobs},
+        {"series_id": ids, "day_counts": _to_blobs(flat, length)},
         schema={"series_id": pl.Int64, "day_counts": pl.Binary},
     )
 
