@@ -320,3 +320,86 @@ def test_prediction_targets_of_some_series_are_exactly_theirs(store):
     assert [t["name"] for t in some] == ["b", "d"]
     assert store.prediction_targets([]) == []
     assert store.prediction_targets([b]) == [t for t in every if t["id"] == b]
+
+
+def _version(store) -> int:
+    with store.begin() as conn:
+        return store.register_model_version(
+            conn,
+            kind="lstm",
+            config={},
+            uri="file:///none",
+            sha256="0" * 64,
+            trained_from=None,
+            trained_to=None,
+            metrics={},
+        )
+
+
+def test_states_read_back_as_saved_and_snapshots_pruned_per_series_and_version(store):
+    """load_states returns the asked series' states of one version only, bytes, shape and
+    time as saved; each save keeps the newest `keep_snapshots` windows of the series it
+    wrote, of its own version, and leaves every other series' and version's snapshots."""
+    ids = _series(store, [f"s{i}" for i in range(5)])
+    v1, v2 = _version(store), _version(store)
+    shapes = {ids[0]: [2, 1, 3], ids[1]: [2, 1, 3], ids[2]: [1, 1, 4]}  # two share a shape
+
+    def state(sid, version, w):
+        return bytes([sid % 256, version, w % 256]) * 4
+
+    def save(version, series, w, keep=2):
+        with store.begin() as conn:
+            store.save_prediction(
+                conn,
+                version_id=version,
+                states=[
+                    {
+                        "series_id": sid,
+                        "state": state(sid, version, w),
+                        "shape": shapes.get(sid, [1, 1, 1]),
+                        "state_ts": T0 + timedelta(days=w, hours=sid % 3),
+                    }
+                    for sid in series
+                ],
+                snapshots=[
+                    {
+                        "series_id": sid,
+                        "window_id": w,
+                        "state": state(sid, version, w),
+                        "shape": [1, 1, 1],
+                        "state_ts": T0 + timedelta(days=w),
+                    }
+                    for sid in series
+                ],
+                forecasts=[],
+                keep_snapshots=keep,
+            )
+
+    for w in range(5):
+        save(v1, ids[:3], w)
+        save(v2, ids[:4], w, keep=7)
+    save(v1, ids[3:], 9)  # other series, a later window: prunes none of the first three's
+
+    got = store.load_states(v1, [ids[0], ids[2], ids[4], 10**6])
+    assert got == {
+        sid: (state(sid, v1, w), shapes.get(sid, [1, 1, 1]), T0 + timedelta(days=w, hours=sid % 3))
+        for sid, w in ((ids[0], 4), (ids[2], 4), (ids[4], 9))
+    }
+    assert all(ts.tzinfo is not None and ts.utcoffset() == timedelta(0) for *_, ts in got.values())
+    assert store.load_states(v2, [ids[4]]) == {}
+    assert store.load_states(v1, []) == {}
+
+    sn = schema.state_snapshots
+    with store.engine.connect() as conn:
+        kept = conn.execute(sa.select(sn.c.model_version_id, sn.c.series_id, sn.c.window_id)).all()
+    windows: dict[tuple[int, int], list[int]] = {}
+    for version, sid, w in kept:
+        windows.setdefault((version, sid), []).append(w)
+    assert (
+        {k: sorted(v) for k, v in windows.items()}
+        == {
+            **{(v1, sid): [3, 4] for sid in ids[:3]},  # newest - keep < window <= newest
+            **{(v1, sid): [9] for sid in ids[3:]},
+            **{(v2, sid): [0, 1, 2, 3, 4] for sid in ids[:4]},  # its own keep: 7
+        }
+    )
