@@ -23,8 +23,9 @@ refitted on the tiled history: the model's scalers are keyed by series name.
    more window (24 points per series, ingest time shown for scale) and times run_predict
    (read points, advance, forecast, write forecasts + states + snapshots). Phases are timed
    by wrapping the store's and the job's functions from here: points read =
-   store.recent_values; model = inference.advance; row building = the job's _forecast_rows;
-   writes = the transaction (save_prediction and the commit); "other" is the rest.
+   store.recent_values and store.window_values (the copies of complete windows); model =
+   inference.advance; row building = the job's _forecast_rows; writes = the transaction
+   (save_prediction and the commit); "other" is the rest.
 3. What the baselines cost: two more windows, run with the weekly seasonal naive left out,
    then with both left out (pipelines.predict.BASELINES patched from here, nothing else
    changed): the difference in full cycle and writes is what storing each baseline costs.
@@ -244,6 +245,7 @@ def phase_timers(store: Store):
         if hasattr(store, name):
             wrap(store, name, "small reads", instance=True)
     wrap(store, "recent_values", "points read", instance=True)
+    wrap(store, "window_values", "points read", instance=True)
     wrap(job, "advance", "model")
     wrap(job, "state_from_rows", "state bytes")
     wrap(job, "state_to_rows", "state bytes")
@@ -381,7 +383,8 @@ def main() -> None:
     print(f"\n(run_predict writes {rows:.0f} forecast points a series (24 steps x the model, "
           "its MSTL challenger and two seasonal-naive baselines, one forecast_origins row per "
           "model), a state and a window-edge snapshot per series; phases in "
-          "seconds: points read = recent_values (new points + seasonal lags); small reads = "
+          "seconds: points read = recent_values (new points, and seasonal lags not yet copied) + "
+          "window_values (lags from the windows' copies); small reads = "
           "champion, targets, states, calibration; row building = _forecast_rows; writes = "
           "save_prediction + commit)")
     print(f"\n| run_predict, {args.series:,} series | full cycle s | series/s | "

@@ -225,6 +225,21 @@ series_scalers = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
 
+# A copy of a complete window's points of a series, as the predict job reads them: float32,
+# one per step from the window's start (little-endian; NaN where no value is stored). Written
+# by predict in the transaction of the forecasts it read them for, kept over the reach of
+# the head's seasonal lags (three weeks and a day), dropped from a series' late point on
+# when that point is handled. The head's lags a day to three weeks back come from a few of
+# these rows per series instead of ~100 observation rows. Migration 0016.
+window_values = sa.Table(
+    "window_values",
+    metadata,
+    _series_id(primary_key=True),
+    sa.Column("window_id", sa.BigInteger, primary_key=True),
+    sa.Column("step_seconds", sa.Integer, nullable=False),
+    sa.Column("points", sa.LargeBinary, nullable=False),
+)
+
 # The state at each window edge for the last K windows (late data restores one of these).
 state_snapshots = sa.Table(
     "state_snapshots",

@@ -228,6 +228,8 @@ def _serve(
         groups[(state_ts, t["watermark"], t["window_seconds"])].append(t)
 
     for (state_ts, watermark, window_s), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
+        # Chunks of consecutive ids: each chunk's rows are one range of every table's key.
+        members.sort(key=lambda t: t["id"])
         first_new = (
             state_ts + step
             if state_ts is not None
@@ -252,6 +254,7 @@ def _serve(
             summary.forecasts_written += written
 
     for (first_new, origins, window_s, _), plans in rewinds.items():
+        plans.sort(key=lambda p: p.target["id"])
         for i in range(0, len(plans), chunk):
             part = plans[i : i + chunk]
             saved = [p.snapshot for p in part]
@@ -390,7 +393,12 @@ def _advance_chunk(
         + [(o + a * step, o + b * step) for o in heads for a, b in lag_offsets(spec)],
         step,
     )
-    values = _read_grid(store, ids, spans, start, step_s, n)
+    # Complete windows come from their stored copies where every member has one (none in
+    # a chunk with a late point: its copies from that point on are dropped below).
+    fresh = reissued is None and all(m.get("late_from") is None for m in members)
+    values, windows = _read_windows_and_grid(
+        store, ids, spans, start, step_s, n, window_s, watermark, use_copies=fresh
+    )
     row_of = {name: i for i, name in enumerate(trained.names)}
     scaler_rows = torch.tensor([row_of[m["name"]] for m in members])
     state = None
@@ -454,6 +462,12 @@ def _advance_chunk(
             for sid, b in zip(ids, edge_rows, strict=True)
         ]
     late_handled = [(m["id"], m["late_seq"]) for m in members if m.get("late_from") is not None]
+    stale_windows = [
+        (m["id"], int(m["late_from"].timestamp()) // window_s)
+        for m in members
+        if m.get("late_from") is not None
+    ]
+    reach = -(-history_steps(spec) * step_s // window_s) + 1  # the lags' reach, in windows
     with store.begin() as conn:
         written = store.save_prediction(
             conn,
@@ -464,6 +478,9 @@ def _advance_chunk(
             keep_snapshots=keep_snapshots,
             reissued=reissued or (),
             late_handled=late_handled,
+            windows=windows,
+            windows_stale_from=stale_windows,
+            windows_kept_from=int(watermark.timestamp()) // window_s - reach,
         )
     return written, n - lo
 
@@ -489,6 +506,65 @@ def _load_states(saved: list, trained: TrainedModel) -> object:
     if len(shapes) == 1:
         return state_from_rows([s[0] for s in saved], saved[0][1], kind)
     return stack_states([state_from_rows([s[0]], s[1], kind) for s in saved], trained.spec.horizon)
+
+
+def _read_windows_and_grid(
+    store: Store,
+    ids: list[int],
+    spans: list[tuple[datetime, datetime]],
+    start: int,
+    step_s: int,
+    n: int,
+    window_s: int,
+    complete_to: datetime,
+    *,
+    use_copies: bool,
+) -> tuple[torch.Tensor, list[tuple[int, int, int, bytes]]]:
+    """The grid `_read_grid` reads, with each complete window inside `spans` (its last step
+    at or before `complete_to`) taken from its stored copy (schema.window_values) where
+    every series of `ids` has one and `use_copies`, the rest read from observations; and
+    the copies to store: the complete windows read from observations. A copy holds the
+    grid's float32 values, so the grid is the same bit for bit either way."""
+    per = window_s // step_s
+    last_complete = (int(complete_to.timestamp()) + step_s) // window_s - 1
+    inside: list[int] = []  # complete windows wholly inside a span
+    if window_s % step_s == 0:
+        for lo, hi in spans:
+            first = -(-int(lo.timestamp()) // window_s)
+            last = min((int(hi.timestamp()) + step_s) // window_s - 1, last_complete)
+            inside += range(first, last + 1)
+        inside = [w for w in inside if 0 <= w * window_s - start <= (n - per) * step_s]
+    copies: dict[int, np.ndarray] = {}
+    if use_copies and inside:
+        found: dict[int, dict[int, bytes]] = defaultdict(dict)
+        for sid, wid, step, points in store.window_values(ids, inside):
+            if step == step_s and len(points) == 4 * per:  # not a copy on another grid
+                found[wid][sid] = points
+        for wid, by_series in found.items():
+            if len(by_series) == len(ids):
+                blob = b"".join(by_series[sid] for sid in ids)
+                copies[wid] = np.frombuffer(blob, dtype="<f4").reshape(len(ids), per)
+    step = timedelta(seconds=step_s)
+    rest = spans
+    for wid in sorted(copies):  # the spans less the windows read from copies
+        a = datetime.fromtimestamp(wid * window_s, UTC)
+        b = a + (per - 1) * step
+        rest = [
+            piece
+            for lo, hi in rest
+            for piece in ((lo, min(hi, a - step)), (max(lo, b + step), hi))
+            if piece[0] <= piece[1]
+        ]
+    values = _read_grid(store, ids, rest, start, step_s, n)
+    for wid, block in copies.items():
+        col = (wid * window_s - start) // step_s
+        values[:, col : col + per] = torch.from_numpy(block.astype(np.float32))
+    new_copies = []
+    for wid in sorted(set(inside) - set(copies)):
+        col = (wid * window_s - start) // step_s
+        block = values[:, col : col + per].numpy().astype("<f4")
+        new_copies += [(sid, wid, step_s, block[r].tobytes()) for r, sid in enumerate(ids)]
+    return values, new_copies
 
 
 def _read_grid(

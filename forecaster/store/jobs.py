@@ -97,8 +97,10 @@ class JobsStore(StoreBase):
         """Delete what retention lets go, in one transaction: observations older than
         cutoffs["observations"], the forecasts of every origin whose last target is older
         than cutoffs["forecasts"] (their anomalies stay), job runs scheduled before
-        cutoffs["job_runs"]. A None cutoff keeps everything of that kind. Returns rows
-        deleted per table (for forecasts, ledger rows: one per series, model and origin)."""
+        cutoffs["job_runs"]. With the observations go the copies of the windows that start
+        before their cutoff (window_values: predict reads lags from them). A None cutoff
+        keeps everything of that kind. Returns rows deleted per table (for forecasts, ledger
+        rows: one per series, model and origin)."""
         out: dict[str, int] = {}
         targets = {
             "observations": (s.observations, s.observations.c.ts),
@@ -112,4 +114,13 @@ class JobsStore(StoreBase):
                 if cutoff is None:
                     continue
                 out[name] = conn.execute(sa.delete(table).where(column < cutoff)).rowcount
+                if name == "observations":  # and the copies of windows that start before it
+                    wv, se = s.window_values, s.series
+                    starts = wv.c.window_id * se.c.window_seconds
+                    cut = int(cutoff.timestamp())
+                    conn.execute(
+                        sa.delete(wv).where(
+                            sa.exists().where(se.c.id == wv.c.series_id, starts < cut)
+                        )
+                    )
         return out

@@ -403,3 +403,49 @@ def test_states_read_back_as_saved_and_snapshots_pruned_per_series_and_version(s
             **{(v2, sid): [0, 1, 2, 3, 4] for sid in ids[:4]},  # its own keep: 7
         }
     )
+
+
+def test_window_copies_are_stored_dropped_from_a_late_window_pruned_and_housekept(store):
+    """save_prediction stores window copies after dropping a series' copies from its late
+    window on and, with windows_kept_from, the older copies of the series it wrote;
+    housekeeping drops the copies of windows that start before the observations' cutoff."""
+    a, b, c = _series(store, ["a", "b", "c"])
+    day0 = int(T0.timestamp()) // DAY
+
+    def blob(sid, w):
+        return bytes([sid % 256, w % 256]) * 48
+
+    def save(windows, stale=(), kept_from=None):
+        with store.begin() as conn:
+            store.save_prediction(
+                conn,
+                version_id=0,
+                states=[],
+                snapshots=[],
+                forecasts=[],
+                keep_snapshots=7,
+                windows=[(sid, w, 3600, blob(sid, w)) for sid, w in windows],
+                windows_stale_from=stale,
+                windows_kept_from=kept_from,
+            )
+
+    def stored():
+        return {
+            (sid, w): p for sid, w, _, p in store.window_values([a, b, c], range(day0, day0 + 30))
+        }
+
+    save([(sid, day0 + d) for sid in (a, b, c) for d in range(10)])
+    assert stored() == {
+        (sid, day0 + d): blob(sid, day0 + d) for sid in (a, b, c) for d in range(10)
+    }
+    assert store.window_values([a], [day0 + 3, day0 + 40]) == [
+        (a, day0 + 3, 3600, blob(a, day0 + 3))
+    ]
+    # a's late point in window 6: its copies from 6 on go, then window 6 comes back fresh;
+    # a and b keep windows from 2 on, c (not written) all of its own.
+    save([(a, day0 + 6), (b, day0 + 10)], stale=[(a, day0 + 6)], kept_from=day0 + 2)
+    want = {(a, day0 + d) for d in range(2, 7)} | {(b, day0 + d) for d in range(2, 11)}
+    want |= {(c, day0 + d) for d in range(10)}
+    assert set(stored()) == want
+    store.housekeep({"observations": T0 + timedelta(days=4, hours=1)})  # windows 0-4 start before
+    assert set(stored()) == {k for k in want if k[1] >= day0 + 5}

@@ -358,6 +358,71 @@ def test_a_late_point_rewinds_the_state_as_if_it_had_arrived_on_time(db_url, tra
     late.close()
 
 
+def test_lags_read_from_window_copies_equal_lags_read_from_observations(
+    db_url, trained, tmp_path, monkeypatch
+):
+    """A store that reads the head's lags from its window copies (schema.window_values)
+    and one whose copies are wiped before every run (so it reads them from observations)
+    store the same forecasts and states, bit for bit, through a late point in a window
+    already copied and read again as a lag afterwards; and once the lags' windows are
+    copied, a cycle reads only its new window's points from observations."""
+    copies = _setup(db_url, trained)
+    plain = _setup(f"sqlite:///{tmp_path / 'plain.db'}", trained)
+    reads: list[list[tuple[datetime, datetime]]] = []
+    real = Store.recent_values
+
+    def spy(self, series_ids, spans, **kw):
+        if self is copies:
+            reads.append(list(spans))
+        return real(self, series_ids, spans, **kw)
+
+    monkeypatch.setattr(Store, "recent_values", spy)
+    wv = schema.window_values
+    late_hour = 32 * 24 + 5  # day 32: copied by day 33's cycle, its week lag on day 38
+    for store in (copies, plain):
+        _ingest_days(store, 0, 30)
+    for day in range(29, DAYS):
+        for store in (copies, plain):
+            if day == 35:
+                _late_point(store, hour=late_hour, shift=3.0)
+            if day > 29:
+                _ingest_days(store, day, day + 1)
+            if store is plain:
+                with store.begin() as conn:
+                    conn.execute(sa.delete(wv))
+            if store is copies:
+                reads.clear()
+            summary = run_predict(store, warmup_steps=WARMUP)
+            assert summary.series_rewound == (1 if day == 35 else 0)
+        if day >= 36:  # lags copied: only the day's own points come from observations
+            first = START + timedelta(days=day)
+            assert reads == [[(first, first + timedelta(hours=23))]]
+    assert _forecasts(copies) == _forecasts(plain)
+    assert _states(copies) == _states(plain)
+    with copies.engine.connect() as conn:
+        stored = conn.execute(sa.select(wv.c.series_id, wv.c.window_id, wv.c.points)).all()
+    # Kept over the lags' reach: 22 days and one more window before the newest.
+    day0 = int(START.timestamp()) // 86400
+    assert min(w for _, w, _ in stored) == day0 + (DAYS - 1) - 23
+    want = _values()
+    ids = {r["id"]: r["name"] for r in copies.prediction_targets()}
+    for sid, wid, points in stored:  # each copy equals the points, the late one included
+        hours = range(
+            wid * 24 - int(START.timestamp()) // 3600,
+            (wid + 1) * 24 - int(START.timestamp()) // 3600,
+        )
+        vals = [
+            want[ids[sid]][h] + (3.0 if (ids[sid], h) == (LATE[0], late_hour) else 0.0)
+            for h in hours
+        ]
+        assert (
+            torch.frombuffer(bytearray(points), dtype=torch.float32).tolist()
+            == torch.tensor(vals).tolist()
+        )
+    copies.close()
+    plain.close()
+
+
 def _current(store: Store) -> dict[tuple, tuple]:
     """(series_id, model, origin_ts, step) -> (yhat, lower, upper) of the model's current
     rows (not the baselines')."""
