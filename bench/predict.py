@@ -245,7 +245,8 @@ def phase_timers(store: Store):
         if hasattr(store, name):
             wrap(store, name, "small reads", instance=True)
     wrap(store, "recent_values", "points read", instance=True)
-    wrap(store, "window_values", "points read", instance=True)
+    if hasattr(store, "window_values"):  # (an older revision, run for an A/B, has none)
+        wrap(store, "window_values", "points read", instance=True)
     wrap(job, "advance", "model")
     wrap(job, "state_from_rows", "state bytes")
     wrap(job, "state_to_rows", "state bytes")
