@@ -308,12 +308,12 @@ class PredictionStore(StoreBase):
         if windows:
             self._bulk_upsert(conn, _WINDOW_VALUES, list(windows))
             if windows_kept_from is not None:
-                written = sorted({w[0] for w in windows})
+                copied = sorted({w[0] for w in windows})
                 if self.dialect == "sqlite":
-                    params = (windows_kept_from, json.dumps(written))
+                    params = (windows_kept_from, json.dumps(copied))
                     conn.exec_driver_sql(_SQLITE_PRUNE_WINDOWS_SQL, params)
                 else:
-                    conn.exec_driver_sql(_PG_PRUNE_WINDOWS_SQL, (windows_kept_from, written))
+                    conn.exec_driver_sql(_PG_PRUNE_WINDOWS_SQL, (windows_kept_from, copied))
         if reissued and not ledger.is_empty():
             ledger = self._supersede(conn, ledger, set(reissued))
         if states:
