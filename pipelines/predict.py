@@ -394,8 +394,9 @@ def _advance_chunk(
         step,
     )
     # Complete windows come from their stored copies where every member has one (none in
-    # a chunk with a late point: its copies from that point on are dropped below).
-    fresh = reissued is None and all(m.get("late_from") is None for m in members)
+    # a chunk with a late point, rewinds included: its copies from that point on are
+    # dropped below).
+    fresh = all(m.get("late_from") is None for m in members)
     values, windows = _read_windows_and_grid(
         store, ids, spans, start, step_s, n, window_s, watermark, use_copies=fresh
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
@@ -33,12 +34,23 @@ if TYPE_CHECKING:  # polars is imported where frames are built (see forecaster.s
 class PredictionStore(StoreBase):
     # -- rolling prediction --------------------------------------------------------------
 
-    @property
-    def _binary(self) -> dict[str, bool]:
-        """Keyword arguments of a raw driver cursor for a large read: on PostgreSQL results in
-        binary (no number printed by the server and parsed again here: a predict cycle's
-        1.2 million points read in 0.3-0.5 s less, states' bytes without hex)."""
-        return {} if self.dialect == "sqlite" else {"binary": True}
+    @contextmanager
+    def _large_read(self) -> Iterator[Any]:
+        """A raw driver cursor for one large read (its ids bound as one parameter): no
+        per-row SQLAlchemy processing. On PostgreSQL results come in binary (no number
+        printed by the server and parsed again here: 1.2 million points read in 0.3-0.5 s
+        less, states' bytes without hex), and JIT is off for the read's transaction (the
+        planner's over-estimate of such a query would JIT-compile it, seconds, for a read of
+        milliseconds per series)."""
+        with self.engine.connect() as conn:
+            sqlite = self.dialect == "sqlite"
+            cur = conn.connection.driver_connection.cursor(**({} if sqlite else {"binary": True}))
+            try:
+                if not sqlite:
+                    cur.execute("SET LOCAL jit = off")
+                yield cur
+            finally:
+                cur.close()
 
     def prediction_targets(self, ids: Collection[int] | None = None) -> list[dict[str, Any]]:
         """Every series (or those of `ids`) with its id, name, frequency, window, watermark
@@ -79,17 +91,12 @@ class PredictionStore(StoreBase):
         ids = sorted(set(series_ids))
         if not ids:
             return {}
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor(**self._binary)
-            try:
-                if self.dialect == "sqlite":
-                    cur.execute(_SQLITE_STATES_SQL, (version_id, json.dumps(ids)))
-                else:
-                    cur.execute("SET LOCAL jit = off")  # as in recent_values
-                    cur.execute(_PG_STATES_SQL, (version_id, ids))
-                rows = cur.fetchall()
-            finally:
-                cur.close()
+        with self._large_read() as cur:
+            if self.dialect == "sqlite":
+                cur.execute(_SQLITE_STATES_SQL, (version_id, json.dumps(ids)))
+            else:
+                cur.execute(_PG_STATES_SQL, (version_id, ids))
+            rows = cur.fetchall()
         shapes: dict[str, list[int]] = {}
         times: dict[Any, datetime] = {}
         out: dict[int, tuple[bytes, list[int], datetime]] = {}
@@ -109,17 +116,12 @@ class PredictionStore(StoreBase):
         ids, windows = sorted(set(series_ids)), sorted(set(window_ids))
         if not ids or not windows:
             return []
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor(**self._binary)
-            try:
-                if self.dialect == "sqlite":
-                    cur.execute(_SQLITE_WINDOWS_SQL, (json.dumps(windows), json.dumps(ids)))
-                else:
-                    cur.execute("SET LOCAL jit = off")
-                    cur.execute(_PG_WINDOWS_SQL, (windows, ids))
-                return [(sid, wid, step, bytes(b)) for sid, wid, step, b in cur.fetchall()]
-            finally:
-                cur.close()
+        with self._large_read() as cur:
+            if self.dialect == "sqlite":
+                cur.execute(_SQLITE_WINDOWS_SQL, (json.dumps(windows), json.dumps(ids)))
+            else:
+                cur.execute(_PG_WINDOWS_SQL, (windows, ids))
+            return [(sid, wid, step, bytes(b)) for sid, wid, step, b in cur.fetchall()]
 
     def series_scalers(self, version_id: int, series_ids: Sequence[int]) -> dict[int, dict]:
         """series_id -> its series_scalers row (center, scale, n_points, fitted_to) for the
@@ -212,31 +214,24 @@ class PredictionStore(StoreBase):
         merged = _merge_spans(spans)
         if not ids or not merged:
             return pl.DataFrame(schema={"series_id": pl.Int64, "ts": TS_DTYPE, "value": pl.Float64})
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor(**self._binary)
-            try:
-                if self.dialect == "sqlite":
-                    bounds = [[sqlite_ts(lo), sqlite_ts(hi)] for lo, hi in merged]
-                    sql = _SQLITE_RECENT_SQL + (_OBSERVED_SQL if observed_only else "")
-                    cur.execute(sql, (json.dumps(ids), json.dumps(bounds)))
-                else:
-                    # The same over-estimate would JIT-compile the query (seconds) for a
-                    # read of milliseconds per series; for this transaction only.
-                    cur.execute("SET LOCAL jit = off")
-                    los, his = zip(*merged, strict=True)
-                    sql = _PG_OBSERVED_SQL if observed_only else _PG_RECENT_SQL
-                    cur.execute(sql, (ids, list(los), list(his)))
-                # Columns from batches of rows: zip(*rows) would walk every row per column,
-                # and 10^5 live tuples keep the garbage collector busy.
-                sid: list[int] = []
-                ts: list[Any] = []
-                value: list[float | None] = []
-                while batch := cur.fetchmany(8192):
-                    sid += [r[0] for r in batch]
-                    ts += [r[1] for r in batch]
-                    value += [r[2] for r in batch]
-            finally:
-                cur.close()
+        with self._large_read() as cur:
+            if self.dialect == "sqlite":
+                bounds = [[sqlite_ts(lo), sqlite_ts(hi)] for lo, hi in merged]
+                sql = _SQLITE_RECENT_SQL + (_OBSERVED_SQL if observed_only else "")
+                cur.execute(sql, (json.dumps(ids), json.dumps(bounds)))
+            else:
+                los, his = zip(*merged, strict=True)
+                sql = _PG_OBSERVED_SQL if observed_only else _PG_RECENT_SQL
+                cur.execute(sql, (ids, list(los), list(his)))
+            # Columns from batches of rows: zip(*rows) would walk every row per column,
+            # and 10^5 live tuples keep the garbage collector busy.
+            sid: list[int] = []
+            ts: list[Any] = []
+            value: list[float | None] = []
+            while batch := cur.fetchmany(8192):
+                sid += [r[0] for r in batch]
+                ts += [r[1] for r in batch]
+                value += [r[2] for r in batch]
         if self.dialect == "sqlite":  # naive UTC text, as SQLAlchemy stores DateTime there
             when = pl.Series(ts, dtype=pl.String).str.to_datetime(
                 "%Y-%m-%d %H:%M:%S%.f", time_unit="us", time_zone="UTC"
