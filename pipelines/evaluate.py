@@ -41,6 +41,7 @@ from forecaster.config import AnomalySettings
 from forecaster.features import FeatureSpec
 from forecaster.frames import TS_DTYPE
 from forecaster.store import Store
+from forecaster.store.evaluation import with_actuals
 from pipelines.predict import BASELINES, CHALLENGER
 
 log = structlog.get_logger(__name__)
@@ -103,7 +104,8 @@ def run_evaluate(
     # counted before (calibration_tracking), within the window. Everything else the window
     # held is in the running aggregates (forecaster.store.aggregates).
     tracked = store.calibration_tracking(model)
-    new = _new_scored(store, model, ends, tracked, window)
+    actuals = _Actuals(store)
+    new = _new_scored(store, model, ends, tracked, window, actuals)
     cal_start = _day(ends["end"].max()) - _whole_days(window) + DAY
     days = _calibration_days(
         store.calibration_days(model, cal_start), new.filter(pl.col("target_ts") >= cal_start)
@@ -144,7 +146,7 @@ def run_evaluate(
         level,
     )
     challenger_tracked = store.calibration_tracking(CHALLENGER)
-    new_challenger = _new_scored(store, CHALLENGER, ends, challenger_tracked, window)
+    new_challenger = _new_scored(store, CHALLENGER, ends, challenger_tracked, window, actuals)
     challenger = _challenger_offset(store, new_challenger, per_horizon, level)
     rows = []
     for step in sorted(set(totals) | set(prior)):  # every step the offset applies to
@@ -218,7 +220,12 @@ def _series_days(ends: pl.DataFrame, span: timedelta) -> pl.DataFrame:
 
 
 def _new_scored(
-    store: Store, model: str, ends: pl.DataFrame, tracked: pl.DataFrame, window: timedelta
+    store: Store,
+    model: str,
+    ends: pl.DataFrame,
+    tracked: pl.DataFrame,
+    window: timedelta,
+    actuals: _Actuals,
 ) -> pl.DataFrame:
     """The scored forecasts of `model` whose targets are after each series' newest one
     counted before (`tracked`: series_id, tracked_until) and in the last `window` before
@@ -228,8 +235,32 @@ def _new_scored(
         pl.max_horizontal(
             pl.col("tracked_until").fill_null(pl.col("end") - window), pl.col("end") - window
         ).alias("after"),
+        "end",
     )
-    return _scored_after(store, model, since, window)
+    return _scored_after(store, model, since, window, actuals)
+
+
+class _Actuals:
+    """The observed actuals one run reads (recent_values, observed points only). A read
+    that covers another's series and span serves it: the champion's and the challenger's
+    new targets, which mostly share theirs, are read once."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.reads: list[tuple[set[int], object, object, pl.DataFrame]] = []
+
+    def scored(self, points: pl.DataFrame) -> pl.DataFrame:
+        """`points` (forecast_points) joined to their actuals: the scored ones."""
+        if points.is_empty():
+            return with_actuals(points, None)
+        ids = set(points["series_id"].unique().to_list())
+        lo, hi = points["target_ts"].min(), points["target_ts"].max()
+        for got, a, b, frame in self.reads:
+            if a <= lo and hi <= b and ids <= got:
+                return with_actuals(points, frame)
+        frame = self.store.recent_values(sorted(ids), [(lo, hi)], observed_only=True)
+        self.reads.append((ids, lo, hi, frame))
+        return with_actuals(points, frame)
 
 
 def _calibration_days(stored: list[dict], new: pl.DataFrame) -> dict:
@@ -317,17 +348,25 @@ BASELINE_MODELS = tuple(f"seasonal_naive_{season}" for season in BASELINES)
 
 
 def _scored_after(
-    store: Store, model: str, starts: pl.DataFrame, window: timedelta
+    store: Store,
+    model: str,
+    starts: pl.DataFrame,
+    window: timedelta,
+    actuals: _Actuals | None = None,
 ) -> pl.DataFrame:
     """The scored forecasts of `model` with targets after each series' `after` (starts:
-    series_id, after). Series whose starts lie within a window of each other are read in one
-    query; there is one query per such group."""
+    series_id, after, and optionally end: its newest point; a forecast made at or after it
+    has no actual yet and is not read). Series whose starts lie within a window of each
+    other are read in one query; there is one query per such group."""
+    actuals = actuals or _Actuals(store)
     starts = starts.sort("after")
     group = (starts["after"].diff().fill_null(timedelta(0)) > window).cum_sum()
     parts = []
     for (_,), members in starts.with_columns(group=group).group_by("group", maintain_order=True):
         ids = None if members.height == starts.height else members["series_id"].to_list()
-        parts.append(store.scored_forecasts(model, members["after"].min(), ids))
+        before = members["end"].max() if "end" in members.columns else None
+        points = store.forecast_points(model, members["after"].min(), ids, before)
+        parts.append(actuals.scored(points))
     return _after(pl.concat(parts), starts)
 
 
@@ -560,11 +599,13 @@ def _naives_from(
 ) -> dict[str, pl.DataFrame]:
     """Each seasonal naive's forecasts on the keys of `mine` (series_id, origin_ts,
     horizon_step, target_ts, actual), with yhat the value stored one season before the
-    target (k seasons for steps past one season), as predict forecasts it
-    (forecaster.features.seasonal_naive). Those values are the actuals `scored` holds;
-    the few it does not (a champion younger than a season, a filled point) are read from
-    `observations`. Keys with nothing stored a season back are left out, as predict leaves
-    out a baseline row with nothing to copy."""
+    target (k seasons for steps past one season) as predict's grid holds it (float32), so
+    as predict forecasts and stores it (forecaster.features.seasonal_naive). Those values
+    are the actuals `scored` holds, or in the window copies predict keeps
+    (_copied_values); the few that are in neither (a series with a late point predict has
+    not handled yet, a window not copied) are read from `observations`. Keys with nothing
+    stored a season back are left out, as predict leaves out a baseline row with nothing to
+    copy."""
     keys = mine.select("series_id", "origin_ts", "horizon_step", "target_ts", "actual")
     backs = {}
     for season, period in zip(BASELINES, (spec.season_day, spec.season_week), strict=True):
@@ -576,6 +617,10 @@ def _naives_from(
     ).unique(["series_id", "_back"])
     wanted = pl.concat([b.select("series_id", "_back") for b in backs.values()]).unique()
     missing = wanted.join(values, on=["series_id", "_back"], how="anti")
+    if not missing.is_empty():
+        copied = _copied_values(store, missing)
+        values = pl.concat([values, copied], how="vertical_relaxed")
+        missing = missing.join(copied, on=["series_id", "_back"], how="anti")
     if not missing.is_empty():
         # One span per series and season (a day and a week back are apart: a span over
         # both would read the days between).
@@ -596,7 +641,9 @@ def _naives_from(
             [values, read.join(missing, on=["series_id", "_back"], how="semi")],
             how="vertical_relaxed",
         )
-    values = values.filter(pl.col("yhat").is_not_null() & pl.col("yhat").is_not_nan())
+    values = values.with_columns(pl.col("yhat").cast(pl.Float32).cast(pl.Float64)).filter(
+        pl.col("yhat").is_not_null() & pl.col("yhat").is_not_nan()
+    )
     return {
         f"seasonal_naive_{season}": frame.join(values, on=["series_id", "_back"], how="inner")
         .drop("_back")
@@ -606,6 +653,50 @@ def _naives_from(
         )
         for season, frame in backs.items()
     }
+
+
+def _copied_values(store: Store, keys: pl.DataFrame) -> pl.DataFrame:
+    """The values at `keys` (series_id, _back) that predict's window copies hold
+    (schema.window_values: its grid's float32 values of a series' complete windows), as
+    series_id, _back, yhat; NaN cells (nothing stored) left out. Not of a series with a
+    late mark (Store.copied_windows)."""
+    out = {"series_id": pl.Int64, "_back": TS_DTYPE, "yhat": pl.Float64}
+    windows = store.copied_windows().rename({"window_s": "_window_s"})
+    keys = keys.join(windows, on="series_id").with_columns(
+        (pl.col("_back").dt.epoch("s") // pl.col("_window_s")).alias("_wid")
+    )
+    found = store.window_values(
+        keys["series_id"].unique().to_list(), keys["_wid"].unique().to_list()
+    )
+    if not found:
+        return pl.DataFrame(schema=out)
+    sid, wid, step, blobs = zip(*found, strict=True)
+    n = np.array([len(b) // 4 for b in blobs], dtype=np.int64)
+    copies = pl.DataFrame(
+        {
+            "series_id": np.asarray(sid, dtype=np.int64),
+            "_wid": np.asarray(wid, dtype=np.int64),
+            "_step": np.asarray(step, dtype=np.int64),
+            "_n": n,
+            "_first": np.cumsum(n) - n,  # its first cell in `cells`
+        }
+    )
+    at = (
+        keys.join(copies, on=["series_id", "_wid"])
+        .with_columns(
+            (pl.col("_back").dt.epoch("s") - pl.col("_wid") * pl.col("_window_s")).alias("_s")
+        )
+        .filter(
+            (pl.col("_s") % pl.col("_step") == 0) & (pl.col("_s") // pl.col("_step") < pl.col("_n"))
+        )
+    )
+    cells = np.frombuffer(b"".join(blobs), dtype="<f4")
+    index = (at["_first"] + at["_s"] // at["_step"]).to_numpy()
+    return (
+        at.select("series_id", "_back")
+        .with_columns(pl.Series("yhat", cells[index].astype(np.float64)))
+        .filter(~pl.col("yhat").is_nan())
+    )
 
 
 def _pooled_mase(rows: list[dict], model: str) -> float | None:
@@ -1175,7 +1266,7 @@ def _judge(
     near = incidents.filter(pl.col("end_ts") > after)
     edge_points = pl.concat(
         [
-            store.anomaly_points(model, after).filter(pl.col("deviation").abs() > 1),
+            store.anomaly_points(model, after, beyond=1.0),
             new.filter(pl.col("deviation").abs() > 1).select(
                 "series_id", "ts", "deviation", "evidence"
             ),

@@ -116,7 +116,7 @@ class AggregateStore(StoreBase):
         conn.execute(sa.delete(a).where(a.c.day < before))
         if frame.is_empty():
             return
-        self._bulk_upsert(conn, _ACCURACY_DAYS, frame.select(_ACCURACY_DAYS.columns).rows())
+        self._bulk_upsert_frame(conn, _ACCURACY_DAYS, frame.select(_ACCURACY_DAYS.columns))
 
     # -- fleet_times --------------------------------------------------------------------
 
@@ -153,10 +153,16 @@ class AggregateStore(StoreBase):
     # -- anomaly_points -----------------------------------------------------------------
 
     def anomaly_points(
-        self, model: str, since: datetime, *, min_evidence: float | None = None
+        self,
+        model: str,
+        since: datetime,
+        *,
+        min_evidence: float | None = None,
+        beyond: float | None = None,
     ) -> pl.DataFrame:
         """The model's stored judged points after `since` (series_id, ts, deviation,
-        evidence), with evidence of at least `min_evidence` if given."""
+        evidence), with evidence of at least `min_evidence` if given, and a deviation
+        beyond +-`beyond` if given."""
         import polars as pl
 
         from forecaster.frames import TS_DTYPE
@@ -167,6 +173,8 @@ class AggregateStore(StoreBase):
         ).where(p.c.model == model, p.c.ts > since)
         if min_evidence is not None:
             q = q.where(p.c.evidence >= min_evidence)
+        if beyond is not None:
+            q = q.where(sa.or_(p.c.deviation > beyond, p.c.deviation < -beyond))
         return self._frame(
             q,
             {
@@ -200,8 +208,8 @@ class AggregateStore(StoreBase):
             return
         import polars as pl
 
-        rows = frame.select(pl.lit(model).alias("model"), *_POINTS.columns[1:]).rows()
-        self._bulk_upsert(conn, _POINTS, rows)
+        rows = frame.select(pl.lit(model).alias("model"), *_POINTS.columns[1:])
+        self._bulk_upsert_frame(conn, _POINTS, rows)
 
 
 _ACCURACY_DAYS = Bulk(

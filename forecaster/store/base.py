@@ -292,6 +292,29 @@ class StoreBase:
         pg_copy_rows(conn, rows, target.pg)
         conn.exec_driver_sql(target.pg_upsert)
 
+    def _bulk_upsert_frame(self, conn: Connection, target: Bulk, frame: pl.DataFrame) -> None:
+        """_bulk_upsert of a frame's rows (its columns in target.columns order, timestamps
+        UTC-aware): on SQLite the timestamps are made text by polars, a column at a time,
+        rather than value by value."""
+        if self.dialect != "sqlite" or frame.is_empty():
+            self._bulk_upsert(conn, target, frame.rows())
+            return
+        import polars as pl
+
+        text = frame.with_columns(
+            pl.col(c)
+            .dt.convert_time_zone("UTC")
+            .dt.replace_time_zone(None)
+            .dt.strftime("%Y-%m-%d %H:%M:%S%.6f")
+            for c in target.timestamps
+        )
+        conn.info["wrote"] = True
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.executemany(target.sqlite_upsert or sqlite_upsert_sql(target), text.rows())
+        finally:
+            cur.close()
+
     def __init__(self, url: str, *, create: bool = True) -> None:
         """create=False: a SQLite file that does not exist is an error (StoreError naming
         the path), not a new empty database; for commands that only read or update one."""

@@ -40,12 +40,33 @@ class EvaluationStore(StoreBase):
         """Forecasts of `model` with targets at or after `since` whose actuals have arrived
         (of the given series only, when given): series_id, origin_ts, target_ts,
         horizon_step, yhat, yhat_lower, yhat_upper, raw_lower, raw_upper, interval_level,
-        actual.
+        actual. The ledger's points (forecast_points) joined to the observed actuals, read
+        in one range for all their series (recent_values)."""
+        points = self.forecast_points(model, since, series_ids)
+        if points.is_empty():
+            return with_actuals(points, None)
+        spans = (points["target_ts"].min(), points["target_ts"].max())
+        # One span for all: the series' targets lie within the same few weeks (callers read
+        # series whose ends lie far apart in separate calls).
+        actual = self.recent_values(
+            points["series_id"].unique().to_list(), [spans], observed_only=True
+        )
+        return with_actuals(points, actual)
+
+    def forecast_points(
+        self,
+        model: str,
+        since: datetime,
+        series_ids: Sequence[int] | None = None,
+        before: datetime | None = None,
+    ) -> pl.DataFrame:
+        """The current forecasts of `model` with targets at or after `since` (of the given
+        series only, when given; made before `before`, when given: a forecast made at or
+        after a series' newest point has no actual yet): series_id, origin_ts, target_ts,
+        horizon_step, yhat, yhat_lower, yhat_upper, raw_lower, raw_upper, interval_level.
 
         The current ledger rows whose last target is at or after `since` (its index), their
-        horizons decoded together by polars (not unnested in SQL, point by point), then
-        joined to the observed actuals read in one range per series (recent_values): at
-        10,000 series, a third of the time the view's join took."""
+        horizons decoded together by polars (not unnested in SQL, point by point)."""
         import polars as pl
 
         from forecaster.frames import TS_DTYPE
@@ -61,6 +82,8 @@ class EvaluationStore(StoreBase):
         ).where(fo.c.model == model, fo.c.superseded.is_(False), fo.c.last_target_ts >= since)
         if series_ids is not None:
             q = q.where(fo.c.series_id.in_(sorted(series_ids)))
+        if before is not None:
+            q = q.where(fo.c.origin_ts < before)
         ledger = self._frame(
             q,
             {
@@ -71,21 +94,8 @@ class EvaluationStore(StoreBase):
                 "points": pl.String,
             },
         )
-        out_schema = {
-            "series_id": pl.Int64,
-            "origin_ts": TS_DTYPE,
-            "target_ts": TS_DTYPE,
-            "horizon_step": pl.Int64,
-            "yhat": pl.Float64,
-            "yhat_lower": pl.Float64,
-            "yhat_upper": pl.Float64,
-            "raw_lower": pl.Float64,
-            "raw_upper": pl.Float64,
-            "interval_level": pl.Float64,
-            "actual": pl.Float64,
-        }
         if ledger.is_empty():
-            return pl.DataFrame(schema=out_schema)
+            return pl.DataFrame(schema=_points_schema())
         entry = pl.col("p")
         points = (
             ledger.with_columns(
@@ -102,35 +112,17 @@ class EvaluationStore(StoreBase):
             )
             .filter(pl.col("target_ts") >= since)
         )
-        if points.is_empty():
-            return pl.DataFrame(schema=out_schema)
-        points = points.with_columns(
-            *(
-                entry.list.get(i, null_on_oob=True).alias(name)
-                for i, name in enumerate(
-                    ("yhat", "yhat_lower", "yhat_upper", "raw_lower", "raw_upper")
+        return (
+            points.with_columns(
+                *(
+                    entry.list.get(i, null_on_oob=True).alias(name)
+                    for i, name in enumerate(
+                        ("yhat", "yhat_lower", "yhat_upper", "raw_lower", "raw_upper")
+                    )
                 )
             )
-        )
-        spans = points.group_by("series_id").agg(
-            pl.col("target_ts").min().alias("lo"), pl.col("target_ts").max().alias("hi")
-        )
-        # One span for all: the series' targets lie within the same few weeks (callers read
-        # series whose ends lie far apart in separate calls).
-        actual = self.recent_values(
-            spans["series_id"].to_list(),
-            [(spans["lo"].min(), spans["hi"].max())],
-            observed_only=True,
-        )
-        return (
-            points.join(
-                actual.select(
-                    "series_id", pl.col("ts").alias("target_ts"), pl.col("value").alias("actual")
-                ),
-                on=["series_id", "target_ts"],
-            )
-            .select(list(out_schema))
-            .cast(out_schema)  # type: ignore[arg-type]
+            .select(list(_points_schema()))
+            .cast(_points_schema())  # type: ignore[arg-type]
         )
 
     def series_ends(self) -> pl.DataFrame:
@@ -195,15 +187,11 @@ class EvaluationStore(StoreBase):
                 }
             ],
         )
-        if not tracked.is_empty():
-            stmt = self._upsert(s.calibration_tracking, ("tracked_until",))
-            conn.execute(
-                stmt,
-                [
-                    {"model": model, "series_id": sid, "tracked_until": until}
-                    for sid, until in tracked.select("series_id", "tracked_until").rows()
-                ],
-            )
+        if not tracked.is_empty():  # a row per series: in bulk
+            import polars as pl
+
+            frame = tracked.select(pl.lit(model).alias("model"), "series_id", "tracked_until")
+            self._bulk_upsert_frame(conn, _TRACKING, frame)
 
     def save_calibration(
         self, conn: Connection, model: str, rows: Sequence[Mapping[str, Any]]
@@ -393,23 +381,15 @@ class EvaluationStore(StoreBase):
         self, conn: Connection, model: str, rows: Sequence[Mapping[str, Any]]
     ) -> None:
         """Upsert per series (series_id, ts, score, incident_open, typical, recent, tail,
-        day_counts, window_day) the newest scored point and what the next run continues."""
+        day_counts, window_day) the newest scored point and what the next run continues. In
+        bulk: a row per series judged, 10,000 a run at 10,000 series."""
         if not rows:
             return
-        cols = (
-            "ts",
-            "score",
-            "incident_open",
-            "typical",
-            "recent",
-            "tail",
-            "day_counts",
-            "window_day",
-            "updated_at",
-        )
-        stmt = self._upsert(s.anomaly_state, cols)
         now = datetime.now(UTC)
-        conn.execute(stmt, [{**r, "model": model, "updated_at": now} for r in rows])
+        cols = _STATE.columns[2:-1]
+        self._bulk_upsert(
+            conn, _STATE, [(model, r["series_id"], *(r[c] for c in cols), now) for r in rows]
+        )
 
     def anomaly_state(
         self, model: str, series_ids: Sequence[int] | None = None, *, carried: bool = False
@@ -575,3 +555,95 @@ _ACCURACY = Bulk(
     "window_start = excluded.window_start, window_end = excluded.window_end, "
     "updated_at = excluded.updated_at",
 )
+
+
+_STATE = Bulk(
+    table="anomaly_state",
+    columns=(
+        "model",
+        "series_id",
+        "ts",
+        "score",
+        "incident_open",
+        "typical",
+        "recent",
+        "tail",
+        "day_counts",
+        "window_day",
+        "updated_at",
+    ),
+    key=("model", "series_id"),
+    timestamps=("ts", "window_day", "updated_at"),
+    pg=PgTemp(
+        create="CREATE TEMP TABLE IF NOT EXISTS _anomaly_state_in (model text, "
+        "series_id integer, ts timestamptz, score double precision, incident_open boolean, "
+        "typical double precision, recent text, tail bytea, day_counts bytea, "
+        "window_day timestamptz, updated_at timestamptz) ON COMMIT DROP",
+        truncate="TRUNCATE _anomaly_state_in",
+        copy="COPY _anomaly_state_in (model, series_id, ts, score, incident_open, typical, "
+        "recent, tail, day_counts, window_day, updated_at) FROM STDIN",
+    ),
+    pg_upsert="INSERT INTO anomaly_state (model, series_id, ts, score, incident_open, "
+    "typical, recent, tail, day_counts, window_day, updated_at) SELECT model, series_id, ts, "
+    "score, incident_open, typical, recent, tail, day_counts, window_day, updated_at "
+    "FROM _anomaly_state_in ON CONFLICT (model, series_id) DO UPDATE SET ts = excluded.ts, "
+    "score = excluded.score, incident_open = excluded.incident_open, "
+    "typical = excluded.typical, recent = excluded.recent, tail = excluded.tail, "
+    "day_counts = excluded.day_counts, window_day = excluded.window_day, "
+    "updated_at = excluded.updated_at",
+)
+
+_TRACKING = Bulk(
+    table="calibration_tracking",
+    columns=("model", "series_id", "tracked_until"),
+    key=("model", "series_id"),
+    timestamps=("tracked_until",),
+    pg=PgTemp(
+        create="CREATE TEMP TABLE IF NOT EXISTS _calibration_tracking_in (model text, "
+        "series_id integer, tracked_until timestamptz) ON COMMIT DROP",
+        truncate="TRUNCATE _calibration_tracking_in",
+        copy="COPY _calibration_tracking_in (model, series_id, tracked_until) FROM STDIN",
+    ),
+    pg_upsert="INSERT INTO calibration_tracking (model, series_id, tracked_until) "
+    "SELECT model, series_id, tracked_until FROM _calibration_tracking_in "
+    "ON CONFLICT (model, series_id) DO UPDATE SET tracked_until = excluded.tracked_until",
+)
+
+
+def _points_schema() -> dict[str, Any]:
+    import polars as pl
+
+    from forecaster.frames import TS_DTYPE
+
+    return {
+        "series_id": pl.Int64,
+        "origin_ts": TS_DTYPE,
+        "target_ts": TS_DTYPE,
+        "horizon_step": pl.Int64,
+        "yhat": pl.Float64,
+        "yhat_lower": pl.Float64,
+        "yhat_upper": pl.Float64,
+        "raw_lower": pl.Float64,
+        "raw_upper": pl.Float64,
+        "interval_level": pl.Float64,
+    }
+
+
+def with_actuals(points: pl.DataFrame, actual: pl.DataFrame | None) -> pl.DataFrame:
+    """Forecast points (EvaluationStore.forecast_points) joined to their observed actuals
+    (`actual`: series_id, ts, value; it may hold more): the scored ones, with `actual`."""
+    import polars as pl
+
+    schema = {**_points_schema(), "actual": pl.Float64}
+    if actual is None or points.is_empty():
+        return pl.DataFrame(schema=schema)
+    return (
+        points.join(
+            actual.select(
+                "series_id", pl.col("ts").alias("target_ts"), pl.col("value").alias("actual")
+            ),
+            on=["series_id", "target_ts"],
+        )
+        .select(list(schema))
+        .cast(schema)  # type: ignore[arg-type]
+    )

@@ -80,6 +80,21 @@ class PredictionStore(StoreBase):
             rows = [dict(r._mapping) for r in conn.execute(q)]
         return rows if ids is None else [r for r in rows if r["id"] in wanted]
 
+    def copied_windows(self) -> pl.DataFrame:
+        """series_id, window_s (its window length in seconds) of the series whose window
+        copies (schema.window_values) may be read: those without a late mark (a marked
+        series' copies from its late point's window on are stale until the predict run that
+        handles the mark drops them)."""
+        import polars as pl
+
+        se, w = s.series, s.watermarks
+        q = (
+            sa.select(se.c.id, se.c.window_seconds)
+            .select_from(se.outerjoin(w, w.c.series_id == se.c.id))
+            .where(w.c.late_from.is_(None))
+        )
+        return self._frame(q, {"series_id": pl.Int64, "window_s": pl.Int64})
+
     def load_states(
         self, version_id: int, series_ids: Sequence[int]
     ) -> dict[int, tuple[bytes, list[int], datetime]]:

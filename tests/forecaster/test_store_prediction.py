@@ -262,6 +262,24 @@ def test_scored_forecasts_are_the_views_rows_joined_to_their_observed_actuals(st
     assert v.sort("horizon_step")["yhat"].to_list() == [
         math.pi * a + k / 7 + 1.0 for k in (1, 3, 4, 5)
     ]
+    # The points alone, of the forecasts made before a time: the view's current rows of
+    # the origins before it, with an actual or without (b's step 2 at hour 3 has no row).
+    view = sa.text(
+        "SELECT series_id, origin_ts, target_ts, horizon_step, yhat, yhat_lower, yhat_upper, "
+        "raw_lower, raw_upper, interval_level FROM forecasts WHERE model = 'v' "
+        "AND superseded = false AND target_ts >= :since AND origin_ts < :before"
+    )
+    for before in (h(3), h(4)):
+        got = store.forecast_points("v", h(2), None, before).sort(key)
+        with store.engine.connect() as conn:
+            want = conn.execute(
+                view.bindparams(
+                    sa.bindparam("since", h(2), type_=schema.UTCDateTime),
+                    sa.bindparam("before", before, type_=schema.UTCDateTime),
+                )
+            ).all()
+        want = sorted((r[0], _utc(r[1]), _utc(r[2]), *r[3:]) for r in want)
+        assert got.rows() == want and len(want) == {h(3): 10, h(4): 21}[before], before
 
 
 def _utc(ts):

@@ -277,10 +277,10 @@ def test_thresholds_read_from_the_carried_tails_equal_those_read_from_the_window
     reads = []
     real = type(carried).anomaly_points
 
-    def counting(self, model, since, *, min_evidence=None):
+    def counting(self, model, since, *, min_evidence=None, beyond=None):
         if self is carried and min_evidence is not None:
             reads.append(since)
-        return real(self, model, since, min_evidence=min_evidence)
+        return real(self, model, since, min_evidence=min_evidence, beyond=beyond)
 
     wipe = sa.update(schema.anomaly_state).values(tail=None, day_counts=None, window_day=None)
     for store in (carried, recounted):

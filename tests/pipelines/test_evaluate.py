@@ -376,21 +376,21 @@ def test_each_run_reads_only_the_forecasts_whose_actuals_are_new(sqlite_url, tra
     _ingest_days(store, 0, 20)
     run_predict(store, warmup_steps=WARMUP)
     read = []
-    real = store.scored_forecasts
+    real = store.forecast_points
 
-    def reading(model, since, series_ids=None):  # the real read, its rows after `since` noted
-        frame = real(model, since, series_ids)
+    def reading(model, since, series_ids=None, before=None):  # the real read, rows noted
+        frame = real(model, since, series_ids, before)
         if model == "v1":
             read.append(frame.filter(pl.col("target_ts") > since))
         return frame
 
-    store.scored_forecasts = reading
+    store.forecast_points = reading
     for day in range(20, 30):
         _ingest_days(store, day, day + 1)
         run_evaluate(store, accuracy_window=timedelta(days=7))
         run_predict(store, warmup_steps=WARMUP)
     keys = pl.concat(read).select("series_id", "origin_ts", "horizon_step")
-    scored = real("v1", START)
+    scored = store.scored_forecasts("v1", START)
     assert keys.height == keys.unique().height == scored.height == 2 * 10 * 24
     rows = {(r["series"], r["model"]): r for r in store.series_accuracy()}
     with store.engine.connect() as conn:
@@ -419,3 +419,69 @@ def test_each_run_reads_only_the_forecasts_whose_actuals_are_new(sqlite_url, tra
                 assert row["coverage"] == pytest.approx(inside), model
         assert rows[(series, "seasonal_naive_daily")]["mase"] == pytest.approx(1.0)
     store.close()
+
+
+def test_naive_values_read_from_window_copies_equal_those_read_from_observations(
+    db_url,
+    trained,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """The seasonal naives' values a day and a week back, which evaluate reads from
+    predict's window copies (schema.window_values) where it can: a store reading them and
+    one whose copies are wiped before every run (so it reads `observations`) keep the same
+    accuracy figures, bit for bit, through a late point in a window already copied and read
+    a day back before predict has handled it (that series' values then come from
+    `observations`); and the copies store reads every other value from its copies."""
+    import pipelines.evaluate as evaluate
+    from tests.pipelines.test_predict import _late_point
+
+    copies = _setup(db_url, trained)
+    plain = _setup(f"sqlite:///{tmp_path / 'plain.db'}", trained)
+    copied: dict[int, int] = {}
+    real = evaluate._copied_values
+    day = 0
+
+    def spy(store, keys):
+        got = real(store, keys)
+        if store is copies:
+            copied[day] = copied.get(day, 0) + got.height
+        return got
+
+    monkeypatch.setattr(evaluate, "_copied_values", spy)
+    late_hour = 26 * 24 + 5  # day 26: copied by its own predict, read a week back on day 33
+    late_day = 27
+    for store in (copies, plain):
+        _ingest_days(store, 0, 20)
+        run_predict(store, warmup_steps=WARMUP)
+    for day in range(20, 38):  # noqa: B007 - read by the spy
+        for store in (copies, plain):
+            if day == late_day:
+                _late_point(store, hour=late_hour, shift=0.1)  # no float32 value
+            _ingest_days(store, day, day + 1)
+            if store is plain:
+                with store.begin() as conn:
+                    conn.execute(sa.delete(schema.window_values))
+            summary = run_evaluate(store, accuracy_window=timedelta(days=7))
+            assert summary.scored > 0
+            run_predict(store, warmup_steps=WARMUP)
+    # Each day 2 series x 24 targets, a day and a week back: 96 values, all copied but the
+    # late series' on the day its point arrived.
+    assert copied == {d: 48 if d == late_day else 96 for d in range(20, 38)}
+
+    def figures(store):
+        a, sa_ = schema.accuracy_days, schema.series_accuracy
+        with store.engine.connect() as conn:
+            days = conn.execute(sa.select(a).order_by(a.c.series_id, a.c.model, a.c.day)).all()
+            rows = conn.execute(
+                sa.select(*(c for c in sa_.columns if c.name != "updated_at")).order_by(
+                    sa_.c.series_id, sa_.c.model
+                )
+            ).all()
+        return [tuple(r) for r in days], [tuple(r) for r in rows]
+
+    assert figures(copies) == figures(plain)
+    days, _ = figures(copies)
+    assert {r[1] for r in days} >= {"seasonal_naive_daily", "seasonal_naive_weekly"}
+    copies.close()
+    plain.close()
