@@ -186,9 +186,7 @@ def run_evaluate(
         store.add_accuracy_days(conn, accuracy_new, keep)
         summary.new_anomalies = store.insert_anomalies(conn, judged.anomalies)
         judged.save(store, conn, model)
-        store.save_series_accuracy(
-            conn, [{k: v for k, v in r.items() if k != "_scale"} for r in accuracy]
-        )
+        store.save_series_accuracy(conn, accuracy.drop("_scale"))
     summary.threshold = judged.threshold.value
     summary.incidents_open = sum(r["incident_open"] for r in judged.state)
     summary.new_incidents = judged.new_incidents
@@ -502,7 +500,7 @@ _DAY_COLUMNS = tuple(c.name for c in schema.accuracy_days.columns)  # as the tab
 
 def _series_accuracy(
     store: Store, champion: str, ends: pl.DataFrame, window: timedelta, new_days: pl.DataFrame
-) -> list[dict]:
+) -> pl.DataFrame:
     """Per series with new scored forecasts and per model (the champion, the challenger and
     both seasonal naives), over the whole days of `window` that end with the day of the
     series' newest point: n, MAE, MASE and band coverage (of the models with a band), from
@@ -516,7 +514,11 @@ def _series_accuracy(
         new_days.select("series_id").unique(), on="series_id", how="semi"
     )
     if starts.is_empty():
-        return []
+        return pl.DataFrame(
+            schema={"series_id": pl.Int64, "model": pl.String, "n": pl.Int64}
+            | {"abs_err": pl.Float64, "naive_abs_err": pl.Float64, "inside": pl.Int64}
+            | {"since": TS_DTYPE, "end": TS_DTYPE}
+        ).select(_accuracy_columns())
     sums = ["n", "abs_err", "naive_abs_err", "inside"]
 
     def totals_of(
@@ -575,23 +577,31 @@ def _series_accuracy(
         .join(starts, on="series_id")
         .join(ends, on="series_id")
     )
-    rows = []
-    for r in totals.iter_rows(named=True):
-        n, scale = r["n"], r["naive_abs_err"] / r["n"]
-        rows.append(
-            {
-                "series_id": r["series_id"],
-                "model": r["model"],
-                "n_scored": n,
-                "mae": r["abs_err"] / n,
-                "mase": r["abs_err"] / r["naive_abs_err"] if r["naive_abs_err"] else None,
-                "coverage": None if r["model"] in BASELINE_MODELS else r["inside"] / n,
-                "window_start": r["since"],
-                "window_end": r["end"],
-                "_scale": scale,
-            }
-        )
-    return rows
+    return totals.select(_accuracy_columns())
+
+
+def _accuracy_columns() -> list[pl.Expr]:
+    """series_accuracy's columns from a frame of window sums (series_id, model, n, abs_err,
+    naive_abs_err, inside, since, end), and `_scale` (the daily naive's MAE on the same
+    forecasts: for pooling, not stored)."""
+    n = pl.col("n")
+    return [
+        pl.col("series_id"),
+        pl.col("model"),
+        n.alias("n_scored"),
+        (pl.col("abs_err") / n).alias("mae"),
+        pl.when(pl.col("naive_abs_err") != 0)
+        .then(pl.col("abs_err") / pl.col("naive_abs_err"))
+        .alias("mase"),
+        pl.when(pl.col("model").is_in(BASELINE_MODELS))
+        .then(None)
+        .otherwise(pl.col("inside") / n)
+        .cast(pl.Float64)
+        .alias("coverage"),
+        pl.col("since").alias("window_start"),
+        pl.col("end").alias("window_end"),
+        (pl.col("naive_abs_err") / n).alias("_scale"),
+    ]
 
 
 def _naives_from(
@@ -699,11 +709,13 @@ def _copied_values(store: Store, keys: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _pooled_mase(rows: list[dict], model: str) -> float | None:
+def _pooled_mase(rows: pl.DataFrame, model: str) -> float | None:
     """The model's MAE over the daily naive's on the same forecasts, pooled over series."""
-    mine = [r for r in rows if r["model"] == model]
-    naive = sum(r["_scale"] * r["n_scored"] for r in mine)
-    return sum(r["mae"] * r["n_scored"] for r in mine) / naive if naive > 0 else None
+    mine = rows.filter(pl.col("model") == model)
+    n = mine["n_scored"].to_list()
+    naive = sum(s * k for s, k in zip(mine["_scale"].to_list(), n, strict=True))
+    mae = sum(m * k for m, k in zip(mine["mae"].to_list(), n, strict=True))
+    return mae / naive if naive > 0 else None
 
 
 # How far back of its new points a run rewrites the fleet's events (at least): events less
