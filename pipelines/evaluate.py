@@ -1007,20 +1007,7 @@ def _judge(
     cfg = cfg or AnomalySettings()
     gap = cfg.gap
     freqs = store.series_freqs()
-    state = pl.DataFrame(
-        store.anomaly_state(model, carried=True),
-        schema={
-            "series_id": pl.Int64,
-            "ts": TS_DTYPE,
-            "score": pl.Float64,
-            "incident_open": pl.Boolean,
-            "typical": pl.Float64,
-            "recent": pl.String,
-            "tail": pl.Binary,
-            "day_counts": pl.Binary,
-            "window_day": TS_DTYPE,
-        },
-    )
+    state = store.carried_state(model)
     starts = ends.select("series_id", (pl.col("end") - window).alias("_from"))
     window_start = starts["_from"].min()
     days_before, points_before, tails, uncarried = _window_before(

@@ -399,7 +399,8 @@ class StoreBase:
         series = {}
         for name, values in zip(names, cols, strict=True):
             dtype = schema[name]
-            if dtype == TS_DTYPE and values and isinstance(values[0], str):
+            first = next((v for v in values if v is not None), None)
+            if dtype == TS_DTYPE and isinstance(first, str):
                 series[name] = pl.Series(name, values, dtype=pl.String).str.to_datetime(
                     "%Y-%m-%d %H:%M:%S%.f", time_unit="us", time_zone="UTC"
                 )

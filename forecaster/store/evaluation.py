@@ -408,6 +408,41 @@ class EvaluationStore(StoreBase):
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
+    def carried_state(self, model: str) -> pl.DataFrame:
+        """anomaly_state of `model` as a frame, with what the evaluate job carries: series_id,
+        ts, score, incident_open, typical, recent, tail, day_counts, window_day."""
+        import polars as pl
+
+        from forecaster.frames import TS_DTYPE
+
+        a = s.anomaly_state
+        raw = sa.types.NullType()
+        q = sa.select(
+            a.c.series_id,
+            sa.type_coerce(a.c.ts, raw),
+            a.c.score,
+            a.c.incident_open,
+            a.c.typical,
+            a.c.recent,
+            a.c.tail,
+            a.c.day_counts,
+            sa.type_coerce(a.c.window_day, raw),
+        ).where(a.c.model == model)
+        return self._frame(
+            q,
+            {
+                "series_id": pl.Int64,
+                "ts": TS_DTYPE,
+                "score": pl.Float64,
+                "incident_open": pl.Boolean,
+                "typical": pl.Float64,
+                "recent": pl.String,
+                "tail": pl.Binary,
+                "day_counts": pl.Binary,
+                "window_day": TS_DTYPE,
+            },
+        )
+
     def list_incidents(
         self, series_name: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
