@@ -197,7 +197,7 @@ def ingest_batch(
         points = points.join(resent, on=key, how="anti", maintain_order="left")
         unchanged += resent.height
         late = changed
-        store.upsert_observations(conn, points)
+        store.upsert_observations(conn, points, after=previous)
         store.mark_late(conn, late.group_by("series_id").agg(pl.col("ts").min().alias("late_from")))
 
         newest = (

@@ -170,10 +170,23 @@ def pg_copy_temp(conn: Connection, frame: pl.DataFrame, temp: PgTemp) -> None:
     """PostgreSQL: `frame`'s columns (in the COPY's order) COPYed as CSV into `temp`, created
     for the transaction if absent and emptied first, for one INSERT ... SELECT ... ON
     CONFLICT on the server: no parameter bound per row, no round trip per row."""
+    with _pg_copy(conn, temp) as cp:
+        cp.write(_pg_csv(frame))
+
+
+def pg_copy_into(conn: Connection, frame: pl.DataFrame, copy: str) -> None:
+    """PostgreSQL: `frame`'s columns COPYed as CSV straight into a table by `copy` (a
+    constant COPY ... FROM STDIN (FORMAT csv) statement): for rows known to be new."""
+    conn.info["wrote"] = True  # work (base._note_write sees no driver call)
+    with conn.connection.driver_connection.cursor() as cur:
+        with cur.copy(copy) as cp:
+            cp.write(_pg_csv(frame))
+
+
+def _pg_csv(frame: pl.DataFrame) -> bytes:
     buf = io.BytesIO()
     frame.write_csv(buf, include_header=False, datetime_format=PG_CSV_TS_FORMAT, null_value="")
-    with _pg_copy(conn, temp) as cp:
-        cp.write(buf.getvalue())
+    return buf.getvalue()
 
 
 def pg_copy_rows(conn: Connection, rows: Sequence[tuple[Any, ...]], temp: PgTemp) -> None:

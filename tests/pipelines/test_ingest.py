@@ -265,6 +265,53 @@ def test_a_late_point_within_the_bound_replaces_the_filled_one_and_recounts_its_
     assert too_late.quarantined == Counter({"too_late": 1})
 
 
+def test_points_after_the_watermark_are_stored_even_where_a_writer_beside_stored_one(
+    store, monkeypatch
+):
+    """Points after their series' watermark are new keys, which PostgreSQL takes by a COPY
+    straight into observations; where one is stored after all (another writer's, here put
+    there by hand), the batch goes the upsert's way: every point stored once, the batch's
+    value where it is observed, nothing refused."""
+    copied = []
+    real = type(store)._copy_new_observations
+
+    def spy(self, conn, fresh):
+        ok = real(self, conn, fresh)
+        copied.append((fresh.height, ok))
+        return ok
+
+    monkeypatch.setattr(type(store), "_copy_new_observations", spy)
+    defaults = SeriesDefaults(gap_policy="null")
+    first = [("a", T0 + timedelta(hours=h), float(h)) for h in range(3)]
+    first += [("b", T0 + timedelta(hours=h), 10.0 + h) for h in range(3)]
+    ingest_batch(store, "s", _batch(first, {"n": 1}), defaults, NOW)
+    o = schema.observations
+    with store.begin() as conn:  # a writer beside: a's point at 05:00 is stored already
+        a_id = conn.execute(sa.select(schema.series.c.id).where(schema.series.c.name == "a"))
+        conn.execute(
+            sa.insert(o).values(
+                series_id=a_id.scalar_one(),
+                ts=T0 + timedelta(hours=5),
+                value=-1.0,
+                quality="observed",
+                window_id=0,
+            )
+        )
+    second = [("a", T0 + timedelta(hours=h), float(h)) for h in range(3, 6)]
+    second += [("b", T0 + timedelta(hours=h), 10.0 + h) for h in range(3, 6)]
+    result = ingest_batch(store, "s", _batch(second, {"n": 2}), defaults, NOW)
+    assert result.observed == 6 and not result.quarantined
+    for name, base in (("a", 0.0), ("b", 10.0)):
+        obs = store.read_observations(name)
+        assert obs.select("value", "quality").rows() == [
+            (base + h, "observed") for h in range(6)
+        ], name
+    if store.dialect == "postgresql":
+        assert copied == [(6, True), (6, False)]
+    else:
+        assert copied == []
+
+
 def test_a_stray_early_point_of_a_new_series_is_quarantined_not_gap_filled(store):
     """Epoch 0 among a new series' 2024 points would be filled hourly up to 2024 (472,000
     rows); year 1, 17.7 million. Past series.max_backfill before the series' newest point it
