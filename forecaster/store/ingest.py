@@ -19,7 +19,7 @@ from forecaster.store.base import (
     _fingerprint,
     _obs_raw,
     _utc,
-    pg_copy_into,
+    pg_copy_new,
     pg_copy_temp,
     sqlite_qmark,
 )
@@ -281,18 +281,9 @@ class IngestStore(StoreBase):
         return points.height
 
     def _copy_new_observations(self, conn: Connection, fresh: pl.DataFrame) -> bool:
-        """COPY points with new keys into observations, inside a savepoint: False (nothing
-        stored) where a key was stored after all."""
-        import psycopg
-
-        savepoint = conn.begin_nested()
-        try:
-            pg_copy_into(conn, fresh, _PG_OBS_COPY)
-        except psycopg.errors.UniqueViolation:
-            savepoint.rollback()
-            return False
-        savepoint.commit()
-        return True
+        """COPY points with new keys straight into observations (base.pg_copy_new): False,
+        nothing stored, where a key was stored after all."""
+        return pg_copy_new(conn, fresh, _PG_OBS_COPY)
 
     def _copy_upsert_observations(self, conn: Connection, points: pl.DataFrame) -> None:
         pg_copy_temp(conn, points, _PG_OBS_IN)
