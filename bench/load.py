@@ -6,7 +6,7 @@ and the time that refresher takes to read it after the jobs), and the process's 
 the RSS curve's start and end.
 
     python bench/load.py [--series 10000] [--windows 12] [--history-weeks 5]
-                         [--profile-evaluate] [--evaluate-repeats K]
+                         [--profile-evaluate] [--evaluate-repeats K] [--pg [URL]]
 
 Data and model as bench/predict.py (the bundled panel tiled to --series, a one-epoch LSTM
 as champion). Each window: ingest_batch of 24 new points per series (as the ingest job
@@ -14,6 +14,10 @@ writes them), then `run_job` of a predict and an evaluate job (claims, job_runs,
 code the daemon runs) on a simulated clock at the window's end, then GET /metrics from the
 daemon's HttpApp. A window is a day of data: the replay speed these jobs could keep up with
 is 86,400 s over the window's total wall time.
+
+With --pg the store is a fresh PostgreSQL database on that server (created and dropped
+here; default the test server, postgresql://postgres@127.0.0.1:5432/postgres) instead of a
+SQLite file.
 
 With --evaluate-repeats K, the last window's evaluate job also runs on K copies of the store
 as it stood just before that job (SQLite's backup API), one after the other, and the median
@@ -24,6 +28,7 @@ comparisons of the evaluate code on a noisy machine (run each side with PYTHONPA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -41,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from predict import STEP, WINDOW, ingest, machine, small_model, tiled  # noqa: E402
+from predict import STEP, WINDOW, ingest, machine, pg_database, small_model, tiled  # noqa: E402
 
 from forecaster.checkpoints import save_checkpoint  # noqa: E402
 from forecaster.clock import FixedClock  # noqa: E402
@@ -134,14 +139,24 @@ def main() -> None:
         default=0,
         help="time the last window's evaluate job again on this many copies of the store",
     )
+    ap.add_argument(
+        "--pg",
+        nargs="?",
+        const="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="run on a fresh database of this PostgreSQL server instead of SQLite",
+    )
     args = ap.parse_args()
+    if args.pg and args.evaluate_repeats:
+        ap.error("--evaluate-repeats copies a SQLite file: not with --pg")
     torch.set_num_threads(1)  # as the daemon's serving process (schedule.torch_threads)
     configure_logging("warning", "console")  # the jobs' own lines would drown the table
     n_hist = args.history_weeks * 7 * WINDOW
     names, start, values = tiled(args.series, n_hist + args.windows * WINDOW)
     print(machine(torch.device("cpu")))
-    with tempfile.TemporaryDirectory(prefix="forecaster-load-") as tmp:
-        url = f"sqlite:///{tmp}/store.db"
+    print(f"database: {'PostgreSQL' if args.pg else 'SQLite'}")
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="forecaster-load-"))
+        url = stack.enter_context(pg_database(args.pg)) if args.pg else f"sqlite:///{tmp}/store.db"
         store = Store(url)
         store.upgrade()
         settings = Settings(database_url=url, checkpoint_dir=f"{tmp}/ckpt")

@@ -195,6 +195,21 @@ def pg_copy_new(conn: Connection, frame: pl.DataFrame, copy: str) -> bool:
     return True
 
 
+def _pg_text_safe(frame: pl.DataFrame) -> bool:
+    """Whether polars can write `frame` as COPY's text format: columns of numbers, booleans,
+    timestamps and strings, no string holding a tab, a newline or a backslash (which that
+    format escapes)."""
+    import polars as pl
+
+    for name, dtype in frame.schema.items():
+        if dtype == pl.String:
+            if frame[name].str.contains(r"[\t\n\r\\]").any():
+                return False
+        elif not (dtype.is_numeric() or dtype == pl.Boolean or isinstance(dtype, pl.Datetime)):
+            return False
+    return True
+
+
 def _pg_csv(frame: pl.DataFrame) -> bytes:
     buf = io.BytesIO()
     frame.write_csv(buf, include_header=False, datetime_format=PG_CSV_TS_FORMAT, null_value="")
@@ -319,12 +334,32 @@ class StoreBase:
 
     def _bulk_upsert_frame(self, conn: Connection, target: Bulk, frame: pl.DataFrame) -> None:
         """_bulk_upsert of a frame's rows (its columns in target.columns order, timestamps
-        UTC-aware): on SQLite the timestamps are made text by polars, a column at a time,
-        rather than value by value."""
-        if self.dialect != "sqlite" or frame.is_empty():
-            self._bulk_upsert(conn, target, frame.rows())
+        UTC-aware), its values made text by polars a column at a time rather than value by
+        value: on SQLite the timestamps, on PostgreSQL the whole COPY (text format, written
+        by polars: numbers, booleans, timestamps and strings without a tab, newline or
+        backslash; other frames go row by row)."""
+        if frame.is_empty():
             return
         import polars as pl
+
+        if self.dialect == "postgresql":
+            if _pg_text_safe(frame):
+                buf = io.BytesIO()
+                frame.write_csv(
+                    buf,
+                    include_header=False,
+                    separator="\t",
+                    null_value="\\N",
+                    quote_style="never",
+                    datetime_format=PG_CSV_TS_FORMAT,
+                )
+                conn.info["wrote"] = True
+                with _pg_copy(conn, target.pg) as cp:
+                    cp.write(buf.getvalue())
+                conn.exec_driver_sql(target.pg_upsert)
+            else:
+                self._bulk_upsert(conn, target, frame.rows())
+            return
 
         text = frame.with_columns(
             pl.col(c)

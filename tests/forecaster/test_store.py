@@ -251,3 +251,33 @@ def test_sqlite_waits_30_s_for_a_lock_unless_the_url_says_how_long(tmp_path):
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == waits_ms
         engine.dispose()
+
+
+@pytest.mark.parametrize("model", ["v1", "odd\\model\twith tab"])
+def test_a_bulk_written_frame_reads_back_exactly(store, model):
+    """Frames written in bulk (accuracy_days here; on PostgreSQL COPY's text format written
+    by polars, or row by row where a string holds what that format escapes) read back
+    value for value: floats to the bit, NaN and infinities included, timestamps in UTC."""
+    a = schema.accuracy_days
+    with store.begin() as conn:
+        ids = store.resolve_series(
+            conn, ["s"], create=True, source="t", freq_seconds=3600, window_seconds=86400
+        )
+        days = [datetime(2024, 1, d, tzinfo=UTC) for d in (1, 2, 3)]
+        frame = pl.DataFrame(
+            {
+                "series_id": [ids["s"]] * 3,
+                "model": [model] * 3,
+                "day": days,
+                "n": [1, 2, 3],
+                "abs_err": [0.1, 1 / 3, float("inf")],
+                "naive_abs_err": [2.0**-1074, 1.7976931348623157e308, 123456.789e-7],
+                "inside": [0, 1, 2],
+                "n_points": [5, 0, 7],
+            },
+            schema_overrides={"day": F.TS_DTYPE},
+        )
+        store.add_accuracy_days(conn, frame, days[0])
+    with store.engine.connect() as conn:
+        got = conn.execute(sa.select(a).order_by(a.c.day)).all()
+    assert [tuple(r) for r in got] == frame.rows()
