@@ -89,20 +89,31 @@ class ServiceStore(StoreBase):
         from it here (joining the long view instead would unnest every origin)."""
         se, o, fo = s.series, s.observations, s.forecast_origins
         out: dict[int, dict[str, Any]] = {}
-        for ids in _chunks(series_ids):
-            newest_ts = (
-                sa.select(o.c.ts)
+
+        def newest(col: Any) -> Any:  # of the series' newest observed actual
+            return (
+                sa.select(col)
                 .where(o.c.series_id == se.c.id, o.c.quality == "observed", o.c.value.is_not(None))
                 .order_by(o.c.ts.desc())
                 .limit(1)
                 .scalar_subquery()
             )
+
+        for ids in _chunks(series_ids):
+            # Its time and value each by a backward scan of the series' primary key: joined
+            # back to observations on (series, time), PostgreSQL planned a hash join over a
+            # sequential scan of the whole table until its first ANALYZE (about 50 s a
+            # snapshot at 10,000 series).
             latest = (
-                sa.select(se.c.id.label("series_id"), newest_ts.label("ts"))
+                sa.select(
+                    se.c.id.label("series_id"),
+                    newest(o.c.ts).label("ts"),
+                    newest(o.c.value).label("value"),
+                )
                 .where(se.c.id.in_(ids))
                 .subquery("latest")
             )
-            cols: list[Any] = [latest.c.series_id, latest.c.ts, o.c.value]
+            cols: list[Any] = [latest.c.series_id, latest.c.ts, latest.c.value]
             if model is not None:
                 origin = (
                     sa.select(sa.func.max(fo.c.origin_ts))
@@ -114,11 +125,9 @@ class ServiceStore(StoreBase):
                     .scalar_subquery()
                 )
                 cols.append(origin.label("origin_ts"))
-            joined = latest.join(
-                o, sa.and_(o.c.series_id == latest.c.series_id, o.c.ts == latest.c.ts)
-            )
+            q = sa.select(*cols).where(latest.c.ts.is_not(None))
             with self.engine.connect() as conn:
-                found = [r._mapping for r in conn.execute(sa.select(*cols).select_from(joined))]
+                found = [r._mapping for r in conn.execute(q)]
                 entries = (
                     self._entries(
                         conn, model, [(r["series_id"], r["origin_ts"], r["ts"]) for r in found]
