@@ -239,8 +239,8 @@ def _new_scored(
 
 
 class _Actuals:
-    """The observed actuals one run reads (recent_values, observed points only). A read
-    that covers another's series and span serves it: the champion's and the challenger's
+    """The observed actuals one run reads (Store.actuals_for). A read that covers another's
+    series and span serves it: the champion's and the challenger's
     new targets, which mostly share theirs, are read once."""
 
     def __init__(self, store: Store) -> None:
@@ -256,7 +256,7 @@ class _Actuals:
         for got, a, b, frame in self.reads:
             if a <= lo and hi <= b and ids <= got:
                 return with_actuals(points, frame)
-        frame = self.store.recent_values(sorted(ids), [(lo, hi)], observed_only=True)
+        frame = self.store.actuals_for(points)
         self.reads.append((ids, lo, hi, frame))
         return with_actuals(points, frame)
 

@@ -45,13 +45,16 @@ class EvaluationStore(StoreBase):
         points = self.forecast_points(model, since, series_ids)
         if points.is_empty():
             return with_actuals(points, None)
-        spans = (points["target_ts"].min(), points["target_ts"].max())
-        # One span for all: the series' targets lie within the same few weeks (callers read
-        # series whose ends lie far apart in separate calls).
-        actual = self.recent_values(
-            points["series_id"].unique().to_list(), [spans], observed_only=True
-        )
-        return with_actuals(points, actual)
+        return with_actuals(points, self.actuals_for(points))
+
+    def actuals_for(self, points: pl.DataFrame) -> pl.DataFrame:
+        """The observed actuals (series_id, ts, value) of the series of `points` (forecast
+        points, not empty) over the span of their targets: one range for all, since the
+        series' targets lie within the same few weeks (callers read series whose ends lie
+        far apart in separate calls)."""
+        span = (points["target_ts"].min(), points["target_ts"].max())
+        ids = points["series_id"].unique().to_list()
+        return self.recent_values(ids, [span], observed_only=True)
 
     def forecast_points(
         self,
@@ -393,15 +396,13 @@ class EvaluationStore(StoreBase):
         )
 
     def anomaly_state(
-        self, model: str, series_ids: Sequence[int] | None = None, *, carried: bool = False
+        self, model: str, series_ids: Sequence[int] | None = None
     ) -> list[dict[str, Any]]:
         """Rows of anomaly_state of `model` (series_id, ts, score, incident_open, typical,
-        recent); with `carried`, also what the evaluate job's thresholds read (tail,
-        day_counts, window_day)."""
+        recent); what the evaluate job carries besides is read by carried_state."""
         a = s.anomaly_state
-        extra = (a.c.tail, a.c.day_counts, a.c.window_day) if carried else ()
         q = sa.select(
-            a.c.series_id, a.c.ts, a.c.score, a.c.incident_open, a.c.typical, a.c.recent, *extra
+            a.c.series_id, a.c.ts, a.c.score, a.c.incident_open, a.c.typical, a.c.recent
         ).where(a.c.model == model)
         if series_ids is not None:
             q = q.where(a.c.series_id.in_(list(series_ids)))

@@ -269,7 +269,7 @@ class IngestStore(StoreBase):
                     .to_series()
                 )
                 fresh, points = points.filter(new), points.filter(~new)
-                if not fresh.is_empty() and not self._copy_new_observations(conn, fresh):
+                if not fresh.is_empty() and not pg_copy_new(conn, fresh, _PG_OBS_COPY):
                     points = pl.concat([points, fresh])
             if not points.is_empty():
                 self._copy_upsert_observations(conn, points)
@@ -279,11 +279,6 @@ class IngestStore(StoreBase):
         # SQLAlchemy's per-row parameter handling would cost more than SQLite's insert.
         conn.exec_driver_sql(_sqlite_obs_upsert_sql(), rows)
         return points.height
-
-    def _copy_new_observations(self, conn: Connection, fresh: pl.DataFrame) -> bool:
-        """COPY points with new keys straight into observations (base.pg_copy_new): False,
-        nothing stored, where a key was stored after all."""
-        return pg_copy_new(conn, fresh, _PG_OBS_COPY)
 
     def _copy_upsert_observations(self, conn: Connection, points: pl.DataFrame) -> None:
         pg_copy_temp(conn, points, _PG_OBS_IN)

@@ -300,7 +300,7 @@ def test_thresholds_read_from_the_carried_tails_equal_those_read_from_the_window
                 run_evaluate(store, window=window, prior_weight=10, anomalies=CFG)
     for table in (*TABLES, "anomalies"):
         assert _rows(carried, table) == _rows(recounted, table), table
-    state = carried.anomaly_state("v1", carried=True)
+    state = carried.carried_state("v1").to_dicts()
     assert all(r["tail"] is not None and r["day_counts"] for r in state), state
     # The tails held points, the series their own measured thresholds, and the window slid.
     assert any(len(r["tail"]) for r in state)
@@ -350,6 +350,6 @@ def test_accuracy_days_keep_the_anomaly_window_while_a_series_still_reads_its_co
     assert first_day() == START + timedelta(days=31 - 9)  # its 10 days stay
     day()  # day 33: sine.1's forecasts for it were never made (it had no day 32)
     day()  # day 34: sine.1 judged, its counts carried from then on
-    assert all(r["day_counts"] is not None for r in store.anomaly_state("v1", carried=True))
+    assert all(r["day_counts"] is not None for r in store.carried_state("v1").to_dicts())
     assert first_day() == START + timedelta(days=34 - 6)  # the accuracy window's alone
     store.close()

@@ -272,15 +272,17 @@ def test_points_after_the_watermark_are_stored_even_where_a_writer_beside_stored
     straight into observations; where one is stored after all (another writer's, here put
     there by hand), the batch goes the upsert's way: every point stored once, the batch's
     value where it is observed, nothing refused."""
-    copied = []
-    real = type(store)._copy_new_observations
+    import forecaster.store.ingest as store_ingest
 
-    def spy(self, conn, fresh):
-        ok = real(self, conn, fresh)
+    copied = []
+    real = store_ingest.pg_copy_new
+
+    def spy(conn, fresh, copy):
+        ok = real(conn, fresh, copy)
         copied.append((fresh.height, ok))
         return ok
 
-    monkeypatch.setattr(type(store), "_copy_new_observations", spy)
+    monkeypatch.setattr(store_ingest, "pg_copy_new", spy)
     defaults = SeriesDefaults(gap_policy="null")
     first = [("a", T0 + timedelta(hours=h), float(h)) for h in range(3)]
     first += [("b", T0 + timedelta(hours=h), 10.0 + h) for h in range(3)]
