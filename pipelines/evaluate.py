@@ -363,7 +363,10 @@ def _scored_after(
     for (_,), members in starts.with_columns(group=group).group_by("group", maintain_order=True):
         ids = None if members.height == starts.height else members["series_id"].to_list()
         before = members["end"].max() if "end" in members.columns else None
-        points = store.forecast_points(model, members["after"].min(), ids, before)
+        # Targets strictly after: a forecast whose last target is a series' `after` (the
+        # one a run before counted up to) holds nothing new and is not decoded.
+        since = members["after"].min() + timedelta(microseconds=1)
+        points = store.forecast_points(model, since, ids, before)
         parts.append(actuals.scored(points))
     return _after(pl.concat(parts), starts)
 
