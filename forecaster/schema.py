@@ -478,6 +478,9 @@ accuracy_days = sa.Table(
     sa.Column("inside", sa.BigInteger, nullable=False),
     sa.Column("n_points", sa.BigInteger, nullable=False),
     sa.Index("ix_accuracy_days_day", "day"),  # each run drops the days before its window
+    # SQLite: stored in the key's order, the row in the key's b-tree (migration 0017): the
+    # window sums walk the key without a table lookup per row.
+    sqlite_with_rowid=False,
 )
 
 # Per model and target time: series judged, and how many lay beyond the lower and the upper

@@ -268,3 +268,63 @@ def test_forecast_accuracy_joins_each_forecast_point_to_its_actual_by_key(sqlite
         )
     assert "o USING INDEX sqlite_autoindex_observations_1 (series_id=? AND ts=?)" in plan, plan
     store.close()
+
+
+def test_accuracy_days_is_rebuilt_in_key_order_on_sqlite_and_keeps_its_rows(db_url):
+    """Migration 0017 stores accuracy_days WITHOUT ROWID on SQLite (the evaluate job's window
+    sums walk its key): the rows, floats to the bit, survive the rebuild both ways, and its
+    index on day is there after each; PostgreSQL's table is left as it was."""
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    store = Store(db_url)
+    store.upgrade("0016")
+    t0 = datetime(2024, 3, 1, tzinfo=UTC)
+    with store.begin() as conn:
+        ids = store.resolve_series(
+            conn, ["a", "b"], create=True, source="t", freq_seconds=3600, window_seconds=86400
+        )
+        rows = [
+            {
+                "series_id": sid,
+                "model": model,
+                "day": t0 + timedelta(days=d),
+                "n": 24 + d,
+                "abs_err": 0.1 + d / 3,
+                "naive_abs_err": 1e-300 * (d + 1),
+                "inside": d,
+                "n_points": 24,
+            }
+            for sid in ids.values()
+            for model in ("v1", "seasonal_naive_daily")
+            for d in range(3)
+        ]
+        conn.execute(sa.insert(schema.accuracy_days), rows)
+    table = schema.accuracy_days
+
+    def stored() -> list[tuple]:
+        with store.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.select(table).order_by(*table.primary_key))]
+
+    def layout() -> tuple[bool, set[str]]:  # (WITHOUT ROWID, its indexes)
+        with store.engine.connect() as conn:
+            indexes = {i["name"] for i in sa.inspect(conn).get_indexes("accuracy_days")}
+            if store.dialect != "sqlite":
+                return False, indexes
+            sql = conn.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'accuracy_days'"
+            ).scalar()
+            return "WITHOUT ROWID" in sql.upper(), indexes
+
+    want = stored()
+    assert len(want) == 12 and layout() == (False, {"ix_accuracy_days_day"})
+    store.upgrade()
+    assert stored() == want
+    assert layout() == (store.dialect == "sqlite", {"ix_accuracy_days_day"})
+    assert _diff(store) == []
+    store.downgrade("0016")
+    assert stored() == want and layout() == (False, {"ix_accuracy_days_day"})
+    store.upgrade()
+    assert stored() == want and layout() == (store.dialect == "sqlite", {"ix_accuracy_days_day"})
+    store.close()
