@@ -359,21 +359,25 @@ class PredictionStore(StoreBase):
                 conn.exec_driver_sql(_PG_PRUNE_SNAPSHOTS_SQL, (*bounds, touched))
         if ledger.is_empty():
             return 0
+        if self.dialect != "sqlite":
+            # No check first: the insert skips the keys stored already (ON CONFLICT DO
+            # NOTHING) and sums the points of the rows it stored.
+            pg_copy_temp(conn, ledger.select(*_LEDGER_KEYS[:10], "n_points"), _PG_LEDGER_IN)
+            written = conn.exec_driver_sql(_PG_LEDGER_INSERT_SQL, {"now": now}).scalar_one()
+            if written:
+                conn.info["wrote"] = True  # work (base._note_write sees no driver call)
+            return int(written)
         ledger = self._new_origins(conn, ledger)
         if ledger.is_empty():
             return 0
         conn.info["wrote"] = True  # work (base._note_write sees no driver call)
-        if self.dialect == "sqlite":
-            # The compiled Core statement straight to the driver's executemany, rows made
-            # lazily from columns (no dict per row).
-            cur = conn.connection.driver_connection.cursor()
-            try:
-                cur.executemany(_sqlite_ledger_insert_sql(), _sqlite_ledger_rows(ledger, now))
-            finally:
-                cur.close()
-        else:
-            pg_copy_temp(conn, ledger.select(_LEDGER_KEYS[:10]), _PG_LEDGER_IN)
-            conn.exec_driver_sql(_PG_LEDGER_INSERT_SQL, {"now": now})
+        # The compiled Core statement straight to the driver's executemany, rows made lazily
+        # from columns (no dict per row).
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.executemany(_sqlite_ledger_insert_sql(), _sqlite_ledger_rows(ledger, now))
+        finally:
+            cur.close()
         return int(ledger["n_points"].sum())
 
     def _new_origins(self, conn: Connection, ledger: pl.DataFrame) -> pl.DataFrame:
@@ -632,18 +636,23 @@ _PG_LEDGER_IN = PgTemp(
     create="CREATE TEMP TABLE IF NOT EXISTS _forecast_origins_in (series_id integer, "
     "model text, origin_ts timestamptz, revision integer, model_version_id integer, "
     "step_seconds integer, n_steps integer, last_target_ts timestamptz, "
-    "interval_level double precision, points text) ON COMMIT DROP",
+    "interval_level double precision, points text, n_points integer) ON COMMIT DROP",
     truncate="TRUNCATE _forecast_origins_in",
     copy="COPY _forecast_origins_in (series_id, model, origin_ts, revision, model_version_id, "
-    "step_seconds, n_steps, last_target_ts, interval_level, points) "
-    "FROM STDIN (FORMAT csv)",  # the columns in _LEDGER_KEYS[:10] order
+    "step_seconds, n_steps, last_target_ts, interval_level, points, n_points) "
+    "FROM STDIN (FORMAT csv)",  # the columns in _LEDGER_KEYS[:10] order, then n_points
 )
+# The new rows stored (a key stored already is kept as it is) and the sum of their points.
 _PG_LEDGER_INSERT_SQL = (
-    "INSERT INTO forecast_origins (series_id, model, origin_ts, revision, model_version_id, "
-    "step_seconds, n_steps, last_target_ts, interval_level, points, superseded, created_at) "
+    "WITH stored AS (INSERT INTO forecast_origins (series_id, model, origin_ts, revision, "
+    "model_version_id, step_seconds, n_steps, last_target_ts, interval_level, points, "
+    "superseded, created_at) "
     "SELECT series_id, model, origin_ts, revision, model_version_id, step_seconds, n_steps, "
     "last_target_ts, interval_level, points, false, %(now)s FROM _forecast_origins_in "
-    "ON CONFLICT (series_id, model, origin_ts, revision) DO NOTHING"
+    "ON CONFLICT (series_id, model, origin_ts, revision) DO NOTHING "
+    "RETURNING series_id, model, origin_ts, revision) "
+    "SELECT coalesce(sum(i.n_points), 0) FROM stored JOIN _forecast_origins_in AS i "
+    "USING (series_id, model, origin_ts, revision)"
 )
 
 

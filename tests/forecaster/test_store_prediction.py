@@ -149,15 +149,18 @@ def test_forecast_inserts_are_exactly_once_and_count_only_new_rows(store):
 def test_a_stored_forecast_is_kept_where_a_writer_beside_stored_it_after_the_check(
     store, monkeypatch
 ):
-    """save_prediction writes the keys it found new; a key stored after that check (a
-    writer beside this one: here, the check told to find nothing) keeps its stored row, the
-    new keys are stored, and nothing is refused."""
+    """On SQLite save_prediction writes the keys it found new; a key stored after that check
+    (a writer beside this one: here, the check told to find nothing) keeps its stored row,
+    the new keys are stored, and nothing is refused. PostgreSQL checks nothing first: its
+    insert keeps every stored key (ON CONFLICT DO NOTHING) and counts the points it stored."""
     a, b = _series(store, ["a", "b"])
     first = _forecasts([a], T0)
     _save(store, pl.DataFrame(first))
     monkeypatch.setattr(type(store), "_new_origins", lambda self, conn, ledger: ledger)
     again = [{**r, "yhat": r["yhat"] + 1.0} for r in _forecasts([a, b], T0)]
-    _save(store, pl.DataFrame(again))
+    written = _save(store, pl.DataFrame(again))
+    if store.dialect == "postgresql":
+        assert written == 6  # b's points only
     assert _stored(store) == sorted(
         _as_stored(first) + _as_stored([r for r in again if r["series_id"] == b])
     )
