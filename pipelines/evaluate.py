@@ -1266,27 +1266,35 @@ def _judge(
         .agg(pl.col("n_series", "n_low", "n_high").sum())
     )
     near = incidents.filter(pl.col("end_ts") > after)
-    edge_points = pl.concat(
-        [
-            store.anomaly_points(model, after, beyond=1.0),
-            new.filter(pl.col("deviation").abs() > 1).select(
-                "series_id", "ts", "deviation", "evidence"
-            ),
-        ],
-        how="vertical_relaxed",
-    ).select("series_id", "ts", "deviation")
-    events = anomaly.fleet_events(
-        counts,
-        near,
-        cfg.fleet_share,
-        cfg.fleet_min_series,
-        cfg.fleet_merge,
-        edges=anomaly.edge_shares(usual),
-        threshold=cfg.fleet_evidence,
-        edge_points=edge_points,
-        judge_from=first_new,
-        known=[(e["start_ts"], e["end_ts"]) for e in known if e["start_ts"] > after],
-    )
+
+    def events_with(edge_points: pl.DataFrame | None) -> pl.DataFrame:
+        return anomaly.fleet_events(
+            counts,
+            near,
+            cfg.fleet_share,
+            cfg.fleet_min_series,
+            cfg.fleet_merge,
+            edges=anomaly.edge_shares(usual),
+            threshold=cfg.fleet_evidence,
+            edge_points=edge_points,
+            judge_from=first_new,
+            known=[(e["start_ts"], e["end_ts"]) for e in known if e["start_ts"] > after],
+        )
+
+    # The points beyond an edge only count an event's series (which times are events does
+    # not depend on them): they are read where there is an event, which is seldom.
+    events = events_with(None)
+    if not events.is_empty():
+        edge_points = pl.concat(
+            [
+                store.anomaly_points(model, after, beyond=1.0),
+                new.filter(pl.col("deviation").abs() > 1).select(
+                    "series_id", "ts", "deviation", "evidence"
+                ),
+            ],
+            how="vertical_relaxed",
+        ).select("series_id", "ts", "deviation")
+        events = events_with(edge_points)
     events = anomaly.new_events(events, after, [(e["start_ts"], e["end_ts"]) for e in known])
     links = anomaly.link_events(near.select("series_id", "start_ts", "end_ts"), events)
     in_window = incidents.filter(pl.col("start_ts") >= window_start).height

@@ -339,6 +339,31 @@ def test_a_fleet_beyond_the_same_edge_together_is_an_event_though_no_series_is_a
     assert anomaly.edge_shares(past.head(anomaly.MIN_EDGE_TIMES - 1)) is None
 
 
+def test_which_times_are_fleet_events_does_not_depend_on_the_points_beyond_an_edge():
+    """The evaluate job reads the stored points beyond an edge only where fleet_events found
+    an event without them: they count an event's series, and never make or move one."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        storms = [range(a, a + int(rng.integers(2, 8))) for a in rng.integers(60, 230, 2)]
+        points = _fleet_points(23, 10 * 24, [h for r in storms for h in r], rng)
+        usual = anomaly.edge_shares(anomaly.edge_counts(points.filter(pl.col("ts") < _ts([50])[0])))
+        counts = anomaly.edge_counts(points)
+        hit = points.filter(pl.col("deviation") < -1.8).sort("series_id", "ts")
+        incidents = hit.select(
+            "series_id", pl.col("ts").alias("start_ts"), pl.col("ts").alias("end_ts")
+        ).unique("series_id", keep="first")
+        args = (counts, incidents, 0.4, 3, timedelta(hours=int(rng.integers(0, 6))))
+        kw = {"edges": usual, "judge_from": _ts([50])[0]}
+        without = anomaly.fleet_events(*args, **kw)
+        edge = points.filter(pl.col("deviation").abs() > 1)
+        found = anomaly.fleet_events(*args, **kw, edge_points=edge)
+        assert not found.is_empty()
+        keep = ["start_ts", "end_ts", "peak_share"]
+        assert found.select(keep).equals(without.select(keep))
+        assert (found["n_series"] >= without["n_series"]).all()
+        assert (found["n_series"] > without["n_series"]).any()  # the points did count
+
+
 def test_a_run_rewrites_only_events_that_start_in_its_window_and_overlap_none_before():
     events = pl.DataFrame(
         {
