@@ -188,7 +188,7 @@ def run_evaluate(
         judged.save(store, conn, model)
         store.save_series_accuracy(conn, accuracy.drop("_scale"))
     summary.threshold = judged.threshold.value
-    summary.incidents_open = sum(r["incident_open"] for r in judged.state)
+    summary.incidents_open = int(judged.state["incident_open"].sum())
     summary.new_incidents = judged.new_incidents
     summary.fleet_events = judged.events.height
     log.info("evaluate done", **summary.__dict__)
@@ -735,7 +735,7 @@ class _Judged:
     anomalies: list[dict]
     old_incidents: pl.DataFrame  # (series_id, start_ts) replaced by `incidents`
     incidents: pl.DataFrame
-    state: list[dict]
+    state: pl.DataFrame  # anomaly_state's rows (Store.save_anomaly_state)
     after: object  # events after this time are rewritten
     events: pl.DataFrame
     links: pl.DataFrame
@@ -1226,20 +1226,16 @@ def _judge(
     # lowest threshold allowed, fleet events and clear incidents included: those are left
     # out when read, as they stand then) and its judged points by whole days.
     carry = _carry(tails, days_before, new.select("series_id", "ts", "evidence"), weeks_start)
-    state_rows = (
-        last.join(carry, on="series_id", how="left")
-        .select(
-            "series_id",
-            "ts",
-            "score",
-            "incident_open",
-            "typical",
-            pl.col("_recent").alias("recent"),
-            "tail",
-            "day_counts",
-            "window_day",
-        )
-        .to_dicts()
+    state_rows = last.join(carry, on="series_id", how="left").select(
+        "series_id",
+        "ts",
+        "score",
+        "incident_open",
+        "typical",
+        pl.col("_recent").alias("recent"),
+        "tail",
+        "day_counts",
+        "window_day",
     )
     # Fleet events, rewritten from a little before the new points (EVENT_REACH, or the
     # merge span, back), and from the start of any event still running then: a share of

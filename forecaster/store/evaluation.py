@@ -381,19 +381,17 @@ class EvaluationStore(StoreBase):
             row = conn.execute(q).first()
         return None if row is None else dict(row._mapping)
 
-    def save_anomaly_state(
-        self, conn: Connection, model: str, rows: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """Upsert per series (series_id, ts, score, incident_open, typical, recent, tail,
-        day_counts, window_day) the newest scored point and what the next run continues. In
-        bulk: a row per series judged, 10,000 a run at 10,000 series."""
-        if not rows:
+    def save_anomaly_state(self, conn: Connection, model: str, frame: pl.DataFrame) -> None:
+        """Upsert per series (frame: series_id, ts, score, incident_open, typical, recent,
+        tail, day_counts, window_day) the newest scored point and what the next run
+        continues. In bulk: a row per series judged, 10,000 a run at 10,000 series."""
+        if frame.is_empty():
             return
-        now = datetime.now(UTC)
-        cols = _STATE.columns[2:-1]
-        self._bulk_upsert(
-            conn, _STATE, [(model, r["series_id"], *(r[c] for c in cols), now) for r in rows]
-        )
+        import polars as pl
+
+        now = pl.lit(datetime.now(UTC)).dt.cast_time_unit("us").alias("updated_at")
+        rows = frame.select(pl.lit(model).alias("model"), *_STATE.columns[1:-1], now)
+        self._bulk_upsert_frame(conn, _STATE, rows)
 
     def anomaly_state(
         self, model: str, series_ids: Sequence[int] | None = None
