@@ -159,11 +159,16 @@ PG_CSV_TS_FORMAT = "%Y-%m-%d %H:%M:%S%.6f+00:00"
 @dataclass(frozen=True)
 class PgTemp:
     """A PostgreSQL temp table that a bulk write COPYs into: its CREATE (ON COMMIT DROP),
-    TRUNCATE and COPY ... FROM STDIN (FORMAT csv) statements, constants of the caller."""
+    TRUNCATE and COPY ... FROM STDIN (FORMAT csv) statements, constants of the caller. For
+    rows holding bytes (pg_copy_rows), also its COPY ... (FORMAT binary) and the columns'
+    types in that order: bytea then goes as it is, not escaped into text (about 4x faster
+    for 10,000 states of half a kilobyte)."""
 
     create: str
     truncate: str
     copy: str
+    copy_binary: str | None = None
+    types: tuple[str, ...] = ()
 
 
 def pg_copy_temp(conn: Connection, frame: pl.DataFrame, temp: PgTemp) -> None:
@@ -217,20 +222,26 @@ def _pg_csv(frame: pl.DataFrame) -> bytes:
 
 
 def pg_copy_rows(conn: Connection, rows: Sequence[tuple[Any, ...]], temp: PgTemp) -> None:
-    """PostgreSQL: Python rows (in the COPY's order; its text format, so bytes go in as
-    bytea) COPYed into `temp` as pg_copy_temp does a frame."""
-    with _pg_copy(conn, temp) as cp:
+    """PostgreSQL: Python rows (in the COPY's order; bytes go in as bytea, timestamps
+    aware) COPYed into `temp` as pg_copy_temp does a frame: in COPY's binary format where
+    `temp` has one (its columns' types), else its text format."""
+    binary = temp.copy_binary is not None
+    with _pg_copy(conn, temp, binary=binary) as cp:
+        if binary:
+            cp.set_types(list(temp.types))
         for r in rows:
             cp.write_row(r)
 
 
 @contextmanager
-def _pg_copy(conn: Connection, temp: PgTemp) -> Iterator[Any]:
+def _pg_copy(conn: Connection, temp: PgTemp, *, binary: bool = False) -> Iterator[Any]:
     """The COPY into `temp`, created for the transaction if absent and emptied first."""
     conn.exec_driver_sql(temp.create)
     conn.exec_driver_sql(temp.truncate)
+    copy = temp.copy_binary if binary else temp.copy
+    assert copy is not None
     with conn.connection.driver_connection.cursor() as cur:
-        with cur.copy(temp.copy) as cp:
+        with cur.copy(copy) as cp:
             yield cp
 
 

@@ -617,6 +617,21 @@ _STATE = Bulk(
         truncate="TRUNCATE _anomaly_state_in",
         copy="COPY _anomaly_state_in (model, series_id, ts, score, incident_open, typical, "
         "recent, tail, day_counts, window_day, updated_at) FROM STDIN",
+        copy_binary="COPY _anomaly_state_in (model, series_id, ts, score, incident_open, "
+        "typical, recent, tail, day_counts, window_day, updated_at) FROM STDIN (FORMAT binary)",
+        types=(
+            "text",
+            "integer",
+            "timestamptz",
+            "float8",
+            "boolean",
+            "float8",
+            "text",
+            "bytea",
+            "bytea",
+            "timestamptz",
+            "timestamptz",
+        ),
     ),
     pg_upsert="INSERT INTO anomaly_state (model, series_id, ts, score, incident_open, "
     "typical, recent, tail, day_counts, window_day, updated_at) SELECT model, series_id, ts, "

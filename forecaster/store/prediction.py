@@ -676,6 +676,9 @@ _STATES = Bulk(
         truncate="TRUNCATE _series_states_in",
         copy="COPY _series_states_in (model_version_id, series_id, state, shape, state_ts, "
         "updated_at, weights) FROM STDIN",
+        copy_binary="COPY _series_states_in (model_version_id, series_id, state, shape, "
+        "state_ts, updated_at, weights) FROM STDIN (FORMAT binary)",
+        types=("integer", "integer", "bytea", "text", "timestamptz", "timestamptz", "text"),
     ),
     pg_upsert="INSERT INTO series_states (model_version_id, series_id, state, shape, state_ts, "
     "updated_at, weights) SELECT model_version_id, series_id, state, shape::json, state_ts, "
@@ -696,6 +699,9 @@ _SNAPSHOTS = Bulk(
         truncate="TRUNCATE _state_snapshots_in",
         copy="COPY _state_snapshots_in (model_version_id, series_id, window_id, state, shape, "
         "state_ts) FROM STDIN",
+        copy_binary="COPY _state_snapshots_in (model_version_id, series_id, window_id, state, "
+        "shape, state_ts) FROM STDIN (FORMAT binary)",
+        types=("integer", "integer", "bigint", "bytea", "text", "timestamptz"),
     ),
     pg_upsert="INSERT INTO state_snapshots (model_version_id, series_id, window_id, state, "
     "shape, state_ts) SELECT model_version_id, series_id, window_id, state, shape::json, "
@@ -715,6 +721,9 @@ _WINDOW_VALUES = Bulk(
         "window_id bigint, step_seconds integer, points bytea) ON COMMIT DROP",
         truncate="TRUNCATE _window_values_in",
         copy="COPY _window_values_in (series_id, window_id, step_seconds, points) FROM STDIN",
+        copy_binary="COPY _window_values_in (series_id, window_id, step_seconds, points) "
+        "FROM STDIN (FORMAT binary)",
+        types=("integer", "bigint", "integer", "bytea"),
     ),
     pg_upsert="INSERT INTO window_values (series_id, window_id, step_seconds, points) "
     "SELECT series_id, window_id, step_seconds, points FROM _window_values_in "
