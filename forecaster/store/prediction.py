@@ -382,7 +382,8 @@ class PredictionStore(StoreBase):
 
     def _new_origins(self, conn: Connection, ledger: pl.DataFrame) -> pl.DataFrame:
         """The ledger rows whose key (series, model, origin, revision) is not stored yet: a
-        forecast already stored is kept as it is, and only new rows count."""
+        forecast already stored is kept as it is, and only new rows count (SQLite; on
+        PostgreSQL the insert itself skips the stored keys and counts what it stored)."""
         fo = s.forecast_origins
         key = ["series_id", "model", "origin_ts", "revision"]
         origins = ledger["origin_ts"].unique().sort().to_list()
