@@ -20,7 +20,8 @@ here; default the test server, postgresql://postgres@127.0.0.1:5432/postgres) in
 SQLite file.
 
 With --evaluate-repeats K, the last window's evaluate job also runs on K copies of the store
-as it stood just before that job (SQLite's backup API), one after the other, and the median
+as it stood just before that job (SQLite's backup API; with --pg, CREATE DATABASE ...
+TEMPLATE, the bench's own connections closed first), one after the other, and the median
 and spread of those K times are printed: one job timed K times on the same data, for A/B
 comparisons of the evaluate code on a noisy machine (run each side with PYTHONPATH).
 """
@@ -106,21 +107,53 @@ def evaluate_copies(
     seconds = []
     src = store.engine.url.database
     for k in range(args.evaluate_repeats):
-        path = f"{tmp}/copy{k}.db"
-        with sqlite3.connect(src) as a, sqlite3.connect(path) as b:
-            a.backup(b)
-        copy = Store(f"sqlite:///{path}")
+        if args.pg:
+            url = pg_copy(store, args.pg, f"{src}_copy{k}")
+        else:
+            path = f"{tmp}/copy{k}.db"
+            with sqlite3.connect(src) as a, sqlite3.connect(path) as b:
+                a.backup(b)
+            url = f"sqlite:///{path}"
+        copy = Store(url)
         ctx = JobContext(
-            settings=settings.model_copy(update={"database_url": f"sqlite:///{path}"}),
-            store=copy,
-            clock=clock,
+            settings=settings.model_copy(update={"database_url": url}), store=copy, clock=clock
         )
         out = run_job(Job(kind="evaluate", scheduled_at=end), ctx)
         assert out.status == "succeeded", (out.status, out.summary)
         seconds.append(out.seconds)
         copy.close()
-        os.remove(path)
+        if args.pg:
+            pg_drop(args.pg, f"{src}_copy{k}")
+        else:
+            os.remove(path)
     return seconds
+
+
+def pg_copy(store: Store, admin: str, name: str) -> str:
+    """A copy of `store`'s PostgreSQL database named `name` (CREATE DATABASE ... TEMPLATE,
+    which needs no other session on the source: the bench's own are closed first and come
+    back on its next query); its URL."""
+    import psycopg
+
+    src = store.engine.url.database
+    store.engine.dispose()
+    dsn = admin.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (src,),
+        )
+        c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{src}"')
+    return store.engine.url.set(database=name).render_as_string(hide_password=False)
+
+
+def pg_drop(admin: str, name: str) -> None:
+    import psycopg
+
+    dsn = admin.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def main() -> None:
@@ -146,8 +179,6 @@ def main() -> None:
         help="run on a fresh database of this PostgreSQL server instead of SQLite",
     )
     args = ap.parse_args()
-    if args.pg and args.evaluate_repeats:
-        ap.error("--evaluate-repeats copies a SQLite file: not with --pg")
     torch.set_num_threads(1)  # as the daemon's serving process (schedule.torch_threads)
     configure_logging("warning", "console")  # the jobs' own lines would drown the table
     n_hist = args.history_weeks * 7 * WINDOW
