@@ -53,7 +53,10 @@ def test_a_band_wider_than_usual_does_not_hide_a_jump():
     assert anomaly.WIDTH_CAP == 1.0
     assert d[1] == pytest.approx(4.0)  # not 4 / 10: the usual half-width is 1
     assert d[2] == pytest.approx(0.5)
-    assert d[3] == pytest.approx(4 / 0.25)  # a band a quarter of the usual: four times as far
+    # A band a quarter of the usual counts as WIDTH_FLOOR of it: twice as far (at a floor of
+    # a half).
+    assert anomaly.WIDTH_FLOOR == 0.5
+    assert d[3] == pytest.approx(4 / 0.5)
 
 
 def test_evidence_adds_up_a_run_of_moderate_deviations_while_it_goes_on():
