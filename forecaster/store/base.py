@@ -206,13 +206,15 @@ def _pg_text_safe(frame: pl.DataFrame) -> bool:
     format escapes)."""
     import polars as pl
 
-    for name, dtype in frame.schema.items():
-        if dtype == pl.String:
-            if frame[name].str.contains(r"[\t\n\r\\]").any():
-                return False
-        elif not (dtype.is_numeric() or dtype == pl.Boolean or isinstance(dtype, pl.Datetime)):
-            return False
-    return True
+    schema = frame.schema
+    plain = (pl.String, pl.Boolean)
+    if not all(t in plain or t.is_numeric() or isinstance(t, pl.Datetime) for t in schema.values()):
+        return False  # before scanning any string column (a frame with bytes goes row by row)
+    return not any(
+        frame[name].str.contains(r"[\t\n\r\\]").any()
+        for name, t in schema.items()
+        if t == pl.String
+    )
 
 
 def _pg_csv(frame: pl.DataFrame) -> bytes:
@@ -225,23 +227,21 @@ def pg_copy_rows(conn: Connection, rows: Sequence[tuple[Any, ...]], temp: PgTemp
     """PostgreSQL: Python rows (in the COPY's order; bytes go in as bytea, timestamps
     aware) COPYed into `temp` as pg_copy_temp does a frame: in COPY's binary format where
     `temp` has one (its columns' types), else its text format."""
-    binary = temp.copy_binary is not None
-    with _pg_copy(conn, temp, binary=binary) as cp:
-        if binary:
+    with _pg_copy(conn, temp, temp.copy_binary) as cp:
+        if temp.copy_binary is not None:
             cp.set_types(list(temp.types))
         for r in rows:
             cp.write_row(r)
 
 
 @contextmanager
-def _pg_copy(conn: Connection, temp: PgTemp, *, binary: bool = False) -> Iterator[Any]:
-    """The COPY into `temp`, created for the transaction if absent and emptied first."""
+def _pg_copy(conn: Connection, temp: PgTemp, copy: str | None = None) -> Iterator[Any]:
+    """The COPY into `temp` (its `copy`, or the one given), the table created for the
+    transaction if absent and emptied first."""
     conn.exec_driver_sql(temp.create)
     conn.exec_driver_sql(temp.truncate)
-    copy = temp.copy_binary if binary else temp.copy
-    assert copy is not None
     with conn.connection.driver_connection.cursor() as cur:
-        with cur.copy(copy) as cp:
+        with cur.copy(copy or temp.copy) as cp:
             yield cp
 
 
