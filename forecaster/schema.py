@@ -439,6 +439,11 @@ anomaly_state = sa.Table(
     sa.Column("tail", sa.LargeBinary, nullable=True),
     sa.Column("day_counts", sa.LargeBinary, nullable=True),
     sa.Column("window_day", UTCDateTime, nullable=True),
+    # The lag-one correlation of the series' deviations its runs are scaled by (migration
+    # 0018, forecaster.anomaly.run_scale): the sums of its clipped deviations' lag products
+    # and squares, older points weighing less (anomaly.RHO_HALF_LIFE). NULL: none yet.
+    sa.Column("lag_sum", sa.Float, nullable=True),
+    sa.Column("square_sum", sa.Float, nullable=True),
 )
 
 # -- running aggregates of the evaluate job (migration 0014) -----------------------------------

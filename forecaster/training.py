@@ -987,7 +987,8 @@ def _holdout_thresholds(
     """Anomaly thresholds measured on the holdout, per series (by row) and pooled: the
     forecasts from every horizon-th origin (each target forecast once, as predict does
     window by window), their band corrected as served, the evidence of each actual
-    (forecaster.anomaly) and the threshold meeting the default false-alarm rate. They serve
+    (forecaster.anomaly; each series' runs scaled by the correlation of its deviations over
+    the holdout) and the threshold meeting the default false-alarm rate. They serve
     a new model's series until each has two weeks of its own scored points."""
     import polars as pl
 
@@ -1017,8 +1018,8 @@ def _holdout_thresholds(
     frame = frame.filter(pl.col("actual").is_not_nan()).sort("series_id", "ts")
     if frame.is_empty():
         return {}
-    frame = frame.with_columns(anomaly.deviation(frame))
-    frame = frame.with_columns(anomaly.evidence(frame))
+    frame = anomaly.with_correlation(frame.with_columns(anomaly.deviation(frame)))
+    frame = frame.with_columns(anomaly.evidence(frame, rho="rho"))
     rate, gap = anomaly.DEFAULT_RATE, anomaly.DEFAULT_GAP
     per = {int(row): value for row, value in anomaly.choose_thresholds(frame, rate, gap).items()}
     pooled = anomaly.choose_threshold(frame, rate, gap)

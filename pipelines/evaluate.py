@@ -989,6 +989,50 @@ def _carried(state: pl.DataFrame, freqs: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _correlations(state: pl.DataFrame, runs: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per series of `runs` (the carried deviations, then the new ones: series_id,
+    _carried, _lag, _square from anomaly.lag_terms): the lag-one correlation of its
+    deviations its runs are scaled by (_rho: from the sums anomaly_state carries, leaning on
+    the fleet's, out of sample as the thresholds are), and those sums with its new points
+    added (lag_sum, square_sum; older points weigh half every anomaly.RHO_HALF_LIFE points).
+    The fleet's correlation is read from every series' carried sums, or from the new
+    points where none carries any (a new model's first run)."""
+    has = state.filter(pl.col("square_sum").is_not_null())
+    new = runs.filter(~pl.col("_carried"))
+    if has.height and float(has["square_sum"].sum()) > 0:
+        pooled = anomaly.pooled_correlation(
+            float(has["lag_sum"].sum()), float(has["square_sum"].sum())
+        )
+    else:
+        pooled = anomaly.pooled_correlation(
+            float(new["_lag"].fill_null(0.0).sum()), float(new["_square"].fill_null(0.0).sum())
+        )
+    decay = 0.5 ** (1.0 / anomaly.RHO_HALF_LIFE)
+    age = pl.int_range(pl.len()).reverse().over("series_id")  # new points after this one
+    added = (
+        new.with_columns(pl.lit(decay).pow(age).alias("_w"))
+        .group_by("series_id")
+        .agg(
+            (pl.col("_lag") * pl.col("_w")).sum().alias("_add_lag"),
+            (pl.col("_square") * pl.col("_w")).sum().alias("_add_square"),
+            pl.len().alias("_m"),
+        )
+    )
+    sums = added.join(
+        has.select("series_id", "lag_sum", "square_sum"), on="series_id", how="left"
+    ).with_columns(pl.col("lag_sum", "square_sum").fill_null(0.0))
+    rho = anomaly.correlation(sums["lag_sum"].to_numpy(), sums["square_sum"].to_numpy(), pooled)
+    kept = pl.lit(decay).pow(pl.col("_m"))
+    return (
+        sums.select("series_id", pl.Series("_rho", rho, dtype=pl.Float64)),
+        sums.select(
+            "series_id",
+            (pl.col("lag_sum") * kept + pl.col("_add_lag")).alias("lag_sum"),
+            (pl.col("square_sum") * kept + pl.col("_add_square")).alias("square_sum"),
+        ),
+    )
+
+
 def _judge(
     store: Store,
     model: str,
@@ -1034,7 +1078,10 @@ def _judge(
         ],
         how="vertical_relaxed",
     ).sort("series_id", "ts")
-    runs = runs.with_columns(anomaly.evidence(runs))
+    runs = runs.hstack(anomaly.lag_terms(runs))
+    rho, lag_sums = _correlations(state, runs)
+    runs = runs.join(rho, on="series_id", maintain_order="left")
+    runs = runs.with_columns(anomaly.evidence(runs, rho="_rho"))
     recent = (
         runs.group_by("series_id", maintain_order=True)
         .agg(pl.col("deviation").tail(RECENT).alias("_recent"))
@@ -1212,6 +1259,7 @@ def _judge(
             pl.col("_typical").first().alias("typical"),
         )
         .join(recent, on="series_id", how="left")
+        .join(lag_sums, on="series_id", how="left")
         .join(
             incidents.group_by("series_id").agg(pl.col("end_ts").max()), on="series_id", how="left"
         )
@@ -1233,6 +1281,8 @@ def _judge(
         "incident_open",
         "typical",
         pl.col("_recent").alias("recent"),
+        "lag_sum",
+        "square_sum",
         "tail",
         "day_counts",
         "window_day",

@@ -383,7 +383,7 @@ class EvaluationStore(StoreBase):
 
     def save_anomaly_state(self, conn: Connection, model: str, frame: pl.DataFrame) -> None:
         """Upsert per series (frame: series_id, ts, score, incident_open, typical, recent,
-        tail, day_counts, window_day) the newest scored point and what the next run
+        lag_sum, square_sum, tail, day_counts, window_day) the newest scored point and what the next run
         continues. In bulk: a row per series judged, 10,000 a run at 10,000 series."""
         if frame.is_empty():
             return
@@ -409,7 +409,8 @@ class EvaluationStore(StoreBase):
 
     def carried_state(self, model: str) -> pl.DataFrame:
         """anomaly_state of `model` as a frame, with what the evaluate job carries: series_id,
-        ts, score, incident_open, typical, recent, tail, day_counts, window_day."""
+        ts, score, incident_open, typical, recent, lag_sum, square_sum, tail, day_counts,
+        window_day."""
         import polars as pl
 
         from forecaster.frames import TS_DTYPE
@@ -423,6 +424,8 @@ class EvaluationStore(StoreBase):
             a.c.incident_open,
             a.c.typical,
             a.c.recent,
+            a.c.lag_sum,
+            a.c.square_sum,
             a.c.tail,
             a.c.day_counts,
             sa.type_coerce(a.c.window_day, raw),
@@ -436,6 +439,8 @@ class EvaluationStore(StoreBase):
                 "incident_open": pl.Boolean,
                 "typical": pl.Float64,
                 "recent": pl.String,
+                "lag_sum": pl.Float64,
+                "square_sum": pl.Float64,
                 "tail": pl.Binary,
                 "day_counts": pl.Binary,
                 "window_day": TS_DTYPE,
@@ -602,6 +607,8 @@ _STATE = Bulk(
         "incident_open",
         "typical",
         "recent",
+        "lag_sum",
+        "square_sum",
         "tail",
         "day_counts",
         "window_day",
@@ -612,13 +619,15 @@ _STATE = Bulk(
     pg=PgTemp(
         create="CREATE TEMP TABLE IF NOT EXISTS _anomaly_state_in (model text, "
         "series_id integer, ts timestamptz, score double precision, incident_open boolean, "
-        "typical double precision, recent text, tail bytea, day_counts bytea, "
+        "typical double precision, recent text, lag_sum double precision, "
+        "square_sum double precision, tail bytea, day_counts bytea, "
         "window_day timestamptz, updated_at timestamptz) ON COMMIT DROP",
         truncate="TRUNCATE _anomaly_state_in",
         copy="COPY _anomaly_state_in (model, series_id, ts, score, incident_open, typical, "
-        "recent, tail, day_counts, window_day, updated_at) FROM STDIN",
+        "recent, lag_sum, square_sum, tail, day_counts, window_day, updated_at) FROM STDIN",
         copy_binary="COPY _anomaly_state_in (model, series_id, ts, score, incident_open, "
-        "typical, recent, tail, day_counts, window_day, updated_at) FROM STDIN (FORMAT binary)",
+        "typical, recent, lag_sum, square_sum, tail, day_counts, window_day, updated_at) "
+        "FROM STDIN (FORMAT binary)",
         types=(
             "text",
             "integer",
@@ -627,6 +636,8 @@ _STATE = Bulk(
             "boolean",
             "float8",
             "text",
+            "float8",
+            "float8",
             "bytea",
             "bytea",
             "timestamptz",
@@ -634,11 +645,13 @@ _STATE = Bulk(
         ),
     ),
     pg_upsert="INSERT INTO anomaly_state (model, series_id, ts, score, incident_open, "
-    "typical, recent, tail, day_counts, window_day, updated_at) SELECT model, series_id, ts, "
-    "score, incident_open, typical, recent, tail, day_counts, window_day, updated_at "
+    "typical, recent, lag_sum, square_sum, tail, day_counts, window_day, updated_at) "
+    "SELECT model, series_id, ts, score, incident_open, typical, recent, lag_sum, "
+    "square_sum, tail, day_counts, window_day, updated_at "
     "FROM _anomaly_state_in ON CONFLICT (model, series_id) DO UPDATE SET ts = excluded.ts, "
     "score = excluded.score, incident_open = excluded.incident_open, "
-    "typical = excluded.typical, recent = excluded.recent, tail = excluded.tail, "
+    "typical = excluded.typical, recent = excluded.recent, lag_sum = excluded.lag_sum, "
+    "square_sum = excluded.square_sum, tail = excluded.tail, "
     "day_counts = excluded.day_counts, window_day = excluded.window_day, "
     "updated_at = excluded.updated_at",
 )

@@ -75,6 +75,75 @@ def test_evidence_adds_up_a_run_of_moderate_deviations_while_it_goes_on():
     assert anomaly.evidence(two).to_list()[2] == pytest.approx(0.1)
 
 
+def _ar(rng: np.random.Generator, rho: float, n: int) -> np.ndarray:
+    """n steps of a stationary AR(1) of unit variance and lag-one correlation rho."""
+    x = np.empty(n)
+    x[0] = rng.standard_normal()
+    e = rng.standard_normal(n) * np.sqrt(1 - rho**2)
+    for i in range(1, n):
+        x[i] = rho * x[i - 1] + e[i]
+    return x
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
+def test_a_run_is_scaled_by_the_spread_of_its_sum_under_the_series_correlation(rho):
+    rng = np.random.default_rng(3)
+    x = _ar(rng, rho, 50_000)
+    frame = anomaly.with_correlation(
+        pl.DataFrame({"series_id": np.zeros(x.size, dtype=np.int64), "deviation": x / 1.2816})
+    )
+    # Measured on deviations clipped at RHO_CLIP half-widths, as they come.
+    assert frame["rho"][0] == pytest.approx(rho, abs=0.02)
+    for k in anomaly.RUNS:
+        sums = pl.Series(x).rolling_sum(k).drop_nulls().to_numpy()
+        scale = pl.select(anomaly.run_scale(pl.lit(k), pl.lit(rho), k)).item()
+        assert np.std(sums) / scale == pytest.approx(1.0, abs=0.03), k
+    # At a correlation of 0 the runs are scaled by sqrt(k), as without one.
+    flat = frame.with_columns(pl.lit(0.0).alias("rho"))
+    assert anomaly.evidence(flat, rho="rho").to_list() == pytest.approx(
+        anomaly.evidence(flat).to_list(), rel=1e-12
+    )
+
+
+def test_lasting_misses_do_not_lift_the_threshold_over_a_single_far_out_point():
+    """A model whose misses last (deviations correlated 0.9 from one step to the next, a
+    calibrated 80% band): summed as if independent, its ordinary runs set the threshold
+    above 5 half-widths, where a spike of 3 band widths (6) barely scores; scaled by their
+    correlation, the runs set it where the single points do."""
+    rng = np.random.default_rng(0)
+    n_series, hours = 6, 4 * 168
+    x = np.concatenate([_ar(rng, 0.9, hours) for _ in range(n_series)])
+    frame = pl.DataFrame(
+        {
+            "series_id": np.repeat(np.arange(n_series), hours),
+            "ts": _ts(np.tile(np.arange(hours), n_series)),
+            "deviation": x / np.quantile(np.abs(x), 0.8),
+            "freq_s": np.full(x.size, HOUR),
+        }
+    )
+    plain = anomaly.choose_threshold(frame.with_columns(anomaly.evidence(frame)), 0.5, 2)
+    scaled = anomaly.with_correlation(frame)
+    assert scaled["rho"].min() > 0.85
+    scaled = scaled.with_columns(anomaly.evidence(scaled, rho="rho"))
+    by_rho = anomaly.choose_threshold(scaled, 0.5, 2)
+    single = frame.with_columns(pl.col("deviation").abs().alias("evidence"))
+    alone = anomaly.choose_threshold(single, 0.5, 2)
+    assert plain.value > 5.0
+    assert by_rho.value < 3.0
+    assert by_rho.value == pytest.approx(alone.value, rel=0.05)
+
+
+def test_the_correlation_leans_on_the_fleet_s_and_stays_within_its_bounds():
+    pooled = 0.6
+    # No points of its own: the fleet's; many: its own.
+    assert anomaly.correlation(0.0, 0.0, pooled) == pytest.approx(pooled)
+    assert anomaly.correlation(-900.0, 1000.0, pooled) == 0.0  # alternating: as independent
+    assert anomaly.correlation(990.0, 1000.0, pooled) == anomaly.RHO_MAX
+    half = anomaly.correlation(0.2 * anomaly.RHO_PRIOR, anomaly.RHO_PRIOR, pooled)
+    assert half == pytest.approx((0.2 + pooled) / 2)
+    assert anomaly.pooled_correlation(5.0, 0.0) == 0.0
+
+
 def _points(excess: np.ndarray, n_series: int) -> pl.DataFrame:
     per = excess.size // n_series
     return pl.DataFrame(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import numpy as np
+import polars as pl
 import pytest
 import sqlalchemy as sa
 
 from forecaster import anomaly, schema
 from forecaster.config import AnomalySettings
-from pipelines.evaluate import run_evaluate
+from pipelines.evaluate import _correlations, run_evaluate
 from pipelines.predict import run_predict
 from tests.pipelines.test_predict import (  # noqa: F401
     START,
@@ -302,6 +304,8 @@ def test_thresholds_read_from_the_carried_tails_equal_those_read_from_the_window
         assert _rows(carried, table) == _rows(recounted, table), table
     state = carried.carried_state("v1").to_dicts()
     assert all(r["tail"] is not None and r["day_counts"] for r in state), state
+    # And the sums of its deviations' correlation (migration 0018).
+    assert all(r["square_sum"] > 0 and r["lag_sum"] is not None for r in state), state
     # The tails held points, the series their own measured thresholds, and the window slid.
     assert any(len(r["tail"]) for r in state)
     assert min(r["window_day"] for r in state) > START + timedelta(days=30)
@@ -353,3 +357,60 @@ def test_accuracy_days_keep_the_anomaly_window_while_a_series_still_reads_its_co
     assert all(r["day_counts"] is not None for r in store.carried_state("v1").to_dicts())
     assert first_day() == START + timedelta(days=34 - 6)  # the accuracy window's alone
     store.close()
+
+
+def _runs(ids: list[int], deviations: list[list[float]], carried: int = 0) -> pl.DataFrame:
+    """The evaluate job's runs frame: per series its deviations, the first `carried` of
+    them carried from the run before."""
+    frame = pl.DataFrame(
+        {
+            "series_id": [i for i, d in zip(ids, deviations, strict=True) for _ in d],
+            "deviation": [x for d in deviations for x in d],
+            "_carried": [k < carried for d in deviations for k in range(len(d))],
+        }
+    )
+    return frame.hstack(anomaly.lag_terms(frame))
+
+
+def _no_sums(ids: list[int]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"series_id": ids, "lag_sum": [None] * len(ids), "square_sum": [None] * len(ids)},
+        schema={"series_id": pl.Int64, "lag_sum": pl.Float64, "square_sum": pl.Float64},
+    )
+
+
+def test_the_carried_correlation_sums_do_not_depend_on_how_the_points_were_split_into_runs():
+    """anomaly_state's lag_sum and square_sum after judging a series' points in one run
+    equal those after judging them over several runs (each carrying its last deviations
+    and sums to the next), older points weighing half every RHO_HALF_LIFE points."""
+    rng = np.random.default_rng(1)
+    d = {1: rng.standard_normal(900).tolist(), 2: (3 * rng.standard_normal(900)).tolist()}
+    ids = [1, 2]
+    _, whole = _correlations(_no_sums(ids), _runs(ids, [d[1], d[2]]))
+    state = _no_sums(ids)
+    for lo, hi in ((0, 24), (24, 25), (25, 500), (500, 900)):
+        back = max(lo - 5, 0)  # the carried deviations (RECENT)
+        runs = _runs(ids, [d[1][back:hi], d[2][back:hi]], carried=lo - back)
+        _, state = _correlations(state, runs)
+    assert state.sort("series_id").to_dicts() == [
+        pytest.approx(r) for r in whole.sort("series_id").to_dicts()
+    ]
+    # The sums decayed: a point 900 back weighs about 0.5 ** (900 / RHO_HALF_LIFE).
+    c = np.clip(np.array(d[2]), -anomaly.RHO_CLIP, anomaly.RHO_CLIP)
+    w = 0.5 ** (np.arange(898, -1, -1) / anomaly.RHO_HALF_LIFE)
+    assert whole.sort("series_id")["square_sum"][1] == pytest.approx(float((w * c[:-1] ** 2).sum()))
+
+
+def test_a_series_without_sums_of_its_own_leans_on_the_fleet_s_correlation():
+    rng = np.random.default_rng(2)
+    x = np.cumsum(rng.standard_normal(400)) * 0.05  # a slow wander: close to 1
+    # A model's first run: the fleet's correlation from the new points themselves.
+    rho, _ = _correlations(_no_sums([1]), _runs([1], [x.tolist()]))
+    assert 0.8 < rho["_rho"][0] <= anomaly.RHO_MAX
+    # Later: series 2, new, leans on the correlation the others carry (here 0.5).
+    state = pl.DataFrame(
+        {"series_id": [1, 2], "lag_sum": [500.0, None], "square_sum": [1000.0, None]},
+        schema={"series_id": pl.Int64, "lag_sum": pl.Float64, "square_sum": pl.Float64},
+    )
+    rho, _ = _correlations(state, _runs([1, 2], [[0.1, 0.2], [0.5, -0.5]]))
+    assert dict(rho.iter_rows()) == pytest.approx({1: 0.5, 2: 0.5})
