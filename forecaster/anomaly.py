@@ -179,7 +179,12 @@ def evidence(
     band (|d| >= 1) on the run's side. With `rho` (a column: the series' lag-one
     correlation of its deviations, from `correlation`), a sum of n is divided by its
     standard deviation under that correlation (run_scale) instead of sqrt(n)."""
-    seen = pl.int_range(1, pl.len() + 1).over(series)  # points of the series so far
+    # Points of the series so far, and the powers of rho the run scales read: columns
+    # computed once, not once per term.
+    extra = [pl.int_range(1, pl.len() + 1).over(series).alias("_seen")]
+    if rho is not None:
+        extra += [pl.col(rho).pow(j).alias(f"_rho{j}") for j in range(1, max(RUNS))]
+    frame = frame.with_columns(extra)
     terms = [pl.col(d).abs()]
     clipped = pl.col(d) if clip is None else pl.col(d).clip(-clip, clip)  # one far-out point
     # does not make a run
@@ -188,20 +193,24 @@ def evidence(
         # A run counts only while it goes on: the actual itself outside the band on the
         # run's side (else a spike would linger in the runs after it).
         going_on = (pl.col(d).abs() >= 1) & (pl.col(d).sign() == total.sign())
-        n = pl.min_horizontal(seen, pl.lit(k))
-        scale = n.sqrt() if rho is None else run_scale(n, pl.col(rho), k)
+        n = pl.min_horizontal(pl.col("_seen"), pl.lit(k))
+        if rho is None:
+            scale = n.sqrt()
+        else:
+            scale = run_scale(n, [pl.col(f"_rho{j}") for j in range(1, k)])
         terms.append(pl.when(going_on).then(total.abs() / scale).otherwise(0.0))
     return frame.select(pl.max_horizontal(*terms).alias("evidence"))["evidence"]
 
 
-def run_scale(n: pl.Expr, rho: pl.Expr, k: int) -> pl.Expr:
-    """The standard deviation, in units of one deviation's, of a sum of n <= k consecutive
-    deviations whose lag-j correlation is rho ** j: sqrt(n + 2 sum_(j<n) (n - j) rho ** j)
-    (sqrt(n) at rho 0, n at rho 1)."""
+def run_scale(n: pl.Expr, powers: list[pl.Expr]) -> pl.Expr:
+    """The standard deviation, in units of one deviation's, of a sum of n consecutive
+    deviations whose lag-j correlation is rho ** j (powers: rho, rho ** 2, ... up to at
+    least rho ** (n - 1)): sqrt(n + 2 sum_(j<n) (n - j) rho ** j) (sqrt(n) at rho 0, n at
+    rho 1)."""
     n = n.cast(pl.Float64)
     var = n
-    for j in range(1, k):
-        var = var + 2 * pl.max_horizontal(n - j, pl.lit(0.0)) * rho.pow(j)
+    for j, power in enumerate(powers, start=1):
+        var = var + 2 * pl.max_horizontal(n - j, pl.lit(0.0)) * power
     return var.sqrt()
 
 
