@@ -177,8 +177,9 @@ def evidence(
     points there are at a series' start, / sqrt(n)); in a run of k > 1 each deviation
     counts at most RUN_CLIP, and the run counts only where the actual itself is outside the
     band (|d| >= 1) on the run's side. With `rho` (a column: the series' lag-one
-    correlation of its deviations, from `correlation`), a sum of n is divided by its
-    standard deviation under that correlation (run_scale) instead of sqrt(n)."""
+    correlation of its deviations, from with_correlation over a whole window or from the
+    evaluate job's carried sums), a sum of n is divided by its standard deviation under
+    that correlation (run_scale) instead of sqrt(n)."""
     # Points of the series so far, and the powers of rho the run scales read: columns
     # computed once, not once per term.
     extra = [pl.int_range(1, pl.len() + 1).over(series).alias("_seen")]
