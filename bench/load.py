@@ -47,7 +47,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from predict import STEP, WINDOW, ingest, machine, pg_database, small_model, tiled  # noqa: E402
+from predict import (  # noqa: E402
+    STEP,
+    WINDOW,
+    ingest,
+    machine,
+    pg_admin,
+    pg_database,
+    pg_drop,
+    small_model,
+    tiled,
+)
 
 from forecaster.checkpoints import save_checkpoint  # noqa: E402
 from forecaster.clock import FixedClock  # noqa: E402
@@ -133,12 +143,9 @@ def pg_copy(store: Store, admin: str, name: str) -> str:
     """A copy of `store`'s PostgreSQL database named `name` (CREATE DATABASE ... TEMPLATE,
     which needs no other session on the source: the bench's own are closed first and come
     back on its next query); its URL."""
-    import psycopg
-
     src = store.engine.url.database
     store.engine.dispose()
-    dsn = admin.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as c:
+    with pg_admin(admin) as c:
         c.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = %s AND pid <> pg_backend_pid()",
@@ -146,14 +153,6 @@ def pg_copy(store: Store, admin: str, name: str) -> str:
         )
         c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{src}"')
     return store.engine.url.set(database=name).render_as_string(hide_password=False)
-
-
-def pg_drop(admin: str, name: str) -> None:
-    import psycopg
-
-    dsn = admin.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def main() -> None:

@@ -316,21 +316,36 @@ def bench_e2e(url: str, names, start, values, ckpt, args) -> dict:
 
 
 @contextlib.contextmanager
+def pg_admin(admin: str):
+    """An autocommit connection to the server of `admin` (a SQLAlchemy or libpq URL), for
+    creating and dropping the benches' databases."""
+    import psycopg
+
+    dsn = admin.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as c:
+        yield c
+
+
+def pg_drop(admin: str, name: str) -> None:
+    with pg_admin(admin) as c:
+        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
 def pg_database(admin: str):
     import psycopg
 
     dsn = admin.replace("postgresql+psycopg://", "postgresql://")
     name = f"fc_bench_predict_{uuid.uuid4().hex[:8]}"
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as c:
+        with pg_admin(admin) as c:
             c.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as exc:
         raise ConnectionError(str(exc).strip()) from exc
     try:
         yield dsn.rsplit("/", 1)[0] + "/" + name
     finally:
-        with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        pg_drop(admin, name)
 
 
 def main() -> None:

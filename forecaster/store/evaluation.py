@@ -383,8 +383,9 @@ class EvaluationStore(StoreBase):
 
     def save_anomaly_state(self, conn: Connection, model: str, frame: pl.DataFrame) -> None:
         """Upsert per series (frame: series_id, ts, score, incident_open, typical, recent,
-        lag_sum, square_sum, tail, day_counts, window_day) the newest scored point and what the next run
-        continues. In bulk: a row per series judged, 10,000 a run at 10,000 series."""
+        lag_sum, square_sum, tail, day_counts, window_day) the newest scored point and what
+        the next run continues. In bulk: a row per series judged, 10,000 a run at 10,000
+        series."""
         if frame.is_empty():
             return
         import polars as pl
